@@ -1,0 +1,40 @@
+# ufgir developer entry points. Every target creates .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+UFGIR := $(VENV)/bin/ufgir
+DEMO_RUN := runs/demo_quickstart
+
+.PHONY: venv demo test bench backbone lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: it is taken from the local wheel cache; a range would pull a CUDA build.
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[dev,export]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(UFGIR) train --recipe quickstart --name demo_quickstart --overwrite
+	$(UFGIR) eval $(DEMO_RUN)
+	@echo "results: $(DEMO_RUN)/eval/test/metrics.json"
+	@echo "tensorboard: $(VENV)/bin/tensorboard --logdir $(DEMO_RUN)"
+
+test: venv
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -x --durations=15
+
+bench: venv
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run
+
+backbone: venv
+	HF_HUB_OFFLINE=1 $(UFGIR) pretrain-backbone --out ufgir_cli/assets
+
+lint: venv
+	$(VENV)/bin/ruff check ufgir_cli tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,45 @@
+"""The `ufgir` command: this file only composes the command modules and holds the error boundary."""
+
+from __future__ import annotations
+
+import typer
+from rich.markup import escape
+from typer.core import TyperGroup
+
+from ..errors import UfgirError
+from ._common import debug_enabled, err_console
+
+
+class _ErrorBoundary(TyperGroup):
+    """Turn a :class:`UfgirError` from any (sub)command into one red line and its exit code."""
+
+    def invoke(self, ctx):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except UfgirError as err:
+            if debug_enabled():
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True, emoji=False)
+            raise typer.Exit(err.exit_code) from None
+
+
+app = typer.Typer(
+    name="ufgir",
+    cls=_ErrorBoundary,
+    help="Train and study Vision Transformers with parameter-efficient adapters (ILA) for "
+    "ultra-fine-grained image recognition.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+# Command modules register themselves on `app`; they import torch only inside command bodies.
+from . import recipes as _recipes  # noqa: E402
+
+app.add_typer(_recipes.app, name="recipes", help="List and show the packaged recipes.")
+from . import inspect as _inspect  # noqa: E402,F401
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,62 @@
+"""Parallel bottleneck adapters (ADPT) and ConvPass, pure torch.
+
+Both sit beside a block's attention and MLP, read the same LayerNorm'd input as that branch, and add
+their output to the branch output (scale 1 in the paper).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ila import xavier_linear_
+
+
+class Adapter(nn.Module):
+    """Linear D -> r, GELU, Linear r -> D, times ``scale``."""
+
+    def __init__(self, dim: int, r: int = 8, scale: float = 1.0):
+        super().__init__()
+        self.down = nn.Linear(dim, r)
+        self.act = nn.GELU()
+        self.up = nn.Linear(r, dim)
+        self.scale = scale
+        xavier_linear_(self.down)
+        xavier_linear_(self.up)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None, num_prefix: int = 1) -> torch.Tensor:
+        return self.up(self.act(self.down(x))) * self.scale
+
+
+class ConvPass(Adapter):
+    """An adapter whose bottleneck also runs a k x k conv over the patch grid (prefix tokens as 1x1 maps)."""
+
+    def __init__(self, dim: int, r: int = 8, scale: float = 1.0, kernel_size: int = 3):
+        super().__init__(dim, r, scale)
+        self.conv = nn.Conv2d(r, r, kernel_size, padding=kernel_size // 2)
+        nn.init.xavier_uniform_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None, num_prefix: int = 1) -> torch.Tensor:
+        assert grid is not None, "ConvPass needs the patch grid"
+        B, N, _ = x.shape
+        H, W = grid
+        h = self.act(self.down(x)).transpose(1, 2)            # (B, r, N)
+        r = h.shape[1]
+        hp = self.conv(h[:, :, num_prefix:].reshape(B, r, H, W)).flatten(2)  # (B, r, H*W)
+        hc = self.conv(h[:, :, :num_prefix].unsqueeze(-1)).squeeze(-1)      # (B, r, P), 1x1 maps
+        h = self.act(torch.cat([hc, hp], dim=2)).transpose(1, 2)             # (B, N, r)
+        return self.up(h) * self.scale
+
+
+class BlockAdapters(nn.Module):
+    """The two parallel adapters of one block: beside attention and beside the MLP."""
+
+    def __init__(self, dim: int, r: int, scale: float, kind: str, kernel_size: int = 3):
+        super().__init__()
+        if kind == "convpass":
+            self.attn = ConvPass(dim, r, scale, kernel_size)
+            self.mlp = ConvPass(dim, r, scale, kernel_size)
+        else:
+            self.attn = Adapter(dim, r, scale)
+            self.mlp = Adapter(dim, r, scale)

@@ -1,0 +1,211 @@
+"""Checkpoints written by the reference implementation (package ``fgir_vit``) -> our model.
+
+The reference stores ``{'config': argparse.Namespace, 'model': state_dict, ...}``. We read it with
+``weights_only=True`` plus ``argparse.Namespace`` on the allow-list, infer the method from the config's
+flags (with the reference's meanings, see the fixtures README), and map every key with strict
+checking: an unmapped or missing key is an error that lists it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe, recipe_from_dict
+from .vit import UfgirViT, build_model
+
+#: Reference model names -> timm backbones (the architecture; weights come from the checkpoint).
+UPSTREAM_BACKBONES = {
+    "vit_t16": "vit_tiny_patch16_224",
+    "vit_s16": "vit_small_patch16_224",
+    "vit_b16": "vit_base_patch16_224.orig_in21k",
+    "vit_b32": "vit_base_patch32_224.orig_in21k",
+    "vit_l16": "vit_large_patch16_224.orig_in21k",
+    "vit_l32": "vit_large_patch32_224.orig_in21k",
+}
+
+_ILA_SUBKEYS = {
+    "adapter_down": "down",
+    "adapter_up": "up",
+    "norm1.1": "norm1.norm",
+    "norm3.1": "norm3.norm",
+    "adapter_cls": "cls_conv",
+    "ds_conv": "ds_conv",
+    "adapter_conv.0": "dw",
+    "adapter_conv.1.0": "norm2.norm",
+    "adapter_conv.2": "pw",
+}
+_BLOCK_SUBKEYS = {
+    "attn.proj_q": None,  # merged into attn.qkv below
+    "attn.proj_k": None,
+    "attn.proj_v": None,
+    "proj": "attn.proj",
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "pwff.fc1": "mlp.fc1",
+    "pwff.fc2": "mlp.fc2",
+}
+_ADAPTER_SUBKEYS = {"adapter_down": "down", "adapter_up": "up", "adapter_conv": "conv"}
+
+
+def read_upstream(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"reference checkpoint {path} does not exist")
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(
+            f"{path} cannot be read as a reference checkpoint with weights_only=True "
+            f"({str(e).splitlines()[0][:200]}); is it complete and written by fgir_vit?"
+        ) from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a reference checkpoint: expected keys 'config' and 'model'")
+    return ckpt
+
+
+def _method(c: argparse.Namespace) -> str:
+    prompt = (getattr(c, "prompt", None) or "").lower()
+    adapter = getattr(c, "adapter", None)
+    if getattr(c, "ila", False):
+        if adapter:
+            return "ila_pp"
+        return "ila_plus" if getattr(c, "ila_locs", None) else "ila"
+    if adapter == "convpass":
+        return "convpass"
+    if adapter:
+        return "adapter"
+    if prompt:
+        return "vpt_deep" if "deep" in prompt else "vpt_shallow"
+    return "linear" if getattr(c, "freeze_backbone", False) else "full"
+
+
+def recipe_from_upstream(c: argparse.Namespace) -> Recipe:
+    """Our recipe for a reference config: the architecture exactly, the training settings mapped."""
+    name = getattr(c, "model_name", "vit_b16")
+    if name not in UPSTREAM_BACKBONES:
+        raise CheckpointError(
+            f"reference model_name {name!r} is not supported; known: {', '.join(UPSTREAM_BACKBONES)}"
+        )
+    method = _method(c)
+    model: dict[str, Any] = {
+        "backbone": UPSTREAM_BACKBONES[name],
+        "weights": "none",
+        "image_size": int(c.image_size),
+        "num_classes": int(c.num_classes),
+        "method": method,
+        "adapter_dim": int(getattr(c, "adapter_dim", 8)),
+        "adapter_kernel": int(getattr(c, "adapter_kernel_size", 3)),
+        "ila_dim": int(getattr(c, "adapter_dim", 8)),
+        "ila_kernel": int(getattr(c, "ila_ds_kernel_size", 3)),
+        "ila_norm": getattr(c, "ila_norm1", "bn") or "none",
+        "ila_cls_conv": bool(getattr(c, "ila_cls_conv", True)),
+        "ila_dws_mult": int(getattr(c, "ila_dws_conv_groups", 1)),
+        "prompt_len": int(getattr(c, "prompt_len", 100)),
+        "drop": float(getattr(c, "hidden_dropout_prob", 0.1)),
+        "layer_norm_eps": float(getattr(c, "layer_norm_eps", 1e-12)),
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+    }
+    if method in ("ila", "ila_plus", "ila_pp"):
+        model["ila_ds_locs"] = list(getattr(c, "ila_ds_locs", [3, 7]) or [])
+        model["ila_locs"] = list(getattr(c, "ila_locs", []) or []) if method == "ila_plus" else []
+    data = {"dataset": getattr(c, "dataset_name", None) or "unknown"}
+    optim = {
+        "name": "adamw" if str(getattr(c, "opt", "sgd")).lower() == "adamw" else "sgd",
+        "lr": float(getattr(c, "lr", 0.1) or 0.1),
+        "weight_decay": float(getattr(c, "weight_decay", 0.0) or 0.0),
+        "clip_grad": getattr(c, "clip_grad", 1.0),
+        "label_smoothing": float(getattr(c, "smoothing", 0.0)) if getattr(c, "ls", False) else 0.0,
+    }
+    train = {"epochs": int(getattr(c, "epochs", 50)), "batch_size": int(getattr(c, "batch_size", 8)),
+             "seed": int(getattr(c, "seed", 1))}
+    return recipe_from_dict({"description": f"imported from the reference implementation ({name}, {method})",
+                             "data": data, "model": model, "optim": optim, "train": train})
+
+
+def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """Reference keys -> our keys; raises listing every key that maps nowhere."""
+    out: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    ds_locs = list(getattr(c, "ila_ds_locs", []) or [])
+    ila_locs = list(getattr(c, "ila_locs", []) or [])
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        k = key.removeprefix("module.").removeprefix("model.")
+        if k == "class_token":
+            out["vit.cls_token"] = t.reshape(1, 1, -1)
+        elif k.startswith("patch_embedding."):
+            out["vit.patch_embed.proj." + k.split(".", 1)[1]] = t
+        elif k == "positional_embedding.pos_embedding":
+            out["vit.pos_embed"] = t
+        elif k.startswith("encoder_norm."):
+            out["vit.norm." + k.split(".", 1)[1]] = t
+        elif k.startswith("head.head."):
+            out["vit.head." + k.rsplit(".", 1)[1]] = t
+        elif k.startswith("encoder.prompt"):
+            if model.prompts is None:
+                unmapped.append(key)
+            else:
+                out["prompts"] = t.reshape(model.prompts.shape)
+        elif m := re.fullmatch(r"encoder\.blocks\.(\d+)\.attn\.proj_([qkv])\.(weight|bias)", k):
+            qkv.setdefault((int(m[1]), m[3]), {})[m[2]] = t
+        elif m := re.fullmatch(r"encoder\.blocks\.(\d+)\.adapter_(attn|pwffn)\.(\w+)\.(weight|bias)", k):
+            which = "attn" if m[2] == "attn" else "mlp"
+            sub = _ADAPTER_SUBKEYS.get(m[3])
+            if sub is None or model.adapters is None:
+                unmapped.append(key)
+            else:
+                out[f"adapters.{m[1]}.{which}.{sub}.{m[4]}"] = t
+        elif m := re.fullmatch(r"encoder\.blocks\.(\d+)\.(.+)\.(weight|bias)", k):
+            sub = _BLOCK_SUBKEYS.get(m[2])
+            if sub is None:
+                unmapped.append(key)
+            else:
+                out[f"vit.blocks.{m[1]}.{sub}.{m[3]}"] = t
+        elif m := re.fullmatch(r"encoder\.(ila_ds|ila)\.(\d+)\.(.+)\.(\w+)", k):
+            locs = ds_locs if m[1] == "ila_ds" else ila_locs
+            j = int(m[2])
+            sub = _ILA_SUBKEYS.get(m[3])
+            if sub is None or j >= len(locs):
+                unmapped.append(key)
+            else:
+                out[f"ila.{locs[j]}.{sub}.{m[4]}"] = t
+        else:
+            unmapped.append(key)
+    for (i, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            unmapped.append(f"encoder.blocks.{i}.attn.proj_[qkv].{kind} (incomplete: {sorted(parts)})")
+            continue
+        out[f"vit.blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    if unmapped:
+        raise CheckpointError(f"reference checkpoint has keys that map to nothing in {model.method}: {unmapped[:8]}"
+                              + (f" (+{len(unmapped) - 8} more)" if len(unmapped) > 8 else ""))
+    return out
+
+
+def load_upstream_checkpoint(path: str | Path) -> tuple[UfgirViT, Recipe]:
+    """An eval-mode model with the reference's numerics, and the recipe reconstructed from its config."""
+    ckpt = read_upstream(path)
+    c = ckpt["config"]
+    if not isinstance(c, argparse.Namespace):
+        raise CheckpointError(f"{path}: 'config' is a {type(c).__name__}, expected argparse.Namespace")
+    recipe = recipe_from_upstream(c)
+    model = build_model(recipe.model, recipe.model.num_classes)
+    sd = convert_state_dict(ckpt["model"], model, c)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise CheckpointError(f"reference checkpoint {path} lacks tensors our {recipe.model.method} model needs: "
+                              f"{missing[:8]}" + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+    bad = [k for k in sd if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise CheckpointError(f"reference checkpoint {path}: shape mismatch for {[(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in bad[:4]]}")
+    model.load_state_dict(sd, strict=True)
+    return model.eval(), recipe

@@ -1,0 +1,37 @@
+"""Where ufgir keeps datasets, caches and runs.
+
+``UFGIR_DATA_DIR`` / ``UFGIR_CACHE_DIR`` win over the platform's user folders so that a cluster job
+can point every rank at shared storage without touching recipes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from platformdirs import user_cache_dir, user_data_dir
+
+APP = "ufgir"
+
+#: Environment variables that configure the program but are not recipe keys.
+NON_RECIPE_ENV = frozenset({"UFGIR_DATA_DIR", "UFGIR_CACHE_DIR", "UFGIR_DEBUG", "UFGIR_RUNS_DIR"})
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("UFGIR_DATA_DIR") or user_data_dir(APP)).expanduser()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("UFGIR_CACHE_DIR") or user_cache_dir(APP)).expanduser()
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("UFGIR_RUNS_DIR") or "runs")
+
+
+def dataset_dir(name: str, root: str | os.PathLike | None = None) -> Path:
+    """The folder of dataset ``name``: ``root`` itself when it holds the dataset, else ``<root>/<name>``."""
+    base = Path(root).expanduser() if root else data_dir()
+    if (base / "splits").is_dir() and not (base / name).is_dir():
+        return base
+    return base / name

@@ -1,0 +1,467 @@
+"""Recipes: one typed, frozen tree that says everything about a run.
+
+Resolution order (later wins): field defaults -> recipe TOML -> ``UFGIR_*`` environment
+(``__`` nests: ``UFGIR_TRAIN__EPOCHS=5``) -> ``--set a.b=value``. Unknown keys anywhere, including a
+``UFGIR_*`` variable that names no key, are errors: a typo must never silently train the wrong model.
+
+The defaults are the paper's ILA++ recipe (reference/ILA.md sections 3-4) at 224 px; packaged recipes
+mostly just pick a method. This module imports no torch so that ``ufgir recipes`` stays instant.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import os
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import RecipeError
+from .paths import NON_RECIPE_ENV
+
+METHODS = ("linear", "full", "vpt_shallow", "vpt_deep", "adapter", "convpass", "ila", "ila_plus", "ila_pp")
+Method = Literal["linear", "full", "vpt_shallow", "vpt_deep", "adapter", "convpass", "ila", "ila_plus", "ila_pp"]
+SPLITS = ("train", "val", "train_val", "test")
+Split = Literal["train", "val", "train_val", "test"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Depth and patch of well-known timm ViT names, so a recipe can be checked without building it.
+_KNOWN_DEPTH = {"tiny": 12, "small": 12, "base": 12, "large": 24, "huge": 32, "giant": 40}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(Section):
+    dataset: str = Field("soyageing", description="Dataset name (see `ufgir datasets`) or `synthetic`.")
+    root: str | None = Field(None, description="Folder that holds the dataset (default: the data dir).")
+    num_workers: int = Field(4, ge=0, description="Data-loader worker processes.")
+    resize_ratio: float = Field(1.34, gt=1.0, le=4.0, description="Resize side R = int(ratio * image_size).")
+    hflip: bool = Field(True, description="Random horizontal flip in training.")
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    skip_corrupt: bool = Field(False, description="Skip unreadable images instead of stopping.")
+
+
+class ModelConfig(Section):
+    backbone: str = Field("vit_base_patch16_224.orig_in21k", description="A timm ViT name.")
+    weights: str = Field("timm", description='"timm" (pretrained), "none" (random) or a weights file.')
+    image_size: int = Field(224, ge=16, le=4096)
+    num_classes: int | None = Field(None, ge=2, description="Taken from the dataset when unset.")
+    method: Method = "ila_pp"
+    # Parallel adapters (adapter, convpass, ila_pp).
+    adapter_dim: int = Field(8, ge=1)
+    adapter_scale: float = 1.0
+    adapter_kernel: int = Field(3, ge=1, description="ConvPass kernel size (odd).")
+    # Inter-layer adapters. None means "the method's default" and is resolved on load.
+    ila_dim: int = Field(8, ge=1, description="ILA bottleneck width r.")
+    ila_locs: tuple[int, ...] | None = Field(None, description="Blocks followed by a same-resolution ILA.")
+    ila_ds_locs: tuple[int, ...] | None = Field(None, description="Blocks followed by a down-sampling ILA.")
+    ila_kernel: int = Field(3, ge=1, description="ILA depthwise kernel (odd).")
+    ila_norm: Literal["bn", "ln", "none"] = "bn"
+    ila_cls_conv: bool = Field(True, description="CLS/prefix tokens get their own 1x1 conv in ILA.")
+    ila_residual_init: Literal["near_ones", "ones", "xavier"] = "near_ones"
+    ila_dws_mult: int = Field(1, ge=1, description="Depthwise channel multiplier inside ILA.")
+    # Prompts (vpt_shallow, vpt_deep).
+    prompt_len: int = Field(100, ge=1)
+    prompt_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # Backbone numerics.
+    drop: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on attention/MLP branch outputs.")
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    layer_norm_eps: float | None = Field(1e-12, gt=0.0, description="None keeps the backbone's.")
+    pos_embed_resize: Literal["bilinear_corners", "bicubic"] = "bilinear_corners"
+    mean: tuple[float, float, float] | None = IMAGENET_MEAN
+    std: tuple[float, float, float] | None = IMAGENET_STD
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        """Fill ILA positions from the method so that `--set model.method=...` just works."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        method = data.get("method", "ila_pp")
+        depth = backbone_depth(data.get("backbone", cls.model_fields["backbone"].default)) or 12
+        if data.get("ila_ds_locs") is None:
+            data["ila_ds_locs"] = (3, 7) if method in ("ila", "ila_plus", "ila_pp") else ()
+        if data.get("ila_locs") is None:
+            ds = set(data["ila_ds_locs"]) if isinstance(data["ila_ds_locs"], list | tuple) else set()
+            data["ila_locs"] = tuple(i for i in range(depth) if i not in ds) if method == "ila_plus" else ()
+        return data
+
+    @field_validator("ila_locs", "ila_ds_locs")
+    @classmethod
+    def _sorted_unique(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(i < 0 for i in v):
+            raise ValueError("block indices must be >= 0")
+        if len(set(v)) != len(v):
+            raise ValueError("block indices must be unique")
+        return tuple(sorted(v))
+
+    @field_validator("adapter_kernel", "ila_kernel")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("kernel size must be odd (1, 3, 5, ...)")
+        return v
+
+    @model_validator(mode="after")
+    def _geometry(self) -> ModelConfig:
+        if set(self.ila_locs or ()) & set(self.ila_ds_locs or ()):
+            raise ValueError(
+                "model.ila_locs and model.ila_ds_locs share blocks "
+                f"{sorted(set(self.ila_locs) & set(self.ila_ds_locs))}; a block takes at most one ILA"
+            )
+        if self.method not in ("ila", "ila_plus", "ila_pp") and (self.ila_locs or self.ila_ds_locs):
+            raise ValueError(
+                f"model.ila_locs/model.ila_ds_locs are set but method {self.method!r} has no ILA; "
+                "use method ila, ila_plus or ila_pp"
+            )
+        patch = backbone_patch(self.backbone)
+        depth = backbone_depth(self.backbone)
+        if patch is not None:
+            check_geometry(self, depth=depth, patch=patch)
+        return self
+
+    @property
+    def uses_ila(self) -> bool:
+        return bool(self.ila_locs or self.ila_ds_locs)
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    clip_grad: float | None = Field(1.0, gt=0.0, description="Max grad norm; unset to disable.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class ScheduleConfig(Section):
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(500, ge=0, description="Linear warmup iterations, counted inside the cosine.")
+    warmup_lr: float = Field(1e-6, ge=0.0)
+    min_lr: float = Field(1e-5, ge=0.0)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(8, ge=1)
+    split: Split = "train_val"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 1
+    grad_accum: int = Field(1, ge=1)
+    deterministic: bool = False
+    device: str = "auto"
+    compile: bool | None = Field(None, description="torch.compile; None = on CUDA only.")
+    grad_checkpointing: bool = False
+    channels_last: bool = False
+    sync_bn: bool = False
+    checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N steps (0 = per epoch only).")
+    skip_nonfinite: bool = Field(False, description="Skip non-finite fp16 steps instead of stopping.")
+
+
+class EvalConfig(Section):
+    split: Split = "test"
+    every: int = Field(10, ge=0, description="Evaluate every N epochs (0 = only at the end).")
+    batch_size: int | None = Field(None, ge=1)
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = True
+    log_every: int = Field(20, ge=1, description="Steps between metric log lines.")
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """The recipe file's contents, injected per load through a context variable."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused by __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _TOML_DATA.get()
+
+
+_TOML_DATA: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("ufgir_toml", default={})
+_USE_ENV: contextvars.ContextVar[bool] = contextvars.ContextVar("ufgir_use_env", default=True)
+
+
+class Recipe(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="UFGIR_", env_nested_delimiter="__", extra="forbid", frozen=True, validate_default=True
+    )
+
+    description: str = ""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        # Highest priority first: --set overrides, environment, recipe file (defaults are implicit).
+        sources = [init_settings, _TomlSource(settings_cls)]
+        if _USE_ENV.get():
+            sources.insert(1, env_settings)
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _protocol(self) -> Recipe:
+        if self.train.split == self.eval.split:
+            raise ValueError(
+                f"train.split and eval.split are both {self.train.split!r}; evaluate on a held-out split "
+                "(train_val -> test for the paper protocol, train -> val for a search)"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Backbone facts from names (no torch)
+
+
+def backbone_patch(name: str) -> int | None:
+    m = re.search(r"patch(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def backbone_depth(name: str) -> int | None:
+    if name.startswith("ufgir_"):
+        m = re.search(r"_d(\d+)", name)
+        return int(m.group(1)) if m else None
+    m = re.match(r"(?:vit|deit3?)_(tiny|small|base|large|huge|giant)_", name)
+    return _KNOWN_DEPTH.get(m.group(1)) if m else None
+
+
+def check_geometry(cfg: ModelConfig, depth: int | None, patch: int) -> None:
+    """Raise ValueError when positions or grid sizes cannot work for this backbone and image size."""
+    if cfg.image_size % patch:
+        raise ValueError(
+            f"model.image_size {cfg.image_size} is not a multiple of the backbone's patch size {patch}; "
+            f"use e.g. {patch * round(cfg.image_size / patch)}"
+        )
+    for key in ("ila_locs", "ila_ds_locs"):
+        locs = getattr(cfg, key) or ()
+        if depth is not None and any(i >= depth for i in locs):
+            raise ValueError(
+                f"model.{key} {list(locs)} names a block past the last one; the backbone has {depth} "
+                f"blocks (0-{depth - 1})"
+            )
+    grid = cfg.image_size // patch
+    shrink = cfg.ila_kernel - 1
+    for n, loc in enumerate(cfg.ila_ds_locs or ()):
+        if grid < cfg.ila_kernel or grid - shrink < 1:
+            raise ValueError(
+                f"model.ila_ds_locs {list(cfg.ila_ds_locs)}: down-sampling #{n + 1} (after block {loc}) "
+                f"meets a {grid}x{grid} grid, too small for a {cfg.ila_kernel}x{cfg.ila_kernel} valid "
+                f"convolution at model.image_size {cfg.image_size}; use fewer positions or a larger image"
+            )
+        grid -= shrink
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def packaged_recipes_dir() -> Path:
+    """Packaged recipes: `ufgir_cli/recipes` in a wheel, the repository's `recipes/` when editable."""
+    try:
+        p = Path(str(resources.files("ufgir_cli.recipes")))
+        if p.is_dir():
+            return p
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def packaged_recipe_names() -> list[str]:
+    return sorted(p.stem for p in packaged_recipes_dir().glob("*.toml"))
+
+
+def resolve_recipe_path(name_or_path: str | os.PathLike) -> Path:
+    """A path as given if it exists, else a packaged recipe by bare name or `name.toml`."""
+    s = str(name_or_path)
+    p = Path(s).expanduser()
+    if p.is_file():
+        return p
+    stem = s[:-5] if s.endswith(".toml") else s
+    if "/" not in stem and os.sep not in stem:
+        q = packaged_recipes_dir() / f"{stem}.toml"
+        if q.is_file():
+            return q
+    known = ", ".join(packaged_recipe_names())
+    raise RecipeError(f"recipe {s!r} not found: give a TOML file path or a packaged recipe ({known})")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"recipe file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise RecipeError(f"recipe file {path} cannot be read: {e.strerror}") from None
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
+    out = set()
+    for name, f in model.model_fields.items():
+        out.add(prefix + name)
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out |= _field_paths(ann, prefix + name + ".")
+    return out
+
+
+def _check_env() -> None:
+    """pydantic-settings ignores UFGIR_* variables that name no key; we refuse them."""
+    known = {p.replace(".", "__").upper() for p in _field_paths(Recipe)}
+    for var in os.environ:
+        if var.startswith("UFGIR_") and var not in NON_RECIPE_ENV and var[6:].upper() not in known:
+            raise RecipeError(
+                f"environment variable {var} names no recipe key; unset it or use "
+                "UFGIR_<SECTION>__<KEY> (e.g. UFGIR_TRAIN__EPOCHS=5)"
+            )
+
+
+def _format_validation(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) or len(err["loc"]) == 1)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            section = ".".join(str(x) for x in err["loc"][:-1])
+            parts.append(f"unknown recipe key {loc!r}" + _suggest(section))
+        elif "model." in msg or "train.split" in msg:
+            parts.append(msg)
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            parts.append(f"recipe key {loc!r}: {msg}{shown}" if loc else msg)
+    return "; ".join(parts)
+
+
+def _suggest(section: str) -> str:
+    model = Recipe
+    for part in filter(None, section.split(".")):
+        ann = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return ""
+        model = ann
+    keys = ", ".join(model.model_fields)
+    return f"; allowed {'in [' + section + '] ' if section else 'at top level '}are: {keys}"
+
+
+def load_recipe(
+    name_or_path: str | os.PathLike | None = None, overrides: dict | None = None, *, env: bool = True
+) -> Recipe:
+    """Validated recipe: defaults -> file -> UFGIR_* environment (when ``env``) -> ``overrides``."""
+    data = _read_toml(resolve_recipe_path(name_or_path)) if name_or_path is not None else {}
+    if env:
+        _check_env()
+    t1, t2 = _TOML_DATA.set(data), _USE_ENV.set(env)
+    try:
+        return Recipe(**(overrides or {}))
+    except ValidationError as e:
+        where = f" in {name_or_path}" if name_or_path is not None else ""
+        raise RecipeError(_format_validation(e) + where) from None
+    except ValueError as e:  # pydantic-settings: an environment value that does not parse
+        raise RecipeError(f"recipe environment: {e}") from None
+    finally:
+        _TOML_DATA.reset(t1)
+        _USE_ENV.reset(t2)
+
+
+def load_saved_recipe(path: str | os.PathLike) -> Recipe:
+    """A run's `recipe.toml`, exactly as written: no environment layering."""
+    return load_recipe(Path(path), env=False)
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    """A recipe stored inside a checkpoint (already resolved): validate without environment."""
+    t1, t2 = _TOML_DATA.set({}), _USE_ENV.set(False)
+    try:
+        return Recipe(**data)
+    except ValidationError as e:
+        raise RecipeError("stored recipe: " + _format_validation(e)) from None
+    finally:
+        _TOML_DATA.reset(t1)
+        _USE_ENV.reset(t2)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["train.epochs=5", "model.ila_ds_locs=[3,7]"]`` -> nested dict; values parse as TOML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. train.epochs=5")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {item!r}: {p!r} is set both as a value and as a section")
+        node[leaf] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Write a two-level dict (top-level scalars, then one table per section). None is left out."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if v is not None and not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]
+    return "\n".join(lines) + "\n"
+
+
+def dump_resolved(recipe: Recipe) -> str:
+    """The resolved recipe as TOML; loading it back gives an equal recipe."""
+    return to_toml(recipe.model_dump(mode="python"))
+
+
+def recipe_summary(path: Path) -> tuple[str, str]:
+    """(method, description) of a recipe file without validating it (for `recipes list`)."""
+    data = _read_toml(path)
+    return data.get("model", {}).get("method", ModelConfig.model_fields["method"].default), data.get(
+        "description", ""
+    )
