@@ -376,7 +376,7 @@ def load_recipe(
     try:
         return Recipe(**(overrides or {}))
     except ValidationError as e:
-        where = f" in {name_or_path}" if name_or_path is not None else ""
+        where = f" (recipe {name_or_path})" if name_or_path is not None else ""
         raise RecipeError(_format_validation(e) + where) from None
     except ValueError as e:  # pydantic-settings: an environment value that does not parse
         raise RecipeError(f"recipe environment: {e}") from None

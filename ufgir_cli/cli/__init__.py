@@ -34,11 +34,19 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-# Command modules register themselves on `app`; they import torch only inside command bodies.
+# Command modules hold the command bodies; they import torch only inside those bodies.
+from . import download as _download  # noqa: E402
+from . import inspect as _inspect  # noqa: E402
+from . import eval as _eval  # noqa: E402
 from . import recipes as _recipes  # noqa: E402
+from . import train as _train  # noqa: E402
 
 app.add_typer(_recipes.app, name="recipes", help="List and show the packaged recipes.")
-from . import inspect as _inspect  # noqa: E402,F401
+app.command("inspect")(_inspect.inspect)
+app.command("download")(_download.download)
+app.command("datasets")(_download.datasets)
+app.command("train")(_train.train)
+app.command("eval")(_eval.eval_cmd)
 
 
 def main() -> None:

@@ -1,0 +1,32 @@
+"""`ufgir eval`: top-1/top-5, per-class accuracy and predictions of a run or checkpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ._common import BatchSizeOpt, RunArg, console
+
+
+def eval_cmd(
+    run: RunArg,
+    split: Annotated[str | None, typer.Option("--split", help="Split to evaluate (default: the recipe's eval.split).")] = None,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best, last or auto (best if present).")] = "auto",
+    batch_size: BatchSizeOpt = None,
+    precision: Annotated[str | None, typer.Option(help="fp32, bf16, fp16 (default: the run's).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+) -> None:
+    """Evaluate and write eval/<split>/{metrics.json,per_class.csv,predictions.csv} under the run."""
+    from ..engine.report import eval_run
+
+    m, out, recipe = eval_run(run, split, checkpoint, batch_size, precision, device)
+    t = Table(title=f"{recipe.model.method} on {recipe.data.dataset} · {m['split']} · checkpoint {m['checkpoint']}",
+              title_justify="left")
+    for col in ("top-1 %", "top-5 %", "per-class mean %", "per-class std %", "loss", "images", "classes"):
+        t.add_column(col, justify="right")
+    t.add_row(f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{m['per_class_mean']:.2f}", f"{m['per_class_std']:.2f}",
+              f"{m['loss']:.4f}", str(m["num_images"]), str(m["num_classes"]))
+    console.print(t)
+    console.print(f"results: {out}")

@@ -1,0 +1,187 @@
+"""Image datasets and samplers for training and evaluation.
+
+Augmentation randomness is a pure function of (seed, epoch, index): the sampler hands the dataset
+``(epoch, index)`` keys, and every sample seeds its own generator. So a resumed run, a run with a
+different number of workers and a distributed run all see the same crops and flips.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ..errors import DatasetError
+from .folder import SplitFile
+
+
+def load_image(path: str) -> torch.Tensor:
+    """(3, H, W) uint8 RGB from any common image file: greyscale, palette, CMYK, 16-bit and
+    animated files (first frame) are converted, not fatal."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        return decode_image(path, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        pass
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.seek(0)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                im = im.point(lambda v: v / 256).convert("L")
+            im = im.convert("RGB")
+            t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            return t.view(im.height, im.width, 3).permute(2, 0, 1).contiguous()  # (3, H, W)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DatasetError(f"image {path} cannot be decoded ({e}); remove it or pass --skip-corrupt") from None
+
+
+def resize_square(img: torch.Tensor, size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """Square resize of a uint8 (3, H, W) image, as the paper does (aspect not kept)."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    mode = InterpolationMode.BICUBIC if interpolation == "bicubic" else InterpolationMode.BILINEAR
+    return TF.resize(img, [size, size], interpolation=mode, antialias=True)
+
+
+class Preprocess:
+    """Paper transforms on uint8 tensors: resize to R = int(ratio * S); train: random crop S + flip;
+    eval: centre crop S. Normalisation happens on the device, on the batch (see ``normalize``)."""
+
+    def __init__(self, image_size: int, train: bool, resize_ratio: float = 1.34, hflip: bool = True,
+                 interpolation: str = "bicubic"):
+        self.size = image_size
+        self.resize = int(resize_ratio * image_size)
+        self.train = train
+        self.hflip = hflip
+        self.interpolation = interpolation
+
+    def __call__(self, img: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        img = resize_square(img, self.resize, self.interpolation)
+        R, S = self.resize, self.size
+        if self.train:
+            top, left = (int(v) for v in torch.randint(0, R - S + 1, (2,), generator=gen))
+        else:
+            top = left = int(round((R - S) / 2.0))
+        img = img[:, top : top + S, left : left + S]
+        if self.train and self.hflip and torch.rand((), generator=gen).item() < 0.5:
+            img = img.flip(-1)
+        return img.contiguous()
+
+
+def normalize(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> normalised float (B, 3, H, W), done on the device after transfer."""
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    return (x.float() - m) / s
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed from (seed, epoch, index), stable across processes and platforms."""
+    h = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    h ^= h >> 31
+    return h & (2**63 - 1)
+
+
+class ImageFolderSplit(Dataset):
+    """One split of a dataset folder. Items are keyed by ``(epoch, index)`` or a plain index.
+
+    Returns ``(uint8 image (3, S, S), target, index)``; a corrupt image with ``skip_corrupt`` comes
+    back with target -1 and is dropped by the collate function (and counted).
+    """
+
+    def __init__(self, split: SplitFile, transform: Preprocess, seed: int = 0, skip_corrupt: bool = False):
+        self.samples = split.samples
+        self.split = split
+        self.transform = transform
+        self.seed = seed
+        self.skip_corrupt = skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def targets(self) -> list[int]:
+        return [t for _, t in self.samples]
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        path, target = self.samples[index]
+        gen = None
+        if self.transform.train:
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        try:
+            img = load_image(path)
+        except DatasetError:
+            if not self.skip_corrupt:
+                raise
+            S = self.transform.size
+            return torch.zeros(3, S, S, dtype=torch.uint8), -1, index
+        return self.transform(img, gen), target, index
+
+
+def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kept = [b for b in batch if b[1] >= 0]
+    if not kept:
+        S = batch[0][0].shape[-1]
+        return torch.zeros(0, 3, S, S, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    x = torch.stack([b[0] for b in kept])                      # (B, 3, S, S) uint8
+    y = torch.tensor([b[1] for b in kept], dtype=torch.long)
+    i = torch.tensor([b[2] for b in kept], dtype=torch.long)
+    return x, y, i
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` keys: a seeded permutation per epoch (or the natural order), sharded
+    across ``world`` ranks without padding for evaluation, and able to start mid-epoch on resume.
+
+    Training shards are padded to equal length (every rank must step the same number of times);
+    evaluation shards are not (``drop_pad``), so combined metrics equal a single-process run.
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1,
+                 pad: bool = True):
+        self.n, self.shuffle, self.seed, self.rank, self.world, self.pad = n, shuffle, seed, rank, world, pad
+        self.epoch = 0
+        self.start = 0  # samples of this rank's shard already consumed (resume)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.pad and self.world > 1:
+            total = math.ceil(self.n / self.world) * self.world
+            order += order[: total - self.n]
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for idx in self._order()[self.start :]:
+            yield self.epoch, idx
+
+    def __len__(self) -> int:
+        return len(self._order()) - self.start
+
+
+def seed_worker(worker_id: int) -> None:
+    """Per-worker seeding of python/numpy/torch (augmentation itself is keyed per sample)."""
+    import random
+
+    import numpy as np
+
+    s = torch.initial_seed() % 2**32
+    random.seed(s)
+    np.random.seed(s)
+
+
+__all__ = ["EpochSampler", "ImageFolderSplit", "Preprocess", "collate", "load_image", "normalize",
+           "resize_square", "sample_seed", "seed_worker"]

@@ -1,0 +1,81 @@
+"""What the training loop reports to: plain-dict events, no rich, no typer.
+
+Events carry tags like ``train/loss`` or ``test/top1`` (``<split>/<metric>``). The CLI adds a rich
+progress callback; the loop itself always writes ``metrics.jsonl`` and, if enabled, TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+
+class Callback:
+    """Hooks the loop calls; every one is optional."""
+
+    def on_train_start(self, info: dict) -> None: ...
+    def on_epoch_start(self, epoch: int, steps: int, done: int) -> None: ...
+    def on_step(self, step: int, logs: dict) -> None: ...
+    def on_log(self, record: dict) -> None: ...
+    def on_eval_start(self, split: str, batches: int) -> None: ...
+    def on_eval_batch(self, n: int) -> None: ...
+    def on_epoch_end(self, epoch: int, record: dict) -> None: ...
+    def on_train_end(self, summary: dict) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+class JsonlLogger(Callback):
+    """``metrics.jsonl``: one object per line, steps strictly increasing. On resume the file is cut
+    back to the checkpoint's step so that no step appears twice."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        self.last_step = -1
+        if resume_step is not None and path.is_file():
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a torn last line from a kill: drop it
+                if rec.get("step", -1) > resume_step:
+                    break
+                kept.append(line)
+            from ..io import atomic_write_text
+
+            atomic_write_text(path, "".join(k + "\n" for k in kept))
+            self.last_step = json.loads(kept[-1])["step"] if kept else -1
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+
+    def on_log(self, record: dict) -> None:
+        if record["step"] <= self.last_step:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._f.write(json.dumps(clean) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.last_step = record["step"]
+
+    def on_train_end(self, summary: dict) -> None:
+        self._f.close()
+
+
+class TensorBoardLogger(Callback):
+    """Scalars under the same tags as metrics.jsonl; resumed runs purge steps past the checkpoint."""
+
+    def __init__(self, log_dir: Path, resume_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w = SummaryWriter(str(log_dir), purge_step=None if resume_step is None else resume_step + 1)
+
+    def on_log(self, record: dict) -> None:
+        for k, v in record.items():
+            if "/" in k and isinstance(v, int | float) and not isinstance(v, bool):
+                self.w.add_scalar(k, v, record["step"], walltime=record.get("time", time.time()))
+        self.w.flush()
+
+    def on_train_end(self, summary: dict) -> None:
+        self.w.close()

@@ -1,0 +1,70 @@
+"""`ufgir eval` as a library call: rebuild the model from its checkpoint, evaluate a split, write
+``eval/<split>/{metrics.json,per_class.csv,predictions.csv}`` atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from ..io import atomic_write_json, atomic_write_text
+from ..model.checkpoint import load_run, resolve_checkpoint
+from ..recipe import Recipe
+from .amp import resolve_device, resolve_precision
+from .dist import DistContext
+from .evaluate import evaluate
+
+
+def run_dir_of(path: Path) -> Path:
+    """The folder results go to: the run folder, or the checkpoint's folder for a loose file."""
+    if path.is_dir():
+        return path
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    return path.parent
+
+
+def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto", batch_size: int | None = None,
+             precision: str | None = None, device: str = "auto", num_workers: int | None = None,
+             on_batch=None) -> tuple[dict, Path, Recipe]:
+    from .train import dataset_root, make_loader, data_mean_std
+    from ..data.folder import read_split
+
+    path = Path(path)
+    ckpt_file = resolve_checkpoint(path, checkpoint) if path.suffix != ".safetensors" else path
+    device = resolve_device(device)
+    model, recipe = load_run(ckpt_file, device=device)
+    split = split or recipe.eval.split
+    prec = resolve_precision(precision or recipe.train.precision, device)
+    sf = read_split(dataset_root(recipe), split, check_files=not recipe.data.skip_corrupt)
+    if sf.num_classes != model.num_classes:
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"{ckpt_file} has {model.num_classes} classes but {sf.root} has {sf.num_classes}")
+    loader = make_loader(sf, recipe, train=False, batch_size=batch_size or recipe.eval.batch_size or recipe.train.batch_size,
+                         dist=DistContext(), workers=num_workers)
+    mean, std = data_mean_std(recipe, model)
+    res = evaluate(model, loader, device=device, precision=prec, mean=mean, std=std,
+                   num_classes=model.num_classes, on_batch=on_batch)
+    m = dict(res.metrics)
+    per_class = m.pop("per_class")
+    tag = ckpt_file.stem if ckpt_file.parent.name == "checkpoints" and ckpt_file.stem in ("best", "last") else str(ckpt_file)
+    m.update({"split": split, "checkpoint": tag, "precision": prec})
+    out = run_dir_of(path) / "eval" / split
+    atomic_write_json(out / "metrics.json", m)
+    counts = [0] * sf.num_classes
+    for _, t in sf.samples:
+        counts[t] += 1
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["class_id", "name", "images", "top1"])
+    for c, acc in enumerate(per_class):
+        w.writerow([c, sf.class_names[c], counts[c], "" if acc != acc else f"{acc:.4f}"])
+    atomic_write_text(out / "per_class.csv", buf.getvalue())
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "target", "prediction", "probability"])
+    for i, t, p, pr in zip(res.indices.tolist(), res.targets.tolist(), res.preds.tolist(), res.probs.tolist(), strict=True):
+        w.writerow([str(Path(sf.samples[i][0]).relative_to(sf.root)), t, p, f"{pr:.6f}"])
+    atomic_write_text(out / "predictions.csv", buf.getvalue())
+    return m, out, recipe

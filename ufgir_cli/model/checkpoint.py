@@ -1,0 +1,148 @@
+"""Checkpoints: plain tensors and Python values only, loadable with ``weights_only=True``.
+
+A PETL checkpoint stores just the trainable tensors and the method's buffers when the backbone can
+be re-created bit-exactly from ``model.weights``; the backbone's identity (timm name + sha256 over
+its tensors) is stored and checked on load, so adapters are never attached to the wrong backbone.
+With ``weights = "none"`` (random init) the full state_dict is stored.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..io import atomic_save
+from ..recipe import Recipe, load_saved_recipe, recipe_from_dict
+from .vit import UfgirViT, build_model
+
+FORMAT = "ufgir-checkpoint"
+VERSION = 1
+
+
+def checkpoint_payload(model: UfgirViT, recipe: Recipe, train_state: dict | None = None,
+                       metrics: dict | None = None, backbone_sha256: str | None = None) -> dict[str, Any]:
+    full = recipe.model.weights == "none" or model.plan.train_backbone
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "recipe": recipe.model_dump(mode="json"),
+        "method": recipe.model.method,
+        "num_classes": model.num_classes,
+        "backbone": {"name": recipe.model.backbone, "weights": recipe.model.weights,
+                     "sha256": backbone_sha256 or model.backbone_sha256()},
+        "full": full,
+        "state_dict": {k: v.detach().cpu() for k, v in (model.state_dict() if full else model.trainable_state_dict()).items()},
+        "train_state": train_state,
+        "metrics": metrics or {},
+    }
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Serialise to memory first, then write atomically (temp + fsync + rename): a crash at any
+    moment leaves either the previous checkpoint or the new one, never a torn file."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getbuffer()
+    atomic_save(path, lambda f: f.write(data))
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"checkpoint {path} carries pickled code or objects ({msg.split('.')[0]}); refused: "
+                "only tensors and plain values are loaded (re-export it with ufgir)"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({msg}); use an earlier checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a ufgir checkpoint; for one written by the reference code use `ufgir import-upstream`"
+        )
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint", device: str = "cpu",
+                          recipe: Recipe | None = None) -> tuple[UfgirViT, Recipe]:
+    """Rebuild the model a checkpoint belongs to and load its tensors, strictly."""
+    recipe = recipe or recipe_from_dict(ckpt["recipe"])
+    m = recipe.model
+    if ckpt.get("method") != m.method or ckpt.get("backbone", {}).get("name") != m.backbone:
+        raise CheckpointError(
+            f"{source} was trained as {ckpt.get('method')} on {ckpt.get('backbone', {}).get('name')}, "
+            f"but the recipe asks for {m.method} on {m.backbone}; use the run's own recipe"
+        )
+    num_classes = int(ckpt["num_classes"])
+    if m.num_classes is not None and m.num_classes != num_classes:
+        raise CheckpointError(f"{source} has {num_classes} classes but model.num_classes is {m.num_classes}")
+    model = build_model(m, num_classes)
+    sd = ckpt["state_dict"]
+    if not ckpt.get("full", True):
+        want = ckpt["backbone"]["sha256"]
+        have = model.backbone_sha256()
+        if want != have:
+            raise CheckpointError(
+                f"{source}: the backbone built from model.weights={m.weights!r} differs from the one it was "
+                f"trained on (sha256 {have[:12]} != {want[:12]}); point model.weights at the original weights"
+            )
+    own = model.state_dict()
+    unexpected = sorted(set(sd) - set(own))
+    missing = sorted(set(own) - set(sd)) if ckpt.get("full", True) else sorted(set(model.trainable_state_dict()) - set(sd))
+    bad = [k for k in set(sd) & set(own) if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if unexpected or missing or bad:
+        raise CheckpointError(
+            f"{source} does not fit a {m.method} model on {m.backbone}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, shape mismatch {bad[:5]}"
+        )
+    model.load_state_dict(sd, strict=bool(ckpt.get("full", True)))
+    return model.to(device).eval(), recipe
+
+
+def resolve_checkpoint(path: str | os.PathLike, checkpoint: str = "auto") -> Path:
+    """A run folder + best/last/auto -> the checkpoint file; a file path is returned as is."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is neither a run folder nor a checkpoint file")
+    ck = p / "checkpoints"
+    if checkpoint in ("best", "last"):
+        f = ck / f"{checkpoint}.pt"
+        if not f.is_file():
+            hint = " (best.pt exists only when selecting on eval.split = val)" if checkpoint == "best" else ""
+            raise CheckpointError(f"run {p} has no {checkpoint} checkpoint{hint}")
+        return f
+    if checkpoint != "auto":
+        return resolve_checkpoint(checkpoint)
+    for name in ("best.pt", "last.pt"):
+        if (ck / name).is_file():
+            return ck / name
+    raise CheckpointError(f"run {p} has no checkpoints/last.pt; was training interrupted before the first save?")
+
+
+def load_run(path: str | os.PathLike, checkpoint: str = "auto", device: str = "cpu") -> tuple[UfgirViT, Recipe]:
+    """(model, recipe) from a run folder, a checkpoint file, or an adapter-only safetensors delta."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        from ..export import load_delta
+
+        return load_delta(p, device=device)
+    f = resolve_checkpoint(p, checkpoint)
+    ckpt = read_checkpoint(f)
+    recipe = None
+    run_dir = f.parent.parent
+    if (run_dir / "recipe.toml").is_file() and f.parent.name == "checkpoints":
+        recipe = load_saved_recipe(run_dir / "recipe.toml")
+        if recipe.model_dump(mode="json") != ckpt["recipe"]:
+            recipe = None  # the checkpoint's own recipe is authoritative
+    return model_from_checkpoint(ckpt, source=str(f), device=device, recipe=recipe)
