@@ -50,7 +50,7 @@ def download(
     ] = None,
     data_dir: DataDirOpt = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Fetch and rebuild even a complete dataset.")
+        bool, typer.Option("--force", help="Fetch the archive again and rebuild even a complete dataset.")
     ] = False,
     verify: Annotated[
         bool, typer.Option("--verify", help="Decode every image and fail on unreadable ones.")
@@ -79,21 +79,24 @@ def download(
         )
     counts = result.info.get("counts", {})
     if result.status == "present":
-        console.print(f"{name} is already complete at {result.path}; --force rebuilds it")
+        console.print(f"{name} is already complete at {result.path}; --force rebuilds it", soft_wrap=True)
     else:
         console.print(
             f"{name}: {result.info.get('num_classes')} classes, "
             f"{counts.get('train_val')} train_val ({counts.get('train')} train + {counts.get('val')} val) / "
-            f"{counts.get('test')} test images -> {result.path}"
+            f"{counts.get('test')} test images -> {result.path}",
+            soft_wrap=True,
         )
         sha = result.info.get("archive_sha256")
         if sha and not result.info.get("archive_sha256_verified"):
             console.print(
-                f"archive sha256 {sha} (no published hash to check against; recorded in dataset.json)"
+                f"archive sha256 {sha} (no published hash to check against; recorded in dataset.json)",
+                soft_wrap=True,
             )
         if result.archive:
             console.print(
-                f"archive kept at {result.archive} for entries that share it; delete it to free space"
+                f"archive kept at {result.archive} for entries that share it; delete it to free space",
+                soft_wrap=True,
             )
     if verify:
         console.print(f"verified: all {counts.get('train_val', 0) + counts.get('test', 0)} images decode")

@@ -114,6 +114,8 @@ def download_dataset(
     given = [opt for opt, v in (("--url", url), ("--archive", archive), ("--from-folder", from_folder)) if v]
     if len(given) > 1:
         raise DatasetError(f"{' and '.join(given)} name two sources for {spec.name}; pass only one")
+    if spec.kind == "generated" and given:
+        raise DatasetError(f"{spec.name} is generated on this machine, not downloaded; drop {given[0]}")
     base = _base(data_dir)
     root = base / spec.name
     state = dataset_status(spec, root)
@@ -127,22 +129,20 @@ def download_dataset(
             f"re-create it with `ufgir download {spec.name} --force`"
         )
     if spec.kind == "generated":
-        if given:
-            raise DatasetError(f"{spec.name} is generated on this machine, not downloaded; drop {given[0]}")
-        result = _generate(spec, base, root)
+        result = _generate(spec, root)
         if verify:
             _check_images(spec.name, result.path, progress)
         return result
     return _build(spec, base, root, url, archive, from_folder, force, verify, progress)
 
 
-def _generate(spec: DatasetSpec, base: Path, root: Path) -> DownloadResult:
+def _generate(spec: DatasetSpec, root: Path) -> DownloadResult:
     """Generated entries come from :func:`ufgir_cli.data.synthetic.ensure_synthetic`, not an archive."""
     from .synthetic import ensure_synthetic
 
     if root.exists():
         shutil.rmtree(root)
-    path = ensure_synthetic(base)
+    path = ensure_synthetic(root)
     return DownloadResult(spec.name, path, "created", read_info(path))
 
 
@@ -251,6 +251,7 @@ def _part(dest: Path) -> Path:
 
 
 def sha256_file(path: Path, progress: Progress | None = None) -> str:
+    """Hex sha256 of a file, read in chunks (archives run to gigabytes)."""
     progress = progress or _no_progress
     h, done, total = hashlib.sha256(), 0, path.stat().st_size
     with open(path, "rb") as f:
@@ -312,7 +313,7 @@ def fetch(url: str, dest: Path, sha256: str | None = None, progress: Progress | 
             f"{url} does not serve the file consistently; try again later or pass --archive FILE"
         )
     actual = h.hexdigest()
-    if sha256 and actual != sha256.lower():
+    if sha256 and actual != sha256:
         part.unlink()
         raise DatasetError(
             f"sha256 of {url} is {actual}, expected {sha256}; the download was deleted: "
@@ -362,14 +363,25 @@ def extract_archive(archive: Path, dest: Path, progress: Progress | None = None)
     size = archive.stat().st_size
     try:
         with open(archive, "rb") as raw:
+
+            def tick() -> None:
+                progress("extract", raw.tell(), size)
+
             if zipfile.is_zipfile(raw):
                 raw.seek(0)
                 with zipfile.ZipFile(raw) as zf:
-                    _unpack(_zip_members(zf), dest, archive, lambda: progress("extract", raw.tell(), size))
-            else:
-                raw.seek(0)
-                with tarfile.open(fileobj=raw, mode="r:*") as tf:
-                    _unpack(_tar_members(tf), dest, archive, lambda: progress("extract", raw.tell(), size))
+                    _unpack(_zip_members(zf), dest, archive, tick)
+                return
+            raw.seek(0)
+            try:
+                tf = tarfile.open(fileobj=raw, mode="r:*")
+            except tarfile.ReadError:
+                raise DatasetError(
+                    f"{archive} is not a zip or tar(.gz/.bz2/.xz) archive, or it is truncated; "
+                    "fetch it again with --force"
+                ) from None
+            with tf:
+                _unpack(_tar_members(tf), dest, archive, tick)
     except OSError as e:
         if e.errno is not None:  # the file system, not the archive (gzip and bz2 errors carry no errno)
             raise DatasetError(
@@ -382,7 +394,7 @@ def extract_archive(archive: Path, dest: Path, progress: Progress | None = None)
 
 def _corrupt(archive: Path, err: Exception) -> DatasetError:
     return DatasetError(
-        f"cannot extract {archive}: it is truncated or corrupt ({err or type(err).__name__}); "
+        f"cannot extract {archive}: it is truncated or corrupt ({' '.join(str(err).split()) or type(err).__name__}); "
         "fetch it again with --force"
     )
 
@@ -392,12 +404,12 @@ _Member = tuple[str, Literal["file", "dir", "link", "special"], Callable[[], IO[
 
 def _zip_members(zf: zipfile.ZipFile) -> Iterator[_Member]:
     for info in zf.infolist():
-        mode = info.external_attr >> 16  # Unix mode when the archiver recorded one, else 0
-        if stat.S_ISLNK(mode):
+        ftype = stat.S_IFMT(info.external_attr >> 16)  # 0 when the archiver recorded no Unix type
+        if ftype == stat.S_IFLNK:
             kind = "link"
         elif info.is_dir():
             kind = "dir"
-        elif mode and not stat.S_ISREG(mode):
+        elif ftype not in (0, stat.S_IFREG):
             kind = "special"
         else:
             kind = "file"
