@@ -36,8 +36,8 @@ app = typer.Typer(
 
 # Command modules hold the command bodies; they import torch only inside those bodies.
 from . import download as _download  # noqa: E402
-from . import inspect as _inspect  # noqa: E402
 from . import eval as _eval  # noqa: E402
+from . import inspect as _inspect  # noqa: E402
 from . import recipes as _recipes  # noqa: E402
 from . import train as _train  # noqa: E402
 

@@ -1,0 +1,41 @@
+"""Shared test fixtures: offline, CPU, isolated from the user's environment and data dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(os.environ.get("UFGIR_FIXTURES", REPO.parent / "shared" / "fixtures" / "upstream"))
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch, tmp_path_factory):
+    """No UFGIR_* variable from the caller leaks into a test; data goes to a per-session tmp dir."""
+    for k in list(os.environ):
+        if k.startswith("UFGIR_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("UFGIR_DATA_DIR", str(tmp_path_factory.getbasetemp() / "data"))
+    monkeypatch.setenv("UFGIR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    if not (FIXTURES / "ila_pp_t16_224.upstream.pth").is_file():
+        pytest.skip(f"reference fixtures not found at {FIXTURES} (set UFGIR_FIXTURES)")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def small_synthetic(tmp_path_factory) -> Path:
+    """A small synthetic dataset folder (4 classes, 6 train_val + 4 test each, 64 px)."""
+    from ufgir_cli.data.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("small") / "synthetic"
+    generate_synthetic(root, num_classes=4, train_val=6, test=4, size=64)
+    return root
