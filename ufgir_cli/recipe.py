@@ -14,11 +14,11 @@ import contextvars
 import math
 import os
 import re
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -190,10 +190,10 @@ class _TomlSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return _TOML_DATA.get()
+        return _TOML_DATA.get() or {}
 
 
-_TOML_DATA: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("ufgir_toml", default={})
+_TOML_DATA: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("ufgir_toml", default=None)
 _USE_ENV: contextvars.ContextVar[bool] = contextvars.ContextVar("ufgir_use_env", default=True)
 
 
