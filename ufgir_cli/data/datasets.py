@@ -19,25 +19,20 @@ from .folder import SplitFile
 
 def load_image(path: str) -> torch.Tensor:
     """(3, H, W) uint8 RGB from any common image file: greyscale, palette, CMYK, 16-bit and
-    animated files (first frame) are converted, not fatal."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    try:
-        return decode_image(path, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        pass
+    animated files (first frame) are converted, not fatal. Decoded with Pillow (torchvision's
+    decoders are deprecated)."""
+    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.seek(0)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                im = im.point(lambda v: v / 256).convert("L")
-            im = im.convert("RGB")
-            t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-            return t.view(im.height, im.width, 3).permute(2, 0, 1).contiguous()  # (3, H, W)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+                im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8), mode="L")
+            arr = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"image {path} cannot be decoded ({e}); remove it or pass --skip-corrupt") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
 def resize_square(img: torch.Tensor, size: int, interpolation: str = "bicubic") -> torch.Tensor:

@@ -1,0 +1,199 @@
+"""Training and evaluation: schedule, run folder, frozen/trainable tensors, eval reproduction, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ufgir_cli.cli import app
+from ufgir_cli.engine.optim import lr_at, param_groups
+from ufgir_cli.engine.report import eval_run
+from ufgir_cli.engine.train import fit
+from ufgir_cli.errors import DatasetError, TrainingError
+from ufgir_cli.model.checkpoint import load_run, read_checkpoint
+from ufgir_cli.recipe import ScheduleConfig, load_recipe
+
+runner = CliRunner()
+
+
+def small_recipe(data_root, **train):
+    return load_recipe("quickstart", {
+        "model": {"weights": "none"},
+        "data": {"root": str(data_root), "num_workers": 0},
+        "train": {"epochs": 2, "batch_size": 8, "precision": "fp32", **train},
+        "eval": {"every": 1},
+        "optim": {"lr": 0.05},
+        "schedule": {"warmup_steps": 2},
+        "logging": {"log_every": 2},
+    })
+
+
+# ---- schedule -----------------------------------------------------------------------------
+
+
+def test_lr_schedule_hand_values():
+    cfg = ScheduleConfig(warmup_steps=500, warmup_lr=1e-6, min_lr=1e-5)
+    total, base = 10_000, 0.1
+    assert lr_at(0, total, base, cfg) == pytest.approx(1e-6)
+    assert lr_at(250, total, base, cfg) == pytest.approx(1e-6 + 250 * (0.1 - 1e-6) / 500)
+    # warmup counts inside the cosine: at the end of warmup the cosine is already at t = 500 / 10000
+    assert lr_at(500, total, base, cfg) == pytest.approx(1e-5 + 0.5 * (0.1 - 1e-5) * (1 + math.cos(math.pi * 0.05)))
+    assert lr_at(total, total, base, cfg) == pytest.approx(1e-5)
+
+
+def test_lr_schedule_matches_timm():
+    from timm.scheduler import CosineLRScheduler
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    total = 2_000
+    sched = CosineLRScheduler(opt, t_initial=total, lr_min=1e-5, warmup_t=500, warmup_lr_init=1e-6,
+                              warmup_prefix=False, t_in_epochs=False)
+    cfg = ScheduleConfig(warmup_steps=500, warmup_lr=1e-6, min_lr=1e-5)
+    for step in (0, 1, 250, 499, 500, 501, 1000, 1999):
+        sched.step_update(step)
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(step, total, 0.1, cfg), rel=1e-9)
+
+
+def test_weight_decay_groups_follow_the_model():
+    r = load_recipe("ila_pp", {"model": {"backbone": "vit_tiny_patch16_224", "weights": "none", "image_size": 96,
+                                         "ila_ds_locs": [1, 3]}})
+    from ufgir_cli.model import build_model
+
+    m = build_model(r.model, 5)
+    decay, no_decay = param_groups(m, 0.05)
+    trainable = {id(p) for p in m.parameters() if p.requires_grad}
+    assert {id(p) for p in decay["params"] + no_decay["params"]} == trainable
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert any(p is m.vit.cls_token for p in no_decay["params"])
+
+
+# ---- a real short run -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(small_synthetic, tmp_path_factory):
+    recipe = small_recipe(small_synthetic)
+    run_dir = tmp_path_factory.mktemp("runs") / "r1"
+    from ufgir_cli.model import build_model
+
+    torch.manual_seed(recipe.train.seed)
+    before = build_model(recipe.model.model_copy(update={"num_classes": 4}), 4).state_dict()
+    summary = fit(recipe, run_dir)
+    return run_dir, summary, before
+
+
+def test_run_folder_contents(run):
+    run_dir, summary, _ = run
+    for f in ("recipe.toml", "provenance.json", "metrics.jsonl", "checkpoints/last.pt"):
+        assert (run_dir / f).is_file(), f
+    assert not (run_dir / "checkpoints" / "best.pt").exists()  # paper protocol: no selection on test
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in recs]
+    assert steps == sorted(set(steps)) and steps[-1] == summary["steps"] == 6  # 24 images / 8 * 2 epochs
+    assert {"step", "epoch", "time", "train/loss", "train/lr"} <= set(recs[0])
+    assert "test/top1" in recs[-1] and recs[-1]["epoch"] == 2.0
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert prov["backbone"]["name"] == "ufgir_vit_micro_patch8_64" and len(prov["backbone"]["sha256"]) == 64
+    assert len(prov["dataset"]["splits_sha256"]) == 64 and prov["torch"] == torch.__version__
+
+
+def test_frozen_identical_trainable_changed(run):
+    run_dir, _, before = run
+    model, recipe = load_run(run_dir)
+    after = model.state_dict()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "nothing trainable"
+    for name, t in after.items():
+        if name in trainable:
+            assert not torch.equal(t, before[name]), f"{name} did not change"
+        elif name.startswith("vit."):
+            assert torch.equal(t, before[name]), f"frozen {name} changed"
+
+
+def test_checkpoint_is_weights_only_and_full_for_random_backbone(run):
+    run_dir, _, _ = run
+    ck = read_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert ck["full"] is True and ck["method"] == "ila_pp" and ck["num_classes"] == 4
+    assert ck["train_state"]["step"] == 6 and ck["train_state"]["epoch"] == 2
+
+
+def test_eval_reproduces_logged_top1(run):
+    run_dir, summary, _ = run
+    metrics, out, _ = eval_run(run_dir, num_workers=0)
+    assert metrics["top1"] == summary["final_top1"]
+    assert metrics["num_images"] == 16 and metrics["num_classes"] == 4 and metrics["checkpoint"] == "last"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved) >= {"top1", "top5", "per_class_mean", "per_class_std", "loss", "num_images", "num_classes",
+                          "split", "checkpoint"}
+    preds = (out / "predictions.csv").read_text().splitlines()
+    assert preds[0] == "path,target,prediction,probability" and len(preds) == 17
+    correct = sum(int(line.split(",")[1]) == int(line.split(",")[2]) for line in preds[1:])
+    assert correct / 16 * 100 == pytest.approx(metrics["top1"])
+    per_class = (out / "per_class.csv").read_text().splitlines()
+    assert len(per_class) == 5 and per_class[0] == "class_id,name,images,top1"
+
+
+def test_cli_eval_prints_table(run):
+    run_dir, summary, _ = run
+    res = runner.invoke(app, ["eval", str(run_dir), "--checkpoint", "last"])
+    assert res.exit_code == 0, res.output
+    assert f"{summary['final_top1']:.2f}" in res.output
+
+
+def test_existing_run_folder_is_refused(run, small_synthetic):
+    run_dir, _, _ = run
+    with pytest.raises(TrainingError, match="exists"):
+        fit(small_recipe(small_synthetic), run_dir)
+
+
+def test_val_protocol_writes_best(small_synthetic, tmp_path):
+    r = small_recipe(small_synthetic, epochs=1, split="train").model_copy()
+    r = load_recipe("quickstart", {"model": {"weights": "none"}, "data": {"root": str(small_synthetic), "num_workers": 0},
+                                   "train": {"epochs": 1, "batch_size": 8, "precision": "fp32", "split": "train"},
+                                   "eval": {"split": "val"}})
+    fit(r, tmp_path / "v")
+    best = read_checkpoint(tmp_path / "v" / "checkpoints" / "best.pt")
+    assert "val/top1" in best["metrics"]
+
+
+# ---- bad dataset folders: one line naming file and line, nothing written -------------------------
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("edit", "pattern"),
+    [
+        (lambda root: (root / "splits" / "train_val.csv").write_text("class_id,path\n0,images/missing.png\n"),
+         r"train_val.csv:2: image images/missing.png does not exist"),
+        (lambda root: (root / "splits" / "train_val.csv").write_text("class_id,path\n9,images/c00/c00_000_train_val.png\n"),
+         r"train_val.csv:2: class id 9 is out of range 0..3"),
+        (lambda root: (root / "splits" / "test.csv").write_text("class_id,path\n"), r"test.csv lists no images"),
+        (lambda root: (root / "splits" / "test.csv").unlink(), r"test.csv is missing"),
+    ],
+)
+def test_bad_split_files(small_synthetic, tmp_path, edit, pattern):
+    root = _copy(small_synthetic, tmp_path / "data" / "synthetic")
+    edit(root)
+    r = small_recipe(root).model_copy(update={"data": small_recipe(root).data.model_copy(update={"dataset": "mydata"})})
+    run_dir = tmp_path / "runs" / "bad"
+    with pytest.raises(DatasetError, match=pattern) as e:
+        fit(r, run_dir)
+    assert "\n" not in str(e.value)
+    assert not run_dir.exists()
+    res = runner.invoke(app, ["train", "-r", "quickstart", "--set", f"data.root={root}", "--set", "model.weights=none",
+                              "--dataset", "mydata",
+                              "--out", str(tmp_path / "runs"), "--name", "bad2"])
+    assert res.exit_code == 2 and "error:" in res.output
+    assert not (tmp_path / "runs" / "bad2").exists()
