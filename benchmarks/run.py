@@ -1,0 +1,177 @@
+"""Speed and memory benchmarks: `make bench` (or `python -m benchmarks.run --help`).
+
+Each configuration runs in its own subprocess so that peak memory (max RSS on CPU, the CUDA
+allocator's peak on GPU) belongs to that configuration alone. Results go to
+``benchmarks/results/<name>.json`` and a markdown table ``<name>.md`` describing the machine.
+Model FLOPs utilisation counts the FLOPs a step actually executes: a frozen backbone computes no
+weight gradients, so a PETL step is about 2x its forward (input gradients only), a full fine-tune 3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# The reference implementation on this kind of 2-core CPU (fp32, ViT-B/16 ILA++, 224 px, batch 8).
+REFERENCE_CPU = {"train_s_per_batch": 2.3, "infer_s_per_batch": 0.9}
+
+
+def _one(args: argparse.Namespace) -> dict:
+    """Measure one configuration in this process."""
+    import resource
+
+    import torch
+
+    from ufgir_cli.analysis.cost import count_flops
+    from ufgir_cli.engine.amp import autocast
+    from ufgir_cli.model import build_model
+    from ufgir_cli.recipe import load_recipe
+
+    overrides = {"model": {"weights": "none", "image_size": args.size, "backbone": args.backbone}}
+    recipe = load_recipe(args.method, overrides)
+    device = args.device
+    torch.manual_seed(0)
+    model = build_model(recipe.model, 200).to(device)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    y = torch.randint(0, 200, (args.batch,), device=device)
+    fwd = count_flops(model, args.size, batch=args.batch)
+    step_flops = fwd * (3 if recipe.model.method == "full" else 2)
+    run = torch.compile(model) if args.compile else model
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        if args.mode == "train":
+            model.train()
+            with autocast(device, args.precision):
+                loss = torch.nn.functional.cross_entropy(run(x).float(), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            model.eval()
+            with torch.no_grad(), autocast(device, args.precision):
+                run(x)
+
+    times = []
+    for i in range(args.warmup + args.iters):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    t = sorted(times)[len(times) // 2]
+    out = {
+        "method": args.method, "backbone": args.backbone, "size": args.size, "batch": args.batch, "mode": args.mode,
+        "precision": args.precision, "device": device, "compile": args.compile,
+        "grad_checkpointing": args.grad_checkpointing, "s_per_batch": t, "images_per_s": args.batch / t,
+        "fwd_gflops_per_batch": fwd / 1e9, "step_tflops_per_s": (step_flops if args.mode == "train" else fwd) / t / 1e12,
+    }
+    if cuda:
+        out["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["gpu"] = torch.cuda.get_device_name()
+        if args.peak_tflops:
+            out["mfu"] = out["step_tflops_per_s"] / args.peak_tflops
+    else:
+        out["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", default="linear,adapter,ila,ila_pp")
+    p.add_argument("--sizes", default="224")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--modes", default="train,infer")
+    p.add_argument("--backbone", default="vit_base_patch16_224.orig_in21k")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16 dense)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--name", default="cpu")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--precision", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(_one(args)))
+        return
+    rows = []
+    for size in map(int, args.sizes.split(",")):
+        for method in args.methods.split(","):
+            for precision in args.precisions.split(","):
+                for mode in args.modes.split(","):
+                    cmd = [sys.executable, "-m", "benchmarks.run", "--one", "--method", method, "--size", str(size),
+                           "--mode", mode, "--precision", precision, "--backbone", args.backbone, "--batch",
+                           str(args.batch), "--device", args.device, "--warmup", str(args.warmup), "--iters",
+                           str(args.iters), "--peak-tflops", str(args.peak_tflops)]
+                    cmd += ["--compile"] * args.compile + ["--grad-checkpointing"] * args.grad_checkpointing
+                    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+                    if res.returncode != 0:
+                        print(f"FAILED {method} {size} {precision} {mode}: {res.stderr.strip().splitlines()[-1:]}")
+                        continue
+                    row = json.loads(res.stdout.strip().splitlines()[-1])
+                    rows.append(row)
+                    print(f"{method:8s} {size} {precision} {mode:5s} {row['s_per_batch']:.3f} s/batch "
+                          f"{row['images_per_s']:.1f} img/s peak {row['peak_memory_mb']:.0f} MiB", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    doc = {"machine": _machine(), "torch": _torch_version(), "reference_cpu_fp32_vit_b16_ila_pp": REFERENCE_CPU,
+           "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(_markdown(doc))
+    print(f"wrote {RESULTS / (args.name + '.json')} and .md")
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _markdown(doc: dict) -> str:
+    lines = [f"# Benchmarks: {doc['machine']}", "", f"torch {doc['torch']}, {doc['date']}. Random-weight backbones; "
+             "median of timed iterations after warm-up.", "",
+             "| method | px | batch | mode | precision | s/batch | images/s | peak MiB | TFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        mfu = f"{100 * r['mfu']:.1f} %" if "mfu" in r else "-"
+        lines.append(f"| {r['method']} | {r['size']} | {r['batch']} | {r['mode']} | {r['precision']}"
+                     f"{' +compile' if r['compile'] else ''} | {r['s_per_batch']:.3f} | {r['images_per_s']:.1f} | "
+                     f"{r['peak_memory_mb']:.0f} | {r['step_tflops_per_s']:.3f} | {mfu} |")
+    ref = doc["reference_cpu_fp32_vit_b16_ila_pp"]
+    lines += ["", f"Reference implementation on the same kind of CPU (fp32, ila_pp, 224 px, batch 8): "
+              f"{ref['train_s_per_batch']} s per training batch, {ref['infer_s_per_batch']} s per inference batch."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
