@@ -35,6 +35,7 @@ app = typer.Typer(
 )
 
 # Command modules hold the command bodies; they import torch only inside those bodies.
+from . import analyze as _analyze  # noqa: E402
 from . import download as _download  # noqa: E402
 from . import eval as _eval  # noqa: E402
 from . import inspect as _inspect  # noqa: E402
@@ -47,6 +48,9 @@ app.command("download")(_download.download)
 app.command("datasets")(_download.datasets)
 app.command("train")(_train.train)
 app.command("eval")(_eval.eval_cmd)
+app.command("metrics")(_analyze.metrics)
+app.add_typer(_analyze.visualize_app, name="visualize", help="Attention rollout and per-block attention drawn over images.")
+app.command("compare")(_analyze.compare)
 
 
 def main() -> None:
