@@ -15,8 +15,7 @@
 
 A block's output is the sequence that the next block receives (after any ILA that follows it) and,
 for the last block, the sequence entering the final LayerNorm: the lengths in ``model.tokens_per_block``.
-It is captured with forward pre-hooks on timm modules (``blocks[i + 1].norm1`` and ``norm``), so the
-model's code is untouched.
+It is collected by ``forward_features(x, probs, outputs)`` in the same pass as the attention maps.
 """
 
 from __future__ import annotations
@@ -48,24 +47,9 @@ def forward_collect(model: nn.Module, x: torch.Tensor) -> Collected:
     """Run a :class:`~ufgir_cli.model.vit.UfgirViT` (eval mode) once, keeping logits, attention and block outputs."""
     if model.training:
         raise RuntimeError("forward_collect() needs eval mode: call model.eval() first")
-    vit = model.vit
-    depth = len(vit.blocks)
-    tokens: list[torch.Tensor | None] = [None] * depth
-
-    def keep(i: int) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            tokens[i] = args[0]
-        return hook
-
-    # Block i's output is block i+1's input; the last block's is the final norm's input.
-    targets = [vit.blocks[i + 1].norm1 for i in range(depth - 1)] + [vit.norm]
-    handles = [m.register_forward_pre_hook(keep(i)) for i, m in enumerate(targets)]
-    try:
-        probs: list[torch.Tensor] = []
-        logits = model.forward_head(model.forward_features(x, probs))
-    finally:
-        for h in handles:
-            h.remove()
+    probs: list[torch.Tensor] = []
+    tokens: list[torch.Tensor] = []
+    logits = model.forward_head(model.forward_features(x, probs, tokens))
     return Collected(logits, probs, tokens)
 
 

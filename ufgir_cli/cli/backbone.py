@@ -13,8 +13,8 @@ from ._common import console
 def pretrain_backbone(
     out: Annotated[Path, typer.Option(help="Folder for the .safetensors weights (package assets by default).")] = Path(
         "ufgir_cli/assets"),
-    images: Annotated[int, typer.Option(help="Synthetic pretraining images.")] = 30_000,
-    epochs: Annotated[int, typer.Option(help="Epochs over them.")] = 14,
+    images: Annotated[int, typer.Option(help="Synthetic pretraining images.")] = 24_000,
+    epochs: Annotated[int, typer.Option(help="Epochs over them.")] = 8,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed for rendering and initialisation.")] = 0,

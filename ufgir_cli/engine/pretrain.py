@@ -34,8 +34,8 @@ def _to_input(x: np.ndarray) -> torch.Tensor:
 def pretrain_backbone(
     out_dir: Path,
     *,
-    images: int = 40_000,
-    epochs: int = 30,
+    images: int = 24_000,
+    epochs: int = 8,
     batch_size: int = 128,
     lr: float = 1e-3,
     seed: int = 0,
@@ -76,6 +76,8 @@ def pretrain_backbone(
             opt.step()
             sched.step()
             step += 1
+            if step % 100 == 0:
+                log(f"  step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
         model.eval()
         with torch.no_grad(), autocast("cpu", precision):
             pred = torch.cat([model(xv_t[j : j + 500]).float() for j in range(0, len(xv_t), 500)]) > 0

@@ -370,7 +370,9 @@ class UfgirViT(nn.Module):
             x = ila(x, grid, self.num_prefix_tokens)
         return x
 
-    def forward_features(self, x: torch.Tensor, probs: list | None = None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, probs: list | None = None, outputs: list | None = None) -> torch.Tensor:
+        """Tokens after the final norm. ``probs`` collects each block's attention (explicit path);
+        ``outputs`` collects each block's output tokens, after the ILA that follows it."""
         vit = self.vit
         x = vit.patch_embed(x)                                                 # (B, HW, D)
         x = vit._pos_embed(x)                                                  # (B, 1 + HW, D)
@@ -384,6 +386,8 @@ class UfgirViT(nn.Module):
                 x = checkpoint(self._block, i, x, grid, None, use_reentrant=False)
             else:
                 x = self._block(i, x, grid, probs)
+            if outputs is not None:
+                outputs.append(x)
         return vit.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
