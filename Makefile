@@ -29,6 +29,7 @@ test: venv
 
 bench: venv
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.data
 
 backbone: venv
 	HF_HUB_OFFLINE=1 $(UFGIR) pretrain-backbone --out ufgir_cli/assets
