@@ -40,6 +40,7 @@ from . import download as _download  # noqa: E402
 from . import eval as _eval  # noqa: E402
 from . import inspect as _inspect  # noqa: E402
 from . import recipes as _recipes  # noqa: E402
+from . import ship as _ship  # noqa: E402
 from . import train as _train  # noqa: E402
 
 app.add_typer(_recipes.app, name="recipes", help="List and show the packaged recipes.")
@@ -48,6 +49,9 @@ app.command("download")(_download.download)
 app.command("datasets")(_download.datasets)
 app.command("train")(_train.train)
 app.command("eval")(_eval.eval_cmd)
+app.command("export")(_ship.export)
+app.command("import-upstream")(_ship.import_upstream)
+app.command("predict")(_ship.predict)
 app.command("metrics")(_analyze.metrics)
 app.add_typer(_analyze.visualize_app, name="visualize", help="Attention rollout and per-block attention drawn over images.")
 app.command("compare")(_analyze.compare)

@@ -1,0 +1,114 @@
+"""`ufgir export`, `ufgir import-upstream`, `ufgir predict`: getting models out of and into ufgir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ._common import BatchSizeOpt, console, err_console
+
+SourceArg = Annotated[Path, typer.Argument(help="A run folder, a checkpoint file, or a safetensors export.",
+                                           show_default=False)]
+
+
+def export(
+    source: SourceArg,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="safetensors, onnx or pt2.")] = "safetensors",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="File to write (default: <run>/export/model.<ext>, "
+                                             "or <run>/export/adapter.safetensors with --adapter-only).")] = None,
+    adapter_only: Annotated[bool, typer.Option("--adapter-only", help="safetensors: only the trainable PETL tensors "
+                                               "(re-attach to the same backbone with load_run).")] = False,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 18,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--static-batch",
+                                                help="Any batch size, or a fixed batch of 1.")] = True,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="onnx/pt2: input size in px "
+                                                   "(position embeddings resampled; default: the trained size).")] = None,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="For a run folder: best, last or auto.")] = "auto",
+    tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, help="Max abs logit difference vs eager PyTorch.")] = 1e-4,
+) -> None:
+    """Export a model (safetensors, ONNX or torch.export pt2), check it against eager PyTorch, write MODEL_CARD.md."""
+    from ..export import export_model, human_bytes
+
+    r = export_model(source, fmt, out, checkpoint=checkpoint, adapter_only=adapter_only, opset=opset,
+                     dynamic_batch=dynamic_batch, image_size=image_size, tolerance=tolerance)
+    what = f"{r.format}" + (f" opset {r.opset}" if r.opset else "") + (" adapter-only" if adapter_only else "")
+    console.print(f"wrote {escape(str(r.path))} ({what}, {human_bytes(r.size_bytes)}) in {r.seconds:.1f} s")
+    console.print(f"parity vs eager PyTorch: max |diff| = {r.max_abs_diff:.3g} (tolerance {r.tolerance:g})")
+    if r.sidecar is not None:
+        console.print(f"recipe sidecar: {escape(str(r.sidecar))}")
+    console.print(f"model card: {escape(str(r.card))}")
+
+
+def import_upstream(
+    checkpoint: Annotated[Path, typer.Argument(help="A .pth checkpoint written by the reference implementation.",
+                                               show_default=False)],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder to create "
+                                             "(default: ./runs/<checkpoint name>).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset the run evaluates on "
+                                                "(default: the reference config's dataset_name).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+) -> None:
+    """Turn a reference-implementation (paper) checkpoint into a run folder for eval, export, predict."""
+    from ..export import import_upstream as do_import
+    from ..paths import runs_dir
+
+    out = out or runs_dir() / checkpoint.name.split(".")[0]
+    model, recipe = do_import(checkpoint, out, overwrite=overwrite, dataset=dataset)
+    m = recipe.model
+    console.print(f"imported {m.method} on {m.backbone} ({model.num_classes} classes, {m.image_size} px) "
+                  f"into {escape(str(out))}")
+    console.print(f"next: ufgir eval {escape(str(out))}   ·   ufgir export {escape(str(out))} --format onnx")
+
+
+def predict(
+    model: Annotated[Path, typer.Argument(help="A run folder, checkpoint, or .safetensors/.onnx/.pt2 export.",
+                                          show_default=False)],
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).",
+                                                 show_default=False)],
+    topk: Annotated[int, typer.Option("--topk", "-k", min=1, help="Classes to show per image.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")] = False,
+    batch_size: BatchSizeOpt = None,
+) -> None:
+    """Top-k classes and probabilities for images, with the run's eval preprocessing (on CPU)."""
+    from ..errors import DatasetError
+    from ..export import class_names, collect_images, load_predictor, predict_images
+
+    skipped: list[tuple[Path, str]] = []
+
+    def on_skip(path: Path, reason: str) -> None:
+        skipped.append((path, reason))
+        err_console.print(f"[yellow]skipped[/] {escape(str(path))}: {reason}", soft_wrap=True)
+
+    files = collect_images(images, on_skip)
+    predictor = load_predictor(model)
+    preds = predict_images(predictor, files, topk=topk, batch_size=batch_size, on_skip=on_skip)
+    if not preds:
+        raise DatasetError("no readable images among the inputs; give image files (png, jpg, bmp, tif, webp) or folders")
+    if as_json:
+        typer.echo(json.dumps({
+            "model": str(model),
+            "predictions": [{"path": str(p.path), "top": [{"class_id": c, "name": n, "probability": q}
+                                                           for c, n, q in p.top]} for p in preds],
+            "skipped": [{"path": str(p), "reason": r} for p, r in skipped],
+        }, indent=2))
+        return
+    _, source = class_names(predictor.recipe, predictor.num_classes)
+    t = Table(title=f"{predictor.recipe.model.method} · {len(preds)} images · class names from "
+                    f"{escape(str(source)) if source else 'class ids (no classes.csv found)'}", title_justify="left")
+    t.add_column("image", overflow="fold")
+    t.add_column("top-1")
+    t.add_column("p", justify="right")
+    if topk > 1:
+        t.add_column(f"next {min(topk, predictor.num_classes) - 1}")
+    for p in preds:
+        _, n, q = p.top[0]
+        row = [escape(str(p.path)), escape(n), f"{q:.3f}"]
+        if topk > 1:
+            row.append(escape(", ".join(f"{nn} {qq:.3f}" for _, nn, qq in p.top[1:])))
+        t.add_row(*row)
+    console.print(t)
