@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 from torch import nn
 
@@ -43,7 +42,7 @@ from .model.checkpoint import (
     save_checkpoint,
 )
 from .model.vit import UfgirViT, build_model, resize_input
-from .recipe import Recipe, dump_resolved, recipe_from_dict
+from .recipe import Recipe, dump_resolved, recipe_from_dict, tomllib
 
 FORMATS: tuple[str, ...] = ("safetensors", "onnx", "pt2")
 SAFETENSORS_FORMAT = "ufgir-safetensors"

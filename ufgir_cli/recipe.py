@@ -14,13 +14,18 @@ import contextvars
 import math
 import os
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 from .errors import RecipeError
 from .paths import NON_RECIPE_ENV
