@@ -1,4 +1,10 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of either.
+
+The new content goes to a temporary file beside the target (``.<name>.<random>.tmp``), is flushed
+and fsynced, then renamed over the target; the folder is fsynced so the rename survives a power
+cut. A process killed mid-write (SIGKILL, OOM killer) can leave only such a temp file behind:
+:func:`remove_stale_temps` deletes those when a run is picked up again.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+TEMP_SUFFIX = ".tmp"
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", fsync: bool = True) -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``."""
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
+    On any error (disk full included) the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             yield f
@@ -29,12 +38,39 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", fsync: bool = True) ->
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (a no-op where folders cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that killed writers left in ``folder``; returns what was removed.
+
+    Only for folders that one process writes at a time (a run folder when its run starts), since
+    a concurrent writer's temp file looks the same.
+    """
+    removed = []
+    for p in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        if p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
