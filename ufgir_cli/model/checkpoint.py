@@ -8,8 +8,10 @@ With ``weights = "none"`` (random init) the full state_dict is stored.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,67 +46,127 @@ def checkpoint_payload(model: UfgirViT, recipe: Recipe, train_state: dict | None
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Serialise to memory first, then write atomically (temp + fsync + rename): a crash at any
-    moment leaves either the previous checkpoint or the new one, never a torn file."""
+    moment leaves either the previous checkpoint or the new one, never a torn file. A failed write
+    (disk full, quota, read-only folder) is a one-line CheckpointError; the previous file stays."""
+    path = Path(path)
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getbuffer()
-    atomic_save(path, lambda f: f.write(data))
+    try:
+        atomic_save(path, lambda f: f.write(data))
+    except OSError as e:
+        kept = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(
+                f"disk full: cannot write checkpoint {path} ({len(data) / 2**20:.1f} MiB); {kept}. Free space on that disk"
+            ) from None
+        raise CheckpointError(f"cannot write checkpoint {path} ({e.strerror or e}); {kept}") from None
+
+
+#: What a checkpoint may hold, checked after ``torch.load(weights_only=True)``: the allow-list
+#: does not depend on what other code registered with ``torch.serialization.add_safe_globals``.
+PLAIN_TYPES = (torch.Tensor, dict, list, tuple, str, int, float, bool, type(None))
+
+
+def _foreign_type(obj: Any) -> str | None:
+    """The first type in ``obj`` outside PLAIN_TYPES, or None."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if not isinstance(o, PLAIN_TYPES):
+            return f"{type(o).__module__}.{type(o).__qualname__}"
+        if isinstance(o, dict):
+            stack += list(o.keys()) + list(o.values())
+        elif isinstance(o, list | tuple):
+            stack += list(o)
+    return None
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a ufgir checkpoint safely: ``weights_only=True`` (pickled code is never run), then only
+    tensors and plain Python values are accepted. Every failure is a one-line CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = str(e)
+        code = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if code:
             raise CheckpointError(
-                f"checkpoint {path} carries pickled code or objects ({msg.split('.')[0]}); refused: "
-                "only tensors and plain values are loaded (re-export it with ufgir)"
+                f"checkpoint {path} carries pickled code ({code.group(1)}); refused without running it: only "
+                "tensors and plain values are loaded. Use checkpoints written by ufgir, or weights as safetensors"
             ) from None
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({msg}); use an earlier checkpoint") from None
+        detail = re.search(r"WeightsUnpickler error: (.+)", text)
+        msg = detail.group(1) if detail else text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({msg[:200]}); use an earlier checkpoint") from None
+    foreign = _foreign_type(ckpt)
+    if foreign is not None:
+        raise CheckpointError(
+            f"checkpoint {path} holds an object of type {foreign}; refused: only tensors and plain values are loaded"
+        )
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a ufgir checkpoint; for one written by the reference code use `ufgir import-upstream`"
         )
+    missing = [k for k in ("recipe", "method", "num_classes", "backbone", "state_dict") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it was not written by ufgir")
     return ckpt
+
+
+def check_identity(ckpt: dict[str, Any], recipe: Recipe, source: str) -> None:
+    """Refuse a checkpoint of another method, backbone or class count than ``recipe`` asks for."""
+    m = recipe.model
+    backbone = (ckpt.get("backbone") or {}).get("name")
+    if ckpt.get("method") != m.method or backbone != m.backbone:
+        raise CheckpointError(
+            f"{source} was trained as {ckpt.get('method')} on {backbone}, "
+            f"but the recipe asks for {m.method} on {m.backbone}; use the run's own recipe"
+        )
+    num_classes = int(ckpt["num_classes"])
+    if m.num_classes is not None and m.num_classes != num_classes:
+        raise CheckpointError(
+            f"{source} has {num_classes} classes but the recipe and dataset have {m.num_classes}; "
+            "use the dataset it was trained on"
+        )
+
+
+def load_into(model: UfgirViT, ckpt: dict[str, Any], source: str, backbone_sha256: str | None = None) -> None:
+    """Load a checkpoint's tensors into ``model`` strictly; a one-line CheckpointError on mismatch.
+
+    An adapter-only checkpoint is loaded only onto the backbone it was trained on (sha256 check).
+    """
+    full = bool(ckpt.get("full", True))
+    if not full:
+        want = ckpt["backbone"]["sha256"]
+        have = backbone_sha256 or model.backbone_sha256()
+        if want != have:
+            raise CheckpointError(
+                f"{source}: the backbone built from model.weights={model.cfg.weights!r} differs from the one it was "
+                f"trained on (sha256 {have[:12]} != {want[:12]}); point model.weights at the original weights"
+            )
+    sd = ckpt["state_dict"]
+    own = model.state_dict()
+    unexpected = sorted(set(sd) - set(own))
+    missing = sorted(set(own) - set(sd)) if full else sorted(set(model.trainable_state_dict()) - set(sd))
+    bad = sorted(k for k in set(sd) & set(own) if tuple(sd[k].shape) != tuple(own[k].shape))
+    if unexpected or missing or bad:
+        raise CheckpointError(
+            f"{source} does not fit a {model.cfg.method} model on {model.cfg.backbone}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, shape mismatch {bad[:5]}"
+        )
+    model.load_state_dict(sd, strict=full)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint", device: str = "cpu",
                           recipe: Recipe | None = None) -> tuple[UfgirViT, Recipe]:
     """Rebuild the model a checkpoint belongs to and load its tensors, strictly."""
     recipe = recipe or recipe_from_dict(ckpt["recipe"])
-    m = recipe.model
-    if ckpt.get("method") != m.method or ckpt.get("backbone", {}).get("name") != m.backbone:
-        raise CheckpointError(
-            f"{source} was trained as {ckpt.get('method')} on {ckpt.get('backbone', {}).get('name')}, "
-            f"but the recipe asks for {m.method} on {m.backbone}; use the run's own recipe"
-        )
-    num_classes = int(ckpt["num_classes"])
-    if m.num_classes is not None and m.num_classes != num_classes:
-        raise CheckpointError(f"{source} has {num_classes} classes but model.num_classes is {m.num_classes}")
-    model = build_model(m, num_classes)
-    sd = ckpt["state_dict"]
-    if not ckpt.get("full", True):
-        want = ckpt["backbone"]["sha256"]
-        have = model.backbone_sha256()
-        if want != have:
-            raise CheckpointError(
-                f"{source}: the backbone built from model.weights={m.weights!r} differs from the one it was "
-                f"trained on (sha256 {have[:12]} != {want[:12]}); point model.weights at the original weights"
-            )
-    own = model.state_dict()
-    unexpected = sorted(set(sd) - set(own))
-    missing = sorted(set(own) - set(sd)) if ckpt.get("full", True) else sorted(set(model.trainable_state_dict()) - set(sd))
-    bad = [k for k in set(sd) & set(own) if tuple(sd[k].shape) != tuple(own[k].shape)]
-    if unexpected or missing or bad:
-        raise CheckpointError(
-            f"{source} does not fit a {m.method} model on {m.backbone}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shape mismatch {bad[:5]}"
-        )
-    model.load_state_dict(sd, strict=bool(ckpt.get("full", True)))
+    check_identity(ckpt, recipe, source)
+    model = build_model(recipe.model, int(ckpt["num_classes"]))
+    load_into(model, ckpt, source)
     return model.to(device).eval(), recipe
 
 
