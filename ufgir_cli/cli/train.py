@@ -16,20 +16,31 @@ def train(
     sets: SetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Folder that holds run folders (default ./runs).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Run folder name (default <dataset>_<method>_<time>).")] = None,
-    resume: Annotated[Path | None, typer.Option("--resume", help="Continue this run folder from checkpoints/last.pt.")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue this run folder from checkpoints/last.pt, bit-exactly, with its saved recipe.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder of the same name.")] = False,
+    skip_corrupt: Annotated[bool, typer.Option(
+        "--skip-corrupt", help="Leave out missing or undecodable images (counted) instead of stopping; "
+        "same as --set data.skip_corrupt=true.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a recipe: ViT + PETL method on a dataset folder; checkpoints, metrics.jsonl and TensorBoard."""
+    """Train a recipe: ViT + PETL method on a dataset folder; checkpoints, metrics.jsonl and TensorBoard.
+
+    Ctrl-C or SIGTERM finish the current step, save a checkpoint and print the command that resumes it.
+    """
     from ..errors import RecipeError
     from ..paths import runs_dir
     from ..recipe import load_recipe, load_saved_recipe
 
     if resume is not None:
-        if recipe or dataset or sets:
-            raise RecipeError("--resume continues a run with its saved recipe; drop --recipe/--dataset/--set")
+        given = [flag for flag, v in (("--recipe", recipe), ("--dataset", dataset), ("--set", sets), ("--out", out),
+                                      ("--name", name), ("--overwrite", overwrite), ("--skip-corrupt", skip_corrupt)) if v]
+        if given:
+            raise RecipeError(f"--resume continues a run in place with its saved recipe; drop {', '.join(given)}")
+        if not resume.is_dir():
+            raise RecipeError(f"--resume {resume}: no such run folder; give the folder that holds recipe.toml")
         if not (resume / "recipe.toml").is_file():
-            raise RecipeError(f"--resume {resume}: not a run folder (no recipe.toml)")
+            raise RecipeError(f"--resume {resume}: not a run folder (no recipe.toml); give the folder `ufgir train` made")
         r = load_saved_recipe(resume / "recipe.toml")
         run_dir = resume
     else:
@@ -38,6 +49,8 @@ def train(
         overrides = parse_sets(sets)
         if dataset:
             overrides.setdefault("data", {})["dataset"] = dataset
+        if skip_corrupt:
+            overrides.setdefault("data", {})["skip_corrupt"] = True
         r = load_recipe(recipe, overrides)
         from ..engine.train import default_run_name
 
@@ -47,4 +60,7 @@ def train(
     from .progress import RichProgress
 
     summary = fit(r, run_dir, callbacks=[RichProgress(quiet)], resume=resume is not None, overwrite=overwrite)
+    if summary["skipped_images"]:
+        console.print(f"skipped {summary['skipped_images']} unreadable images (listed in "
+                      f"{Path(summary['run_dir']) / 'provenance.json'} under dataset.skipped_images)")
     console.print(f"next: ufgir eval {summary['run_dir']}   ·   tensorboard --logdir {summary['run_dir']}")

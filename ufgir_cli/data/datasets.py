@@ -8,31 +8,67 @@ different number of workers and a distributed run all see the same crops and fli
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import DatasetError
 from .folder import SplitFile
 
 
+def _decode_rgb(path: str, draft: int | None = None):
+    """(H, W, 3) uint8 array. ``draft`` lets JPEG decode at a reduced scale (>= draft px a side):
+    enough to prove the file decodes, at a fraction of the cost."""
+    with Image.open(path) as im:
+        im.seek(0)
+        if draft is not None:
+            im.draft(im.mode, (draft, draft))
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8), mode="L")
+        return np.asarray(im.convert("RGB"))
+
+
+# Truncated or garbled files raise any of these (PIL's UnidentifiedImageError is an OSError).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
 def load_image(path: str) -> torch.Tensor:
     """(3, H, W) uint8 RGB from any common image file: greyscale, palette, CMYK, 16-bit and
     animated files (first frame) are converted, not fatal. Decoded with Pillow (torchvision's
     decoders are deprecated)."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as im:
-            im.seek(0)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8), mode="L")
-            arr = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"image {path} cannot be decoded ({e}); remove it or pass --skip-corrupt") from None
+        arr = _decode_rgb(path)
+    except _DECODE_ERRORS as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DatasetError(f"image {path} cannot be decoded ({why}); remove it or pass --skip-corrupt") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def find_unreadable(paths: list[str], threads: int | None = None) -> list[tuple[str, str]]:
+    """``(path, reason)`` for every image that is missing or does not decode, in input order.
+
+    Training checks its splits with this before it writes anything, so a bad file is a one-line
+    error up front (or is skipped and counted with ``data.skip_corrupt``) instead of a crash in a
+    data-loader worker hours in. Pillow releases the GIL while decoding, so threads scale.
+    """
+
+    def reason(path: str) -> str | None:
+        if not os.path.isfile(path):
+            return "file does not exist"
+        try:
+            _decode_rgb(path, draft=64)
+        except _DECODE_ERRORS as e:
+            return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return None
+
+    with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
+        found = list(pool.map(reason, paths))
+    return [(p, r) for p, r in zip(paths, found, strict=True) if r is not None]
 
 
 def resize_square(img: torch.Tensor, size: int, interpolation: str = "bicubic") -> torch.Tensor:
@@ -167,16 +203,24 @@ class EpochSampler(Sampler):
         return len(self._order()) - self.start
 
 
-def seed_worker(worker_id: int) -> None:
-    """Per-worker seeding of python/numpy/torch (augmentation itself is keyed per sample)."""
+def init_worker(worker_id: int) -> None:
+    """Data-loader worker set-up: seed python/numpy from torch's per-worker seed (augmentation
+    itself is keyed per sample) and ignore SIGINT/SIGTERM.
+
+    Ctrl-C and schedulers (Slurm, ``kill -TERM -PGID``) signal the whole process group. A worker
+    that died of it would crash the main process ("DataLoader worker exited unexpectedly") before
+    it could finish the step and save; ignoring the signal leaves the decision to the main process,
+    and the workers still exit with it (torch's watchdog) however it ends.
+    """
     import random
+    import signal
 
-    import numpy as np
-
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)
 
 
-__all__ = ["EpochSampler", "ImageFolderSplit", "Preprocess", "collate", "load_image", "normalize",
-           "resize_square", "sample_seed", "seed_worker"]
+__all__ = ["EpochSampler", "ImageFolderSplit", "Preprocess", "collate", "find_unreadable", "init_worker", "load_image",
+           "normalize", "resize_square", "sample_seed"]

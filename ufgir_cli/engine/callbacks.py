@@ -28,8 +28,12 @@ class Callback:
 
 
 class JsonlLogger(Callback):
-    """``metrics.jsonl``: one object per line, steps strictly increasing. On resume the file is cut
-    back to the checkpoint's step so that no step appears twice."""
+    """``metrics.jsonl``: one object per line, steps strictly increasing, each line fsynced.
+
+    A fresh run starts an empty file. On resume the file is cut back to the checkpoint's step (the
+    steps after it are trained again), and a torn last line from a kill is dropped, so no step is
+    missing or appears twice.
+    """
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
@@ -48,7 +52,7 @@ class JsonlLogger(Callback):
 
             atomic_write_text(path, "".join(k + "\n" for k in kept))
             self.last_step = json.loads(kept[-1])["step"] if kept else -1
-        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        self._f = open(path, "a" if resume_step is not None else "w", encoding="utf-8")  # noqa: SIM115 - kept open
 
     def on_log(self, record: dict) -> None:
         if record["step"] <= self.last_step:
@@ -60,11 +64,16 @@ class JsonlLogger(Callback):
         self.last_step = record["step"]
 
     def on_train_end(self, summary: dict) -> None:
+        self.close()
+
+    def close(self) -> None:
         self._f.close()
 
 
 class TensorBoardLogger(Callback):
-    """Scalars under the same tags as metrics.jsonl; resumed runs purge steps past the checkpoint."""
+    """Scalars under the same tags as metrics.jsonl. A resumed run writes a new event file that
+    starts with a purge marker at the checkpoint's step + 1, so TensorBoard drops the old file's
+    steps after the checkpoint and shows each step once."""
 
     def __init__(self, log_dir: Path, resume_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
@@ -78,4 +87,7 @@ class TensorBoardLogger(Callback):
         self.w.flush()
 
     def on_train_end(self, summary: dict) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.w.close()

@@ -1,17 +1,31 @@
 """The training loop: read it top to bottom.
 
-fit() = resolve data and recipe -> build model -> make the run folder -> loop over epochs
-(forward, backward, clip, step, log, checkpoint, evaluate) -> summary. Everything the loop needs
-to continue after an interruption (weights, optimiser, scaler, step, position in the epoch, RNG)
-goes into ``checkpoints/last.pt``; augmentation is keyed per sample, so resuming is exact.
+fit() = validate recipe, dataset and images -> build the model (restore it on resume) -> make the
+run folder -> loop over epochs (forward, backward, clip, step, log, checkpoint, evaluate) -> summary.
+
+Never lose a run:
+
+- Everything the loop needs to go on (weights and buffers, optimiser, grad scaler, step, epoch,
+  position inside the epoch, the epoch's running loss, the python/numpy/torch/CUDA RNG) goes into
+  ``checkpoints/last.pt`` at every epoch end and every ``train.checkpoint_every`` steps, written
+  atomically. Augmentation is keyed per sample by (seed, epoch, index) and data-loader workers hold
+  no other randomness, so a resumed run is bit-identical to an uninterrupted one.
+- SIGINT/SIGTERM finish the current step, save, and stop with exit code 130/143 and the resume
+  command; SIGKILL at any moment leaves the last complete checkpoint.
+- A non-finite loss or gradient stops training before the weights are touched, and a checkpoint is
+  never written from non-finite weights, so the last good one survives.
+- Bad input (recipe, dataset folder, images, checkpoint) fails before anything is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
+import shlex
+import shutil
 import signal
 import threading
 import time
@@ -22,11 +36,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.datasets import EpochSampler, ImageFolderSplit, Preprocess, collate, normalize, seed_worker
+from ..data.datasets import (
+    EpochSampler,
+    ImageFolderSplit,
+    Preprocess,
+    collate,
+    find_unreadable,
+    init_worker,
+    normalize,
+)
 from ..data.folder import SplitFile, read_split
-from ..errors import RecipeError, TrainingError
-from ..io import atomic_write_text
-from ..model.checkpoint import checkpoint_payload, read_checkpoint, save_checkpoint
+from ..errors import CheckpointError, DatasetError, RecipeError, TrainingError
+from ..io import atomic_write_json, atomic_write_text, remove_stale_temps
+from ..model.checkpoint import check_identity, checkpoint_payload, load_into, read_checkpoint, save_checkpoint
 from ..model.vit import UfgirViT, build_model
 from ..recipe import Recipe, dump_resolved
 from .amp import autocast, resolve_device, resolve_precision
@@ -60,11 +82,34 @@ def dataset_root(recipe: Recipe) -> Path:
     return root
 
 
-def read_splits(recipe: Recipe) -> tuple[SplitFile, SplitFile]:
-    """Validate both split files before anything is written (missing image, bad id, empty split)."""
+def read_splits(recipe: Recipe) -> tuple[SplitFile, SplitFile, list[str]]:
+    """Both split files, validated, with every image decode-checked, before anything is written.
+
+    Returns ``(train split, eval split, skipped)``: with ``data.skip_corrupt`` missing or unreadable
+    images are left out and listed in ``skipped`` (paths relative to the dataset folder); without
+    it the first one is a one-line DatasetError.
+    """
     root = dataset_root(recipe)
-    check = not recipe.data.skip_corrupt
-    return read_split(root, recipe.train.split, check_files=check), read_split(root, recipe.eval.split, check_files=check)
+    skip = recipe.data.skip_corrupt
+    splits, skipped = [], []
+    for name in (recipe.train.split, recipe.eval.split):
+        sf = read_split(root, name, check_files=not skip)
+        bad = find_unreadable([p for p, _ in sf.samples])
+        if bad and not skip:
+            path, why = bad[0]
+            more = f" ({len(bad)} unreadable images in this split)" if len(bad) > 1 else ""
+            raise DatasetError(
+                f"image {os.path.relpath(path, root)} in {root / 'splits' / f'{name}.csv'} cannot be decoded "
+                f"({why}){more}; replace or remove it, or pass --skip-corrupt to leave such images out"
+            )
+        if bad:
+            drop = {p for p, _ in bad}
+            sf = dataclasses.replace(sf, samples=[s for s in sf.samples if s[0] not in drop])
+            if not sf.samples:
+                raise DatasetError(f"no image of split {name} in {root} can be decoded; check the dataset folder")
+            skipped += [os.path.relpath(p, root) for p, _ in bad]
+        splits.append(sf)
+    return splits[0], splits[1], skipped
 
 
 def with_num_classes(recipe: Recipe, num_classes: int) -> Recipe:
@@ -94,7 +139,7 @@ def make_loader(split: SplitFile, recipe: Recipe, *, train: bool, batch_size: in
     return DataLoader(
         ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0 and train,
-        worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(recipe.train.seed),
+        worker_init_fn=init_worker, generator=torch.Generator().manual_seed(recipe.train.seed),
         prefetch_factor=4 if workers > 0 else None,
     )
 
@@ -107,7 +152,39 @@ def default_run_name(recipe: Recipe) -> str:
     return f"{recipe.data.dataset}_{recipe.model.method}_{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def provenance(recipe: Recipe, model: UfgirViT, split: SplitFile, backbone_sha: str, device: str, precision: str) -> dict:
+def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """A new run needs an empty folder; ``overwrite`` may replace an earlier ufgir run, nothing else."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if not overwrite:
+        raise TrainingError(f"run folder {run_dir} exists; pick another --name, pass --overwrite, or --resume it")
+    if not (run_dir / "recipe.toml").is_file():
+        raise TrainingError(f"--overwrite: {run_dir} is not a ufgir run folder (no recipe.toml); refusing to delete it")
+
+
+def read_resume_checkpoint(run_dir: Path, recipe: Recipe) -> dict:
+    """The run's ``last.pt``, checked to hold training state for this recipe and work left to do."""
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(
+            f"run {run_dir} has no checkpoints/last.pt to resume (it stopped before its first checkpoint); "
+            "start it again with --overwrite"
+        )
+    ckpt = read_checkpoint(path)
+    ts = ckpt.get("train_state")
+    if not ts:
+        raise CheckpointError(f"{path} holds no training state (an imported or exported checkpoint); it cannot be resumed")
+    check_identity(ckpt, recipe, str(path))
+    if ts["epoch"] >= recipe.train.epochs:
+        raise CheckpointError(
+            f"run {run_dir} already finished its {recipe.train.epochs} epochs; nothing to resume "
+            f"(evaluate it with `ufgir eval {shlex.quote(str(run_dir))}`)"
+        )
+    return ckpt
+
+
+def provenance(recipe: Recipe, model: UfgirViT, split: SplitFile, backbone_sha: str, device: str, precision: str,
+               skipped: list[str]) -> dict:
     import hashlib
     import platform
     import subprocess
@@ -134,7 +211,7 @@ def provenance(recipe: Recipe, model: UfgirViT, split: SplitFile, backbone_sha: 
         "hardware": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                      "cpu_count": os.cpu_count(), "gpus": gpu, "device": device, "precision": precision},
         "dataset": {"name": recipe.data.dataset, "root": str(split.root), "splits_sha256": h.hexdigest(),
-                    "archive_sha256": read_info(split.root).get("archive_sha256")},
+                    "archive_sha256": read_info(split.root).get("archive_sha256"), "skipped_images": skipped},
         "backbone": {"name": recipe.model.backbone, "weights": recipe.model.weights, "sha256": backbone_sha},
     }
 
@@ -178,7 +255,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop after the current step (installed in the main thread only)."""
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second one stops at once.
+    Installed in the main thread only (Python delivers signals there)."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -201,17 +279,58 @@ class StopFlag:
 
 
 # --------------------------------------------------------------------------------------------
+# Steps and bad numbers
+
+
+def grad_scaler(device: str, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 on CUDA; a disabled (pass-through) scaler everywhere else."""
+    return torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.startswith("cuda"))
+
+
+def apply_update(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
+    """``scaler.step`` + ``scaler.update``; True when the update was skipped.
+
+    With fp16 loss scaling the GradScaler skips an update whose gradients hold inf/NaN and lowers
+    its scale: a lower scale after ``update`` is how a skip shows through the public API. Without a
+    scaler the loop has already stopped on non-finite gradients, so nothing is ever skipped.
+    """
+    before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return before is not None and scaler.get_scale() < before
+
+
+def nonfinite_error(what: str, value: float, state: TrainState, lr: float, ckpt_path: Path,
+                    fp16_scaling: bool) -> TrainingError:
+    """One line: what went non-finite, at which step and lr, which checkpoint is good, what to do."""
+    kept = f"{ckpt_path} holds the last good weights" if ckpt_path.is_file() else "no checkpoint was written yet"
+    hint = ("set train.skip_nonfinite=true to let the fp16 loss scaler skip such steps, or use train.precision=bf16"
+            if fp16_scaling else "lower optim.lr, set optim.clip_grad, or use train.precision=fp32")
+    return TrainingError(f"{what} is {value} at step {state.step + 1} (epoch {state.epoch + 1}, lr {lr:.3g}); "
+                         f"training stopped and {kept}. To go on: {hint}")
+
+
+# --------------------------------------------------------------------------------------------
 # The loop
 
 
 @dataclass
 class TrainState:
+    """Where the loop is. Saved whole in every checkpoint, next to optimiser, scaler and RNG states."""
+
     step: int = 0  # optimiser steps done
     epoch: int = 0  # current epoch (0-based)
     consumed: int = 0  # samples of this rank's shard consumed in the current epoch
+    loss_sum: float = 0.0  # sum of per-sample training losses so far this epoch: the epoch's mean
+    loss_n: int = 0  # loss is logged at its end, so a resume mid-epoch must continue the sum
     best_top1: float | None = None
     nonfinite_skipped: int = 0
     history: list = field(default_factory=list)
+
+    @classmethod
+    def from_checkpoint(cls, ts: dict) -> TrainState:
+        return cls(**{f.name: ts[f.name] for f in dataclasses.fields(cls) if f.name in ts})
 
 
 def fit(
@@ -221,7 +340,6 @@ def fit(
     callbacks: list[Callback] | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    fault_hook=None,
 ) -> dict:
     """Train ``recipe`` into ``run_dir`` (or continue it with ``resume``). Returns the summary."""
     callbacks = list(callbacks or [])
@@ -232,24 +350,24 @@ def fit(
     precision = resolve_precision(recipe.train.precision, device)
     t_start = time.time()
 
-    # 1. Data and recipe, validated before anything is written.
-    train_split, eval_split = read_splits(recipe)
-    recipe = with_num_classes(recipe, train_split.num_classes)
+    # 1. Run folder or checkpoint to resume, data, images: all validated before anything is written.
     ckpt_path = run_dir / "checkpoints" / "last.pt"
-    resume_ckpt = None
     if resume:
-        resume_ckpt = read_checkpoint(ckpt_path)
-        if not resume_ckpt.get("train_state"):
-            raise TrainingError(f"{ckpt_path} holds no training state; it cannot be resumed")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise TrainingError(f"run folder {run_dir} exists; pick another --name, pass --overwrite, or --resume it")
+        resume_ckpt = read_resume_checkpoint(run_dir, recipe)
+    else:
+        check_new_run_dir(run_dir, overwrite)
+        resume_ckpt = None
+    train_split, eval_split, skipped = read_splits(recipe)
+    recipe = with_num_classes(recipe, train_split.num_classes)
 
     seed_everything(recipe.train.seed + dist.rank, recipe.train.deterministic)
 
-    # 2. Model.
+    # 2. Model, optimiser, scaler (restored on resume).
     model = build_model(recipe.model, recipe.model.num_classes)
     backbone_sha = model.backbone_sha256()
     mean, std = data_mean_std(recipe, model)
+    if resume_ckpt is not None:
+        load_into(model, resume_ckpt, str(ckpt_path), backbone_sha)
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.to(device)
@@ -258,16 +376,14 @@ def fit(
     if recipe.train.sync_bn and dist.world > 1 and device.startswith("cuda"):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = build_optimizer(model, recipe.optim)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.startswith("cuda"))
+    scaler = grad_scaler(device, precision)
     state = TrainState()
     if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["state_dict"], strict=bool(resume_ckpt.get("full")))
         ts = resume_ckpt["train_state"]
         opt.load_state_dict(ts["optimizer"])
         if ts.get("scaler"):
             scaler.load_state_dict(ts["scaler"])
-        state = TrainState(step=ts["step"], epoch=ts["epoch"], consumed=ts["consumed"], best_top1=ts.get("best_top1"),
-                           nonfinite_skipped=ts.get("nonfinite_skipped", 0), history=list(ts.get("history", [])))
+        state = TrainState.from_checkpoint(ts)
     fwd_model = model
     if dist.world > 1:
         fwd_model = torch.nn.parallel.DistributedDataParallel(
@@ -276,17 +392,25 @@ def fit(
     if compile_:
         fwd_model = torch.compile(fwd_model)
 
-    # 3. Run folder (rank 0 writes).
+    # 3. Run folder (rank 0 writes). A resumed run keeps its recipe and provenance, drops the temp
+    # files a killed writer left, and cuts its logs back to the checkpoint's step.
+    loggers: list[Callback] = []
     if dist.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "recipe.toml", dump_resolved(recipe))
-        from ..io import atomic_write_json
-
-        atomic_write_json(run_dir / "provenance.json",
-                          provenance(recipe, model, train_split, backbone_sha, device, precision))
-        callbacks.append(JsonlLogger(run_dir / "metrics.jsonl", resume_step=state.step if resume else None))
+        if resume:
+            remove_stale_temps(run_dir)
+            remove_stale_temps(run_dir / "checkpoints")
+        else:
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # --overwrite of an earlier run (checked above)
+            (run_dir / "checkpoints").mkdir(parents=True)
+            atomic_write_text(run_dir / "recipe.toml", dump_resolved(recipe))
+            atomic_write_json(run_dir / "provenance.json",
+                              provenance(recipe, model, train_split, backbone_sha, device, precision, skipped))
+        resume_step = state.step if resume else None
+        loggers.append(JsonlLogger(run_dir / "metrics.jsonl", resume_step=resume_step))
         if recipe.logging.tensorboard:
-            callbacks.append(TensorBoardLogger(run_dir, resume_step=state.step if resume else None))
+            loggers.append(TensorBoardLogger(run_dir, resume_step=resume_step))
+        callbacks += loggers
     else:
         callbacks = []
 
@@ -302,44 +426,61 @@ def fit(
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    fp16_scaling = scaler.is_enabled()
+    may_skip = fp16_scaling and recipe.train.skip_nonfinite  # let the scaler skip non-finite steps
     info = {"run_dir": str(run_dir), "device": device, "precision": precision, "epochs": recipe.train.epochs,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "start_step": state.step,
             "params_total": n_params, "params_trainable": n_train, "train_images": len(train_split.samples),
-            "eval_images": len(eval_split.samples), "world": dist.world}
+            "eval_images": len(eval_split.samples), "world": dist.world, "skipped_images": len(skipped)}
     for cb in callbacks:
         cb.on_train_start(info)
 
     def save(tag: str, metrics: dict | None = None) -> None:
+        """Checkpoint (rank 0 writes). Non-finite weights are never saved: the last good file stays."""
+        bad = [k for k, t in model.trainable_state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+        if bad:
+            kept = f"{ckpt_path} keeps the last good weights" if ckpt_path.is_file() else "no checkpoint was written"
+            raise TrainingError(f"weights turned non-finite ({bad[0]}) by step {state.step}; not saved, so {kept}. "
+                                "Lower optim.lr or set optim.clip_grad")
         if not dist.is_main:
             return
-        ts = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-              "step": state.step, "epoch": state.epoch, "consumed": state.consumed, "best_top1": state.best_top1,
-              "nonfinite_skipped": state.nonfinite_skipped, "history": state.history, "rng": rng_state()}
+        ts = {**dataclasses.asdict(state), "optimizer": opt.state_dict(),
+              "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rng_state()}
         payload = checkpoint_payload(model, recipe, train_state=ts, metrics=metrics, backbone_sha256=backbone_sha)
-        if fault_hook is not None:
-            fault_hook("before_save", tag, state)
-        save_checkpoint(run_dir / "checkpoints" / f"{tag}.pt", payload)
+        try:
+            save_checkpoint(run_dir / "checkpoints" / f"{tag}.pt", payload)
+        except CheckpointError as e:
+            then = f"resume with: ufgir train --resume {shlex.quote(str(run_dir))}" if ckpt_path.is_file() \
+                else "start again with --overwrite"
+            raise CheckpointError(f"{e}; then {then}") from None
 
+    def interrupted(signum: int | None) -> Interrupted:
+        signum = signum or signal.SIGTERM  # ranks that saw no signal follow the one that did
+        return Interrupted(
+            f"interrupted by {signal.Signals(signum).name} at step {state.step}; checkpoint saved. "
+            f"Resume with: ufgir train --resume {shlex.quote(str(run_dir))}", int(signum))
+
+    # 5. Loop. The RNG is restored last, so that nothing above can shift it.
     if resume_ckpt is not None:
         set_rng_state(resume_ckpt["train_state"]["rng"])
-
-    # 5. Loop.
     eval_result = None
     last_record: dict = {}
     loss_f = torch.nn.CrossEntropyLoss(label_smoothing=recipe.optim.label_smoothing)
-    with StopFlag() as stop:
+    with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(StopFlag())
+        for lg in loggers:
+            stack.callback(lg.close)
         while state.epoch < recipe.train.epochs:
             epoch = state.epoch
             sampler.set_epoch(epoch, start=state.consumed)
-            done_micro = state.consumed // bs
+            micro = state.consumed // bs  # micro-batches of this epoch already done
             for cb in callbacks:
-                cb.on_epoch_start(epoch, steps_per_epoch, done_micro // accum)
+                cb.on_epoch_start(epoch, steps_per_epoch, micro // accum)
             fwd_model.train()
-            run_loss, run_n, t_log, img_log = 0.0, 0, time.time(), 0
-            micro = done_micro
+            t_log, img_log = time.time(), 0
             opt.zero_grad(set_to_none=True)
             for x, y, _ in train_loader:
-                x = normalize(x.to(device, non_blocking=True), mean, std)
+                x = normalize(x.to(device, non_blocking=True), mean, std)  # uint8 (B, 3, S, S) -> float
                 y = y.to(device, non_blocking=True)
                 if recipe.train.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -348,66 +489,56 @@ def fit(
                 with autocast(device, precision):
                     logits = fwd_model(x)
                 loss = loss_f(logits.float(), y)
-                if not torch.isfinite(loss) and not (recipe.train.skip_nonfinite and scaler.is_enabled()):
-                    raise TrainingError(
-                        f"loss is {loss.item()} at step {state.step} (epoch {epoch + 1}, lr {lr:.3g}); the last good "
-                        f"checkpoint is {ckpt_path}. Lower optim.lr, keep optim.clip_grad, or use train.precision=fp32"
-                    )
-                scaler.scale(loss / accum).backward()
+                loss_ok = bool(torch.isfinite(loss))
+                if not loss_ok and not may_skip:
+                    raise nonfinite_error("loss", loss.item(), state, lr, ckpt_path, fp16_scaling)
+                scaler.scale(loss / accum).backward()  # a non-finite loss gives non-finite grads: skipped below
                 micro += 1
                 state.consumed = micro * bs  # sampler keys of this rank's shard used so far
-                run_loss += loss.item() * len(y)
-                run_n += len(y)
+                if loss_ok:
+                    state.loss_sum += loss.item() * len(y)
+                    state.loss_n += len(y)
                 img_log += len(y) * dist.world
                 if micro % accum and micro < micro_per_epoch:
-                    continue
+                    continue  # accumulate train.grad_accum micro-batches per step
+
                 scaler.unscale_(opt)
-                gnorm = torch.nn.utils.clip_grad_norm_(trainable, recipe.optim.clip_grad or float("inf"))
-                if not torch.isfinite(gnorm):
-                    if scaler.is_enabled() and recipe.train.skip_nonfinite:
-                        state.nonfinite_skipped += 1
-                    elif not scaler.is_enabled():
-                        raise TrainingError(
-                            f"gradient norm is {gnorm.item()} at step {state.step} (lr {lr:.3g}); the last good checkpoint "
-                            f"is {ckpt_path}. Lower optim.lr or set optim.clip_grad"
-                        )
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
+                gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, recipe.optim.clip_grad or float("inf")))
+                if not math.isfinite(gnorm) and not may_skip:
+                    raise nonfinite_error("gradient norm", gnorm, state, lr, ckpt_path, fp16_scaling)
+                state.nonfinite_skipped += apply_update(opt, scaler)
                 state.step += 1
-                logs = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": float(gnorm)}
+                logs = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": gnorm}
                 for cb in callbacks:
                     cb.on_step(state.step, logs)
-                last_epoch_step = micro >= micro_per_epoch
-                if state.step % recipe.logging.log_every == 0 and not last_epoch_step:
+
+                # The epoch's last step is logged and saved with the epoch record below; a stop
+                # asked for there is saved before evaluation (resume then evaluates).
+                end_of_epoch = micro >= micro_per_epoch
+                if not end_of_epoch and state.step % recipe.logging.log_every == 0:
                     now = time.time()
                     rec = {"step": state.step, "epoch": epoch + micro / micro_per_epoch, "time": now,
-                           "train/loss": run_loss / max(run_n, 1), "train/lr": lr, "train/grad_norm": float(gnorm),
-                           "train/images_per_s": img_log / max(now - t_log, 1e-9)}
+                           "train/loss": state.loss_sum / max(state.loss_n, 1), "train/lr": lr,
+                           "train/grad_norm": gnorm, "train/images_per_s": img_log / max(now - t_log, 1e-9)}
                     t_log, img_log = now, 0
                     for cb in callbacks:
                         cb.on_log(rec)
-                if fault_hook is not None:
-                    fault_hook("step", state.step, state)
+                stopping = broadcast_flag(stop.signum is not None, dist)
                 every = recipe.train.checkpoint_every
-                if every and state.step % every == 0 and not last_epoch_step:
+                if stopping or (not end_of_epoch and every and state.step % every == 0):
                     save("last")
-                if broadcast_flag(stop.signum is not None, dist):
-                    save("last")
-                    signum = stop.signum or signal.SIGTERM
-                    raise Interrupted(
-                        f"interrupted at step {state.step}; checkpoint saved. Resume with: ufgir train --resume {run_dir}",
-                        int(signum))
+                if stopping:
+                    raise interrupted(stop.signum)
 
-            # End of epoch: evaluate when due, checkpoint.
-            state.epoch += 1
-            state.consumed = 0
+            # End of epoch: evaluate when due, log, then checkpoint. Logging first means a kill in
+            # between loses nothing: the resume re-runs from the previous checkpoint and cuts the log.
+            done = epoch + 1
             now = time.time()
-            record = {"step": state.step, "epoch": float(state.epoch), "time": now,
-                      "train/loss": run_loss / max(run_n, 1), "train/lr": lr,
+            record = {"step": state.step, "epoch": float(done), "time": now,
+                      "train/loss": state.loss_sum / max(state.loss_n, 1),
+                      "train/lr": lr_at(state.step - 1, total_steps, recipe.optim.lr, recipe.schedule),
                       "train/images_per_s": img_log / max(now - t_log, 1e-9)}
-            every = recipe.eval.every
-            if state.epoch == recipe.train.epochs or (every and state.epoch % every == 0):
+            if done == recipe.train.epochs or (recipe.eval.every and done % recipe.eval.every == 0):
                 split = recipe.eval.split
                 for cb in callbacks:
                     cb.on_eval_start(split, len(eval_loader))
@@ -418,15 +549,19 @@ def fit(
                     record[f"{split}/{k}"] = eval_result.metrics[k]
                 if split == "val" and (state.best_top1 is None or eval_result.metrics["top1"] > state.best_top1):
                     state.best_top1 = eval_result.metrics["top1"]
-                    save("best", {"val/top1": state.best_top1, "epoch": state.epoch})
+                    save("best", {"val/top1": state.best_top1, "epoch": done})
                 elif split != "val":
                     state.best_top1 = eval_result.metrics["top1"]  # the paper protocol reports the final epoch
+            state.epoch, state.consumed, state.loss_sum, state.loss_n = done, 0, 0.0, 0
             state.history.append({k: v for k, v in record.items() if k != "time"})
+            for cb in callbacks:
+                cb.on_log(record)
             save("last", {k: v for k, v in record.items() if "/" in k})
             last_record = record
             for cb in callbacks:
-                cb.on_log(record)
                 cb.on_epoch_end(state.epoch, record)
+            if broadcast_flag(stop.signum is not None, dist):  # a signal during evaluation
+                raise interrupted(stop.signum)
 
     barrier(dist)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _cpu_peak_mb()
@@ -438,7 +573,8 @@ def fit(
         "final_top1": eval_result.metrics["top1"] if eval_result else None,
         "best_top1": state.best_top1, "time_s": time.time() - t_start, "peak_memory_mb": peak,
         "params_trainable": n_train, "params_total": n_params, "macs": macs, "steps": state.step,
-        "nonfinite_skipped": state.nonfinite_skipped, "last": last_record, "device": device, "precision": precision,
+        "nonfinite_skipped": state.nonfinite_skipped, "skipped_images": len(skipped), "last": last_record,
+        "device": device, "precision": precision,
     }
     for cb in callbacks:
         cb.on_train_end(summary)
@@ -455,4 +591,4 @@ def _cpu_peak_mb() -> float | None:
         return None
 
 
-__all__ = ["Interrupted", "TrainState", "default_run_name", "fit", "make_loader", "read_splits"]
+__all__ = ["Interrupted", "TrainState", "apply_update", "default_run_name", "fit", "make_loader", "read_splits"]
