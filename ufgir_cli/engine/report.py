@@ -27,8 +27,8 @@ def run_dir_of(path: Path) -> Path:
 def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto", batch_size: int | None = None,
              precision: str | None = None, device: str = "auto", num_workers: int | None = None,
              on_batch=None) -> tuple[dict, Path, Recipe]:
-    from .train import dataset_root, make_loader, data_mean_std
     from ..data.folder import read_split
+    from .train import data_mean_std, dataset_root, make_loader
 
     path = Path(path)
     ckpt_file = resolve_checkpoint(path, checkpoint) if path.suffix != ".safetensors" else path
