@@ -98,15 +98,6 @@ VALID = {
 }
 
 
-def known_recipe_bug(sec, key, value) -> bool:
-    """Mutations that hit the recipe.py tracebacks pinned by the xfail tests below; they are left
-    out of the property test until recipe.py is fixed (then drop this and the xfail markers)."""
-    if (sec, key) == ("model", "backbone") and not isinstance(value, str):
-        return True
-    return (sec, key) in (("model", "ila_ds_locs"), ("model", "ila_locs")) and isinstance(value, list) and any(
-        isinstance(v, dict | list) for v in value)
-
-
 def bounds(f) -> list[tuple[str, float]]:
     """The field's numeric bounds as (op, value), e.g. [("Ge", 1)] for ``Field(ge=1)``."""
     ops = ("Ge", "Gt", "Le", "Lt")
@@ -186,7 +177,7 @@ MUTATION_SETTINGS = settings(max_examples=120, deadline=None, suppress_health_ch
 @given(mutation=invalid_mutation(), how=HOWS)
 def test_invalid_recipe_mutations_name_the_key(mutation, how, tmp_path):
     sec, key, value, kind = mutation
-    if known_recipe_bug(sec, key, value) or how == "env" and (
+    if how == "env" and (
             kind == "section" or (sec, key) in STR_LEAVES  # the environment holds strings: any is a valid name
             or f"UFGIR_{sec.upper() + '__' if sec else ''}{key.upper()}" in NON_RECIPE_ENV):
         return
@@ -214,15 +205,11 @@ def test_valid_recipe_mutations_load(data, how, tmp_path):
     assert got == (value == "true" if value in ("true", "false") else value)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="recipe.py ModelConfig._method_defaults calls backbone_depth() on a non-string backbone")
 def test_recipe_backbone_of_wrong_type_is_a_recipe_error():
     with pytest.raises(RecipeError, match="model.backbone"):
         load_recipe("quickstart", {"model": {"backbone": 5}})
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="recipe.py ModelConfig._method_defaults builds a set() of unhashable ila_ds_locs items")
 def test_recipe_nested_list_in_ila_ds_locs_is_a_recipe_error():
     with pytest.raises(RecipeError, match="model.ila_ds_locs"):
         load_recipe("quickstart", {"model": {"ila_ds_locs": [[1]]}})

@@ -78,8 +78,8 @@ def test_upstream_refuses_garbage(tmp_path):
 def test_upstream_unmapped_key_is_listed(upstream, fixture_dir, tmp_path):
     import argparse
 
-    torch.serialization.add_safe_globals([argparse.Namespace])
-    ck = torch.load(fixture_dir / "ila_pp_t16_224.upstream.pth", weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ck = torch.load(fixture_dir / "ila_pp_t16_224.upstream.pth", weights_only=True)
     ck["model"]["model.encoder.blocks.0.mystery.weight"] = torch.zeros(3)
     del ck["model"]["model.encoder_norm.bias"]
     torch.save(ck, tmp_path / "edited.pth")

@@ -42,6 +42,7 @@ from .model.checkpoint import (
     save_checkpoint,
 )
 from .model.vit import UfgirViT, build_model, resize_input
+from .paths import run_dir_of
 from .recipe import Recipe, dump_resolved, recipe_from_dict, tomllib
 
 FORMATS: tuple[str, ...] = ("safetensors", "onnx", "pt2")
@@ -534,15 +535,6 @@ def model_card(model: UfgirViT, recipe: Recipe, result: ExportResult, run_dir: P
 
 # --------------------------------------------------------------------------------------------
 # The `ufgir export` entry point
-
-
-def run_dir_of(source: Path) -> Path:
-    """The run folder a source belongs to (run folder, checkpoints/x.pt, export/x.safetensors)."""
-    if source.is_dir():
-        return source
-    if source.parent.name in ("checkpoints", "export"):
-        return source.parent.parent
-    return source.parent
 
 
 def default_export_path(source: Path, fmt: str, adapter_only: bool) -> Path:

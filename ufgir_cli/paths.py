@@ -35,3 +35,14 @@ def dataset_dir(name: str, root: str | os.PathLike | None = None) -> Path:
     if (base / "splits").is_dir() and not (base / name).is_dir():
         return base
     return base / name
+
+
+def run_dir_of(source: str | os.PathLike) -> Path:
+    """The run folder a source belongs to: a run folder, ``checkpoints/x.pt`` or ``export/x.*`` inside
+    one; for a loose file, the folder holding it (results of that file are written there)."""
+    source = Path(source)
+    if source.is_dir():
+        return source
+    if source.parent.name in ("checkpoints", "export"):
+        return source.parent.parent
+    return source.parent

@@ -94,11 +94,14 @@ class ModelConfig(Section):
             return data
         data = dict(data)
         method = data.get("method", "ila_pp")
-        depth = backbone_depth(data.get("backbone", cls.model_fields["backbone"].default)) or 12
+        backbone = data.get("backbone", cls.model_fields["backbone"].default)
+        depth = (backbone_depth(backbone) if isinstance(backbone, str) else None) or 12
         if data.get("ila_ds_locs") is None:
             data["ila_ds_locs"] = (3, 7) if method in ("ila", "ila_plus", "ila_pp") else ()
         if data.get("ila_locs") is None:
-            ds = set(data["ila_ds_locs"]) if isinstance(data["ila_ds_locs"], list | tuple) else set()
+            raw = data["ila_ds_locs"]
+            ok = isinstance(raw, list | tuple) and all(isinstance(i, int) for i in raw)
+            ds = set(raw) if ok else set()  # a malformed value is reported by field validation
             data["ila_locs"] = tuple(i for i in range(depth) if i not in ds) if method == "ila_plus" else ()
         return data
 
@@ -174,7 +177,9 @@ class TrainConfig(Section):
     channels_last: bool = False
     sync_bn: bool = False
     checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N steps (0 = per epoch only).")
-    skip_nonfinite: bool = Field(False, description="Skip non-finite fp16 steps instead of stopping.")
+    skip_nonfinite: bool | None = Field(
+        None, description="Let the fp16 loss scaler skip non-finite steps (counted); None = on with fp16 scaling."
+    )
 
 
 class EvalConfig(Section):

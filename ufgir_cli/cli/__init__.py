@@ -36,6 +36,7 @@ app = typer.Typer(
 
 # Command modules hold the command bodies; they import torch only inside those bodies.
 from . import analyze as _analyze  # noqa: E402
+from . import backbone as _backbone  # noqa: E402
 from . import download as _download  # noqa: E402
 from . import eval as _eval  # noqa: E402
 from . import inspect as _inspect  # noqa: E402
@@ -55,6 +56,7 @@ app.command("predict")(_ship.predict)
 app.command("metrics")(_analyze.metrics)
 app.add_typer(_analyze.visualize_app, name="visualize", help="Attention rollout and per-block attention drawn over images.")
 app.command("compare")(_analyze.compare)
+app.command("pretrain-backbone")(_backbone.pretrain_backbone)
 
 
 def main() -> None:

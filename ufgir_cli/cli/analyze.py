@@ -92,8 +92,8 @@ def _measure(run: Path, *, checkpoint: str, device: str, split: str, data_recipe
     from ..data.datasets import normalize
     from ..data.folder import read_split
     from ..engine.dist import DistContext
-    from ..engine.report import run_dir_of
     from ..engine.train import data_mean_std, dataset_root, make_loader
+    from ..paths import run_dir_of
 
     model, recipe, ckpt, device = _load(run, checkpoint, device)
     res: dict = {
@@ -189,8 +189,8 @@ def metrics(
     if attention_cka and batch_size is not None and batch_size < 4:
         raise typer.BadParameter(f"{batch_size} is too small for attention CKA (needs >= 4 images per minibatch)",
                                  param_hint="--batch-size")
-    from ..engine.report import run_dir_of
     from ..io import atomic_write_json
+    from ..paths import run_dir_of
     from ..viz.figures import save_cka, save_feature_metrics
 
     kw = dict(checkpoint=checkpoint, device=device, split=split, batches=batches, batch_size=batch_size,
@@ -267,8 +267,8 @@ def _visualize(run: Path, *, split: str, images: list[Path] | None, count: int, 
 
     from ..analysis.rollout import upsample
     from ..data.datasets import normalize
-    from ..engine.report import run_dir_of
     from ..engine.train import data_mean_std
+    from ..paths import run_dir_of
     from ..viz.figures import Overlay, save_overlays
 
     model, recipe, _, device = _load(run, checkpoint, device)
@@ -379,8 +379,8 @@ def attention(
 
 def _run_recipe(path: Path):
     """The saved recipe of a run folder, or the one stored in a checkpoint file."""
-    from ..engine.report import run_dir_of
     from ..model.checkpoint import read_checkpoint, resolve_checkpoint
+    from ..paths import run_dir_of
     from ..recipe import load_saved_recipe, recipe_from_dict
 
     saved = run_dir_of(path) / "recipe.toml"
@@ -411,8 +411,8 @@ def compare(
     import json
 
     from ..analysis.paper import PAPER_IMAGE_SIZE, paper_top1
-    from ..engine.report import run_dir_of
     from ..io import atomic_write_json
+    from ..paths import run_dir_of
     from ..viz.figures import save_accuracy_vs_macs
 
     rows, missing = [], []

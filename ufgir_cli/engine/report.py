@@ -9,19 +9,11 @@ from pathlib import Path
 
 from ..io import atomic_write_json, atomic_write_text
 from ..model.checkpoint import load_run, resolve_checkpoint
+from ..paths import run_dir_of
 from ..recipe import Recipe
 from .amp import resolve_device, resolve_precision
 from .dist import DistContext
 from .evaluate import evaluate
-
-
-def run_dir_of(path: Path) -> Path:
-    """The folder results go to: the run folder, or the checkpoint's folder for a loose file."""
-    if path.is_dir():
-        return path
-    if path.parent.name == "checkpoints":
-        return path.parent.parent
-    return path.parent
 
 
 def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto", batch_size: int | None = None,

@@ -427,7 +427,10 @@ def fit(
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable = [p for p in model.parameters() if p.requires_grad]
     fp16_scaling = scaler.is_enabled()
-    may_skip = fp16_scaling and recipe.train.skip_nonfinite  # let the scaler skip non-finite steps
+    # fp16 loss scaling overflows by design (the scaler backs off and skips the step): skipping is the
+    # default there; train.skip_nonfinite=false stops at the first one instead.
+    skip = recipe.train.skip_nonfinite
+    may_skip = fp16_scaling and (skip is None or skip)
     info = {"run_dir": str(run_dir), "device": device, "precision": precision, "epochs": recipe.train.epochs,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "start_step": state.step,
             "params_total": n_params, "params_trainable": n_train, "train_images": len(train_split.samples),

@@ -165,7 +165,10 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint", devi
     """Rebuild the model a checkpoint belongs to and load its tensors, strictly."""
     recipe = recipe or recipe_from_dict(ckpt["recipe"])
     check_identity(ckpt, recipe, source)
-    model = build_model(recipe.model, int(ckpt["num_classes"]))
+    cfg = recipe.model
+    if ckpt.get("full", True):  # every tensor is in the file: no need to fetch the backbone's weights
+        cfg = cfg.model_copy(update={"weights": "none"})
+    model = build_model(cfg, int(ckpt["num_classes"]))
     load_into(model, ckpt, source)
     return model.to(device).eval(), recipe
 

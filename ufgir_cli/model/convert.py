@@ -57,9 +57,9 @@ def read_upstream(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"reference checkpoint {path} does not exist")
-    torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the config, and nothing else
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(
             f"{path} cannot be read as a reference checkpoint with weights_only=True "
