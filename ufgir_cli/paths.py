@@ -14,7 +14,9 @@ from platformdirs import user_cache_dir, user_data_dir
 APP = "ufgir"
 
 #: Environment variables that configure the program but are not recipe keys.
-NON_RECIPE_ENV = frozenset({"UFGIR_DATA_DIR", "UFGIR_CACHE_DIR", "UFGIR_DEBUG", "UFGIR_RUNS_DIR"})
+NON_RECIPE_ENV = frozenset(
+    {"UFGIR_DATA_DIR", "UFGIR_CACHE_DIR", "UFGIR_DEBUG", "UFGIR_RUNS_DIR", "UFGIR_DIST_TIMEOUT", "UFGIR_FIXTURES"}
+)
 
 
 def data_dir() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -54,12 +55,16 @@ def train(
         r = load_recipe(recipe, overrides)
         from ..engine.train import default_run_name
 
+        if name is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RecipeError("under torchrun pass --name, so that every rank uses the same run folder")
         run_dir = (out or runs_dir()) / (name or default_run_name(r))
 
     from ..engine.train import fit
     from .progress import RichProgress
 
-    summary = fit(r, run_dir, callbacks=[RichProgress(quiet)], resume=resume is not None, overwrite=overwrite)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 shows progress
+    summary = fit(r, run_dir, callbacks=[RichProgress(quiet)] if main_rank else [], resume=resume is not None,
+                  overwrite=overwrite)
     if summary["skipped_images"]:
         console.print(f"skipped {summary['skipped_images']} unreadable images (listed in "
                       f"{Path(summary['run_dir']) / 'provenance.json'} under dataset.skipped_images)")

@@ -360,10 +360,13 @@ def fit(
     train_split, eval_split, skipped = read_splits(recipe)
     recipe = with_num_classes(recipe, train_split.num_classes)
 
-    seed_everything(recipe.train.seed + dist.rank, recipe.train.deterministic)
+    seed_everything(recipe.train.seed, recipe.train.deterministic)
 
-    # 2. Model, optimiser, scaler (restored on resume).
+    # 2. Model, optimiser, scaler (restored on resume). Every rank builds the same initial model;
+    # then each rank gets its own dropout stream.
     model = build_model(recipe.model, recipe.model.num_classes)
+    if dist.rank:
+        torch.manual_seed(recipe.train.seed + dist.rank)
     backbone_sha = model.backbone_sha256()
     mean, std = data_mean_std(recipe, model)
     if resume_ckpt is not None:
@@ -411,8 +414,6 @@ def fit(
         if recipe.logging.tensorboard:
             loggers.append(TensorBoardLogger(run_dir, resume_step=resume_step))
         callbacks += loggers
-    else:
-        callbacks = []
 
     # 4. Loaders and schedule.
     bs = recipe.train.batch_size
