@@ -66,6 +66,9 @@ class ModelConfig(Section):
     adapter_dim: int = Field(8, ge=1)
     adapter_scale: float = 1.0
     adapter_kernel: int = Field(3, ge=1, description="ConvPass kernel size (odd).")
+    adapter_init: Literal["xavier", "zero"] = Field(
+        "xavier", description="Up-projection init: xavier (the reference) or zero (adapters start as identity)."
+    )
     # Inter-layer adapters. None means "the method's default" and is resolved on load.
     ila_dim: int = Field(8, ge=1, description="ILA bottleneck width r.")
     ila_locs: tuple[int, ...] | None = Field(None, description="Blocks followed by a same-resolution ILA.")

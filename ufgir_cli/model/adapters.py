@@ -13,9 +13,13 @@ from .ila import xavier_linear_
 
 
 class Adapter(nn.Module):
-    """Linear D -> r, GELU, Linear r -> D, times ``scale``."""
+    """Linear D -> r, GELU, Linear r -> D, times ``scale``.
 
-    def __init__(self, dim: int, r: int = 8, scale: float = 1.0):
+    ``init="xavier"`` is the reference's; ``"zero"`` zeroes the up-projection so the adapter starts
+    as an identity of the frozen backbone (a small backbone is easily swamped by random adapters).
+    """
+
+    def __init__(self, dim: int, r: int = 8, scale: float = 1.0, init: str = "xavier"):
         super().__init__()
         self.down = nn.Linear(dim, r)
         self.act = nn.GELU()
@@ -23,6 +27,9 @@ class Adapter(nn.Module):
         self.scale = scale
         xavier_linear_(self.down)
         xavier_linear_(self.up)
+        if init == "zero":
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None, num_prefix: int = 1) -> torch.Tensor:
         return self.up(self.act(self.down(x))) * self.scale
@@ -31,8 +38,8 @@ class Adapter(nn.Module):
 class ConvPass(Adapter):
     """An adapter whose bottleneck also runs a k x k conv over the patch grid (prefix tokens as 1x1 maps)."""
 
-    def __init__(self, dim: int, r: int = 8, scale: float = 1.0, kernel_size: int = 3):
-        super().__init__(dim, r, scale)
+    def __init__(self, dim: int, r: int = 8, scale: float = 1.0, kernel_size: int = 3, init: str = "xavier"):
+        super().__init__(dim, r, scale, init)
         self.conv = nn.Conv2d(r, r, kernel_size, padding=kernel_size // 2)
         nn.init.xavier_uniform_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
@@ -52,11 +59,11 @@ class ConvPass(Adapter):
 class BlockAdapters(nn.Module):
     """The two parallel adapters of one block: beside attention and beside the MLP."""
 
-    def __init__(self, dim: int, r: int, scale: float, kind: str, kernel_size: int = 3):
+    def __init__(self, dim: int, r: int, scale: float, kind: str, kernel_size: int = 3, init: str = "xavier"):
         super().__init__()
         if kind == "convpass":
-            self.attn = ConvPass(dim, r, scale, kernel_size)
-            self.mlp = ConvPass(dim, r, scale, kernel_size)
+            self.attn = ConvPass(dim, r, scale, kernel_size, init)
+            self.mlp = ConvPass(dim, r, scale, kernel_size, init)
         else:
-            self.attn = Adapter(dim, r, scale)
-            self.mlp = Adapter(dim, r, scale)
+            self.attn = Adapter(dim, r, scale, init)
+            self.mlp = Adapter(dim, r, scale, init)

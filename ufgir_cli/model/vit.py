@@ -233,7 +233,7 @@ class UfgirViT(nn.Module):
         self.drop = nn.Dropout(cfg.drop)
         self.adapters = (
             nn.ModuleList(
-                BlockAdapters(D, cfg.adapter_dim, cfg.adapter_scale, plan.adapters, cfg.adapter_kernel)
+                BlockAdapters(D, cfg.adapter_dim, cfg.adapter_scale, plan.adapters, cfg.adapter_kernel, cfg.adapter_init)
                 for _ in range(depth)
             )
             if plan.adapters
