@@ -39,3 +39,14 @@ def small_synthetic(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small") / "synthetic"
     generate_synthetic(root, num_classes=4, train_val=6, test=4, size=64)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny tensors: two threads contend for no gain there."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -28,13 +28,7 @@ from ufgir_cli.viz import figures
 FIXTURE_GRIDS = [(14, 14)] * 4 + [(12, 12)] * 4 + [(10, 10)] * 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: one intra-op thread is faster than two contending ones for these tiny tensors."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
