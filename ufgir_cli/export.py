@@ -394,9 +394,8 @@ def export_pt2(model: UfgirViT, recipe: Recipe, out: str | os.PathLike, *, image
 def _check_pt2_payloads(path: Path) -> None:
     """Refuse a .pt2 archive that torch.export.load would unpickle.
 
-    ``torch.export.load`` reads tensors safely, but falls back to ``weights_only=False`` (or plain
-    pickle) for payloads marked ``use_pickle``, custom/opaque objects, and ``.pt`` members that fail
-    the safe load. We check those first, so loading a .pt2 never runs pickled code.
+    ``torch.export.load`` reads tensors safely, but falls back to unrestricted unpickling for payloads
+    marked ``use_pickle``, custom/opaque objects, and ``.pt`` members that fail the safe load. We check those first, so loading a .pt2 never runs pickled code.
     """
     refused = f"{path}: {{}} holds pickled objects; refused (only tensors and plain values are loaded), re-export it with ufgir"
     try:

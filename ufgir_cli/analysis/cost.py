@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -97,4 +97,4 @@ def cost_summary(model: nn.Module, image_size: int) -> dict:
     return {"params_total": pc.total, "params_trainable": pc.trainable, "flops": flops, "macs": flops // 2}
 
 
-__all__ = ["ParamCount", "Throughput", "asdict", "cost_summary", "count_flops", "count_params", "measure_inference", "meta_copy"]
+__all__ = ["ParamCount", "Throughput", "cost_summary", "count_flops", "count_params", "measure_inference", "meta_copy"]
