@@ -34,17 +34,31 @@ def _one(args: argparse.Namespace) -> dict:
     from ufgir_cli.model import build_model
     from ufgir_cli.recipe import load_recipe
 
-    overrides = {"model": {"weights": "none", "image_size": args.size, "backbone": args.backbone}}
-    recipe = load_recipe(args.method, overrides)
     device = args.device
     torch.manual_seed(0)
-    model = build_model(recipe.model, 200).to(device)
+    if args.method == "timm":  # the machine's baseline, measured in the same run: plain timm, head + CLS train
+        import timm
+
+        model = timm.create_model(args.backbone.split(".")[0], num_classes=200, img_size=args.size).to(device)
+        model.requires_grad_(False)
+        for p in (model.head.weight, model.head.bias, model.cls_token):
+            p.requires_grad_(True)
+        method = "timm"
+    else:
+        overrides = {"model": {"weights": "none", "image_size": args.size, "backbone": args.backbone}}
+        model = build_model(load_recipe(args.method, overrides).model, 200).to(device)
+        method = model.method
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, 200, (args.batch,), device=device)
-    fwd = count_flops(model, args.size, batch=args.batch)
-    step_flops = fwd * (3 if recipe.model.method == "full" else 2)
+    counted = model
+    if method == "timm":  # count through our explicit attention path: the same network as `linear`
+        with torch.device("meta"):
+            counted = build_model(load_recipe("linear", {"model": {"weights": "none", "image_size": args.size,
+                                                                    "backbone": args.backbone}}).model, 200)
+    fwd = count_flops(counted, args.size, batch=args.batch)
+    step_flops = fwd * (3 if method == "full" else 2)
     run = torch.compile(model) if args.compile else model
     cuda = device.startswith("cuda")
     if cuda:
@@ -103,7 +117,8 @@ def _machine() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default="linear,adapter,ila,ila_pp")
+    p.add_argument("--methods", default="timm,linear,adapter,ila,ila_pp",
+                   help="recipe methods; `timm` is a plain timm ViT measured as the machine's baseline")
     p.add_argument("--sizes", default="224")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--modes", default="train,infer")
