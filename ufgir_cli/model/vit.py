@@ -261,7 +261,8 @@ class UfgirViT(nn.Module):
             bound = prompt_init_bound(patch, D)
             self.prompts = nn.Parameter(torch.empty(n, cfg.prompt_len, D).uniform_(-bound, bound))
         self.prompt_drop = Dropout(cfg.prompt_dropout)
-        xavier_linear_(vit.head) if isinstance(vit.head, nn.Linear) else None
+        if isinstance(vit.head, nn.Linear):
+            xavier_linear_(vit.head)  # the reference's init for every Linear, the head included
         self.grad_checkpointing = False
         self.freeze()
 
