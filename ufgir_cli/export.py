@@ -749,11 +749,10 @@ def predict_images(predictor: Predictor, images: list[Path], *, topk: int = 5, b
     """Top-k classes per image with the run's eval preprocessing (square resize to
     int(ratio * S), centre crop S, normalise); unreadable files go to ``on_skip``, not fatal.
     ``batch_size`` defaults to the recipe's evaluation batch size."""
-    from .data.datasets import Preprocess, load_image, normalize
+    from .data.datasets import load_image, normalize, preprocess_for
 
     r = predictor.recipe
-    tf = Preprocess(r.model.image_size, train=False, resize_ratio=r.data.resize_ratio, hflip=False,
-                    interpolation=r.data.interpolation)
+    tf = preprocess_for(r, train=False)
     names, _ = class_names(r, predictor.num_classes)
     k = max(1, min(topk, predictor.num_classes))
     step = predictor.batch_size or batch_size or r.eval.batch_size or r.train.batch_size

@@ -47,10 +47,6 @@ def _load(run: Path, checkpoint: str, device: str) -> tuple[Any, Any, Path, str]
     return model.eval(), recipe, ckpt, device
 
 
-def _checkpoint_tag(ckpt: Path) -> str:
-    return ckpt.stem if ckpt.parent.name == "checkpoints" and ckpt.stem in ("best", "last") else str(ckpt)
-
-
 def _label(run_dir: Path, recipe) -> str:
     return f"{run_dir.name} ({recipe.model.method})"
 
@@ -90,21 +86,21 @@ def _measure(run: Path, *, checkpoint: str, device: str, split: str, data_recipe
     from ..analysis.features import analyse_batches
     from ..analysis.rollout import encoder_groups
     from ..data.datasets import normalize
-    from ..data.folder import read_split
     from ..engine.dist import DistContext
-    from ..engine.train import data_mean_std, dataset_root, make_loader
+    from ..engine.train import data_mean_std, make_loader, open_split
+    from ..model.checkpoint import checkpoint_tag
     from ..paths import run_dir_of
 
     model, recipe, ckpt, device = _load(run, checkpoint, device)
     res: dict = {
-        "run": str(run_dir_of(run)), "checkpoint": _checkpoint_tag(ckpt), "method": recipe.model.method,
+        "run": str(run_dir_of(run)), "checkpoint": checkpoint_tag(ckpt), "method": recipe.model.method,
         "backbone": recipe.model.backbone, "image_size": recipe.model.image_size,
         "tokens_per_block": model.tokens_per_block,
         "encoder_groups": [list(g) for g in encoder_groups(model.grids)],
     }
     if cka or features:
         data = data_recipe or recipe
-        sf = read_split(dataset_root(data), split, check_files=not data.data.skip_corrupt)
+        sf = open_split(data, split)
         bs = batch_size or max(MIN_BATCH if cka else 1, recipe.eval.batch_size or recipe.train.batch_size)
         loader = make_loader(sf, recipe, train=False, batch_size=bs, dist=DistContext())
         mean, std = data_mean_std(recipe, model)
@@ -241,19 +237,17 @@ def _load_images(recipe, split: str, images: list[Path] | None, count: int):
     """(uint8 (B, 3, S, S) images, targets or Nones, file stems, class names) as the model's eval transform sees them."""
     import torch
 
-    from ..data.datasets import Preprocess, load_image
-    from ..data.folder import read_split
-    from ..engine.train import dataset_root
+    from ..data.datasets import load_image, preprocess_for
+    from ..engine.train import open_split
 
-    d = recipe.data
-    tf = Preprocess(recipe.model.image_size, False, d.resize_ratio, d.hflip, d.interpolation)
+    tf = preprocess_for(recipe, train=False)
     if images:
         missing = [str(p) for p in images if not p.is_file()]
         if missing:
             raise typer.BadParameter(f"no such file: {', '.join(missing)}", param_hint="--images")
         x = torch.stack([tf(load_image(str(p)), None) for p in images])       # (B, 3, S, S) uint8
         return x, [None] * len(images), [p.stem for p in images], _class_names(recipe)
-    sf = read_split(dataset_root(recipe), split, check_files=not d.skip_corrupt)
+    sf = open_split(recipe, split)
     rows = sf.samples[:count]
     x = torch.stack([tf(load_image(path), None) for path, _ in rows])          # (B, 3, S, S) uint8
     return x, [t for _, t in rows], [Path(path).stem for path, _ in rows], sf.class_names

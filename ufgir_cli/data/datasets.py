@@ -105,6 +105,12 @@ class Preprocess:
         return img.contiguous()
 
 
+def preprocess_for(recipe, train: bool) -> Preprocess:
+    """The recipe's paper transform: training augmentation, or the eval resize + centre crop."""
+    d = recipe.data
+    return Preprocess(recipe.model.image_size, train, d.resize_ratio, d.hflip, d.interpolation)
+
+
 def normalize(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> normalised float (B, 3, H, W), done on the device after transfer."""
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
@@ -195,12 +201,17 @@ class EpochSampler(Sampler):
             order += order[: total - self.n]
         return order[self.rank :: self.world]
 
+    @property
+    def epoch_size(self) -> int:
+        """Keys this rank draws in a whole epoch (padded for training shards)."""
+        return len(self._order())
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for idx in self._order()[self.start :]:
             yield self.epoch, idx
 
     def __len__(self) -> int:
-        return len(self._order()) - self.start
+        return self.epoch_size - self.start
 
 
 def init_worker(worker_id: int) -> None:

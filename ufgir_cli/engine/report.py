@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 
 from ..io import atomic_write_json, atomic_write_text
-from ..model.checkpoint import load_run, resolve_checkpoint
+from ..model.checkpoint import checkpoint_tag, load_run, resolve_checkpoint
 from ..paths import run_dir_of
 from ..recipe import Recipe
 from .amp import resolve_device, resolve_precision
@@ -19,8 +19,7 @@ from .evaluate import evaluate
 def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto", batch_size: int | None = None,
              precision: str | None = None, device: str = "auto", num_workers: int | None = None,
              on_batch=None) -> tuple[dict, Path, Recipe]:
-    from ..data.folder import read_split
-    from .train import data_mean_std, dataset_root, make_loader
+    from .train import data_mean_std, make_loader, open_split
 
     path = Path(path)
     ckpt_file = resolve_checkpoint(path, checkpoint) if path.suffix != ".safetensors" else path
@@ -28,7 +27,7 @@ def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto
     model, recipe = load_run(ckpt_file, device=device)
     split = split or recipe.eval.split
     prec = resolve_precision(precision or recipe.train.precision, device)
-    sf = read_split(dataset_root(recipe), split, check_files=not recipe.data.skip_corrupt)
+    sf = open_split(recipe, split)
     if sf.num_classes != model.num_classes:
         from ..errors import CheckpointError
 
@@ -40,8 +39,7 @@ def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto
                    num_classes=model.num_classes, on_batch=on_batch)
     m = dict(res.metrics)
     per_class = m.pop("per_class")
-    tag = ckpt_file.stem if ckpt_file.parent.name == "checkpoints" and ckpt_file.stem in ("best", "last") else str(ckpt_file)
-    m.update({"split": split, "checkpoint": tag, "precision": prec})
+    m.update({"split": split, "checkpoint": checkpoint_tag(ckpt_file), "precision": prec})
     out = run_dir_of(path) / "eval" / split
     atomic_write_json(out / "metrics.json", m)
     counts = [0] * sf.num_classes

@@ -39,11 +39,11 @@ from torch.utils.data import DataLoader
 from ..data.datasets import (
     EpochSampler,
     ImageFolderSplit,
-    Preprocess,
     collate,
     find_unreadable,
     init_worker,
     normalize,
+    preprocess_for,
 )
 from ..data.folder import SplitFile, read_split
 from ..errors import CheckpointError, DatasetError, RecipeError, TrainingError
@@ -80,6 +80,11 @@ def dataset_root(recipe: Recipe) -> Path:
 
         ensure_synthetic(root)
     return root
+
+
+def open_split(recipe: Recipe, split: str) -> SplitFile:
+    """One validated split of the recipe's dataset (missing files tolerated with data.skip_corrupt)."""
+    return read_split(dataset_root(recipe), split, check_files=not recipe.data.skip_corrupt)
 
 
 def read_splits(recipe: Recipe) -> tuple[SplitFile, SplitFile, list[str]]:
@@ -132,7 +137,7 @@ def data_mean_std(recipe: Recipe, model: UfgirViT) -> tuple[tuple, tuple]:
 def make_loader(split: SplitFile, recipe: Recipe, *, train: bool, batch_size: int, dist: DistContext,
                 workers: int | None = None) -> DataLoader:
     d = recipe.data
-    tf = Preprocess(recipe.model.image_size, train, d.resize_ratio, d.hflip, d.interpolation)
+    tf = preprocess_for(recipe, train)
     ds = ImageFolderSplit(split, tf, seed=recipe.train.seed, skip_corrupt=d.skip_corrupt)
     sampler = EpochSampler(len(ds), shuffle=train, seed=recipe.train.seed, rank=dist.rank, world=dist.world, pad=train)
     workers = d.num_workers if workers is None else workers
@@ -420,7 +425,7 @@ def fit(
     train_loader = make_loader(train_split, recipe, train=True, batch_size=bs, dist=dist)
     eval_loader = make_loader(eval_split, recipe, train=False, batch_size=recipe.eval.batch_size or bs, dist=dist)
     sampler: EpochSampler = train_loader.sampler
-    micro_per_epoch = math.ceil(len(sampler._order()) / bs)
+    micro_per_epoch = math.ceil(sampler.epoch_size / bs)
     accum = recipe.train.grad_accum
     steps_per_epoch = math.ceil(micro_per_epoch / accum)
     total_steps = recipe.train.epochs * steps_per_epoch

@@ -173,6 +173,11 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint", devi
     return model.to(device).eval(), recipe
 
 
+def checkpoint_tag(path: Path) -> str:
+    """``best``/``last`` for a run's own checkpoints, the path for any other file (metrics.json field)."""
+    return path.stem if path.parent.name == "checkpoints" and path.stem in ("best", "last") else str(path)
+
+
 def resolve_checkpoint(path: str | os.PathLike, checkpoint: str = "auto") -> Path:
     """A run folder + best/last/auto -> the checkpoint file; a file path is returned as is."""
     p = Path(path)
