@@ -281,3 +281,24 @@ def test_cpu_bf16_training_attention_equals_fused():
     assert torch.allclose(fused.float(), explicit.float(), atol=3e-2)
     explicit.float().sum().backward()
     assert xr.grad is not None and torch.isfinite(xr.grad).all()
+
+
+@pytest.mark.parametrize("method,cls_only", [("linear", True), ("full", True), ("adapter", True), ("ila", True),
+                                             ("ila_pp", True), ("vpt_shallow", True), ("ila_plus", False),
+                                             ("convpass", False), ("vpt_deep", False)])
+def test_forward_computes_last_block_for_cls_only_where_exact(method, cls_only):
+    extra = {"prompt_len": 4} if method.startswith("vpt") else {}
+    model = tiny(method, drop=0.0, **extra).train()
+    assert model.cls_only_last_block is cls_only
+    x = torch.randn(2, 3, 96, 96)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(1)
+    fast = model(x)
+    g_fast = torch.autograd.grad(fast.square().sum(), trainable)
+    torch.manual_seed(1)
+    full = model.forward_head(model.forward_features(x))
+    g_full = torch.autograd.grad(full.square().sum(), trainable)
+    assert fast.shape == (2, 5)
+    assert (fast - full).abs().max().item() < 1e-5
+    for a, b in zip(g_fast, g_full, strict=True):
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())

@@ -41,13 +41,17 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def count_flops(model: nn.Module, image_size: int, batch: int = 1) -> int:
-    """Forward FLOPs for ``batch`` images (explicit attention path, on the meta device)."""
+def count_flops(model: nn.Module, image_size: int, batch: int = 1, executed: bool = False) -> int:
+    """Forward FLOPs for ``batch`` images, counted on a meta-device copy.
+
+    By default the whole network, every block on every token (the number papers report).
+    ``executed=True`` counts what ``model(x)`` runs, the denominator of an honest FLOPs utilisation:
+    `UfgirViT.forward` computes the last block for the CLS token alone where that is exact."""
     meta = meta_copy(model).eval()
     x = torch.empty(batch, 3, image_size, image_size, device="meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        if hasattr(meta, "attention_maps"):  # UfgirViT: explicit attention so matmuls are counted
-            meta.forward_head(meta.forward_features(x, probs=[]))
+        if hasattr(meta, "attention_maps") and not executed:  # UfgirViT, all tokens through the last block
+            meta.forward_head(meta.forward_features(x))
         else:
             meta(x)
     return int(counter.get_total_flops())
@@ -67,7 +71,7 @@ class Throughput:
 def measure_inference(model: nn.Module, image_size: int, batch_size: int, device: str = "cpu",
                       precision: str = "fp32", warmup: int = 2, iters: int = 5) -> Throughput:
     """Median-of-runs inference speed on random input (eval mode)."""
-    from ..engine.amp import autocast
+    from ..engine.amp import autocast, frozen_weights_cast
 
     model = model.eval().to(device)
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
@@ -75,16 +79,17 @@ def measure_inference(model: nn.Module, image_size: int, batch_size: int, device
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for i in range(warmup + iters):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with autocast(device, precision):
-            model(x)
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    with frozen_weights_cast(model, precision):
+        for i in range(warmup + iters):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with autocast(device, precision):
+                model(x)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
     t = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     return Throughput(batch_size / t, 1000 * t, peak, batch_size, device, precision)

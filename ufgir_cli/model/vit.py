@@ -187,29 +187,52 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
 # The model
 
 
-def explicit_attention(attn: nn.Module, x: torch.Tensor, probs: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """timm ``Attention`` forward: fused SDPA, or the explicit softmax path when ``probs`` asks for
-    the maps. On a CPU, bf16 training also takes the explicit path: the CPU flash-attention backward
-    is about 2.7x slower than two bf16 matmuls there (ViT-B/16, batch 8, measured); the forward and
-    every other device/precision use SDPA."""
-    B, N, C = x.shape
-    nh = attn.num_heads
-    qkv = attn.qkv(x).reshape(B, N, 3, nh, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
-    q, k, v = qkv.unbind(0)
+def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            probs: list[torch.Tensor] | None) -> torch.Tensor:
+    """Softmax attention over (B, heads, N, hd) tensors: fused SDPA, or the explicit path when
+    ``probs`` asks for the maps. On a CPU, bf16 training also takes the explicit path: the CPU
+    flash-attention backward is about 2.7x slower than two bf16 matmuls there (ViT-B/16, batch 8,
+    measured); the forward and every other device/precision use SDPA."""
     q, k = attn.q_norm(q), attn.k_norm(k)
     cpu_bf16_backward = q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
     if probs is None and not cpu_bf16_backward:
         drop = attn.attn_drop.p if attn.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-    else:
-        a = (q * attn.scale) @ k.transpose(-2, -1)                        # (B, heads, N, N)
-        a = a.softmax(dim=-1)
-        if probs is not None:
-            probs.append(a)
-        x = attn.attn_drop(a) @ v
-    x = x.transpose(1, 2).reshape(B, N, -1)                               # (B, N, heads*hd)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+    a = (q * attn.scale) @ k.transpose(-2, -1)                            # (B, heads, Nq, N)
+    a = a.softmax(dim=-1)
+    if probs is not None:
+        probs.append(a)
+    return attn.attn_drop(a) @ v
+
+
+def _merge_heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    B, nh, N, hd = x.shape
+    x = x.transpose(1, 2).reshape(B, N, nh * hd)                          # (B, N, D)
     x = getattr(attn, "norm", nn.Identity())(x)
     return attn.proj(x)
+
+
+def explicit_attention(attn: nn.Module, x: torch.Tensor, probs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """timm ``Attention`` forward, able to hand out the attention maps (see `_attend`)."""
+    B, N, C = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
+    q, k, v = qkv.unbind(0)
+    return _merge_heads(attn, _attend(attn, q, k, v, probs))
+
+
+def cls_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Attention output for the first token only: its query against every key and value.
+
+    Why: the classifier reads the CLS token alone, so in the last block every other row of the
+    query, the output projection and the MLP is computed and thrown away (6.6 % of ViT-B/16's
+    multiply-adds at 224 px, 4.6 % of ILA++'s)."""
+    B, N, C = x.shape
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(x[:, :1], w[:C], None if b is None else b[:C])           # (B, 1, D)
+    kv = F.linear(x, w[C:], None if b is None else b[C:])                 # (B, N, 2D)
+    q = q.reshape(B, 1, attn.num_heads, -1).transpose(1, 2)               # (B, heads, 1, hd)
+    k, v = kv.reshape(B, N, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, N, hd)
+    return _merge_heads(attn, _attend(attn, q, k, v, None))
 
 
 class UfgirViT(nn.Module):
@@ -379,6 +402,11 @@ class UfgirViT(nn.Module):
     def forward_features(self, x: torch.Tensor, probs: list | None = None, outputs: list | None = None) -> torch.Tensor:
         """Tokens after the final norm. ``probs`` collects each block's attention (explicit path);
         ``outputs`` collects each block's output tokens, after the ILA that follows it."""
+        return self.vit.norm(self._encode(x, probs, outputs))
+
+    def _encode(self, x: torch.Tensor, probs: list | None = None, outputs: list | None = None,
+                last_cls_only: bool = False) -> torch.Tensor:
+        """Image -> the last block's tokens (all of them, or the CLS row with ``last_cls_only``)."""
         vit = self.vit
         x = vit.patch_embed(x)                                                 # (B, HW, D)
         x = vit._pos_embed(x)                                                  # (B, 1 + HW, D)
@@ -387,20 +415,52 @@ class UfgirViT(nn.Module):
             n = vit.num_prefix_tokens
             p = self.prompt_drop(self.prompts[0]).expand(x.shape[0], -1, -1).to(x.dtype)
             x = torch.cat([x[:, :n], p, x[:, n:]], dim=1)                      # (B, 1 + L + HW, D)
-        for i, grid in enumerate(self.grids):
+        grids = self.grids
+        for i, grid in enumerate(grids):
+            if last_cls_only and i == len(grids) - 1:
+                return self._last_block_cls(x, grid)                           # (B, 1, D)
             if self.grad_checkpointing and self.training and probs is None and not torch.jit.is_scripting():
                 x = checkpoint(self._block, i, x, grid, None, use_reentrant=False)
             else:
                 x = self._block(i, x, grid, probs)
             if outputs is not None:
                 outputs.append(x)
-        return vit.norm(x)
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.vit.forward_head(x, pre_logits=pre_logits)
 
+    @property
+    def cls_only_last_block(self) -> bool:
+        """True when the logits depend on the last block's CLS row alone: CLS pooling, and nothing
+        after or inside the last block that mixes tokens (an ILA there, ConvPass, deep prompts)."""
+        last = str(len(self.vit.blocks) - 1)
+        return (self.vit.global_pool == "token" and getattr(self.vit, "attn_pool", None) is None
+                and last not in self.ila and self.plan.adapters != "convpass" and self.plan.prompts != "deep")
+
+    def _last_block_cls(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The last block for the CLS token only: (B, N, D) -> (B, 1, D). Its keys and values still
+        come from every token; adapters are token-wise, so they run on the one row too."""
+        i = len(self.vit.blocks) - 1
+        blk, P = self.vit.blocks[i], self.num_prefix_tokens
+        ad = self.adapters[i] if self.adapters is not None else None
+        h = blk.norm1(x)
+        a = self.drop(blk.ls1(cls_attention(blk.attn, h)))
+        if ad is not None:
+            a = a + ad.attn(h[:, :1], grid, P)
+        x = x[:, :1] + blk.drop_path1(a)                                      # (B, 1, D)
+        h = blk.norm2(x)
+        m = self.drop(blk.ls2(blk.mlp(h)))
+        if ad is not None:
+            m = m + ad.mlp(h, grid, P)
+        return x + blk.drop_path2(m)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        """Logits. Equal to ``forward_head(forward_features(x))``; when only the CLS token reaches the
+        head, the last block is computed for that token alone (`cls_only_last_block`)."""
+        if not self.cls_only_last_block:
+            return self.forward_head(self.forward_features(x))
+        return self.forward_head(self.vit.norm(self._encode(x, last_cls_only=True)))
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
