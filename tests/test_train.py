@@ -222,3 +222,29 @@ def test_quickstart_ila_pp_learns_on_the_shipped_backbone(tmp_path):
             assert not torch.equal(t, before[name]), f"{name} did not change"
         elif name.startswith("vit."):
             assert torch.equal(t, before[name]), f"frozen {name} changed"
+
+
+def test_frozen_weights_cast_is_exact_and_restored():
+    from ufgir_cli.engine.amp import autocast, frozen_weights_cast
+    from ufgir_cli.model import build_model
+
+    cfg = {"backbone": "vit_tiny_patch16_224", "weights": "none", "image_size": 96, "ila_ds_locs": [1, 3]}
+    torch.manual_seed(0)
+    model = build_model(load_recipe("ila_pp", {"model": cfg}).model, 5).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad(), autocast("cpu", "bf16"):
+        plain = model(x)
+    with frozen_weights_cast(model, "bf16") as n:
+        assert model.vit.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+        assert model.adapters[0].attn.down.weight.dtype == torch.float32  # trainable: autocast caches it
+        assert model.vit.norm.weight.dtype == torch.float32  # only Linear and Conv weights
+        with torch.no_grad(), autocast("cpu", "bf16"):
+            cast = model(x)
+    # patch embedding (2) + 12 blocks x (qkv, proj, fc1, fc2) x (weight, bias)
+    assert n == 2 + 12 * 4 * 2
+    assert torch.equal(plain, cast)
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    with frozen_weights_cast(model, "fp32") as n32:
+        assert n32 == 0

@@ -35,6 +35,32 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
+@contextlib.contextmanager
+def frozen_weights_cast(model: torch.nn.Module, precision: str):
+    """Hold the frozen Linear and Conv weights in the autocast dtype while the block runs.
+
+    Why: autocast caches its casts only for leaf tensors that require grad, so a frozen backbone's
+    weights are cast again on every forward (about 10 % of a bf16 ViT-B/16 step on a CPU). A cast
+    done once gives bit-identical inputs to every matmul. The float32 tensors are put back on exit,
+    so checkpoints, hashes and float32 analyses see the original weights."""
+    if precision == "fp32":
+        yield 0
+        return
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    swapped = []
+    for mod in model.modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            for p in mod.parameters(recurse=False):
+                if not p.requires_grad and p.dtype == torch.float32:
+                    swapped.append((p, p.data))
+                    p.data = p.data.to(dtype)
+    try:
+        yield len(swapped)
+    finally:
+        for p, original in swapped:
+            p.data = original
+
+
 def autocast(device: str, precision: str):
     """The autocast context for a resolved precision (a no-op for fp32)."""
     if precision == "fp32":

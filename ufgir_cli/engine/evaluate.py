@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.datasets import normalize
-from .amp import autocast
+from .amp import autocast, frozen_weights_cast
 from .dist import DistContext, all_gather_cat
 
 
@@ -31,15 +31,16 @@ def evaluate(model: nn.Module, loader, *, device: str, precision: str, mean, std
              dist: DistContext | None = None, on_batch=None) -> EvalResult:
     model.eval()
     idx_l, tgt_l, logit_l = [], [], []
-    for x, y, i in loader:
-        x = normalize(x.to(device, non_blocking=True), mean, std)
-        with autocast(device, precision):
-            logits = model(x)
-        logit_l.append(logits.float().cpu())
-        tgt_l.append(y)
-        idx_l.append(i)
-        if on_batch is not None:
-            on_batch(len(y))
+    with frozen_weights_cast(model, precision):
+        for x, y, i in loader:
+            x = normalize(x.to(device, non_blocking=True), mean, std)
+            with autocast(device, precision):
+                logits = model(x)
+            logit_l.append(logits.float().cpu())
+            tgt_l.append(y)
+            idx_l.append(i)
+            if on_batch is not None:
+                on_batch(len(y))
     logits = torch.cat(logit_l) if logit_l else torch.zeros(0, num_classes)
     targets = torch.cat(tgt_l) if tgt_l else torch.zeros(0, dtype=torch.long)
     indices = torch.cat(idx_l) if idx_l else torch.zeros(0, dtype=torch.long)

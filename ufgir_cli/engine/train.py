@@ -51,7 +51,7 @@ from ..io import atomic_write_json, atomic_write_text, remove_stale_temps
 from ..model.checkpoint import check_identity, checkpoint_payload, load_into, read_checkpoint, save_checkpoint
 from ..model.vit import UfgirViT, build_model
 from ..recipe import Recipe, dump_resolved
-from .amp import autocast, resolve_device, resolve_precision
+from .amp import autocast, frozen_weights_cast, resolve_device, resolve_precision
 from .callbacks import Callback, JsonlLogger, TensorBoardLogger
 from .dist import DistContext, barrier, broadcast_flag, cleanup, init_distributed
 from .evaluate import evaluate
@@ -477,6 +477,7 @@ def fit(
     loss_f = torch.nn.CrossEntropyLoss(label_smoothing=recipe.optim.label_smoothing)
     with contextlib.ExitStack() as stack:
         stop = stack.enter_context(StopFlag())
+        stack.enter_context(frozen_weights_cast(model, precision))
         for lg in loggers:
             stack.callback(lg.close)
         while state.epoch < recipe.train.epochs:
