@@ -10,6 +10,7 @@ weight gradients, so a PETL step is about 2x its forward (input gradients only),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -25,12 +26,17 @@ REFERENCE_CPU = {"train_s_per_batch": 2.3, "infer_s_per_batch": 0.9}
 
 def _one(args: argparse.Namespace) -> dict:
     """Measure one configuration in this process."""
+    with contextlib.ExitStack() as stack:
+        return _measure(args, stack)
+
+
+def _measure(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     import resource
 
     import torch
 
     from ufgir_cli.analysis.cost import count_flops
-    from ufgir_cli.engine.amp import autocast
+    from ufgir_cli.engine.amp import autocast, frozen_weights_cast
     from ufgir_cli.model import build_model
     from ufgir_cli.recipe import load_recipe
 
@@ -44,26 +50,39 @@ def _one(args: argparse.Namespace) -> dict:
         for p in (model.head.weight, model.head.bias, model.cls_token):
             p.requires_grad_(True)
         method = "timm"
+    elif args.method == "reference":  # the reference's way of running ILA++ (fp32, explicit attention)
+        from benchmarks.reference_style import ReferenceStyle
+
+        overrides = {"model": {"weights": "none", "image_size": args.size, "backbone": args.backbone}}
+        counted = build_model(load_recipe("ila_pp", overrides).model, 200)
+        model = ReferenceStyle(counted).to(device)
+        method = "reference"
     else:
         overrides = {"model": {"weights": "none", "image_size": args.size, "backbone": args.backbone}}
         model = build_model(load_recipe(args.method, overrides).model, 200).to(device)
         method = model.method
-    if args.grad_checkpointing:
+    if args.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, 200, (args.batch,), device=device)
-    counted = model
-    if method == "timm":  # count through our explicit attention path: the same network as `linear`
+    if method != "reference":
+        counted = model
+    if method == "timm":  # count on our `linear` network: the same computation as plain timm
         with torch.device("meta"):
             counted = build_model(load_recipe("linear", {"model": {"weights": "none", "image_size": args.size,
                                                                     "backbone": args.backbone}}).model, 200)
-    fwd = count_flops(counted, args.size, batch=args.batch)
+    # FLOPs executed: the baselines run every block on every token, our forward skips the last
+    # block's non-CLS rows where that is exact.
+    fwd = count_flops(counted, args.size, batch=args.batch, executed=method not in ("timm", "reference"))
     step_flops = fwd * (3 if method == "full" else 2)
     run = torch.compile(model) if args.compile else model
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+
+    if method not in ("timm", "reference"):  # our engine holds frozen weights in the autocast dtype
+        stack.enter_context(frozen_weights_cast(model, args.precision))
 
     def step() -> None:
         if args.mode == "train":
@@ -117,8 +136,9 @@ def _machine() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default="timm,linear,adapter,ila,ila_pp",
-                   help="recipe methods; `timm` is a plain timm ViT measured as the machine's baseline")
+    p.add_argument("--methods", default="reference,timm,linear,adapter,ila,ila_pp",
+                   help="recipe methods; `timm` is a plain timm ViT and `reference` ILA++ run the reference's "
+                        "way (benchmarks/reference_style.py), both measured in the same run as baselines")
     p.add_argument("--sizes", default="224")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--modes", default="train,infer")
@@ -145,6 +165,8 @@ def main() -> None:
         for method in args.methods.split(","):
             for precision in args.precisions.split(","):
                 for mode in args.modes.split(","):
+                    if method == "reference" and precision != "fp32":
+                        continue  # the reference has no CPU mixed-precision path
                     cmd = [sys.executable, "-m", "benchmarks.run", "--one", "--method", method, "--size", str(size),
                            "--mode", mode, "--precision", precision, "--backbone", args.backbone, "--batch",
                            str(args.batch), "--device", args.device, "--warmup", str(args.warmup), "--iters",
@@ -183,9 +205,33 @@ def _markdown(doc: dict) -> str:
                      f"{' +compile' if r['compile'] else ''} | {r['s_per_batch']:.3f} | {r['images_per_s']:.1f} | "
                      f"{r['peak_memory_mb']:.0f} | {r['step_tflops_per_s']:.3f} | {mfu} |")
     ref = doc["reference_cpu_fp32_vit_b16_ila_pp"]
-    lines += ["", f"Reference implementation on the same kind of CPU (fp32, ila_pp, 224 px, batch 8): "
-              f"{ref['train_s_per_batch']} s per training batch, {ref['infer_s_per_batch']} s per inference batch."]
+    lines += ["", f"The issue quotes the reference implementation on this kind of CPU (fp32, ila_pp, 224 px, batch 8) "
+              f"at {ref['train_s_per_batch']} s per training batch and {ref['infer_s_per_batch']} s per inference "
+              "batch. This VM's speed drifts by about 2x, so the targets are judged against the `reference` rows: "
+              "the same ILA++ network run the reference's way, timed in this run."]
+    lines += _speedups(doc["rows"])
     return "\n".join(lines) + "\n"
+
+
+#: The issue's CPU targets: ila_pp speed-up over the reference's fp32, per mode and precision.
+CPU_TARGETS = {("train", "fp32"): 1.2, ("train", "bf16"): 2.0, ("infer", "fp32"): 1.0, ("infer", "bf16"): 3.0}
+
+
+def _speedups(rows: list[dict]) -> list[str]:
+    """Markdown lines: ila_pp's speed-up over the same-run `reference` rows, beside the targets."""
+    ref = {(r["size"], r["mode"]): r["s_per_batch"] for r in rows if r["method"] == "reference"}
+    out = []
+    for r in rows:
+        key = (r["mode"], r["precision"])
+        if r["method"] != "ila_pp" or r["compile"] or (r["size"], r["mode"]) not in ref or key not in CPU_TARGETS:
+            continue
+        if not out:
+            out = ["", "| ila_pp vs reference (same run) | px | speed-up | target | met |", "|---|---|---|---|---|"]
+        x = ref[(r["size"], r["mode"])] / r["s_per_batch"]
+        target = CPU_TARGETS[key]
+        out.append(f"| {r['mode']} {r['precision']} | {r['size']} | {x:.2f}x | {target:g}x | "
+                   f"{'yes' if round(x, 2) >= target else 'no'} |")
+    return out
 
 
 if __name__ == "__main__":
