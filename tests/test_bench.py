@@ -78,3 +78,17 @@ def test_speedup_table_against_same_run_reference():
         "| infer bf16 | 224 | 3.00x | 3x | yes |",
     ]
     assert _speedups(rows[2:]) == []  # no reference rows, no table
+
+
+def test_paired_measurement_divides_within_rounds(one_thread):
+    from benchmarks.paired import markdown, measure
+
+    doc = measure(112, 2, 3, "vit_tiny_patch16_224")
+    rows = {(r["method"], r["mode"], r["precision"]): r for r in doc["rows"]}
+    assert len(rows) == 6 and all(len(r["times"]) == 3 for r in rows.values())
+    ref, ours = rows[("reference", "infer", "fp32")], rows[("ila_pp", "infer", "bf16")]
+    ratios = sorted(a / b for a, b in zip(ref["times"], ours["times"], strict=True))
+    assert ours["speedup_vs_reference"] == pytest.approx(ratios[1])
+    assert ours["target"] == 3.0 and "speedup_vs_reference" not in ref
+    table = markdown(doc)
+    assert table.count("\n| ila_pp |") == 4 and "| reference | 112 | 2 | train | fp32 |" in table

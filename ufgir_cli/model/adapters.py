@@ -32,7 +32,10 @@ class Adapter(nn.Module):
             nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None, num_prefix: int = 1) -> torch.Tensor:
-        return self.up(self.act(self.down(x))) * self.scale
+        return self._scaled(self.up(self.act(self.down(x))))
+
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.scale == 1.0 else out * self.scale  # scale 1 (the paper's) costs no pass
 
 
 class ConvPass(Adapter):
@@ -53,7 +56,7 @@ class ConvPass(Adapter):
         hp = self.conv(h[:, :, num_prefix:].reshape(B, r, H, W)).flatten(2)  # (B, r, H*W)
         hc = self.conv(h[:, :, :num_prefix].unsqueeze(-1)).squeeze(-1)      # (B, r, P), 1x1 maps
         h = self.act(torch.cat([hc, hp], dim=2)).transpose(1, 2)             # (B, N, r)
-        return self.up(h) * self.scale
+        return self._scaled(self.up(h))
 
 
 class BlockAdapters(nn.Module):

@@ -38,7 +38,10 @@ class Dropout(nn.Dropout):
         n = x.numel()
         bits = torch.empty((n + 1) // 2, dtype=torch.int32).random_().view(torch.int16)[:n] & 0x7FFF
         keep = (bits >= round(self.p * 32768)).view(x.shape)
-        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+        scale = 1.0 / (1.0 - self.p)
+        if x.dtype == torch.float32:  # scale folded into the mask: one multiply forward and backward
+            return x * keep.to(x.dtype).mul_(scale)
+        return x * keep.to(x.dtype) * scale  # bf16 cannot hold the scale exactly; x * scale rounds once
 
 
 class TokenNorm(nn.Module):

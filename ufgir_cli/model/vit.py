@@ -205,6 +205,17 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return attn.attn_drop(a) @ v
 
 
+def _autocast_input(h: torch.Tensor) -> torch.Tensor:
+    """In inference, a LayerNorm output cast once to the autocast dtype. Why: under CPU autocast the
+    norm runs in float32, and each consumer (attention or MLP, plus its parallel adapter) would cast
+    it again; the values are the same either way. Not when it needs a gradient: the branches'
+    gradients would then be summed in bf16 instead of float32."""
+    device = h.device.type
+    if torch.is_autocast_enabled(device) and h.dtype == torch.float32 and not h.requires_grad:
+        return h.to(torch.get_autocast_dtype(device))
+    return h
+
+
 def _merge_heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     B, nh, N, hd = x.shape
     x = x.transpose(1, 2).reshape(B, N, nh * hd)                          # (B, N, D)
@@ -382,12 +393,12 @@ class UfgirViT(nn.Module):
             x = torch.cat([x[:, :P], p, x[:, P:]], dim=1)                  # (B, P + L + HW, D)
             P = P + self.prompt_len
         ad = self.adapters[i] if self.adapters is not None else None
-        h = blk.norm1(x)
+        h = _autocast_input(blk.norm1(x))
         a = self.drop(blk.ls1(explicit_attention(blk.attn, h, probs)))
         if ad is not None:
             a = a + ad.attn(h, grid, P)
         x = x + blk.drop_path1(a)
-        h = blk.norm2(x)
+        h = _autocast_input(blk.norm2(x))
         m = self.drop(blk.ls2(blk.mlp(h)))
         if ad is not None:
             m = m + ad.mlp(h, grid, P)
@@ -444,12 +455,12 @@ class UfgirViT(nn.Module):
         i = len(self.vit.blocks) - 1
         blk, P = self.vit.blocks[i], self.num_prefix_tokens
         ad = self.adapters[i] if self.adapters is not None else None
-        h = blk.norm1(x)
+        h = _autocast_input(blk.norm1(x))
         a = self.drop(blk.ls1(cls_attention(blk.attn, h)))
         if ad is not None:
             a = a + ad.attn(h[:, :1], grid, P)
         x = x[:, :1] + blk.drop_path1(a)                                      # (B, 1, D)
-        h = blk.norm2(x)
+        h = _autocast_input(blk.norm2(x))
         m = self.drop(blk.ls2(blk.mlp(h)))
         if ad is not None:
             m = m + ad.mlp(h, grid, P)

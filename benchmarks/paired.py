@@ -1,0 +1,116 @@
+"""Our ILA++ against the reference's way of running it, timed in alternation in one process.
+
+`python -m benchmarks.paired` (part of `make bench`). This VM's speed drifts by about 2x within
+minutes, so two timings taken a minute apart cannot be divided. Here every round times each
+configuration once, back to back, starting at a different configuration each round, and a
+speed-up is the median over rounds of (reference time / our time) within the round.
+Results go to ``benchmarks/results/<name>.json`` and ``<name>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import time
+
+from benchmarks.run import CPU_TARGETS, RESULTS, _machine, _torch_version
+
+#: (model, mode, precision): the reference runs only in float32, as it does on a CPU.
+CONFIGS = [("reference", "train", "fp32"), ("reference", "infer", "fp32"),
+           ("ila_pp", "train", "fp32"), ("ila_pp", "train", "bf16"),
+           ("ila_pp", "infer", "fp32"), ("ila_pp", "infer", "bf16")]
+
+
+def measure(size: int, batch: int, rounds: int, backbone: str, device: str = "cpu") -> dict:
+    import torch
+
+    from benchmarks.reference_style import ReferenceStyle
+    from ufgir_cli.engine.amp import autocast, frozen_weights_cast
+    from ufgir_cli.model import build_model
+    from ufgir_cli.recipe import load_recipe
+
+    torch.manual_seed(0)
+    overrides = {"model": {"weights": "none", "image_size": size, "backbone": backbone}}
+    ours = build_model(load_recipe("ila_pp", overrides).model, 200).to(device)
+    models = {("reference", "fp32"): ReferenceStyle(ours), ("ila_pp", "fp32"): ours,
+              ("ila_pp", "bf16"): copy.deepcopy(ours)}
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 200, (batch,), device=device)
+
+    def step(name: str, mode: str, precision: str) -> float:
+        model = models[(name, precision)]
+        t0 = time.perf_counter()
+        if mode == "train":
+            model.train()
+            with autocast(device, precision):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            model.eval()
+            with torch.no_grad(), autocast(device, precision):
+                model(x)
+        return time.perf_counter() - t0
+
+    times: dict[tuple, list[float]] = {c: [] for c in CONFIGS}
+    with contextlib.ExitStack() as stack:  # our engine keeps frozen weights in bf16 for a bf16 run
+        stack.enter_context(frozen_weights_cast(models[("ila_pp", "bf16")], "bf16"))
+        for c in CONFIGS:  # warm-up
+            step(*c)
+        for r in range(rounds):
+            order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
+            for c in order:
+                times[c].append(step(*c))
+            print(f"round {r + 1}/{rounds}: " + ", ".join(f"{c[0]} {c[1]} {c[2]} {times[c][-1]:.2f} s" for c in CONFIGS),
+                  flush=True)
+    rows = []
+    for name, mode, precision in CONFIGS:
+        t = times[(name, mode, precision)]
+        row = {"method": name, "mode": mode, "precision": precision, "size": size, "batch": batch,
+               "s_per_batch_median": statistics.median(t), "s_per_batch_min": min(t), "times": t}
+        if name != "reference":
+            ref = times[("reference", mode, "fp32")]
+            row["speedup_vs_reference"] = statistics.median(a / b for a, b in zip(ref, t, strict=True))
+            row["target"] = CPU_TARGETS[(mode, precision)]
+        rows.append(row)
+    return {"machine": _machine(), "torch": _torch_version(), "date": time.strftime("%Y-%m-%d"),
+            "backbone": backbone, "rounds": rounds, "rows": rows}
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"# ILA++ vs the reference, paired: {doc['machine']}", "",
+             f"torch {doc['torch']}, {doc['date']}, `{doc['backbone']}`, random weights, {doc['rounds']} rounds. "
+             "`reference` is the same network run the reference's way (benchmarks/reference_style.py: separate "
+             "q/k/v projections, explicit attention, Bernoulli dropout, float32). A speed-up is the median over "
+             "rounds of reference time / our time measured back to back.", "",
+             "| model | px | batch | mode | precision | median s/batch | min s/batch | speed-up | target | met |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        x = r.get("speedup_vs_reference")
+        tail = (f"{x:.2f}x | {r['target']:g}x | {'yes' if round(x, 2) >= r['target'] else 'no'}" if x is not None
+                else "- | - | -")
+        lines.append(f"| {r['method']} | {r['size']} | {r['batch']} | {r['mode']} | {r['precision']} | "
+                     f"{r['s_per_batch_median']:.3f} | {r['s_per_batch_min']:.3f} | {tail} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--backbone", default="vit_base_patch16_224.orig_in21k")
+    p.add_argument("--name", default="cpu_paired")
+    args = p.parse_args()
+    doc = measure(args.size, args.batch, args.rounds, args.backbone)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(doc))
+    print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()
