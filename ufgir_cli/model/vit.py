@@ -211,7 +211,8 @@ def _autocast_input(h: torch.Tensor) -> torch.Tensor:
     it again; the values are the same either way. Not when it needs a gradient: the branches'
     gradients would then be summed in bf16 instead of float32."""
     device = h.device.type
-    if torch.is_autocast_enabled(device) and h.dtype == torch.float32 and not h.requires_grad:
+    if h.dtype == torch.float32 and not h.requires_grad and device in ("cpu", "cuda") \
+            and torch.is_autocast_enabled(device):
         return h.to(torch.get_autocast_dtype(device))
     return h
 
