@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from ufgir_cli.cli import app
+from ufgir_cli.engine.callbacks import Callback
 from ufgir_cli.engine.optim import lr_at, param_groups
 from ufgir_cli.engine.report import eval_run
 from ufgir_cli.engine.train import fit
@@ -248,3 +249,17 @@ def test_frozen_weights_cast_is_exact_and_restored():
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
     with frozen_weights_cast(model, "fp32") as n32:
         assert n32 == 0
+
+
+def test_fit_gives_the_process_its_torch_flags_back(small_synthetic, tmp_path):
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen = {}
+
+    class Probe(Callback):
+        def on_step(self, step, logs):
+            seen[step] = torch.are_deterministic_algorithms_enabled()
+
+    fit(small_recipe(small_synthetic, epochs=1, deterministic=True), tmp_path / "run", callbacks=[Probe()])
+    assert seen and all(seen.values())  # on while training
+    assert not torch.are_deterministic_algorithms_enabled()  # and off again afterwards
+    assert not torch.backends.cudnn.deterministic

@@ -56,6 +56,15 @@ def all_gather_cat(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes, strict=True)]).cpu()
 
 
+def all_gather_object(obj, ctx: DistContext) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    if ctx.world <= 1:
+        return [obj]
+    out: list = [None] * ctx.world
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.world > 1:
         tdist.barrier()

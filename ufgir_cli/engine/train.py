@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import math
 import os
 import random
@@ -53,7 +54,7 @@ from ..model.vit import UfgirViT, build_model
 from ..recipe import Recipe, dump_resolved
 from .amp import autocast, frozen_weights_cast, resolve_device, resolve_precision
 from .callbacks import Callback, JsonlLogger, TensorBoardLogger
-from .dist import DistContext, barrier, broadcast_flag, cleanup, init_distributed
+from .dist import DistContext, all_gather_object, barrier, broadcast_flag, cleanup, init_distributed
 from .evaluate import evaluate
 from .optim import build_optimizer, lr_at, set_lr
 
@@ -244,6 +245,16 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def gathered_rng_states(dist: DistContext) -> list[dict]:
+    """Every rank's `rng_state()`, in rank order. They travel as `torch.save` bytes read back with
+    ``weights_only=True``: `all_gather_object` cannot unpickle tensors inside objects here."""
+    if dist.world <= 1:
+        return [rng_state()]
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in all_gather_object(buf.getvalue(), dist)]
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -338,6 +349,19 @@ class TrainState:
         return cls(**{f.name: ts[f.name] for f in dataclasses.fields(cls) if f.name in ts})
 
 
+@contextlib.contextmanager
+def _torch_flags_restored():
+    """``train.deterministic`` switches process-wide torch flags; a caller that trains from Python
+    (a notebook, a sweep) gets its own settings back afterwards."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
+
+
 def fit(
     recipe: Recipe,
     run_dir: Path,
@@ -347,6 +371,11 @@ def fit(
     overwrite: bool = False,
 ) -> dict:
     """Train ``recipe`` into ``run_dir`` (or continue it with ``resume``). Returns the summary."""
+    with _torch_flags_restored():
+        return _fit(recipe, run_dir, callbacks=callbacks, resume=resume, overwrite=overwrite)
+
+
+def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, resume: bool, overwrite: bool) -> dict:
     callbacks = list(callbacks or [])
     device = resolve_device(recipe.train.device)
     dist = init_distributed(device)
@@ -451,10 +480,12 @@ def fit(
             kept = f"{ckpt_path} keeps the last good weights" if ckpt_path.is_file() else "no checkpoint was written"
             raise TrainingError(f"weights turned non-finite ({bad[0]}) by step {state.step}; not saved, so {kept}. "
                                 "Lower optim.lr or set optim.clip_grad")
+        rngs = gathered_rng_states(dist)  # each rank's dropout stream, for an exact resume
         if not dist.is_main:
             return
         ts = {**dataclasses.asdict(state), "optimizer": opt.state_dict(),
-              "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rng_state()}
+              "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rngs[0],
+              "rng_ranks": rngs if dist.world > 1 else None}
         payload = checkpoint_payload(model, recipe, train_state=ts, metrics=metrics, backbone_sha256=backbone_sha)
         try:
             save_checkpoint(run_dir / "checkpoints" / f"{tag}.pt", payload)
@@ -471,7 +502,13 @@ def fit(
 
     # 5. Loop. The RNG is restored last, so that nothing above can shift it.
     if resume_ckpt is not None:
-        set_rng_state(resume_ckpt["train_state"]["rng"])
+        ts = resume_ckpt["train_state"]
+        per_rank = ts.get("rng_ranks") or [ts["rng"]]
+        if len(per_rank) == dist.world:
+            set_rng_state(per_rank[dist.rank])
+        else:  # resumed on another number of ranks: data order is exact, dropout streams start afresh
+            set_rng_state(ts["rng"])
+            torch.manual_seed(recipe.train.seed + 1000 * state.step + dist.rank)
     eval_result = None
     last_record: dict = {}
     loss_f = torch.nn.CrossEntropyLoss(label_smoothing=recipe.optim.label_smoothing)
