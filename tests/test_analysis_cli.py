@@ -102,6 +102,12 @@ def test_visualize_rollout_one_panel_per_group(runs):
     singles = sorted(p.name for p in folder.glob("0*.png"))
     assert singles == ["000_c00_000_test.png", "001_c00_001_test.png", "002_c00_002_test.png", "003_c00_003_test.png"]
     assert _size(folder / singles[0]) == (3 * pw + figures.COLORBAR_PX, ph)
+    # a smaller second call leaves no per-image file of the first behind, and nothing of the user's
+    (folder / "my_notes.png").write_bytes(b"mine")
+    res = runner.invoke(app, ["visualize", "rollout", str(runs["ila"]), "--batch-size", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in folder.glob("*.png")) == ["000_c00_000_test.png", "001_c00_001_test.png",
+                                                            "grid.png", "my_notes.png"]
 
 
 def test_visualize_rollout_across_and_attention_on_files(runs, small_synthetic):

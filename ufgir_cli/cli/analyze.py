@@ -282,13 +282,16 @@ def _visualize(run: Path, *, split: str, images: list[Path] | None, count: int, 
     pictures = x.permute(0, 2, 3, 1).numpy()                                   # (B, S, S, 3) uint8
     out = run_dir_of(run) / "analysis" / "visualize" / name
     per_image = len(maps)
-    panels = []
+    panels, written = [], set()
     for b in range(x.shape[0]):
         head = f"{stems[b]}\ntrue {cls_name(targets[b])} · pred {cls_name(preds[b])}"
         own = [Overlay(pictures[b], m[b], f"{head}\n{label}") for label, m in maps]
-        save_overlays(own, out / f"{b:03d}_{stems[b]}.png", cols=per_image, per_image=per_image)
+        written.add(save_overlays(own, out / f"{b:03d}_{stems[b]}.png", cols=per_image, per_image=per_image).name)
         panels += own
     grid = save_overlays(panels, out / "grid.png", cols=cols, per_image=per_image)
+    for old in out.glob("[0-9][0-9][0-9]_*.png"):  # per-image files of an earlier, larger call
+        if old.name not in written:
+            old.unlink()
     console.print(str(grid), soft_wrap=True, markup=False)
 
 
