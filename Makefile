@@ -28,6 +28,7 @@ test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -x --durations=15
 
 bench: venv
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.paired
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.data
 

@@ -139,7 +139,7 @@ def main() -> None:
     p.add_argument("--methods", default="reference,timm,linear,adapter,ila,ila_pp",
                    help="recipe methods; `timm` is a plain timm ViT and `reference` ILA++ run the reference's "
                         "way (benchmarks/reference_style.py), both measured in the same run as baselines")
-    p.add_argument("--sizes", default="224")
+    p.add_argument("--sizes", default="224,448")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--modes", default="train,infer")
     p.add_argument("--backbone", default="vit_base_patch16_224.orig_in21k")
@@ -148,8 +148,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16 dense)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
     p.add_argument("--name", default="cpu")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
