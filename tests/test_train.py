@@ -147,6 +147,16 @@ def test_cli_eval_prints_table(run):
     assert f"{summary['final_top1']:.2f}" in res.output
 
 
+def test_cli_eval_compiled_gives_the_same_numbers(run):
+    run_dir, _, _ = run
+    eager, _, _ = eval_run(run_dir, num_workers=0, precision="fp32")
+    res = runner.invoke(app, ["eval", str(run_dir), "--precision", "fp32", "--device", "cpu", "--compile"])
+    assert res.exit_code == 0, res.output
+    compiled = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())
+    assert compiled["top1"] == eager["top1"] and compiled["top5"] == eager["top5"]
+    assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-4)
+
+
 def test_existing_run_folder_is_refused(run, small_synthetic):
     run_dir, _, _ = run
     with pytest.raises(TrainingError, match="exists"):

@@ -17,6 +17,13 @@ from .amp import autocast, frozen_weights_cast
 from .dist import DistContext, all_gather_cat
 
 
+def compiled_for_inference(model: nn.Module) -> nn.Module:
+    """``torch.compile`` for evaluation only, with the weights frozen into the graph as constants
+    (inductor ``freezing``), which lets it pre-pack them for the CPU's matrix units. Compiling takes
+    tens of seconds (ViT-B/16, 2 CPU cores: about 30 s), so it pays off over thousands of images."""
+    return torch.compile(model, options={"freezing": True})
+
+
 @dataclass
 class EvalResult:
     metrics: dict

@@ -13,12 +13,12 @@ from ..paths import run_dir_of
 from ..recipe import Recipe
 from .amp import resolve_device, resolve_precision
 from .dist import DistContext
-from .evaluate import evaluate
+from .evaluate import compiled_for_inference, evaluate
 
 
 def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto", batch_size: int | None = None,
              precision: str | None = None, device: str = "auto", num_workers: int | None = None,
-             on_batch=None) -> tuple[dict, Path, Recipe]:
+             on_batch=None, compile_model: bool = False) -> tuple[dict, Path, Recipe]:
     from .train import data_mean_std, make_loader, open_split
 
     path = Path(path)
@@ -35,8 +35,8 @@ def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto
     loader = make_loader(sf, recipe, train=False, batch_size=batch_size or recipe.eval.batch_size or recipe.train.batch_size,
                          dist=DistContext(), workers=num_workers)
     mean, std = data_mean_std(recipe, model)
-    res = evaluate(model, loader, device=device, precision=prec, mean=mean, std=std,
-                   num_classes=model.num_classes, on_batch=on_batch)
+    res = evaluate(compiled_for_inference(model) if compile_model else model, loader, device=device, precision=prec,
+                   mean=mean, std=std, num_classes=model.num_classes, on_batch=on_batch)
     m = dict(res.metrics)
     per_class = m.pop("per_class")
     m.update({"split": split, "checkpoint": checkpoint_tag(ckpt_file), "precision": prec})
