@@ -53,6 +53,26 @@ def main() -> None:
             print(f"workers {w}: {n / dt:.1f} images/s ({args.source_size}px PNG -> {args.image_size}px)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(rows, args.image_size))
+
+
+def markdown(rows: list[dict], image_size: int) -> str:
+    """The loader's images/s beside the model's fastest training images/s at that size (from cpu.json)."""
+    lines = [f"# Data path: {_machine()}", "", "| workers | source px | image px | images/s |", "|---|---|---|---|"]
+    lines += [f"| {r['workers']} | {r['source_size']} | {r['image_size']} | {r['images_per_s']:.1f} |" for r in rows]
+    try:
+        model = json.loads((RESULTS / "cpu.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        model = []
+    train = [r for r in model if r.get("mode") == "train" and r.get("size") == image_size]
+    if train and rows:
+        fastest = max(train, key=lambda r: r["images_per_s"])
+        best = max(r["images_per_s"] for r in rows)
+        verdict = "the model is the bottleneck" if best > fastest["images_per_s"] else "the loader is the bottleneck"
+        lines += ["", f"Fastest training step in cpu.json at {image_size} px: {fastest['method']} "
+                      f"{fastest['precision']}, {fastest['images_per_s']:.1f} images/s; the loader gives {best:.1f} "
+                      f"images/s: {verdict}."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

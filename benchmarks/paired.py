@@ -24,11 +24,14 @@ CONFIGS = [("reference", "train", "fp32"), ("reference", "infer", "fp32"),
            ("ila_pp", "infer", "fp32"), ("ila_pp", "infer", "bf16")]
 
 
-def measure(size: int, batch: int, rounds: int, backbone: str, device: str = "cpu") -> dict:
+def measure(size: int, batch: int, rounds: int, backbone: str, device: str = "cpu", compile_: bool = False) -> dict:
+    """Time every configuration once per round; ``compile_`` adds bf16 inference through
+    `compiled_for_inference` (what `ufgir eval --compile` runs), compiled during the warm-up."""
     import torch
 
     from benchmarks.reference_style import ReferenceStyle
     from ufgir_cli.engine.amp import autocast, frozen_weights_cast
+    from ufgir_cli.engine.evaluate import compiled_for_inference
     from ufgir_cli.model import build_model
     from ufgir_cli.recipe import load_recipe
 
@@ -37,37 +40,47 @@ def measure(size: int, batch: int, rounds: int, backbone: str, device: str = "cp
     ours = build_model(load_recipe("ila_pp", overrides).model, 200).to(device)
     models = {("reference", "fp32"): ReferenceStyle(ours), ("ila_pp", "fp32"): ours,
               ("ila_pp", "bf16"): copy.deepcopy(ours)}
+    configs = CONFIGS + ([("ila_pp+compile", "infer", "bf16")] if compile_ else [])
+    if compile_:
+        models[("ila_pp+compile", "bf16")] = copy.deepcopy(ours)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 200, (batch,), device=device)
 
     def step(name: str, mode: str, precision: str) -> float:
         model = models[(name, precision)]
+        run = compiled[name] if name in compiled else model
         t0 = time.perf_counter()
         if mode == "train":
             model.train()
             with autocast(device, precision):
-                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+                loss = torch.nn.functional.cross_entropy(run(x).float(), y)
             loss.backward()
             model.zero_grad(set_to_none=True)
         else:
             model.eval()
             with torch.no_grad(), autocast(device, precision):
-                model(x)
+                run(x)
         return time.perf_counter() - t0
 
-    times: dict[tuple, list[float]] = {c: [] for c in CONFIGS}
+    compiled = {"ila_pp+compile": compiled_for_inference(models[("ila_pp+compile", "bf16")])} if compile_ else {}
+    times: dict[tuple, list[float]] = {c: [] for c in configs}
     with contextlib.ExitStack() as stack:  # our engine keeps frozen weights in bf16 for a bf16 run
-        stack.enter_context(frozen_weights_cast(models[("ila_pp", "bf16")], "bf16"))
-        for c in CONFIGS:  # warm-up
+        for (name, precision), model in models.items():
+            if name != "reference":
+                stack.enter_context(frozen_weights_cast(model, precision))
+        for c in configs:  # warm-up (and the compile)
+            t0 = time.perf_counter()
             step(*c)
+            if c[0] in compiled:
+                print(f"compiled {c[0]} in {time.perf_counter() - t0:.0f} s", flush=True)
         for r in range(rounds):
-            order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
+            order = configs[r % len(configs):] + configs[:r % len(configs)]
             for c in order:
                 times[c].append(step(*c))
-            print(f"round {r + 1}/{rounds}: " + ", ".join(f"{c[0]} {c[1]} {c[2]} {times[c][-1]:.2f} s" for c in CONFIGS),
+            print(f"round {r + 1}/{rounds}: " + ", ".join(f"{c[0]} {c[1]} {c[2]} {times[c][-1]:.2f} s" for c in configs),
                   flush=True)
     rows = []
-    for name, mode, precision in CONFIGS:
+    for name, mode, precision in configs:
         t = times[(name, mode, precision)]
         row = {"method": name, "mode": mode, "precision": precision, "size": size, "batch": batch,
                "s_per_batch_median": statistics.median(t), "s_per_batch_min": min(t), "times": t}
@@ -104,8 +117,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--backbone", default="vit_base_patch16_224.orig_in21k")
     p.add_argument("--name", default="cpu_paired")
+    p.add_argument("--no-compile", action="store_true", help="leave out bf16 inference through torch.compile")
     args = p.parse_args()
-    doc = measure(args.size, args.batch, args.rounds, args.backbone)
+    doc = measure(args.size, args.batch, args.rounds, args.backbone, compile_=not args.no_compile)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     (RESULTS / f"{args.name}.md").write_text(markdown(doc))

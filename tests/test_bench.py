@@ -92,3 +92,20 @@ def test_paired_measurement_divides_within_rounds(one_thread):
     assert ours["target"] == 3.0 and "speedup_vs_reference" not in ref
     table = markdown(doc)
     assert table.count("\n| ila_pp |") == 4 and "| reference | 112 | 2 | train | fp32 |" in table
+
+
+def test_data_path_table_names_the_bottleneck(tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.data as data
+
+    monkeypatch.setattr(data, "RESULTS", tmp_path)
+    rows = [{"workers": 0, "source_size": 448, "image_size": 224, "images_per_s": 150.0},
+            {"workers": 2, "source_size": 448, "image_size": 224, "images_per_s": 120.0}]
+    assert "bottleneck" not in data.markdown(rows, 224)  # no model results yet
+    (tmp_path / "cpu.json").write_text(json.dumps({"rows": [
+        {"method": "ila_pp", "mode": "train", "size": 224, "precision": "bf16", "images_per_s": 9.5},
+        {"method": "linear", "mode": "infer", "size": 224, "precision": "bf16", "images_per_s": 400.0}]}))
+    table = data.markdown(rows, 224)
+    assert "| 0 | 448 | 224 | 150.0 |" in table
+    assert "ila_pp bf16, 9.5 images/s; the loader gives 150.0 images/s: the model is the bottleneck." in table
