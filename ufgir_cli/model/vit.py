@@ -385,7 +385,11 @@ class UfgirViT(nn.Module):
             xavier_linear_(self.vit.head)
         self.vit.head.requires_grad_(True)
 
-    def _block(self, i: int, x: torch.Tensor, grid: tuple[int, int], probs: list | None) -> torch.Tensor:
+    def _block(self, i: int, x: torch.Tensor, grid: tuple[int, int], probs: list | None,
+               cls_only: bool = False) -> torch.Tensor:
+        """Block ``i`` with its method's modules. ``cls_only`` (see `cls_only_last_block`) returns the
+        CLS row alone, (B, 1, D): keys and values still come from every token, and everything after
+        attention is token-wise, so it runs on that one row."""
         blk = self.vit.blocks[i]
         P = self.num_prefix_tokens
         deep = self.plan.prompts == "deep"
@@ -395,7 +399,12 @@ class UfgirViT(nn.Module):
             P = P + self.prompt_len
         ad = self.adapters[i] if self.adapters is not None else None
         h = _autocast_input(blk.norm1(x))
-        a = self.drop(blk.ls1(explicit_attention(blk.attn, h, probs)))
+        if cls_only:
+            a = cls_attention(blk.attn, h)
+            h, x = h[:, :1], x[:, :1]                                          # (B, 1, D) from here on
+        else:
+            a = explicit_attention(blk.attn, h, probs)
+        a = self.drop(blk.ls1(a))
         if ad is not None:
             a = a + ad.attn(h, grid, P)
         x = x + blk.drop_path1(a)
@@ -430,7 +439,7 @@ class UfgirViT(nn.Module):
         grids = self.grids
         for i, grid in enumerate(grids):
             if last_cls_only and i == len(grids) - 1:
-                return self._last_block_cls(x, grid)                           # (B, 1, D)
+                return self._block(i, x, grid, None, cls_only=True)            # (B, 1, D)
             if self.grad_checkpointing and self.training and probs is None and not torch.jit.is_scripting():
                 x = checkpoint(self._block, i, x, grid, None, use_reentrant=False)
             else:
@@ -449,23 +458,6 @@ class UfgirViT(nn.Module):
         last = str(len(self.vit.blocks) - 1)
         return (self.vit.global_pool == "token" and getattr(self.vit, "attn_pool", None) is None
                 and last not in self.ila and self.plan.adapters != "convpass" and self.plan.prompts != "deep")
-
-    def _last_block_cls(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """The last block for the CLS token only: (B, N, D) -> (B, 1, D). Its keys and values still
-        come from every token; adapters are token-wise, so they run on the one row too."""
-        i = len(self.vit.blocks) - 1
-        blk, P = self.vit.blocks[i], self.num_prefix_tokens
-        ad = self.adapters[i] if self.adapters is not None else None
-        h = _autocast_input(blk.norm1(x))
-        a = self.drop(blk.ls1(cls_attention(blk.attn, h)))
-        if ad is not None:
-            a = a + ad.attn(h[:, :1], grid, P)
-        x = x[:, :1] + blk.drop_path1(a)                                      # (B, 1, D)
-        h = _autocast_input(blk.norm2(x))
-        m = self.drop(blk.ls2(blk.mlp(h)))
-        if ad is not None:
-            m = m + ad.mlp(h, grid, P)
-        return x + blk.drop_path2(m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits. Equal to ``forward_head(forward_features(x))``; when only the CLS token reaches the
