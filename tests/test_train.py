@@ -246,19 +246,22 @@ def test_frozen_weights_cast_is_exact_and_restored():
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad(), autocast("cpu", "bf16"):
         plain = model(x)
-    with frozen_weights_cast(model, "bf16") as n:
+    with frozen_weights_cast(model, "bf16") as cast:
         assert model.vit.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
         assert model.adapters[0].attn.down.weight.dtype == torch.float32  # trainable: autocast caches it
         assert model.vit.norm.weight.dtype == torch.float32  # only Linear and Conv weights
         with torch.no_grad(), autocast("cpu", "bf16"):
-            cast = model(x)
+            logits_cast = model(x)
+        with cast.originals():
+            assert model.vit.blocks[0].mlp.fc1.weight.dtype == torch.float32
+        assert model.vit.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
     # patch embedding (2) + 12 blocks x (qkv, proj, fc1, fc2) x (weight, bias)
-    assert n == 2 + 12 * 4 * 2
-    assert torch.equal(plain, cast)
+    assert cast.count == 2 + 12 * 4 * 2
+    assert torch.equal(plain, logits_cast)
     after = model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
-    with frozen_weights_cast(model, "fp32") as n32:
-        assert n32 == 0
+    with frozen_weights_cast(model, "fp32") as none:
+        assert none.count == 0
 
 
 def test_fit_gives_the_process_its_torch_flags_back(small_synthetic, tmp_path):
@@ -273,3 +276,17 @@ def test_fit_gives_the_process_its_torch_flags_back(small_synthetic, tmp_path):
     assert seen and all(seen.values())  # on while training
     assert not torch.are_deterministic_algorithms_enabled()  # and off again afterwards
     assert not torch.backends.cudnn.deterministic
+
+
+def test_bf16_run_checkpoints_the_float32_frozen_weights(small_synthetic, tmp_path):
+    """A random-init backbone is saved whole; held in bf16 for the run, it must be written in float32."""
+    from ufgir_cli.model import build_model
+
+    recipe = small_recipe(small_synthetic, epochs=1, precision="bf16")
+    torch.manual_seed(recipe.train.seed)
+    before = build_model(recipe.model.model_copy(update={"num_classes": 4}), 4).state_dict()
+    fit(recipe, tmp_path / "run")
+    saved = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert saved["full"] is True
+    w = "vit.blocks.0.mlp.fc1.weight"
+    assert saved["state_dict"][w].dtype == torch.float32 and torch.equal(saved["state_dict"][w], before[w])

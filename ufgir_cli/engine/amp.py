@@ -35,30 +35,48 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
+class FrozenCast:
+    """What `frozen_weights_cast` holds: ``count`` tensors cast, and ``originals()``, a context in
+    which they are float32 again (a checkpoint written during the run must keep the real weights)."""
+
+    def __init__(self, swapped: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]]):
+        self._swapped = swapped
+        self.count = len(swapped)
+
+    def _use(self, original: bool) -> None:
+        for p, fp32, cast in self._swapped:
+            p.data = fp32 if original else cast
+
+    @contextlib.contextmanager
+    def originals(self):
+        self._use(True)
+        try:
+            yield
+        finally:
+            self._use(False)
+
+
 @contextlib.contextmanager
 def frozen_weights_cast(model: torch.nn.Module, precision: str):
     """Hold the frozen Linear and Conv weights in the autocast dtype while the block runs.
 
     Why: autocast caches its casts only for leaf tensors that require grad, so a frozen backbone's
     weights are cast again on every forward (about 10 % of a bf16 ViT-B/16 step on a CPU). A cast
-    done once gives bit-identical inputs to every matmul. The float32 tensors are put back on exit,
-    so checkpoints, hashes and float32 analyses see the original weights."""
-    if precision == "fp32":
-        yield 0
-        return
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    done once gives bit-identical inputs to every matmul. The float32 tensors come back on exit and
+    inside `FrozenCast.originals`, so checkpoints, hashes and float32 analyses see the real weights."""
     swapped = []
-    for mod in model.modules():
-        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
-            for p in mod.parameters(recurse=False):
-                if not p.requires_grad and p.dtype == torch.float32:
-                    swapped.append((p, p.data))
-                    p.data = p.data.to(dtype)
+    if precision != "fp32":
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        for mod in model.modules():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+                swapped += [(p, p.data, p.data.to(dtype)) for p in mod.parameters(recurse=False)
+                            if not p.requires_grad and p.dtype == torch.float32]
+    cast = FrozenCast(swapped)
+    cast._use(False)
     try:
-        yield len(swapped)
+        yield cast
     finally:
-        for p, original in swapped:
-            p.data = original
+        cast._use(True)
 
 
 def autocast(device: str, precision: str):

@@ -486,9 +486,11 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
         ts = {**dataclasses.asdict(state), "optimizer": opt.state_dict(),
               "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rngs[0],
               "rng_ranks": rngs if dist.world > 1 else None}
-        payload = checkpoint_payload(model, recipe, train_state=ts, metrics=metrics, backbone_sha256=backbone_sha)
         try:
-            save_checkpoint(run_dir / "checkpoints" / f"{tag}.pt", payload)
+            with cast.originals():  # a full checkpoint holds the frozen weights as they are, not their bf16 copies
+                payload = checkpoint_payload(model, recipe, train_state=ts, metrics=metrics,
+                                             backbone_sha256=backbone_sha)
+                save_checkpoint(run_dir / "checkpoints" / f"{tag}.pt", payload)
         except CheckpointError as e:
             then = f"resume with: ufgir train --resume {shlex.quote(str(run_dir))}" if ckpt_path.is_file() \
                 else "start again with --overwrite"
@@ -514,7 +516,7 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
     loss_f = torch.nn.CrossEntropyLoss(label_smoothing=recipe.optim.label_smoothing)
     with contextlib.ExitStack() as stack:
         stop = stack.enter_context(StopFlag())
-        stack.enter_context(frozen_weights_cast(model, precision))
+        cast = stack.enter_context(frozen_weights_cast(model, precision))  # read by save()
         for lg in loggers:
             stack.callback(lg.close)
         while state.epoch < recipe.train.epochs:
