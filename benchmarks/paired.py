@@ -16,7 +16,7 @@ import json
 import statistics
 import time
 
-from benchmarks.run import CPU_TARGETS, RESULTS, _machine, _torch_version
+from benchmarks.run import CPU_TARGETS, RESULTS, _machine, _torch_version, bench_step
 
 #: (model, mode, precision): the reference runs only in float32, as it does on a CPU.
 CONFIGS = [("reference", "train", "fp32"), ("reference", "infer", "fp32"),
@@ -30,7 +30,7 @@ def measure(size: int, batch: int, rounds: int, backbone: str, device: str = "cp
     import torch
 
     from benchmarks.reference_style import ReferenceStyle
-    from ufgir_cli.engine.amp import autocast, frozen_weights_cast
+    from ufgir_cli.engine.amp import frozen_weights_cast
     from ufgir_cli.engine.evaluate import compiled_for_inference
     from ufgir_cli.model import build_model
     from ufgir_cli.recipe import load_recipe
@@ -48,18 +48,8 @@ def measure(size: int, batch: int, rounds: int, backbone: str, device: str = "cp
 
     def step(name: str, mode: str, precision: str) -> float:
         model = models[(name, precision)]
-        run = compiled[name] if name in compiled else model
         t0 = time.perf_counter()
-        if mode == "train":
-            model.train()
-            with autocast(device, precision):
-                loss = torch.nn.functional.cross_entropy(run(x).float(), y)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-        else:
-            model.eval()
-            with torch.no_grad(), autocast(device, precision):
-                run(x)
+        bench_step(model, compiled.get(name, model), x, y, mode, precision, device)
         return time.perf_counter() - t0
 
     compiled = {"ila_pp+compile": compiled_for_inference(models[("ila_pp+compile", "bf16")])} if compile_ else {}

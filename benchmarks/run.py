@@ -24,6 +24,27 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE_CPU = {"train_s_per_batch": 2.3, "infer_s_per_batch": 0.9}
 
 
+def bench_step(model, run, x, y, mode: str, precision: str, device: str, opt=None) -> None:
+    """One timed unit: a training step (forward, loss, backward, optimiser step if given) or an
+    inference batch. ``run`` is ``model`` or its compiled wrapper."""
+    import torch
+
+    from ufgir_cli.engine.amp import autocast
+
+    if mode == "train":
+        model.train()
+        with autocast(device, precision):
+            loss = torch.nn.functional.cross_entropy(run(x).float(), y)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+    else:
+        model.eval()
+        with torch.no_grad(), autocast(device, precision):
+            run(x)
+
+
 def _one(args: argparse.Namespace) -> dict:
     """Measure one configuration in this process."""
     with contextlib.ExitStack() as stack:
@@ -36,7 +57,7 @@ def _measure(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     import torch
 
     from ufgir_cli.analysis.cost import count_flops
-    from ufgir_cli.engine.amp import autocast, frozen_weights_cast
+    from ufgir_cli.engine.amp import frozen_weights_cast
     from ufgir_cli.model import build_model
     from ufgir_cli.recipe import load_recipe
 
@@ -85,17 +106,7 @@ def _measure(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
         stack.enter_context(frozen_weights_cast(model, args.precision))
 
     def step() -> None:
-        if args.mode == "train":
-            model.train()
-            with autocast(device, args.precision):
-                loss = torch.nn.functional.cross_entropy(run(x).float(), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        else:
-            model.eval()
-            with torch.no_grad(), autocast(device, args.precision):
-                run(x)
+        bench_step(model, run, x, y, args.mode, args.precision, device, opt)
 
     times = []
     for i in range(args.warmup + args.iters):

@@ -66,7 +66,7 @@ def frozen_weights_cast(model: torch.nn.Module, precision: str):
     inside `FrozenCast.originals`, so checkpoints, hashes and float32 analyses see the real weights."""
     swapped = []
     if precision != "fp32":
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        dtype = autocast_dtype(precision)
         for mod in model.modules():
             if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
                 swapped += [(p, p.data, p.data.to(dtype)) for p in mod.parameters(recurse=False)
@@ -83,8 +83,12 @@ def autocast(device: str, precision: str):
     """The autocast context for a resolved precision (a no-op for fp32)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=autocast_dtype(precision))
+
+
+def autocast_dtype(precision: str) -> torch.dtype:
+    """The reduced dtype of a resolved ``bf16`` or ``fp16`` precision."""
+    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 def resolve_device(device: str) -> str:
