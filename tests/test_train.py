@@ -157,6 +157,26 @@ def test_cli_eval_compiled_gives_the_same_numbers(run):
     assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-4)
 
 
+def test_cli_eval_compile_without_compiler_is_one_line(run, monkeypatch):
+    from torch._inductor.exc import InductorError, InvalidCxxCompiler
+
+    import ufgir_cli.engine.report as report
+
+    class NoCompiler(torch.nn.Module):  # what a compiled model does at its first call without gcc
+        def forward(self, x):
+            raise InductorError(InvalidCxxCompiler("/nonexistent/g++"), None)
+
+    def no_compiler(model):
+        return NoCompiler()
+
+    monkeypatch.setattr(report, "compiled_for_inference", no_compiler)
+    run_dir, _, _ = run
+    res = runner.invoke(app, ["eval", str(run_dir), "--device", "cpu", "--compile"])
+    assert res.exit_code == 2
+    msg = res.output.strip()
+    assert "\n" not in msg and "--compile" in msg and "C++ compiler" in msg and "/nonexistent/g++" in msg
+
+
 def test_existing_run_folder_is_refused(run, small_synthetic):
     run_dir, _, _ = run
     with pytest.raises(TrainingError, match="exists"):

@@ -7,6 +7,10 @@ import csv
 import io
 from pathlib import Path
 
+import torch
+import torch._dynamo.exc
+
+from ..errors import ModelError
 from ..io import atomic_write_json, atomic_write_text
 from ..model.checkpoint import checkpoint_tag, load_run, resolve_checkpoint
 from ..paths import run_dir_of
@@ -35,8 +39,13 @@ def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto
     loader = make_loader(sf, recipe, train=False, batch_size=batch_size or recipe.eval.batch_size or recipe.train.batch_size,
                          dist=DistContext(), workers=num_workers)
     mean, std = data_mean_std(recipe, model)
-    res = evaluate(compiled_for_inference(model) if compile_model else model, loader, device=device, precision=prec,
-                   mean=mean, std=std, num_classes=model.num_classes, on_batch=on_batch)
+    try:
+        res = evaluate(compiled_for_inference(model) if compile_model else model, loader, device=device,
+                       precision=prec, mean=mean, std=std, num_classes=model.num_classes, on_batch=on_batch)
+    except torch._dynamo.exc.TorchDynamoException as e:  # only torch.compile raises these
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelError(f"ufgir eval --compile: torch.compile failed ({why}); on a CPU it needs a working C++ "
+                         "compiler (install gcc or set CXX), or evaluate without --compile") from None
     m = dict(res.metrics)
     per_class = m.pop("per_class")
     m.update({"split": split, "checkpoint": checkpoint_tag(ckpt_file), "precision": prec})
