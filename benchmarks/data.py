@@ -27,9 +27,8 @@ def main() -> None:
     args = p.parse_args()
 
     from ufgir_cli.data.folder import read_split
+    from ufgir_cli.data.loaders import make_loader
     from ufgir_cli.data.synthetic import generate_synthetic
-    from ufgir_cli.engine.dist import DistContext
-    from ufgir_cli.engine.train import make_loader
     from ufgir_cli.recipe import load_recipe
 
     rows = []
@@ -41,7 +40,7 @@ def main() -> None:
         for w in map(int, args.workers.split(",")):
             r = load_recipe("ila_pp", {"model": {"image_size": args.image_size, "weights": "none"},
                                        "data": {"num_workers": w}})
-            loader = make_loader(split, r, train=True, batch_size=args.batch, dist=DistContext())
+            loader = make_loader(split, r, train=True, batch_size=args.batch)
             loader.sampler.set_epoch(0)
             next(iter(loader))  # start workers
             t0, n = time.perf_counter(), 0

@@ -30,9 +30,9 @@ def measure(size: int, batch: int, rounds: int, backbone: str, device: str = "cp
     import torch
 
     from benchmarks.reference_style import ReferenceStyle
-    from ufgir_cli.engine.amp import frozen_weights_cast
     from ufgir_cli.engine.evaluate import compiled_for_inference
     from ufgir_cli.model import build_model
+    from ufgir_cli.model.precision import frozen_weights_cast
     from ufgir_cli.recipe import load_recipe
 
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ def bench_step(model, run, x, y, mode: str, precision: str, device: str, opt=Non
     inference batch. ``run`` is ``model`` or its compiled wrapper."""
     import torch
 
-    from ufgir_cli.engine.amp import autocast
+    from ufgir_cli.model.precision import autocast
 
     if mode == "train":
         model.train()
@@ -57,8 +57,8 @@ def _measure(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     import torch
 
     from ufgir_cli.analysis.cost import count_flops
-    from ufgir_cli.engine.amp import frozen_weights_cast
     from ufgir_cli.model import build_model
+    from ufgir_cli.model.precision import frozen_weights_cast
     from ufgir_cli.recipe import load_recipe
 
     device = args.device

@@ -26,7 +26,8 @@ from typer.testing import CliRunner
 import ufgir_cli
 from ufgir_cli.cli import app
 from ufgir_cli.errors import CheckpointError, ExportError
-from ufgir_cli.export import file_sha256, load_delta, load_pt2, parity_batch
+from ufgir_cli.export import load_delta, load_pt2, parity_batch
+from ufgir_cli.io import file_sha256
 from ufgir_cli.model.vit import MICRO, state_dict_sha256
 
 # The reference fixtures live in the shared folder: inside the checkout, or beside it.

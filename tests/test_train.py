@@ -256,8 +256,8 @@ def test_quickstart_ila_pp_learns_on_the_shipped_backbone(tmp_path):
 
 
 def test_frozen_weights_cast_is_exact_and_restored():
-    from ufgir_cli.engine.amp import autocast, frozen_weights_cast
     from ufgir_cli.model import build_model
+    from ufgir_cli.model.precision import autocast, frozen_weights_cast
 
     cfg = {"backbone": "vit_tiny_patch16_224", "weights": "none", "image_size": 96, "ila_ds_locs": [1, 3]}
     torch.manual_seed(0)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, DatasetError, ExportError, RecipeError
-from .io import atomic_save, atomic_write_json, atomic_write_text
+from .io import atomic_save, atomic_write_json, atomic_write_text, file_sha256
 from .model.checkpoint import (
     checkpoint_payload,
     model_from_checkpoint,
@@ -41,6 +40,7 @@ from .model.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from .model.state import load_strict
 from .model.vit import UfgirViT, build_model, resize_input
 from .paths import run_dir_of
 from .recipe import Recipe, dump_resolved, recipe_from_dict, tomllib
@@ -78,14 +78,6 @@ class ExportResult:
 def sidecar_path(artifact: Path) -> Path:
     """``model.onnx`` -> ``model.onnx.json``: the recipe and preprocessing an ONNX/pt2 file needs."""
     return artifact.with_name(artifact.name + ".json")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def parity_batch(batch: int, image_size: int) -> torch.Tensor:
@@ -268,19 +260,11 @@ def load_delta(path: str | os.PathLike, device: str = "cpu", weights: str | None
                 f"{path} was trained on backbone sha256 {want} but model.weights={m.weights!r} gives sha256 {have}; "
                 "attach it to the original backbone weights (load_delta(path, weights=FILE))"
             )
-        expected = set(model.trainable_state_dict())
+        expected = model.trainable_state_dict().keys()
     else:
         model = build_model(m.model_copy(update={"weights": "none"}), num_classes)
-        expected = set(model.state_dict())
-    own = model.state_dict()
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    bad = sorted(k for k in set(state) & expected if tuple(state[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or bad:
-        raise CheckpointError(
-            f"{path} does not fit a {m.method} model on {m.backbone}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shape mismatch {bad[:5]}; re-export it from its run"
-        )
-    model.load_state_dict(state, strict=not adapter_only)
+        expected = None
+    load_strict(model, state, str(path), expected=expected, hint="re-export it from its run")
     return model.to(device).eval(), recipe
 
 
@@ -312,9 +296,9 @@ def _export_inputs(model: UfgirViT, image_size: int, dynamic_batch: bool) -> tup
 
 def _write_sidecar(artifact: Path, recipe: Recipe, model: UfgirViT, *, fmt: str, dynamic_batch: bool,
                    diff: float, opset: int | None = None) -> Path:
-    from .engine.train import data_mean_std
 
-    mean, std = data_mean_std(recipe, model)
+    data_cfg = model.data_config()
+    mean, std = data_cfg["mean"], data_cfg["std"]
     side = sidecar_path(artifact)
     atomic_write_json(side, {
         "format": SIDECAR_FORMAT,
@@ -475,10 +459,10 @@ def model_card(model: UfgirViT, recipe: Recipe, result: ExportResult, run_dir: P
                backbone_sha256: str) -> str:
     """MODEL_CARD.md text: what the model is, what it costs, how well it did, how to run it."""
     from .analysis.cost import count_flops, count_params
-    from .engine.train import data_mean_std
 
     m, d = recipe.model, recipe.data
-    mean, std = data_mean_std(recipe, model)
+    data_cfg = model.data_config()
+    mean, std = data_cfg["mean"], data_cfg["std"]
     S = model_image_size(model)
     pc = count_params(model)
     macs = count_flops(model, S) // 2
@@ -684,7 +668,6 @@ def _read_sidecar(artifact: Path) -> dict[str, Any]:
 
 def load_predictor(source: str | os.PathLike) -> Predictor:
     """A CPU predictor for a run folder, checkpoint, safetensors, ONNX or pt2 export."""
-    from .engine.train import data_mean_std
     from .model.checkpoint import load_run
 
     source = Path(source)
@@ -706,7 +689,8 @@ def load_predictor(source: str | os.PathLike) -> Predictor:
         return Predictor(forward, recipe, int(meta["num_classes"]), tuple(meta["mean"]), tuple(meta["std"]),
                          meta.get("batch_size"))
     model, recipe = load_run(source)
-    mean, std = data_mean_std(recipe, model)
+    data_cfg = model.data_config()
+    mean, std = data_cfg["mean"], data_cfg["std"]
     return Predictor(model, recipe, model.num_classes, mean, std)
 
 

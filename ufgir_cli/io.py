@@ -9,6 +9,7 @@ cut. A process killed mid-write (SIGKILL, OOM killer) can leave only such a temp
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -86,3 +87,16 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[IO[bytes]], None]) ->
     """Write binary content through ``writer(file)`` atomically (e.g. ``torch.save``)."""
     with atomic_open(path, "wb") as f:
         writer(f)
+
+
+def file_sha256(path: str | os.PathLike, on_chunk: Callable[[int, int], None] | None = None) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (archives run to gigabytes);
+    ``on_chunk(done, total)`` reports progress in bytes."""
+    h, done, total = hashlib.sha256(), 0, os.path.getsize(path)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            done += len(chunk)
+            if on_chunk is not None:
+                on_chunk(done, total)
+    return h.hexdigest()

@@ -71,7 +71,7 @@ class Throughput:
 def measure_inference(model: nn.Module, image_size: int, batch_size: int, device: str = "cpu",
                       precision: str = "fp32", warmup: int = 2, iters: int = 5) -> Throughput:
     """Median-of-runs inference speed on random input (eval mode)."""
-    from ..engine.amp import autocast, frozen_weights_cast
+    from ..model.precision import autocast, frozen_weights_cast
 
     model = model.eval().to(device)
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)

@@ -38,8 +38,8 @@ visualize_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_mar
 
 def _load(run: Path, checkpoint: str, device: str) -> tuple[Any, Any, Path, str]:
     """(model in eval mode, recipe, checkpoint file, device) of a run folder or checkpoint file."""
-    from ..engine.amp import resolve_device
     from ..model.checkpoint import load_run, resolve_checkpoint
+    from ..model.precision import resolve_device
 
     device = resolve_device(device)
     ckpt = resolve_checkpoint(run, checkpoint)
@@ -63,7 +63,7 @@ def cost_section(model, recipe, device: str, throughput: bool = True) -> dict:
     """Parameters, MACs and FLOPs per image (as `ufgir inspect` counts them) and, when asked, measured
     inference speed at the recipe's batch size and precision."""
     from ..analysis.cost import cost_summary, measure_inference
-    from ..engine.amp import resolve_precision
+    from ..model.precision import resolve_precision
 
     out = cost_summary(model, recipe.model.image_size)
     out["image_size"] = recipe.model.image_size
@@ -86,8 +86,7 @@ def _measure(run: Path, *, checkpoint: str, device: str, split: str, data_recipe
     from ..analysis.features import analyse_batches
     from ..analysis.rollout import encoder_groups
     from ..data.datasets import normalize
-    from ..engine.dist import DistContext
-    from ..engine.train import data_mean_std, make_loader, open_split
+    from ..data.loaders import make_loader, open_split
     from ..model.checkpoint import checkpoint_tag
     from ..paths import run_dir_of
 
@@ -102,8 +101,9 @@ def _measure(run: Path, *, checkpoint: str, device: str, split: str, data_recipe
         data = data_recipe or recipe
         sf = open_split(data, split)
         bs = batch_size or max(MIN_BATCH if cka else 1, recipe.eval.batch_size or recipe.train.batch_size)
-        loader = make_loader(sf, recipe, train=False, batch_size=bs, dist=DistContext())
-        mean, std = data_mean_std(recipe, model)
+        loader = make_loader(sf, recipe, train=False, batch_size=bs)
+        data_cfg = model.data_config()
+        mean, std = data_cfg["mean"], data_cfg["std"]
         stream = (normalize(x.to(device), mean, std) for x, _, _ in loader if len(x))
         total = len(sf.samples) if batches is None else min(len(sf.samples), batches * bs)
         with _progress(f"analysing {run_dir_of(run).name}", total) as advance:
@@ -238,7 +238,7 @@ def _load_images(recipe, split: str, images: list[Path] | None, count: int):
     import torch
 
     from ..data.datasets import load_image, preprocess_for
-    from ..engine.train import open_split
+    from ..data.loaders import open_split
 
     tf = preprocess_for(recipe, train=False)
     if images:
@@ -261,13 +261,13 @@ def _visualize(run: Path, *, split: str, images: list[Path] | None, count: int, 
 
     from ..analysis.rollout import upsample
     from ..data.datasets import normalize
-    from ..engine.train import data_mean_std
     from ..paths import run_dir_of
     from ..viz.figures import Overlay, save_overlays
 
     model, recipe, _, device = _load(run, checkpoint, device)
     x, targets, stems, class_names = _load_images(recipe, split, images, count)
-    mean, std = data_mean_std(recipe, model)
+    data_cfg = model.data_config()
+    mean, std = data_cfg["mean"], data_cfg["std"]
     probs: list[torch.Tensor] = []
     with torch.no_grad():
         logits = model.forward_head(model.forward_features(normalize(x.to(device), mean, std), probs))

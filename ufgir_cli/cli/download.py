@@ -105,8 +105,9 @@ def download(
 def datasets(data_dir: DataDirOpt = None) -> None:
     """The catalog: classes, images per split, and whether each dataset is on disk."""
     from ..data.catalog import CATALOG
-    from ..data.download import dataset_root, dataset_status
+    from ..data.download import dataset_status
     from ..data.folder import read_info
+    from ..paths import dataset_dir
 
     styles = {"ready": "green", "incomplete": "yellow", "missing": "dim"}
     table = Table(title="datasets", title_justify="left")
@@ -116,7 +117,7 @@ def datasets(data_dir: DataDirOpt = None) -> None:
     table.add_column("status")
     table.add_column("path")
     for spec in CATALOG.values():
-        root = dataset_root(spec.name, data_dir)
+        root = dataset_dir(spec.name, data_dir)
         status = dataset_status(spec, root)
         sizes = (spec.num_classes, spec.train_val, spec.test)
         if spec.kind == "generated":  # its size is whatever the generator made

@@ -32,6 +32,7 @@ from typing import IO, Literal
 
 from .. import __version__
 from ..errors import DatasetError
+from ..io import file_sha256
 from ..paths import data_dir as default_data_dir
 from .catalog import DatasetSpec, get_spec
 from .folder import SPLITS, natural_key, read_info, read_split, write_dataset_folder
@@ -66,11 +67,6 @@ def _no_progress(stage: str, done: int, total: int | None) -> None:
 
 def _base(data_dir: str | os.PathLike | None) -> Path:
     return Path(data_dir).expanduser() if data_dir else default_data_dir()
-
-
-def dataset_root(name: str, data_dir: str | os.PathLike | None = None) -> Path:
-    """Where ``ufgir download`` puts dataset ``name``: ``<data_dir>/<name>``."""
-    return _base(data_dir) / name
 
 
 def dataset_status(spec: DatasetSpec, root: Path) -> Status:
@@ -224,7 +220,7 @@ def _obtain_archive(
             raise DatasetError(
                 f"--archive {path} is not a file; pass the {spec.title} archive you downloaded"
             )
-        sha = sha256_file(path, progress)
+        sha = file_sha256(path, lambda done, total: progress("checksum", done, total))
         if spec.sha256 and sha != spec.sha256:
             raise DatasetError(
                 f"sha256 of {path} is {sha}, expected {spec.sha256} (the published {spec.title} archive); "
@@ -239,7 +235,7 @@ def _obtain_archive(
         dest.unlink(missing_ok=True)
         _part(dest).unlink(missing_ok=True)
     if dest.is_file():
-        sha = sha256_file(dest, progress)
+        sha = file_sha256(dest, lambda done, total: progress("checksum", done, total))
         if not spec.sha256 or sha == spec.sha256:
             return dest, sha, url, dest
         dest.unlink()  # a damaged cached copy: fetch it again
@@ -248,18 +244,6 @@ def _obtain_archive(
 
 def _part(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
-
-
-def sha256_file(path: Path, progress: Progress | None = None) -> str:
-    """Hex sha256 of a file, read in chunks (archives run to gigabytes)."""
-    progress = progress or _no_progress
-    h, done, total = hashlib.sha256(), 0, path.stat().st_size
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            done += len(chunk)
-            progress("checksum", done, total)
-    return h.hexdigest()
 
 
 def fetch(url: str, dest: Path, sha256: str | None = None, progress: Progress | None = None) -> str:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.datasets import normalize
-from .amp import autocast, frozen_weights_cast
+from ..model.precision import autocast, frozen_weights_cast
 from .dist import DistContext, all_gather_cat
 
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from ..data.synthetic import CELLS, pretraining_batch
 from ..io import atomic_save
+from ..model.precision import autocast, resolve_precision
 from ..model.vit import MICRO
-from .amp import autocast, resolve_precision
 
 
 def _to_input(x: np.ndarray) -> torch.Tensor:

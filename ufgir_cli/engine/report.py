@@ -13,17 +13,16 @@ import torch._dynamo.exc
 from ..errors import ModelError
 from ..io import atomic_write_json, atomic_write_text
 from ..model.checkpoint import checkpoint_tag, load_run, resolve_checkpoint
+from ..model.precision import resolve_device, resolve_precision
 from ..paths import run_dir_of
 from ..recipe import Recipe
-from .amp import resolve_device, resolve_precision
-from .dist import DistContext
 from .evaluate import compiled_for_inference, evaluate
 
 
 def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto", batch_size: int | None = None,
              precision: str | None = None, device: str = "auto", num_workers: int | None = None,
              on_batch=None, compile_model: bool = False) -> tuple[dict, Path, Recipe]:
-    from .train import data_mean_std, make_loader, open_split
+    from ..data.loaders import make_loader, open_split
 
     path = Path(path)
     ckpt_file = resolve_checkpoint(path, checkpoint) if path.suffix != ".safetensors" else path
@@ -37,8 +36,9 @@ def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto
 
         raise CheckpointError(f"{ckpt_file} has {model.num_classes} classes but {sf.root} has {sf.num_classes}")
     loader = make_loader(sf, recipe, train=False, batch_size=batch_size or recipe.eval.batch_size or recipe.train.batch_size,
-                         dist=DistContext(), workers=num_workers)
-    mean, std = data_mean_std(recipe, model)
+                         workers=num_workers)
+    data_cfg = model.data_config()
+    mean, std = data_cfg["mean"], data_cfg["std"]
     try:
         res = evaluate(compiled_for_inference(model) if compile_model else model, loader, device=device,
                        precision=prec, mean=mean, std=std, num_classes=model.num_classes, on_batch=on_batch)

@@ -35,24 +35,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from ..data.datasets import (
-    EpochSampler,
-    ImageFolderSplit,
-    collate,
-    find_unreadable,
-    init_worker,
-    normalize,
-    preprocess_for,
-)
-from ..data.folder import SplitFile, read_split
-from ..errors import CheckpointError, DatasetError, RecipeError, TrainingError
+from ..data.datasets import EpochSampler, normalize
+from ..data.folder import SplitFile
+from ..data.loaders import make_loader, read_splits, with_num_classes
+from ..errors import CheckpointError, TrainingError
 from ..io import atomic_write_json, atomic_write_text, remove_stale_temps
 from ..model.checkpoint import check_identity, checkpoint_payload, load_into, read_checkpoint, save_checkpoint
+from ..model.precision import autocast, frozen_weights_cast, resolve_device, resolve_precision
 from ..model.vit import UfgirViT, build_model
 from ..recipe import Recipe, dump_resolved
-from .amp import autocast, frozen_weights_cast, resolve_device, resolve_precision
 from .callbacks import Callback, JsonlLogger, TensorBoardLogger
 from .dist import DistContext, all_gather_object, barrier, broadcast_flag, cleanup, init_distributed
 from .evaluate import evaluate
@@ -65,89 +57,6 @@ class Interrupted(TrainingError):
     def __init__(self, msg: str, signum: int):
         super().__init__(msg)
         self.exit_code = 128 + signum
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-
-
-def dataset_root(recipe: Recipe) -> Path:
-    from ..paths import dataset_dir
-
-    name = recipe.data.dataset
-    root = dataset_dir(name, recipe.data.root)
-    if name == "synthetic":
-        from ..data.synthetic import ensure_synthetic
-
-        ensure_synthetic(root)
-    return root
-
-
-def open_split(recipe: Recipe, split: str) -> SplitFile:
-    """One validated split of the recipe's dataset (missing files tolerated with data.skip_corrupt)."""
-    return read_split(dataset_root(recipe), split, check_files=not recipe.data.skip_corrupt)
-
-
-def read_splits(recipe: Recipe) -> tuple[SplitFile, SplitFile, list[str]]:
-    """Both split files, validated, with every image decode-checked, before anything is written.
-
-    Returns ``(train split, eval split, skipped)``: with ``data.skip_corrupt`` missing or unreadable
-    images are left out and listed in ``skipped`` (paths relative to the dataset folder); without
-    it the first one is a one-line DatasetError.
-    """
-    root = dataset_root(recipe)
-    skip = recipe.data.skip_corrupt
-    splits, skipped = [], []
-    for name in (recipe.train.split, recipe.eval.split):
-        sf = read_split(root, name, check_files=not skip)
-        bad = find_unreadable([p for p, _ in sf.samples])
-        if bad and not skip:
-            path, why = bad[0]
-            more = f" ({len(bad)} unreadable images in this split)" if len(bad) > 1 else ""
-            raise DatasetError(
-                f"image {os.path.relpath(path, root)} in {root / 'splits' / f'{name}.csv'} cannot be decoded "
-                f"({why}){more}; replace or remove it, or pass --skip-corrupt to leave such images out"
-            )
-        if bad:
-            drop = {p for p, _ in bad}
-            sf = dataclasses.replace(sf, samples=[s for s in sf.samples if s[0] not in drop])
-            if not sf.samples:
-                raise DatasetError(f"no image of split {name} in {root} can be decoded; check the dataset folder")
-            skipped += [os.path.relpath(p, root) for p, _ in bad]
-        splits.append(sf)
-    return splits[0], splits[1], skipped
-
-
-def with_num_classes(recipe: Recipe, num_classes: int) -> Recipe:
-    m = recipe.model
-    if m.num_classes is not None and m.num_classes != num_classes:
-        raise RecipeError(
-            f"model.num_classes is {m.num_classes} but dataset {recipe.data.dataset!r} has {num_classes} classes; "
-            "unset model.num_classes to take it from the dataset"
-        )
-    return recipe.model_copy(update={"model": m.model_copy(update={"num_classes": num_classes})})
-
-
-def data_mean_std(recipe: Recipe, model: UfgirViT) -> tuple[tuple, tuple]:
-    cfg = model.vit.pretrained_cfg or {}
-    mean = recipe.model.mean or tuple(cfg.get("mean", (0.5, 0.5, 0.5)))
-    std = recipe.model.std or tuple(cfg.get("std", (0.5, 0.5, 0.5)))
-    return tuple(mean), tuple(std)
-
-
-def make_loader(split: SplitFile, recipe: Recipe, *, train: bool, batch_size: int, dist: DistContext,
-                workers: int | None = None) -> DataLoader:
-    d = recipe.data
-    tf = preprocess_for(recipe, train)
-    ds = ImageFolderSplit(split, tf, seed=recipe.train.seed, skip_corrupt=d.skip_corrupt)
-    sampler = EpochSampler(len(ds), shuffle=train, seed=recipe.train.seed, rank=dist.rank, world=dist.world, pad=train)
-    workers = d.num_workers if workers is None else workers
-    return DataLoader(
-        ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0 and train,
-        worker_init_fn=init_worker, generator=torch.Generator().manual_seed(recipe.train.seed),
-        prefetch_factor=4 if workers > 0 else None,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,7 +311,8 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
     if dist.rank:
         torch.manual_seed(recipe.train.seed + dist.rank)
     backbone_sha = model.backbone_sha256()
-    mean, std = data_mean_std(recipe, model)
+    data_cfg = model.data_config()
+    mean, std = data_cfg["mean"], data_cfg["std"]
     if resume_ckpt is not None:
         load_into(model, resume_ckpt, str(ckpt_path), backbone_sha)
     if recipe.train.channels_last:
@@ -451,8 +361,9 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
 
     # 4. Loaders and schedule.
     bs = recipe.train.batch_size
-    train_loader = make_loader(train_split, recipe, train=True, batch_size=bs, dist=dist)
-    eval_loader = make_loader(eval_split, recipe, train=False, batch_size=recipe.eval.batch_size or bs, dist=dist)
+    train_loader = make_loader(train_split, recipe, train=True, batch_size=bs, rank=dist.rank, world=dist.world)
+    eval_loader = make_loader(eval_split, recipe, train=False, batch_size=recipe.eval.batch_size or bs,
+                              rank=dist.rank, world=dist.world)
     sampler: EpochSampler = train_loader.sampler
     micro_per_epoch = math.ceil(sampler.epoch_size / bs)
     accum = recipe.train.grad_accum
@@ -640,4 +551,4 @@ def _cpu_peak_mb() -> float | None:
         return None
 
 
-__all__ = ["Interrupted", "TrainState", "apply_update", "default_run_name", "fit", "make_loader", "read_splits"]
+__all__ = ["Interrupted", "TrainState", "apply_update", "default_run_name", "fit"]

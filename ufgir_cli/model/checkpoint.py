@@ -20,6 +20,7 @@ import torch
 from ..errors import CheckpointError
 from ..io import atomic_save
 from ..recipe import Recipe, load_saved_recipe, recipe_from_dict
+from .state import load_strict
 from .vit import UfgirViT, build_model
 
 FORMAT = "ufgir-checkpoint"
@@ -147,17 +148,8 @@ def load_into(model: UfgirViT, ckpt: dict[str, Any], source: str, backbone_sha25
                 f"{source}: the backbone built from model.weights={model.cfg.weights!r} differs from the one it was "
                 f"trained on (sha256 {have[:12]} != {want[:12]}); point model.weights at the original weights"
             )
-    sd = ckpt["state_dict"]
-    own = model.state_dict()
-    unexpected = sorted(set(sd) - set(own))
-    missing = sorted(set(own) - set(sd)) if full else sorted(set(model.trainable_state_dict()) - set(sd))
-    bad = sorted(k for k in set(sd) & set(own) if tuple(sd[k].shape) != tuple(own[k].shape))
-    if unexpected or missing or bad:
-        raise CheckpointError(
-            f"{source} does not fit a {model.cfg.method} model on {model.cfg.backbone}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shape mismatch {bad[:5]}"
-        )
-    model.load_state_dict(sd, strict=full)
+    expected = None if full else model.trainable_state_dict().keys()
+    load_strict(model, ckpt["state_dict"], source, expected=expected)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint", device: str = "cpu",

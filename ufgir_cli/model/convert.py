@@ -17,6 +17,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe, recipe_from_dict
+from .state import load_strict
 from .vit import UfgirViT, build_model
 
 #: Reference model names -> timm backbones (the architecture; weights come from the checkpoint).
@@ -199,13 +200,5 @@ def load_upstream_checkpoint(path: str | Path) -> tuple[UfgirViT, Recipe]:
     recipe = recipe_from_upstream(c)
     model = build_model(recipe.model, recipe.model.num_classes)
     sd = convert_state_dict(ckpt["model"], model, c)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    if missing:
-        raise CheckpointError(f"reference checkpoint {path} lacks tensors our {recipe.model.method} model needs: "
-                              f"{missing[:8]}" + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
-    bad = [k for k in sd if tuple(sd[k].shape) != tuple(own[k].shape)]
-    if bad:
-        raise CheckpointError(f"reference checkpoint {path}: shape mismatch for {[(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in bad[:4]]}")
-    model.load_state_dict(sd, strict=True)
+    load_strict(model, sd, f"reference checkpoint {path}")
     return model.eval(), recipe

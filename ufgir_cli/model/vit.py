@@ -475,6 +475,20 @@ class UfgirViT(nn.Module):
         self.forward_features(x, probs)
         return probs
 
+    def data_config(self) -> dict:
+        """What an input must look like, as timm's ``resolve_model_data_config`` says it: input size,
+        the normalisation (the recipe's ``model.mean``/``model.std`` when set, else the backbone's
+        pretrained config), and the pretrained config's interpolation and crop ratio."""
+        pcfg = self.vit.pretrained_cfg or {}
+        size = int(self.vit.patch_embed.img_size[0])
+        return {
+            "input_size": (3, size, size),
+            "mean": tuple(self.cfg.mean or pcfg.get("mean", (0.5, 0.5, 0.5))),
+            "std": tuple(self.cfg.std or pcfg.get("std", (0.5, 0.5, 0.5))),
+            "interpolation": pcfg.get("interpolation", "bicubic"),
+            "crop_pct": pcfg.get("crop_pct", 1.0),
+        }
+
     @property
     def default_cfg(self) -> dict:
         return self.vit.pretrained_cfg
