@@ -21,7 +21,6 @@ def _clean_env(monkeypatch, tmp_path_factory):
         if k.startswith("UFGIR_"):
             monkeypatch.delenv(k)
     monkeypatch.setenv("UFGIR_DATA_DIR", str(tmp_path_factory.getbasetemp() / "data"))
-    monkeypatch.setenv("UFGIR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture(scope="session")

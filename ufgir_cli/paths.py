@@ -1,7 +1,7 @@
-"""Where ufgir keeps datasets, caches and runs.
+"""Where ufgir keeps datasets and runs.
 
-``UFGIR_DATA_DIR`` / ``UFGIR_CACHE_DIR`` win over the platform's user folders so that a cluster job
-can point every rank at shared storage without touching recipes.
+``UFGIR_DATA_DIR`` wins over the platform's user data folder and ``UFGIR_RUNS_DIR`` over ``./runs``,
+so that a cluster job can point every rank at shared storage without touching recipes.
 """
 
 from __future__ import annotations
@@ -9,22 +9,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from platformdirs import user_cache_dir, user_data_dir
+from platformdirs import user_data_dir
 
 APP = "ufgir"
 
 #: Environment variables that configure the program but are not recipe keys.
 NON_RECIPE_ENV = frozenset(
-    {"UFGIR_DATA_DIR", "UFGIR_CACHE_DIR", "UFGIR_DEBUG", "UFGIR_RUNS_DIR", "UFGIR_DIST_TIMEOUT", "UFGIR_FIXTURES"}
+    {"UFGIR_DATA_DIR", "UFGIR_DEBUG", "UFGIR_RUNS_DIR", "UFGIR_DIST_TIMEOUT", "UFGIR_FIXTURES"}
 )
 
 
 def data_dir() -> Path:
     return Path(os.environ.get("UFGIR_DATA_DIR") or user_data_dir(APP)).expanduser()
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("UFGIR_CACHE_DIR") or user_cache_dir(APP)).expanduser()
 
 
 def runs_dir() -> Path:
