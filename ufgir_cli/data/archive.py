@@ -1,0 +1,135 @@
+"""Unpacking a dataset archive safely: zip or tar, member by member, nothing outside the target.
+
+Archives come from mirrors and users' own copies, so every member name is untrusted input.
+"""
+
+from __future__ import annotations
+
+import lzma
+import re
+import shutil
+import stat
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import IO, Literal
+
+from ..errors import DatasetError
+
+#: ``progress(stage, done, total)`` as `download_dataset` takes it; here the stage is "extract".
+Progress = Callable[[str, int, int | None], None]
+_CHUNK = 1 << 20
+
+
+def extract_archive(archive: Path, dest: Path, progress: Progress) -> None:
+    """Unpack a zip or tar(.gz/.bz2/.xz) into ``dest`` member by member.
+
+    Refuses, before writing it, any member that could land outside ``dest`` or is not a plain file
+    or folder: absolute names, ``..`` components, symbolic and hard links, devices and fifos. The
+    format is read from the bytes, not the file name, so a renamed or re-packed mirror still works.
+    """
+    size = archive.stat().st_size
+    try:
+        with open(archive, "rb") as raw:
+
+            def tick() -> None:
+                progress("extract", raw.tell(), size)
+
+            if zipfile.is_zipfile(raw):
+                raw.seek(0)
+                with zipfile.ZipFile(raw) as zf:
+                    _unpack(_zip_members(zf), dest, archive, tick)
+                return
+            raw.seek(0)
+            try:
+                tf = tarfile.open(fileobj=raw, mode="r:*")
+            except tarfile.ReadError:
+                raise DatasetError(
+                    f"{archive} is not a zip or tar(.gz/.bz2/.xz) archive, or it is truncated; "
+                    "fetch it again with --force"
+                ) from None
+            with tf:
+                _unpack(_tar_members(tf), dest, archive, tick)
+    except OSError as e:
+        if e.errno is not None:  # the file system, not the archive (gzip and bz2 errors carry no errno)
+            raise DatasetError(
+                f"cannot extract {archive.name} into {dest}: {e.strerror}; free space or fix permissions there"
+            ) from None
+        raise _corrupt(archive, e) from None
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError) as e:
+        raise _corrupt(archive, e) from None
+
+
+def _corrupt(archive: Path, err: Exception) -> DatasetError:
+    return DatasetError(
+        f"cannot extract {archive}: it is truncated or corrupt ({' '.join(str(err).split()) or type(err).__name__}); "
+        "fetch it again with --force"
+    )
+
+
+_Member = tuple[str, Literal["file", "dir", "link", "special"], Callable[[], IO[bytes]]]
+
+
+def _zip_members(zf: zipfile.ZipFile) -> Iterator[_Member]:
+    for info in zf.infolist():
+        ftype = stat.S_IFMT(info.external_attr >> 16)  # 0 when the archiver recorded no Unix type
+        if ftype == stat.S_IFLNK:
+            kind = "link"
+        elif info.is_dir():
+            kind = "dir"
+        elif ftype not in (0, stat.S_IFREG):
+            kind = "special"
+        else:
+            kind = "file"
+        yield info.filename, kind, lambda info=info: zf.open(info)
+
+
+def _tar_members(tf: tarfile.TarFile) -> Iterator[_Member]:
+    for m in tf:
+        if m.issym() or m.islnk():
+            kind = "link"
+        elif m.isdir():
+            kind = "dir"
+        elif m.isreg():
+            kind = "file"
+        else:
+            kind = "special"
+        yield m.name, kind, lambda m=m: tf.extractfile(m)
+
+
+def _unpack(members: Iterator[_Member], dest: Path, archive: Path, tick: Callable[[], None]) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, kind, open_member in members:
+        rel = _member_path(name, kind, archive)
+        if rel is None:
+            continue
+        target = dest.joinpath(*rel.parts)
+        if kind == "dir":
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open_member() as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+        tick()
+
+
+def _member_path(name: str, kind: str, archive: Path) -> PurePosixPath | None:
+    """The member's path inside the target, or a DatasetError for anything unsafe; None for ``./``."""
+    why = None
+    norm = name.replace("\\", "/")
+    parts = [p for p in norm.split("/") if p not in ("", ".")]
+    if kind == "link":
+        why = "is a link"
+    elif kind == "special":
+        why = "is a device file or fifo"
+    elif norm.startswith("/") or re.match(r"[A-Za-z]:", norm):
+        why = "has an absolute path"
+    elif ".." in parts:
+        why = "climbs out of the target with '..'"
+    if why:
+        raise DatasetError(
+            f"refusing to extract {archive.name}: member {name!r} {why}; use the official archive"
+        )
+    return PurePosixPath(*parts) if parts else None
