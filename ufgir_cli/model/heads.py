@@ -1,0 +1,131 @@
+"""Classifier heads of the paper's single-pass comparison methods (reference/FGIR.md §5, §6, §8b), pure torch.
+
+Each head reads a different part of the backbone, which is why they are not one Linear on the CLS token:
+
+- :class:`IFAHead` mixes the CLS token of every block (no final LayerNorm anywhere);
+- :class:`MPNCovHead` pools the patch tokens by their covariance, square-rooted by Newton-Schulz (no CLS);
+- :class:`VQTHead` reads per-block query-only prompt outputs (`vqt_prompt_rows`) plus the normed CLS.
+
+Inits follow the reference: every Linear xavier-uniform with a tiny normal bias, the conv kaiming
+(fan_out). Numerics that the reference runs in float32 (covariance, matrix square root) run in float32
+here under autocast too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ila import xavier_linear_
+
+
+class IFAHead(nn.Module):
+    """Intermediate-features aggregation: a learned weighted sum of the ``depth`` per-block CLS tokens
+    (Linear(depth -> 1) across blocks), ReLU, LayerNorm, Linear to the classes."""
+
+    def __init__(self, depth: int, dim: int, num_classes: int, eps: float = 1e-12):
+        super().__init__()
+        self.mix = nn.Linear(depth, 1)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.fc = nn.Linear(dim, num_classes)
+        xavier_linear_(self.mix)
+        xavier_linear_(self.fc)
+
+    def forward(self, cls_per_block: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``cls_per_block`` (B, depth, D) -> logits (B, C)."""
+        x = self.mix(cls_per_block.transpose(1, 2)).squeeze(-1)            # (B, D, depth) -> (B, D)
+        x = self.norm(F.relu(x))
+        return x if pre_logits else self.fc(x)
+
+
+def isqrt_newton_schulz(a: torch.Tensor, iterations: int = 5) -> torch.Tensor:
+    """Approximate square root of SPD matrices (B, d, d) by ``iterations`` coupled Newton-Schulz steps
+    on the trace-normalised matrix, as iSQRT-COV does. Five steps are about 20 % off the true square
+    root: the method is defined by these steps, not by ``eigh``."""
+    d = a.shape[-1]
+    eye3 = 3.0 * torch.eye(d, dtype=a.dtype, device=a.device)
+    trace = a.diagonal(dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1)             # (B, 1, 1)
+    a = a / trace
+    t = 0.5 * (eye3 - a)
+    y, z = a @ t, t
+    for _ in range(iterations - 2):
+        t = 0.5 * (eye3 - z @ y)
+        y, z = y @ t, t @ z
+    return 0.5 * y @ (eye3 - z @ y) * trace.sqrt()
+
+
+def upper_triangle(m: torch.Tensor) -> torch.Tensor:
+    """(B, d, d) -> (B, d(d+1)/2): the upper triangle with the diagonal, row by row."""
+    rows, cols = torch.triu_indices(m.shape[-1], m.shape[-1], device=m.device)
+    return m[:, rows, cols]
+
+
+class MPNCovHead(nn.Module):
+    """Matrix power normalised covariance pooling: 1x1 conv + BN + ReLU to ``proj`` channels, centred
+    covariance over the grid positions, iSQRT, upper triangle (row-major, with the diagonal), Linear."""
+
+    def __init__(self, dim: int, num_classes: int, proj: int = 64, iterations: int = 5):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(dim, proj, 1, bias=False), nn.BatchNorm2d(proj), nn.ReLU(inplace=True))
+        self.iterations = iterations
+        self.fc = nn.Linear(proj * (proj + 1) // 2, num_classes)
+        nn.init.kaiming_normal_(self.reduce[0].weight, mode="fan_out", nonlinearity="relu")
+        xavier_linear_(self.fc)
+
+    def pool(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch tokens (B, N, D) on ``grid`` -> the pooled vector (B, proj*(proj+1)/2), in float32."""
+        B, N, D = tokens.shape
+        x = tokens.transpose(1, 2).reshape(B, D, *grid)                     # (B, D, h, w): token n at (n // w, n % w)
+        x = self.reduce(x).flatten(2).float()                               # (B, proj, M)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x - x.mean(dim=2, keepdim=True)
+            cov = x @ x.transpose(1, 2) / x.shape[2]                        # (B, proj, proj)
+            root = isqrt_newton_schulz(cov, self.iterations)
+            return upper_triangle(root)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], pre_logits: bool = False) -> torch.Tensor:
+        x = self.pool(tokens, grid)
+        return x if pre_logits else self.fc(x.to(self.fc.weight.dtype))
+
+
+def vqt_prompt_rows(blk: nn.Module, prompts: torch.Tensor, h: torch.Tensor, drop: nn.Module | None = None) -> torch.Tensor:
+    """One block's output rows for VQT's query-only prompts (B, P, D).
+
+    ``h`` is the block's LayerNorm-1 output of the image stream (B, T, D). The prompts query the stream
+    but are never keys or values, so the stream itself is a plain ViT's; their rows still go through
+    the residual, LayerNorm 2 and the MLP, with the block's ``drop`` on both branch outputs (the
+    reference's dropout placement) and its layer scale and drop-path."""
+    drop = drop if drop is not None else nn.Identity()
+    attn = blk.attn
+    B, T, D = h.shape
+    q_in = blk.norm1(prompts)
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(q_in, w[:D], None if b is None else b[:D])                 # (B, P, D)
+    kv = F.linear(h, w[D:], None if b is None else b[D:])                   # (B, T, 2D)
+    q = q.reshape(B, -1, attn.num_heads, D // attn.num_heads).transpose(1, 2)  # (B, heads, P, hd)
+    k, v = kv.reshape(B, T, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, T, hd)
+    o = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v)   # (B, heads, P, hd)
+    o = o.transpose(1, 2).reshape(B, -1, D)                                 # (B, P, D)
+    o = attn.proj(getattr(attn, "norm", nn.Identity())(o))
+    x = prompts + blk.drop_path1(drop(blk.ls1(o)))
+    return x + blk.drop_path2(drop(blk.ls2(blk.mlp(blk.norm2(x)))))
+
+
+class VQTHead(nn.Module):
+    """Visual query tuning's head: each block's prompt rows flattened token-major and L2-normalised as
+    one vector, then the L2-normalised CLS after the final norm, all into one Linear."""
+
+    def __init__(self, depth: int, prompt_len: int, dim: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(dim + depth * prompt_len * dim, num_classes)
+        xavier_linear_(self.fc)
+
+    def forward(self, prompt_rows: list[torch.Tensor], cls: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``prompt_rows``: per block (B, P, D); ``cls`` (B, D) after the final norm -> logits (B, C)."""
+        parts = [F.normalize(p.flatten(1), dim=-1) for p in prompt_rows]    # (B, P*D) each, one norm per block
+        x = torch.cat([*parts, F.normalize(cls, dim=-1)], dim=1)            # (B, L*P*D + D)
+        return x if pre_logits else self.fc(x)
+
+
+__all__ = ["IFAHead", "MPNCovHead", "VQTHead", "isqrt_newton_schulz", "upper_triangle", "vqt_prompt_rows"]
