@@ -80,17 +80,46 @@ def resize_square(img: torch.Tensor, size: int, interpolation: str = "bicubic") 
     return TF.resize(img, [size, size], interpolation=mode, antialias=True)
 
 
+#: Augmentation presets of the reference (FGIR.md §1.5): ``weak`` = resize, random crop, flip;
+#: ``medium`` adds TrivialAugmentWide and RandomErasing (p 0.3, area 0.02-0.4, aspect 0.3-3.3). The
+#: rest of ``medium`` (label smoothing 0.1, uniform stochastic depth 0.1 instead of dropout) is set on
+#: the recipe's optimiser and model keys when the recipe is resolved.
+AUGMENTS = ("weak", "medium")
+
+
 class Preprocess:
-    """Paper transforms on uint8 tensors: resize to R = int(ratio * S); train: random crop S + flip;
-    eval: centre crop S. Normalisation happens on the device, on the batch (see ``normalize``)."""
+    """Paper transforms on uint8 tensors: resize to R = int(ratio * S); train: random crop S + flip
+    (+ the ``medium`` preset's TrivialAugmentWide and RandomErasing); eval: centre crop S.
+    Normalisation happens on the device, on the batch (see ``normalize``).
+
+    Every random choice is drawn from the per-sample generator, so augmentation is a function of
+    (seed, epoch, index) and a resumed run sees the same images. torchvision's transforms draw from
+    torch's global generator: they run inside a forked RNG seeded from the per-sample one.
+    """
 
     def __init__(self, image_size: int, train: bool, resize_ratio: float = 1.34, hflip: bool = True,
-                 interpolation: str = "bicubic"):
+                 interpolation: str = "bicubic", augment: str = "weak",
+                 mean: tuple[float, float, float] = (0.5, 0.5, 0.5)):
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
         self.size = image_size
         self.resize = int(resize_ratio * image_size)
         self.train = train
         self.hflip = hflip
         self.interpolation = interpolation
+        self.augment = augment
+        self.extra = None
+        if train and augment == "medium":
+            from torchvision.transforms import v2
+
+            mode = v2.InterpolationMode.BICUBIC if interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
+            # The reference erases with 0 after Normalize, i.e. with the mean colour: on uint8 that is
+            # round(255 * mean), which normalises to 0 within half a grey level.
+            fill = [round(255 * m) for m in mean]
+            self.extra = v2.Compose([
+                v2.TrivialAugmentWide(interpolation=mode),
+                v2.RandomErasing(p=0.3, scale=(0.02, 0.4), ratio=(0.3, 3.3), value=fill),
+            ])
 
     def __call__(self, img: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         img = resize_square(img, self.resize, self.interpolation)
@@ -102,13 +131,21 @@ class Preprocess:
         img = img[:, top : top + S, left : left + S]
         if self.train and self.hflip and torch.rand((), generator=gen).item() < 0.5:
             img = img.flip(-1)
+        if self.extra is not None:
+            seed = int(torch.randint(0, 2**62, (), generator=gen))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                img = self.extra(img)
         return img.contiguous()
 
 
 def preprocess_for(recipe, train: bool) -> Preprocess:
-    """The recipe's paper transform: training augmentation, or the eval resize + centre crop."""
+    """The recipe's paper transform: training augmentation (its ``data.augment`` preset), or the eval
+    resize + centre crop."""
     d = recipe.data
-    return Preprocess(recipe.model.image_size, train, d.resize_ratio, d.hflip, d.interpolation)
+    mean = recipe.model.mean or (0.5, 0.5, 0.5)
+    return Preprocess(recipe.model.image_size, train, d.resize_ratio, d.hflip, d.interpolation,
+                      getattr(d, "augment", "weak"), mean)
 
 
 def normalize(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
