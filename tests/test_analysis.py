@@ -288,8 +288,8 @@ def test_forward_collect_and_analyse_on_micro_model(micro_model):
 
 
 def test_cost_equals_inspect_for_vit_b16_ila_pp():
+    from ufgir_cli.analysis.report import cost_section
     from ufgir_cli.cli import app
-    from ufgir_cli.cli.analyze import cost_section
     from ufgir_cli.model import build_model
     from ufgir_cli.recipe import load_recipe
 

@@ -138,6 +138,24 @@ def test_visualize_bad_options(runs, args, message):
     assert res.exit_code == 2 and message in _text(res)
 
 
+def test_analysis_report_as_a_library(runs):
+    """What the commands draw is computed by ufgir_cli.analysis.report, callable without the CLI."""
+    from functools import partial
+
+    from ufgir_cli.analysis.report import block_attention, compare_rows, rollout_maps, visualize
+    from ufgir_cli.errors import OptionError
+
+    shown = visualize(runs["ila"], partial(rollout_maps, fusion="mean"), count=3, device="cpu")
+    assert shown.images.shape == (3, 64, 64, 3) and shown.images.dtype.name == "uint8"
+    assert [label for label, _ in shown.maps] == ["rollout 0-2", "rollout 2-4", "rollout 4-6"]
+    assert all(m.shape == (3, 64, 64) and 0 <= m.min() and m.max() <= 1 for _, m in shown.maps)
+    assert shown.stems[0] == "c00_000_test" and shown.titles[0].startswith("c00_000_test\ntrue layout_ab00 · pred ")
+    with pytest.raises(OptionError, match="--layer: 6 is not a block"):
+        visualize(runs["ila"], partial(block_attention, layer=6), count=1, device="cpu")
+    rows, missing = compare_rows([runs["lin"], runs["ila"] / "nothing"])
+    assert [r["method"] for r in rows] == ["linear"] and "does not exist" in missing[0]
+
+
 def test_compare_table_plot_and_paper_number(runs, tmp_path):
     # a copy of the ILA++ run relabelled as SoyAgeing picks up the paper's 75.00 (ILA++ at 448 px)
     soy = tmp_path / "soy"

@@ -50,3 +50,21 @@ def test_errors_are_one_line_exit_2():
     assert len(lines) == 1 and "model.ila_ds_locs" in lines[0]
     res = runner.invoke(app, ["recipes", "show", "missing_recipe"])
     assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_shared_options_say_one_thing():
+    """--checkpoint, --device and --split are one alias each (cli/_common.py): one help text in every command."""
+    import typer.main
+
+    helps: dict[str, set[str]] = {}
+
+    def walk(cmd) -> None:
+        for sub in getattr(cmd, "commands", {}).values():
+            walk(sub)
+        for p in cmd.params:
+            for flag in set(getattr(p, "opts", [])) & {"--checkpoint", "--device", "--split"}:
+                helps.setdefault(flag, set()).add(p.help)
+
+    walk(typer.main.get_command(app))
+    assert set(helps) == {"--checkpoint", "--device", "--split"}
+    assert all(len(h) == 1 for h in helps.values()), helps

@@ -1,8 +1,9 @@
 """Errors the user can act on.
 
 Every exception raised for bad input derives from :class:`UfgirError`. The CLI's error boundary
-prints ``str(err)`` as one line and exits with ``err.exit_code``; anything else is a bug and shows a
-traceback only with ``UFGIR_DEBUG=1``.
+(``ufgir_cli/cli/__init__.py``) prints ``str(err)`` as one line and exits with ``err.exit_code``; with
+``UFGIR_DEBUG`` set to anything but ``""``, ``0`` or ``false`` it re-raises instead, so the traceback shows.
+Any other exception is a bug and always shows its traceback.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class ModelError(UfgirError):
 
 class ExportError(UfgirError):
     """An export failed or its parity check against eager PyTorch did not hold."""
+
+
+class OptionError(UfgirError):
+    """An option's value does not fit what it is applied to (a block the model lacks, ...); the
+    message starts with the option's flag, since it is often known only once the model is loaded."""
 
 
 class TrainingError(UfgirError):

@@ -35,14 +35,16 @@ app = typer.Typer(
 )
 
 # Command modules hold the command bodies; they import torch only inside those bodies.
-from . import analyze as _analyze  # noqa: E402
 from . import backbone as _backbone  # noqa: E402
+from . import compare as _compare  # noqa: E402
 from . import download as _download  # noqa: E402
 from . import eval as _eval  # noqa: E402
 from . import inspect as _inspect  # noqa: E402
+from . import metrics as _metrics  # noqa: E402
 from . import recipes as _recipes  # noqa: E402
 from . import ship as _ship  # noqa: E402
 from . import train as _train  # noqa: E402
+from . import visualize as _visualize  # noqa: E402
 
 app.add_typer(_recipes.app, name="recipes", help="List and show the packaged recipes.")
 app.command("inspect")(_inspect.inspect)
@@ -53,9 +55,9 @@ app.command("eval")(_eval.eval_cmd)
 app.command("export")(_ship.export)
 app.command("import-upstream")(_ship.import_upstream)
 app.command("predict")(_ship.predict)
-app.command("metrics")(_analyze.metrics)
-app.add_typer(_analyze.visualize_app, name="visualize", help="Attention rollout and per-block attention drawn over images.")
-app.command("compare")(_analyze.compare)
+app.command("metrics")(_metrics.metrics)
+app.add_typer(_visualize.app, name="visualize", help="Attention rollout and per-block attention drawn over images.")
+app.command("compare")(_compare.compare)
 app.command("pretrain-backbone")(_backbone.pretrain_backbone)
 
 

@@ -1,11 +1,16 @@
-"""What every command shares: the console, option aliases, and the one error boundary.
+"""What the command modules share: the consoles, the option aliases (each flag declared once, with one
+help text), number formatting for tables and a progress bar of images.
 
-Nothing here imports torch: ``ufgir --help`` must stay instant.
+The error boundary is not here but in ``cli/__init__.py``, around every command. Nothing here imports
+torch: ``ufgir --help`` must stay instant.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -23,13 +28,17 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a recipe key, e.g. --set train.epochs=5 (repeatable)."),
 ]
 RunArg = Annotated[Path, typer.Argument(help="A run folder or a checkpoint file.", show_default=False)]
-SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split: train, val, train_val or test.")]
-BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", "-b", help="Batch size (default: the recipe's).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Plain log lines instead of live progress.")]
+CheckpointOpt = Annotated[
+    str, typer.Option("--checkpoint", help="Which checkpoint of a run folder: best, last or auto (best if present).")
+]
+SplitOpt = Annotated[str | None, typer.Option("--split", help="Dataset split: train, val, train_val or test.")]
+BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Batch size (default: the recipe's).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Plain log lines instead of live progress.")]
 
 
 def debug_enabled() -> bool:
+    """``UFGIR_DEBUG`` set to anything but "", "0" or "false": the error boundary re-raises (traceback)."""
     return os.environ.get("UFGIR_DEBUG", "") not in ("", "0", "false")
 
 
@@ -38,3 +47,27 @@ def parse_sets(sets: list[str] | None) -> dict:
     from ..recipe import parse_overrides
 
     return parse_overrides(sets or [])
+
+
+def fmt(v: float | None, spec: str = ".3f") -> str:
+    """A table cell: ``v`` formatted, or "-" where there is no number."""
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+@contextmanager
+def image_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """Transient bars of images on a terminal (silent in logs and tests); yields the ``progress(description,
+    n, total)`` callback of ``ufgir_cli.analysis.report``, which opens one bar per description."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, transient=True, disable=not console.is_terminal)
+    tasks: dict[str, TaskID] = {}
+
+    def advance(description: str, n: int, total: int) -> None:
+        if description not in tasks:
+            tasks[description] = progress.add_task(description, total=total)
+        progress.advance(tasks[description], n)
+
+    with progress:
+        yield advance

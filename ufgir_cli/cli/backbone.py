@@ -11,8 +11,9 @@ from ._common import console
 
 
 def pretrain_backbone(
-    out: Annotated[Path, typer.Option(help="Folder for the .safetensors weights (package assets by default).")] = Path(
-        "ufgir_cli/assets"),
+    out: Annotated[Path | None, typer.Option(help="Folder for the .safetensors weights (default: the installed "
+                                             "package's assets folder, where the micro ViT is loaded from; "
+                                             "a relative path is taken from the current folder).")] = None,
     images: Annotated[int, typer.Option(help="Synthetic pretraining images.")] = 24_000,
     epochs: Annotated[int, typer.Option(help="Epochs over them.")] = 8,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
@@ -21,6 +22,7 @@ def pretrain_backbone(
 ) -> None:
     """Pretrain ufgir_vit_micro_patch8_64 on synthetic leaf-mark attributes (tens of CPU minutes)."""
     from ..engine.pretrain import pretrain_backbone as run
+    from ..model.vit import ASSETS
 
-    path = run(out, images=images, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, log=console.print)
+    path = run(out or ASSETS, images=images, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, log=console.print)
     console.print(f"backbone weights: {path}")

@@ -7,21 +7,22 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import BatchSizeOpt, RunArg, console
+from ._common import BatchSizeOpt, CheckpointOpt, DeviceOpt, RunArg, SplitOpt, console
 
 
 def eval_cmd(
     run: RunArg,
-    split: Annotated[str | None, typer.Option("--split", help="Split to evaluate (default: the recipe's eval.split).")] = None,
-    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best, last or auto (best if present).")] = "auto",
+    split: SplitOpt = None,
+    checkpoint: CheckpointOpt = "auto",
     batch_size: BatchSizeOpt = None,
     precision: Annotated[str | None, typer.Option(help="fp32, bf16, fp16 (default: the run's).")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    device: DeviceOpt = "auto",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model first (weights frozen "
                                            "into the graph): tens of seconds once, faster batches after; "
                                            "needs a C++ compiler on a CPU.")] = False,
 ) -> None:
-    """Evaluate and write eval/<split>/{metrics.json,per_class.csv,predictions.csv} under the run."""
+    """Evaluate --split (default: the recipe's eval.split) and write
+    eval/<split>/{metrics.json,per_class.csv,predictions.csv} under the run."""
     from ..engine.report import eval_run
 
     m, out, recipe = eval_run(run, split, checkpoint, batch_size, precision, device, compile_model=compile_)

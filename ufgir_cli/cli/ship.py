@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ._common import BatchSizeOpt, console, err_console
+from ._common import BatchSizeOpt, CheckpointOpt, console, err_console
 
 SourceArg = Annotated[Path, typer.Argument(help="A run folder, a checkpoint file, or a safetensors export.",
                                            show_default=False)]
@@ -28,7 +28,7 @@ def export(
                                                 help="Any batch size, or a fixed batch of 1.")] = True,
     image_size: Annotated[int | None, typer.Option("--image-size", help="onnx/pt2: input size in px "
                                                    "(position embeddings resampled; default: the trained size).")] = None,
-    checkpoint: Annotated[str, typer.Option("--checkpoint", help="For a run folder: best, last or auto.")] = "auto",
+    checkpoint: CheckpointOpt = "auto",
     tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, help="Max abs logit difference vs eager PyTorch.")] = 1e-4,
 ) -> None:
     """Export a model (safetensors, ONNX or torch.export pt2), check it against eager PyTorch, write MODEL_CARD.md."""

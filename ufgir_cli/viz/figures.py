@@ -143,6 +143,27 @@ def save_overlays(panels: Sequence[Overlay], path: Path, cols: int, per_image: i
     return _save(fig, path)
 
 
+def save_overlay_folder(images: np.ndarray, maps: Sequence[tuple[str, np.ndarray]], titles: Sequence[str],
+                        names: Sequence[str], folder: Path, cols: int) -> Path:
+    """What `ufgir visualize` writes: ``grid.png`` with every image's panels (one per map) and one
+    ``NNN_<name>.png`` per image; per-image files of an earlier, larger call are removed, other files kept.
+
+    ``images`` is (B, H, W, 3) uint8, each map (B, H, W) in [0, 1]; returns the grid's path.
+    """
+    folder = Path(folder)
+    per_image = len(maps)
+    panels, written = [], set()
+    for b, (title, name) in enumerate(zip(titles, names, strict=True)):
+        own = [Overlay(images[b], m[b], f"{title}\n{label}") for label, m in maps]
+        written.add(save_overlays(own, folder / f"{b:03d}_{name}.png", cols=per_image, per_image=per_image).name)
+        panels += own
+    grid = save_overlays(panels, folder / "grid.png", cols=cols, per_image=per_image)
+    for old in folder.glob("[0-9][0-9][0-9]_*.png"):
+        if old.name not in written:
+            old.unlink()
+    return grid
+
+
 def save_accuracy_vs_macs(points: Sequence[dict], path: Path, title: str) -> Path:
     """Top-1 against multiply-adds, marker area by trainable parameters (the paper's accuracy/cost figure).
 
@@ -171,4 +192,4 @@ def _count(n: int) -> str:
 
 
 __all__ = ["CKA_PX", "COLORBAR_PX", "DPI", "FEATURES_PX", "IMAGE_PX", "Overlay", "PANEL_PX", "SCATTER_PX", "blend", "overlay_columns",
-           "save_accuracy_vs_macs", "save_cka", "save_feature_metrics", "save_overlays"]
+           "save_accuracy_vs_macs", "save_cka", "save_feature_metrics", "save_overlay_folder", "save_overlays"]

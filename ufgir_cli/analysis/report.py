@@ -1,0 +1,232 @@
+"""`ufgir metrics`, `ufgir visualize` and `ufgir compare` as library calls, like ``engine/report.py`` is
+for `ufgir eval`: load runs and images, measure, and return plain dicts and arrays.
+
+Nothing here draws, prints or writes: the commands hand the results to ``ufgir_cli.viz`` and write them
+under ``<run>/analysis/``, so a notebook can call the same functions and plot them its own way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.datasets import load_image, normalize, preprocess_for
+from ..data.folder import read_classes
+from ..data.loaders import make_loader, open_split
+from ..errors import DatasetError, OptionError
+from ..model import build_model
+from ..model.checkpoint import checkpoint_tag, load_run, read_checkpoint, resolve_checkpoint
+from ..model.precision import resolve_device, resolve_precision
+from ..paths import dataset_dir, run_dir_of
+from ..recipe import Recipe, load_saved_recipe, recipe_from_dict
+from . import rollout as ro
+from .cka import MIN_BATCH
+from .cost import cost_summary, measure_inference
+from .features import analyse_batches, forward_collect
+from .paper import paper_top1
+
+#: ``progress(description, images done since the last call, images in all)``; a first call with 0 opens the bar.
+Progress = Callable[[str, int, int], None]
+
+#: ``make_maps(model, attention) -> [(label, (B, h, w) maps)]``: what `visualize` draws from one forward pass.
+MakeMaps = Callable[[nn.Module, list[torch.Tensor]], list[tuple[str, torch.Tensor]]]
+
+
+def load_model(path: Path, checkpoint: str = "auto", device: str = "auto") -> tuple[nn.Module, Recipe, Path, str]:
+    """(model in eval mode, recipe, checkpoint file, resolved device) of a run folder or checkpoint file."""
+    device = resolve_device(device)
+    ckpt = resolve_checkpoint(path, checkpoint)
+    model, recipe = load_run(ckpt, device=device)
+    return model.eval(), recipe, ckpt, device
+
+
+def run_label(path: Path, recipe: Recipe) -> str:
+    """How figures and tables name a run: its folder and method."""
+    return f"{run_dir_of(path).name} ({recipe.model.method})"
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+
+
+def cost_section(model: nn.Module, recipe: Recipe, device: str, throughput: bool = True) -> dict:
+    """Parameters, MACs and FLOPs per image (as `ufgir inspect` counts them) and, when asked, measured
+    inference speed at the recipe's batch size and precision."""
+    out = cost_summary(model, recipe.model.image_size)
+    out["image_size"] = recipe.model.image_size
+    if throughput:
+        t = measure_inference(model, recipe.model.image_size, recipe.train.batch_size, device=device,
+                              precision=resolve_precision(recipe.train.precision, device))
+        out.update(images_per_s=t.images_per_s, latency_ms=t.latency_ms, peak_memory_mb=t.peak_memory_mb,
+                   batch_size=t.batch_size, device=t.device, precision=t.precision)
+    return out
+
+
+def measure(path: Path, *, split: str = "test", data_recipe: Recipe | None = None, checkpoint: str = "auto",
+            device: str = "auto", batches: int | None = None, batch_size: int | None = None, cka: bool = True,
+            features: bool = True, cost: bool = True, progress: Progress | None = None) -> tuple[dict, Recipe]:
+    """Everything `ufgir metrics` reports for one run, and the run's recipe.
+
+    Images come from ``data_recipe``'s dataset (another run's, so that two runs see the same images)
+    or the run's own; minibatches hold at least ``MIN_BATCH`` images when attention CKA is asked for.
+    """
+    model, recipe, ckpt, device = load_model(path, checkpoint, device)
+    res: dict = {
+        "run": str(run_dir_of(path)), "checkpoint": checkpoint_tag(ckpt), "method": recipe.model.method,
+        "backbone": recipe.model.backbone, "image_size": recipe.model.image_size,
+        "tokens_per_block": model.tokens_per_block,
+        "encoder_groups": [list(g) for g in ro.encoder_groups(model.grids)],
+    }
+    if cka or features:
+        data = data_recipe or recipe
+        sf = open_split(data, split)
+        bs = batch_size or max(MIN_BATCH if cka else 1, recipe.eval.batch_size or recipe.train.batch_size)
+        loader = make_loader(sf, recipe, train=False, batch_size=bs)
+        data_cfg = model.data_config()
+        stream = (normalize(x.to(device), data_cfg["mean"], data_cfg["std"]) for x, _, _ in loader if len(x))
+        total = len(sf.samples) if batches is None else min(len(sf.samples), batches * bs)
+        what = f"analysing {run_dir_of(path).name}"
+        report = progress or (lambda *_: None)
+        report(what, 0, total)
+        res.update(analyse_batches(model, stream, cka=cka, features=features, max_batches=batches,
+                                   on_batch=lambda n: report(what, n, total)))
+        res.update(dataset=data.data.dataset, split=split, batch_size=bs)
+    if cost:
+        res["cost"] = cost_section(model, recipe, device)
+    return res, recipe
+
+
+# --------------------------------------------------------------------------------------------
+# visualize
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What `ufgir visualize` draws: the images as the model saw them and the maps over them."""
+
+    images: np.ndarray                      # (B, S, S, 3) uint8
+    maps: list[tuple[str, np.ndarray]]      # (label, (B, S, S) in [0, 1]) per kind of map
+    titles: list[str]                       # per image: file stem, true and predicted class
+    stems: list[str]                        # per image: its file name without suffix
+
+
+def _class_names(recipe: Recipe) -> list[str] | None:
+    """The dataset's class names, when its folder is present (a model can be shown without its data)."""
+    try:
+        return read_classes(dataset_dir(recipe.data.dataset, recipe.data.root))
+    except DatasetError:
+        return None
+
+
+def load_images(recipe: Recipe, split: str, images: Sequence[Path] | None, count: int):
+    """(uint8 (B, 3, S, S) images, targets or Nones, file stems, class names) as the model's eval transform
+    sees them: the ``images`` files, or else the first ``count`` images of ``split``."""
+    tf = preprocess_for(recipe, train=False)
+    if images:
+        x = torch.stack([tf(load_image(str(p)), None) for p in images])       # (B, 3, S, S) uint8
+        return x, [None] * len(images), [p.stem for p in images], _class_names(recipe)
+    sf = open_split(recipe, split)
+    rows = sf.samples[:count]
+    x = torch.stack([tf(load_image(path), None) for path, _ in rows])          # (B, 3, S, S) uint8
+    return x, [t for _, t in rows], [Path(path).stem for path, _ in rows], sf.class_names
+
+
+def visualize(path: Path, make_maps: MakeMaps, *, split: str = "test", images: Sequence[Path] | None = None,
+              count: int = 8, checkpoint: str = "auto", device: str = "auto") -> Shown:
+    """Run the model once over the images and turn its attention into maps at image resolution."""
+    model, recipe, _, device = load_model(path, checkpoint, device)
+    x, targets, stems, class_names = load_images(recipe, split, images, count)
+    data_cfg = model.data_config()
+    out = forward_collect(model, normalize(x.to(device), data_cfg["mean"], data_cfg["std"]))
+    preds = out.logits.argmax(dim=1).tolist()
+    maps = [(label, ro.upsample(m, tuple(x.shape[-2:])).cpu().numpy()) for label, m in make_maps(model, out.attention)]
+
+    def name(c: int | None) -> str:
+        if c is None:
+            return "?"
+        return class_names[c] if class_names and c < len(class_names) else f"class {c}"
+
+    titles = [f"{stem}\ntrue {name(t)} · pred {name(p)}" for stem, t, p in zip(stems, targets, preds, strict=True)]
+    return Shown(x.permute(0, 2, 3, 1).numpy(), maps, titles, stems)              # images (B, S, S, 3)
+
+
+def model_kernels(model: nn.Module) -> dict[int, int]:
+    """Block index -> kernel of the down-sampling ILA after it: how rollout carries a map across it."""
+    return {int(i): m.kernel_size for i, m in model.ila.items() if m.downsample}
+
+
+def rollout_maps(model: nn.Module, attention: list[torch.Tensor], *, group: str | None = None,
+                 across: bool = False, fusion: ro.Fusion = "mean", discard: float = 0.0) -> list[tuple[str, torch.Tensor]]:
+    """Attention rollout per encoder group (or blocks ``group`` = "a-b"), or ``across`` all of them."""
+    grids = [tuple(g) for g in model.grids]
+    if across:
+        return [(f"rollout across 0-{len(grids)}",
+                 ro.rollout_across(attention, grids, model_kernels(model), fusion, discard))]
+    if group is None:
+        groups = ro.encoder_groups(grids)
+    else:
+        try:
+            groups = [ro.parse_group(group, grids)]
+        except ValueError as e:
+            raise OptionError(f"--group: {e}") from None
+    return [(f"rollout {a}-{b}", ro.rollout(attention[a:b], grids[a], fusion, discard)) for a, b in groups]
+
+
+def block_attention(model: nn.Module, attention: list[torch.Tensor], *, layer: int | None = None,
+                    fusion: ro.Fusion = "mean") -> list[tuple[str, torch.Tensor]]:
+    """The head-fused CLS attention of block ``layer`` (default: the last)."""
+    depth = len(attention)
+    block = depth - 1 if layer is None else layer
+    if block >= depth:
+        raise OptionError(f"--layer: {block} is not a block of this {depth}-block model (0-{depth - 1})")
+    return [(f"attention block {block}", ro.attention_l(attention[block], tuple(model.grids[block]), fusion))]
+
+
+# --------------------------------------------------------------------------------------------
+# compare
+
+
+def saved_recipe(path: Path) -> Recipe:
+    """The saved recipe of a run folder, or the one stored in a checkpoint file."""
+    saved = run_dir_of(path) / "recipe.toml"
+    if saved.is_file():
+        return load_saved_recipe(saved)
+    return recipe_from_dict(read_checkpoint(resolve_checkpoint(path))["recipe"])
+
+
+def static_cost(recipe: Recipe, num_classes: int) -> dict:
+    """Parameters and MACs of a recipe's model, built on the meta device (no weights, no compute)."""
+    cfg = recipe.model.model_copy(update={"weights": "none"})  # structure and cost need no weights
+    with torch.device("meta"):
+        model = build_model(cfg, cfg.num_classes or num_classes)
+    return cost_summary(model, cfg.image_size)
+
+
+def compare_rows(runs: Sequence[Path], split: str = "test") -> tuple[list[dict], list[str]]:
+    """One row per evaluated run (top-1 on ``split``, the paper's number, cost) and a line per run left out."""
+    rows, missing = [], []
+    for run in runs:
+        if not run.exists():
+            missing.append(f"{run}: does not exist")
+            continue
+        run_dir = run_dir_of(run)
+        result = run_dir / "eval" / split / "metrics.json"
+        if not result.is_file():
+            missing.append(f"{run}: no {result.relative_to(run_dir)}; run `ufgir eval {run} --split {split}`")
+            continue
+        m = json.loads(result.read_text(encoding="utf-8"))
+        recipe = saved_recipe(run)
+        c = static_cost(recipe, m["num_classes"])
+        rows.append({
+            "run": str(run_dir), "label": run_dir.name, "method": recipe.model.method, "dataset": recipe.data.dataset,
+            "image_size": recipe.model.image_size, "checkpoint": m.get("checkpoint"), "top1": m["top1"],
+            "paper_top1_448px": paper_top1(recipe.model.method, recipe.data.dataset),
+            "macs": c["macs"], "gmacs": c["macs"] / 1e9, "trainable": c["params_trainable"], "total": c["params_total"],
+        })
+    return rows, missing

@@ -1,0 +1,50 @@
+"""`ufgir compare`: top-1 against cost of several evaluated runs, with the paper's number beside ours.
+
+The rows come from ``ufgir_cli.analysis.report`` and the figure from ``ufgir_cli.viz``; this module
+prints the table and writes the figure and its JSON table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ._common import SplitOpt, console, fmt
+
+
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders or checkpoint files.", show_default=False)],
+    split: SplitOpt = "test",
+    out: Annotated[Path | None, typer.Option("--out", help="The accuracy-vs-MACs PNG (default: compare_<split>.png beside the first run); a .json table is written beside it.")] = None,
+) -> None:
+    """Top-1 on --split (each run's eval/<split>/metrics.json) against multiply-adds and trainable
+    parameters, with the paper's number beside ours."""
+    from ..analysis.paper import PAPER_IMAGE_SIZE
+    from ..analysis.report import compare_rows
+    from ..io import atomic_write_json
+    from ..paths import run_dir_of
+    from ..viz.figures import save_accuracy_vs_macs
+
+    rows, missing = compare_rows(runs, split)
+    for line in missing:
+        console.print(f"[yellow]skipped[/] {escape(line)}", soft_wrap=True)
+    if not rows:
+        raise typer.BadParameter(f"none of the runs has eval/{split}/metrics.json; evaluate them first with "
+                                 f"`ufgir eval RUN --split {split}`", param_hint="RUNS")
+    t = Table(title=f"comparison · {split} (paper: ViT-B/16 at {PAPER_IMAGE_SIZE} px)", title_justify="left")
+    for col in ("run", "method", "dataset", "px", "top-1 %", "paper %", "GMACs", "trainable"):
+        t.add_column(col, justify="left" if col in ("run", "method", "dataset") else "right", overflow="fold")
+    for r in rows:
+        t.add_row(r["label"], r["method"], r["dataset"], str(r["image_size"]), f"{r['top1']:.2f}",
+                  fmt(r["paper_top1_448px"], ".2f"), f"{r['gmacs']:.2f}", f"{r['trainable']:,}")
+    console.print(t)
+    out = out or run_dir_of(runs[0]).parent / f"compare_{split}.png"
+    points = [{"label": f"{r['label']} ({r['method']})", "gmacs": r["gmacs"], "top1": r["top1"],
+               "trainable": r["trainable"]} for r in rows]
+    save_accuracy_vs_macs(points, out, f"top-1 on {split} vs cost (marker area: trainable parameters)")
+    atomic_write_json(out.with_suffix(".json"), {"split": split, "runs": rows, "skipped": missing})
+    console.print(f"figure: {out}\ntable: {out.with_suffix('.json')}", soft_wrap=True, markup=False)

@@ -1,0 +1,103 @@
+"""`ufgir metrics`: attention CKA, feature statistics and cost of a run, optionally beside another run.
+
+The numbers come from ``ufgir_cli.analysis.report`` and the figures from ``ufgir_cli.viz``; this module
+parses the options, writes ``<run>/analysis/metrics.json`` and the figures, and prints the tables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ._common import BatchSizeOpt, CheckpointOpt, DeviceOpt, RunArg, SplitOpt, console, fmt, image_progress
+
+
+def _print_metrics(res: dict, title: str) -> None:
+    t = Table(title=title, title_justify="left")
+    cka, feat = res.get("attention_cka"), res.get("features")
+    for col in ("block", "tokens"):
+        t.add_column(col, justify="right")
+    if cka:
+        t.add_column("mean CKA", justify="right")
+    if feat:
+        for col in ("norm", "distance", "attn px", "entropy/logS"):
+            t.add_column(col, justify="right")
+    for i, tokens in enumerate(res["tokens_per_block"]):
+        row = [str(i), str(tokens)]
+        if cka:
+            row.append(fmt(cka["mean_offdiag_per_block"][i]))
+        if feat:
+            row += [fmt(feat["feature_norm"][i], ".2f"), fmt(feat["pairwise_distance"][i], ".2f"),
+                    fmt(feat["attention_distance_px_mean"][i], ".1f"),
+                    fmt(feat["attention_entropy_normalized_mean"][i])]
+        t.add_row(*row)
+    if cka or feat:
+        console.print(t)
+    if cka:
+        skipped = cka["skipped_minibatch_sizes"]
+        sizes = ", ".join(map(str, skipped))
+        note = f" · left out {len(skipped)} minibatch(es) of fewer than 4 images ({sizes})" if skipped else ""
+        console.print(f"mean off-diagonal attention CKA: {fmt(cka['mean_offdiag'])} "
+                      f"({cka['images']} images, {cka['minibatches']} minibatch(es){note})", soft_wrap=True)
+    c = res.get("cost")
+    if c:
+        speed = (f" · {c['images_per_s']:.1f} images/s, {c['latency_ms']:.1f} ms per batch of {c['batch_size']} "
+                 f"({c['device']}, {c['precision']})" if "images_per_s" in c else "")
+        peak = f" · peak memory {c['peak_memory_mb']:.0f} MiB" if c.get("peak_memory_mb") else ""
+        console.print(f"parameters: total {c['params_total']:,} · trainable {c['params_trainable']:,} · per image "
+                      f"{c['macs'] / 1e9:.2f} GMACs / {c['flops'] / 1e9:.2f} GFLOPs{speed}{peak}", soft_wrap=True)
+
+
+def metrics(
+    run: RunArg,
+    split: SplitOpt = "test",
+    batches: Annotated[int | None, typer.Option("--batches", min=1, help="Use at most this many minibatches (default: all).")] = None,
+    batch_size: BatchSizeOpt = None,
+    attention_cka: Annotated[bool, typer.Option("--attention-cka/--no-attention-cka", help="CKA between the attention of every pair of blocks.")] = True,
+    features: Annotated[bool, typer.Option("--features/--no-features", help="Per-block feature norms, distances, attention distance and entropy.")] = True,
+    cost: Annotated[bool, typer.Option("--cost/--no-cost", help="Parameters, MACs/FLOPs and measured inference speed.")] = True,
+    vs: Annotated[Path | None, typer.Option("--vs", help="Another run or checkpoint, analysed on the same images and drawn beside this one.")] = None,
+    checkpoint: CheckpointOpt = "auto",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Attention CKA, feature statistics and cost of a run's --split images (minibatches of at least 4 for
+    CKA): analysis/metrics.json plus PNG figures."""
+    if not (attention_cka or features or cost):
+        raise typer.BadParameter("nothing to compute: keep at least one of --attention-cka, --features, --cost")
+    if attention_cka and batch_size is not None and batch_size < 4:
+        raise typer.BadParameter(f"{batch_size} is too small for attention CKA (needs >= 4 images per minibatch)",
+                                 param_hint="--batch-size")
+    from ..analysis.report import measure, run_label
+    from ..io import atomic_write_json
+    from ..paths import run_dir_of
+    from ..viz.figures import save_cka, save_feature_metrics
+
+    kw = dict(checkpoint=checkpoint, device=device, split=split, batches=batches, batch_size=batch_size,
+              cka=attention_cka, features=features, cost=cost)
+    with image_progress() as progress:
+        res, recipe = measure(run, progress=progress, **kw)
+        results, labels = [res], [run_label(run, recipe)]
+        if vs is not None:
+            other, other_recipe = measure(vs, data_recipe=recipe, progress=progress, **kw)
+            results.append(other)
+            labels.append(run_label(vs, other_recipe))
+    out = run_dir_of(run) / "analysis"
+    suffix = f"_vs_{run_dir_of(vs).name}" if vs is not None else ""
+    figures = {}
+    if attention_cka:
+        figures["cka"] = save_cka([r["attention_cka"]["matrix"] for r in results], labels,
+                                  out / f"cka{suffix}.png").name
+    if features:
+        figures["features"] = save_feature_metrics([r["features"] for r in results], labels,
+                                                   out / f"features{suffix}.png").name
+    doc = {**res, "figures": figures}
+    if vs is not None:
+        doc["vs"] = results[1]
+    atomic_write_json(out / "metrics.json", doc)
+    for r, label in zip(results, labels, strict=True):
+        _print_metrics(r, f"{label} · {r.get('dataset', recipe.data.dataset)} {split}")
+    console.print(f"results: {out / 'metrics.json'}" + "".join(f"\nfigure: {out / f}" for f in figures.values()),
+                  soft_wrap=True, markup=False)

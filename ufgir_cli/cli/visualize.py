@@ -1,0 +1,102 @@
+"""`ufgir visualize rollout|attention`: attention drawn over images, written under
+``<run>/analysis/visualize/<name>/`` (a grid and one PNG per image).
+
+The maps come from ``ufgir_cli.analysis.report`` and the figures from ``ufgir_cli.viz``. Every command
+takes the same options for which images, which model and how heads fuse: they are declared once, as the
+parameters of :func:`_shown_options`, and arrive in each command's ``**shown``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import CheckpointOpt, DeviceOpt, RunArg, SplitOpt, console
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="rich")
+
+
+def _check_fusion(value: str) -> str:
+    from ..analysis.rollout import FUSIONS
+
+    if value not in FUSIONS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(FUSIONS)}")
+    return value
+
+
+def _shown_options(
+    run: RunArg,
+    split: SplitOpt = "test",
+    images: Annotated[list[Path] | None, typer.Option(
+        "--images", help="Image files to show instead of a split (repeatable).", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="How many images of the split to show.")] = 8,
+    cols: Annotated[int, typer.Option("--cols", min=1, help="Panels per row of the grid.")] = 8,
+    fusion: Annotated[str, typer.Option("--fusion", callback=_check_fusion, help="Head fusion: mean, max or min.")] = "mean",
+    checkpoint: CheckpointOpt = "auto",
+    device: DeviceOpt = "auto",
+) -> None:
+    """The options every `visualize` command shares (its signature is what matters)."""
+
+
+def _with_shown_options(command):
+    """Make Typer see ``command``'s own options plus those of :func:`_shown_options` (the run argument
+    first); the shared values reach ``command`` through its ``**shown``."""
+    run, *shared = inspect.signature(_shown_options, eval_str=True).parameters.values()
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    command.__signature__ = inspect.Signature([run, *own, *shared])
+    return command
+
+
+def _draw(kind: str, make_maps, *, run: Path, split: str, images: list[Path] | None, batch_size: int, cols: int,
+          checkpoint: str, device: str) -> None:
+    """Compute the maps over the images, write ``<kind>_<split or "images">/``, print the grid's path."""
+    if images:
+        missing = [str(p) for p in images if not p.is_file()]
+        if missing:
+            raise typer.BadParameter(f"no such file: {', '.join(missing)}", param_hint="--images")
+    from ..analysis.report import visualize
+    from ..paths import run_dir_of
+    from ..viz.figures import save_overlay_folder
+
+    shown = visualize(run, make_maps, split=split, images=images, count=batch_size, checkpoint=checkpoint,
+                      device=device)
+    folder = run_dir_of(run) / "analysis" / "visualize" / f"{kind}_{'images' if images else split}"
+    grid = save_overlay_folder(shown.images, shown.maps, shown.titles, shown.stems, folder, cols)
+    console.print(str(grid), soft_wrap=True, markup=False)
+
+
+@app.command("rollout")
+@_with_shown_options
+def rollout(
+    group: Annotated[str | None, typer.Option("--group", help="Blocks a-b (b exclusive) inside one encoder group, e.g. 0-4 (default: every group).")] = None,
+    discard: Annotated[float, typer.Option("--discard", min=0.0, max=0.99, help="Drop this fraction of the weakest attention entries per block.")] = 0.0,
+    across: Annotated[bool, typer.Option("--across", help="One map through all blocks, carried over each down-sampling ILA.")] = False,
+    **shown,
+) -> None:
+    """Attention rollout per encoder group (or --across the whole network) over the images; prints the grid path."""
+    if across and group is not None:
+        raise typer.BadParameter("--group and --across exclude each other", param_hint="--group")
+    from ..analysis.report import rollout_maps
+
+    fusion = shown.pop("fusion")
+    what = "across" if across else (group or "groups")
+    kind = f"rollout_{what}_{fusion}" + (f"_discard{discard:g}" if discard else "")
+    _draw(kind, partial(rollout_maps, group=group, across=across, fusion=fusion, discard=discard), **shown)
+
+
+@app.command("attention")
+@_with_shown_options
+def attention(
+    layer: Annotated[int | None, typer.Option("--layer", min=0, help="Block whose CLS attention is shown (default: the last).")] = None,
+    **shown,
+) -> None:
+    """The head-fused CLS attention of one block over the images; prints the grid path."""
+    from ..analysis.report import block_attention
+
+    fusion = shown.pop("fusion")
+    kind = f"attention_{'last' if layer is None else f'l{layer}'}_{fusion}"
+    _draw(kind, partial(block_attention, layer=layer, fusion=fusion), **shown)
