@@ -19,19 +19,11 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ExportError
-from ..io import atomic_save, atomic_write_json
+from ..io import atomic_write_json
 from ..model.delta import FORMAT_VERSION
 from ..model.vit import UfgirViT, resize_input
 from ..recipe import Recipe, recipe_from_dict
-from .parity import (
-    DEFAULT_TOLERANCE,
-    ExportResult,
-    check_parity,
-    eager_logits,
-    model_image_size,
-    parity_batch,
-    verified,
-)
+from .parity import DEFAULT_TOLERANCE, ExportResult, model_image_size, parity_batch, write_checked
 
 SIDECAR_FORMAT = "ufgir-export"
 DEFAULT_OPSET = 18
@@ -164,11 +156,12 @@ def export_onnx(model: UfgirViT, recipe: Recipe, out: str | os.PathLike, *, imag
             raise ExportError("the model exceeds ONNX's 2 GB protobuf limit; export --format pt2 or safetensors") from None
         raise
     written_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
-    with verified(out) as tmp:
-        atomic_save(tmp, lambda f: f.write(data))
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run(["logits"], {"image": check.numpy()})[0])
-        diff = check_parity(got, eager_logits(model, check), tolerance, f"ONNX export {out} (onnxruntime)")
+
+    def run(f: Path) -> torch.Tensor:
+        session = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(["logits"], {"image": check.numpy()})[0])
+
+    diff = write_checked(out, data, run, model, check, tolerance, f"ONNX export {out} (onnxruntime)")
     side = _write_sidecar(out, recipe, model, fmt="onnx", dynamic_batch=dynamic_batch, diff=diff, opset=written_opset)
     return ExportResult(out, "onnx", diff, tolerance, out.stat().st_size, time.perf_counter() - t0, side,
                         opset=written_opset)
@@ -187,11 +180,12 @@ def export_pt2(model: UfgirViT, recipe: Recipe, out: str | os.PathLike, *, image
     buf = io.BytesIO()
     torch.export.save(program, buf)
     data = buf.getbuffer()
-    with verified(out) as tmp:
-        atomic_save(tmp, lambda f: f.write(data))
-        with torch.no_grad():
-            got = load_pt2(tmp)(check.to(next(model.parameters()).device)).float().cpu()
-        diff = check_parity(got, eager_logits(model, check), tolerance, f"pt2 export {out}")
+
+    @torch.no_grad()
+    def run(f: Path) -> torch.Tensor:
+        return load_pt2(f)(check.to(next(model.parameters()).device)).float().cpu()
+
+    diff = write_checked(out, data, run, model, check, tolerance, f"pt2 export {out}")
     side = _write_sidecar(out, recipe, model, fmt="pt2", dynamic_batch=dynamic_batch, diff=diff)
     return ExportResult(out, "pt2", diff, tolerance, out.stat().st_size, time.perf_counter() - t0, side)
 

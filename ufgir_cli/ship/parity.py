@@ -8,9 +8,8 @@ into place only after that check, so a failed export leaves no file and keeps an
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from ..io import atomic_save
 from ..model.vit import UfgirViT
 
 DEFAULT_TOLERANCE = 1e-4
@@ -66,14 +66,16 @@ def check_parity(exported: torch.Tensor, eager: torch.Tensor, tolerance: float, 
     return diff
 
 
-@contextlib.contextmanager
-def verified(out: Path) -> Iterator[Path]:
-    """A temporary path beside ``out`` to write and check the export at; it becomes ``out`` only
-    when the body (write + parity check) succeeds, so a failed export leaves no file at ``out``
-    and an earlier good export there survives."""
+def write_checked(out: Path, data: bytes | memoryview, run: Callable[[Path], torch.Tensor], model: nn.Module,
+                  x: torch.Tensor, tolerance: float, what: str) -> float:
+    """Write ``data`` beside ``out``, run the written file on ``x`` with ``run`` and compare with
+    eager PyTorch; the file becomes ``out`` only when that check passes, so a failed export leaves
+    no file at ``out`` and an earlier good export there survives. Returns the max |diff|."""
     tmp = out.with_name(f".{out.stem}.unverified{out.suffix}")
     try:
-        yield tmp
+        atomic_save(tmp, lambda f: f.write(data))
+        diff = check_parity(run(tmp), eager_logits(model, x), tolerance, what)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    return diff

@@ -11,18 +11,16 @@ import time
 from pathlib import Path
 
 from ..errors import ExportError
-from ..io import atomic_save
 from ..model.delta import FORMAT_VERSION, SAFETENSORS_FORMAT, load_delta
 from ..model.vit import UfgirViT, build_model
 from ..recipe import Recipe, dump_resolved
 from .parity import (
     DEFAULT_TOLERANCE,
     ExportResult,
-    check_parity,
     eager_logits,
     model_image_size,
     parity_batch,
-    verified,
+    write_checked,
 )
 
 
@@ -64,8 +62,6 @@ def export_safetensors(model: UfgirViT, recipe: Recipe, out: str | os.PathLike, 
     }
     data = st_save(tensors, metadata=metadata)
     x = parity_batch(2, model_image_size(model))
-    with verified(out) as tmp:
-        atomic_save(tmp, lambda f: f.write(data))
-        reloaded, _ = load_delta(tmp)
-        diff = check_parity(eager_logits(reloaded, x), eager_logits(model, x), tolerance, f"safetensors export {out}")
+    diff = write_checked(out, data, lambda f: eager_logits(load_delta(f)[0], x), model, x, tolerance,
+                         f"safetensors export {out}")
     return ExportResult(out, "safetensors", diff, tolerance, out.stat().st_size, time.perf_counter() - t0)
