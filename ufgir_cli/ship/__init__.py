@@ -31,6 +31,7 @@ FORMATS: tuple[str, ...] = ("safetensors", "onnx", "pt2")
 
 
 def default_export_path(source: Path, fmt: str, adapter_only: bool) -> Path:
+    """``<run>/export/model.<fmt>``, or ``adapter.safetensors`` for the PETL delta."""
     name = "adapter.safetensors" if adapter_only else f"model.{fmt}"
     return run_dir_of(source) / "export" / name
 
@@ -77,7 +78,6 @@ def export_model(source: str | os.PathLike, fmt: str, out: str | os.PathLike | N
     card = out.parent / "MODEL_CARD.md"
     atomic_write_text(card, model_card(model, recipe, result, run_dir_of(source), sha))
     return dataclasses.replace(result, card=card)
-
 
 
 __all__ = [
