@@ -26,9 +26,10 @@ from typer.testing import CliRunner
 import ufgir_cli
 from ufgir_cli.cli import app
 from ufgir_cli.errors import CheckpointError, ExportError
-from ufgir_cli.export import load_delta, load_pt2, parity_batch
 from ufgir_cli.io import file_sha256
+from ufgir_cli.model.delta import load_delta
 from ufgir_cli.model.vit import MICRO, state_dict_sha256
+from ufgir_cli.ship import load_pt2, parity_batch
 
 # The reference fixtures live in the shared folder: inside the checkout, or beside it.
 _REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +161,7 @@ def test_delta_with_missing_or_unexpected_tensors_lists_them(trained, data_env, 
 
 def test_failed_parity_is_an_error_that_leaves_no_file_and_keeps_the_previous(trained, data_env, tmp_path,
                                                                              monkeypatch):
-    import ufgir_cli.export as ex
+    import ufgir_cli.ship.safetensors as ex
 
     model, recipe = ufgir_cli.load_run(trained.run)
     out = tmp_path / "adapter.safetensors"
@@ -229,7 +230,7 @@ def test_onnx_and_pt2_match_eager_within_1e4(trained, data_env):
 
 def test_export_at_another_image_size_resizes_a_copy(trained, data_env):
     from ufgir_cli.errors import RecipeError
-    from ufgir_cli.export import at_image_size
+    from ufgir_cli.ship import at_image_size
 
     model, recipe = ufgir_cli.load_run(trained.run)
     big, big_recipe = at_image_size(model, recipe, 72)

@@ -32,7 +32,7 @@ def export(
     tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, help="Max abs logit difference vs eager PyTorch.")] = 1e-4,
 ) -> None:
     """Export a model (safetensors, ONNX or torch.export pt2), check it against eager PyTorch, write MODEL_CARD.md."""
-    from ..export import export_model, human_bytes
+    from ..ship import export_model, human_bytes
 
     r = export_model(source, fmt, out, checkpoint=checkpoint, adapter_only=adapter_only, opset=opset,
                      dynamic_batch=dynamic_batch, image_size=image_size, tolerance=tolerance)
@@ -54,8 +54,8 @@ def import_upstream(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
 ) -> None:
     """Turn a reference-implementation (paper) checkpoint into a run folder for eval, export, predict."""
-    from ..export import import_upstream as do_import
     from ..paths import runs_dir
+    from ..ship import import_upstream as do_import
 
     out = out or runs_dir() / checkpoint.name.split(".")[0]
     model, recipe = do_import(checkpoint, out, overwrite=overwrite, dataset=dataset)
@@ -76,7 +76,7 @@ def predict(
 ) -> None:
     """Top-k classes and probabilities for images, with the run's eval preprocessing (on CPU)."""
     from ..errors import DatasetError
-    from ..export import class_names, collect_images, load_predictor, predict_images
+    from ..ship import class_names, collect_images, load_predictor, predict_images
 
     skipped: list[tuple[Path, str]] = []
 

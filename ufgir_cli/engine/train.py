@@ -37,18 +37,18 @@ import numpy as np
 import torch
 
 from ..data.datasets import EpochSampler, normalize
-from ..data.folder import SplitFile
 from ..data.loaders import make_loader, read_splits, with_num_classes
 from ..errors import CheckpointError, TrainingError
-from ..io import atomic_write_json, atomic_write_text, remove_stale_temps
+from ..io import atomic_write_text, remove_stale_temps
 from ..model.checkpoint import check_identity, checkpoint_payload, load_into, read_checkpoint, save_checkpoint
 from ..model.precision import autocast, frozen_weights_cast, resolve_device, resolve_precision
-from ..model.vit import UfgirViT, build_model
+from ..model.vit import build_model
 from ..recipe import Recipe, dump_resolved
 from .callbacks import Callback, JsonlLogger, TensorBoardLogger
 from .dist import DistContext, all_gather_object, barrier, broadcast_flag, cleanup, init_distributed
 from .evaluate import evaluate
 from .optim import build_optimizer, lr_at, set_lr
+from .provenance import write_provenance
 
 
 class Interrupted(TrainingError):
@@ -96,39 +96,6 @@ def read_resume_checkpoint(run_dir: Path, recipe: Recipe) -> dict:
             f"(evaluate it with `ufgir eval {shlex.quote(str(run_dir))}`)"
         )
     return ckpt
-
-
-def provenance(recipe: Recipe, model: UfgirViT, split: SplitFile, backbone_sha: str, device: str, precision: str,
-               skipped: list[str]) -> dict:
-    import hashlib
-    import platform
-    import subprocess
-
-    import timm
-    import torchvision
-
-    from .. import __version__
-    from ..data.folder import read_info
-
-    h = hashlib.sha256()
-    for name in ("train", "val", "train_val", "test"):
-        p = split.root / "splits" / f"{name}.csv"
-        if p.is_file():
-            h.update(p.read_bytes())
-    commit = None
-    with contextlib.suppress(Exception):
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    gpu = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return {
-        "ufgir": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "timm": timm.__version__, "git_commit": commit,
-        "hardware": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                     "cpu_count": os.cpu_count(), "gpus": gpu, "device": device, "precision": precision},
-        "dataset": {"name": recipe.data.dataset, "root": str(split.root), "splits_sha256": h.hexdigest(),
-                    "archive_sha256": read_info(split.root).get("archive_sha256"), "skipped_images": skipped},
-        "backbone": {"name": recipe.model.backbone, "weights": recipe.model.weights, "sha256": backbone_sha},
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,8 +318,8 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
                 shutil.rmtree(run_dir)  # --overwrite of an earlier run (checked above)
             (run_dir / "checkpoints").mkdir(parents=True)
             atomic_write_text(run_dir / "recipe.toml", dump_resolved(recipe))
-            atomic_write_json(run_dir / "provenance.json",
-                              provenance(recipe, model, train_split, backbone_sha, device, precision, skipped))
+            write_provenance(run_dir, recipe, backbone_sha, device=device, precision=precision, split=train_split,
+                             skipped=skipped)
         resume_step = state.step if resume else None
         loggers.append(JsonlLogger(run_dir / "metrics.jsonl", resume_step=resume_step))
         if recipe.logging.tensorboard:

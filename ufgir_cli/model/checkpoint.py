@@ -20,6 +20,7 @@ import torch
 from ..errors import CheckpointError
 from ..io import atomic_save
 from ..recipe import Recipe, load_saved_recipe, recipe_from_dict
+from .delta import load_delta
 from .state import load_strict
 from .vit import UfgirViT, build_model
 
@@ -196,8 +197,6 @@ def load_run(path: str | os.PathLike, checkpoint: str = "auto", device: str = "c
     """(model, recipe) from a run folder, a checkpoint file, or an adapter-only safetensors delta."""
     p = Path(path)
     if p.suffix == ".safetensors":
-        from ..export import load_delta
-
         return load_delta(p, device=device)
     f = resolve_checkpoint(p, checkpoint)
     ckpt = read_checkpoint(f)
