@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,7 +147,7 @@ def test_vpt_deep_with_downsampling_ila():
 
     vit = create_backbone(r.model, 5)
     model = UfgirViT(vit, r.model.model_copy(update={"method": "vpt_deep"}))
-    model.plan = model.plan.__class__(None, "deep", (), (1, 3), False)
+    model.plan = dataclasses.replace(model.plan, ila_ds_locs=(1, 3))
     from ufgir_cli.model.ila import ILA as _ILA
 
     model.ila = torch.nn.ModuleDict({str(i): _ILA(192, 8, downsample=True) for i in (1, 3)})

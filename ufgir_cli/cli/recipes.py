@@ -13,16 +13,19 @@ app = typer.Typer(no_args_is_help=True)
 
 @app.command("list")
 def list_recipes() -> None:
-    """Packaged recipes: name, method and a one-line description."""
+    """Packaged recipes: name, method, the method's family and a one-line description."""
+    from ..methods import METHODS
     from ..recipe import packaged_recipe_names, packaged_recipes_dir, recipe_summary
 
     table = Table(title="packaged recipes", title_justify="left")
     table.add_column("name", style="bold cyan")
     table.add_column("method")
+    table.add_column("family")
     table.add_column("description")
     for name in packaged_recipe_names():
         method, desc = recipe_summary(packaged_recipes_dir() / f"{name}.toml")
-        table.add_row(name, method, desc)
+        spec = METHODS.get(method)
+        table.add_row(name, method, spec.family if spec else "?", desc or (spec.description if spec else ""))
     console.print(table)
 
 
