@@ -11,7 +11,6 @@ mostly just pick a method. This module imports no torch so that ``ufgir recipes`
 from __future__ import annotations
 
 import contextvars
-import math
 import os
 import re
 import sys
@@ -28,6 +27,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .errors import RecipeError
+from .io import to_toml
 from .methods import ILA_METHODS, METHOD_NAMES, method_spec
 from .paths import NON_RECIPE_ENV
 
@@ -442,40 +442,7 @@ def parse_overrides(items: list[str]) -> dict:
 # Writing
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def to_toml(data: dict[str, Any]) -> str:
-    """Write a two-level dict (top-level scalars, then one table per section). None is left out."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if v is not None and not isinstance(v, dict)]
-    for k, v in data.items():
-        if isinstance(v, dict):
-            lines.append(f"\n[{k}]")
-            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]
-    return "\n".join(lines) + "\n"
-
-
 def dump_resolved(recipe: Recipe) -> str:
     """The resolved recipe as TOML; loading it back gives an equal recipe."""
     return to_toml(recipe.model_dump(mode="python"))
 
-
-def recipe_summary(path: Path) -> tuple[str, str]:
-    """(method, description) of a recipe file without validating it (for `recipes list`)."""
-    data = _read_toml(path)
-    return data.get("model", {}).get("method", ModelConfig.model_fields["method"].default), data.get(
-        "description", ""
-    )

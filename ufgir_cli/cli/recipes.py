@@ -15,7 +15,7 @@ app = typer.Typer(no_args_is_help=True)
 def list_recipes() -> None:
     """Packaged recipes: name, method, the method's family and a one-line description."""
     from ..methods import METHODS
-    from ..recipe import packaged_recipe_names, packaged_recipes_dir, recipe_summary
+    from ..recipe import load_recipe, packaged_recipe_names
 
     table = Table(title="packaged recipes", title_justify="left")
     table.add_column("name", style="bold cyan")
@@ -23,9 +23,9 @@ def list_recipes() -> None:
     table.add_column("family")
     table.add_column("description")
     for name in packaged_recipe_names():
-        method, desc = recipe_summary(packaged_recipes_dir() / f"{name}.toml")
-        spec = METHODS.get(method)
-        table.add_row(name, method, spec.family if spec else "?", desc or (spec.description if spec else ""))
+        r = load_recipe(name, env=False)  # packaged recipes are valid; the environment is not theirs
+        spec = METHODS[r.model.method]
+        table.add_row(name, spec.name, spec.family, r.description or spec.description)
     console.print(table)
 
 
