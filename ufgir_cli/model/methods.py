@@ -1,9 +1,9 @@
-"""A method's row of the table (``ufgir_cli/methods.py``) -> what the model builds. Pure data: no torch.
+"""A method's row of the table (``ufgir_cli/methods.py``) -> what the model builds.
 
 :class:`MethodPlan` is the row resolved against one recipe (ILA positions come from the recipe,
-which took the row's defaults). The model builder reads only the plan, and the module kinds a row may
-name are the keys below; a row naming a kind the model cannot build fails here, at build time, with
-the list of kinds that exist.
+which took the row's defaults). The model builder reads only the plan. The module kinds a row may
+name are the builders the model has (``adapters.ADAPTERS``, the prompt kinds UfgirViT inserts); a
+row naming another kind fails here, at build time, with the list of kinds that exist.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from ..errors import RecipeError
 from ..methods import Part, method_spec
 from ..recipe import ModelConfig
+from .adapters import ADAPTERS
 
-#: Module kinds the model builds, per slot of a method row (see model/adapters.py and UfgirViT).
-ADAPTER_KINDS = ("adapter", "convpass")
+#: Prompt kinds UfgirViT inserts: once before block 0, or per block.
 PROMPT_KINDS = ("shallow", "deep")
 
 
@@ -39,7 +39,7 @@ class MethodPlan:
 
 def method_plan(cfg: ModelConfig) -> MethodPlan:
     spec = method_spec(cfg.method)
-    for slot, kind, known in (("adapter", spec.adapter, ADAPTER_KINDS), ("prompts", spec.prompts, PROMPT_KINDS)):
+    for slot, kind, known in (("adapter", spec.adapter, tuple(ADAPTERS)), ("prompts", spec.prompts, PROMPT_KINDS)):
         if kind is not None and kind not in known:
             raise RecipeError(f"method {spec.name!r} asks for {slot} {kind!r}, which the model cannot build "
                               f"(known: {', '.join(known)})")
