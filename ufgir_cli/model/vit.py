@@ -135,9 +135,12 @@ class UfgirViT(nn.Module):
         for i in range(len(self.vit.blocks)):
             ila = self.ila[str(i)] if str(i) in self.ila else None
             g_out = ila.out_grid(g) if ila is not None else g
-            kind = None if ila is None else "down" if ila.downsample else "same"
-            out.append(BlockInfo(i, f"vit.blocks.{i}", D, patch, g, P, deep, P + deep + g[0] * g[1], kind,
-                                 None if ila is None else ila.kernel_size, g_out, P + g_out[0] * g_out[1]))
+            out.append(BlockInfo(
+                index=i, module=f"vit.blocks.{i}", num_chs=D, reduction=patch, grid=g, num_prefix_tokens=P,
+                num_prompts=deep, tokens_attended=P + deep + g[0] * g[1],
+                ila=None if ila is None else "down" if ila.downsample else "same",
+                ila_kernel=None if ila is None else ila.kernel_size, out_grid=g_out, tokens_out=P + g_out[0] * g_out[1],
+            ))
             g = g_out
         return out
 
