@@ -23,6 +23,7 @@ import copy
 import torch
 from torch import nn
 
+from ufgir_cli.model.backbone import embed_tokens
 from ufgir_cli.model.ila import Dropout as FastDropout
 from ufgir_cli.model.vit import UfgirViT
 
@@ -72,7 +73,7 @@ class ReferenceStyle(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m, vit = self.m, self.m.vit
-        x = vit._pos_embed(vit.patch_embed(x))                               # (B, 1 + HW, D)
+        x = embed_tokens(vit, x)                                             # (B, 1 + HW, D)
         P = m.num_prefix_tokens
         for i, grid in enumerate(m.grids):
             blk = vit.blocks[i]

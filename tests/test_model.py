@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,7 +147,7 @@ def test_vpt_deep_with_downsampling_ila():
 
     vit = create_backbone(r.model, 5)
     model = UfgirViT(vit, r.model.model_copy(update={"method": "vpt_deep"}))
-    model.plan = model.plan.__class__(None, "deep", (), (1, 3), False)
+    model.plan = dataclasses.replace(model.plan, ila_ds_locs=(1, 3))
     from ufgir_cli.model.ila import ILA as _ILA
 
     model.ila = torch.nn.ModuleDict({str(i): _ILA(192, 8, downsample=True) for i in (1, 3)})
@@ -302,3 +304,91 @@ def test_forward_computes_last_block_for_cls_only_where_exact(method, cls_only):
     assert (fast - full).abs().max().item() < 1e-5
     for a, b in zip(g_fast, g_full, strict=True):
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+# ---- geometry, forward_intermediates, set_input_size, timm seam -----------------------------
+
+
+def test_feature_info_paper_geometry():
+    info = meta_model("ila_pp").feature_info
+    assert [b.tokens_attended for b in info] == [197] * 4 + [145] * 4 + [101] * 4
+    assert [b.grid for b in info] == [(14, 14)] * 4 + [(12, 12)] * 4 + [(10, 10)] * 4
+    assert [(b.index, b.ila, b.ila_kernel) for b in info if b.ila] == [(3, "down", 3), (7, "down", 3)]
+    assert info[3].out_grid == (12, 12) and info[11].out_grid == (10, 10)
+    assert {(b.num_prefix_tokens, b.num_prompts, b.num_chs, b.reduction) for b in info} == {(1, 0, 768, 16)}
+    assert [b.module for b in info[:2]] == ["vit.blocks.0", "vit.blocks.1"]
+    big = meta_model("ila_pp", 448).feature_info
+    assert [b.tokens_out for b in big] == [785] * 3 + [677] * 4 + [577] * 5
+    plus = meta_model("ila_plus").feature_info
+    assert [b.ila for b in plus] == ["same"] * 3 + ["down"] + ["same"] * 3 + ["down"] + ["same"] * 4
+    deep = meta_model("vpt_deep").feature_info
+    assert {(b.num_prompts, b.tokens_attended, b.tokens_out) for b in deep} == {(100, 297, 197)}
+    shallow = meta_model("vpt_shallow").feature_info
+    assert {(b.num_prefix_tokens, b.tokens_attended) for b in shallow} == {(101, 297)}
+
+
+def test_forward_intermediates_timm_convention():
+    m = tiny("ila_pp").eval()  # 96 px, DS-ILA after blocks 1 and 3: grids 6x6 -> 4x4 -> 2x2
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        final, inter = m.forward_intermediates(x)
+        assert torch.equal(final, m.forward_features(x))
+        assert [t.shape[1] for t in inter] == [t - 1 for t in m.tokens_per_block]  # patch tokens only
+        pairs = m.forward_intermediates(x, indices=[0, -1], return_prefix_tokens=True, intermediates_only=True)
+        assert [(p.shape, c.shape) for p, c in pairs] == [((2, 36, 192), (2, 1, 192)), ((2, 4, 192), (2, 1, 192))]
+        assert torch.equal(pairs[1][0], inter[-1]) and torch.equal(pairs[0][0], inter[0])
+        nchw = m.forward_intermediates(x, indices=3, output_fmt="NCHW", intermediates_only=True)
+        assert [t.shape for t in nchw] == [(2, 192, 2, 2)] * 3
+        assert torch.equal(nchw[0], inter[-3].transpose(1, 2).reshape(2, 192, 2, 2))
+        normed = m.forward_intermediates(x, indices=[1], norm=True, stop_early=True, intermediates_only=True)
+        assert torch.equal(normed[0], m.vit.norm(inter[1]))  # LayerNorm is token-wise
+    with pytest.raises(ValueError, match="outside"):
+        m.forward_intermediates(x, indices=[12])
+
+
+def test_collect_attention_is_the_one_hook():
+    m = tiny("ila").eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        with m.collect_attention() as probs:
+            y = m(x)  # the hook also turns off the CLS-only last block
+        assert len(probs) == 12 and probs[-1].shape == (1, 3, 5, 5)
+        assert torch.allclose(y, m(x), atol=1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(probs, m.attention_maps(x), strict=True))
+    with pytest.raises(RuntimeError, match="already active"), m.collect_attention(), m.collect_attention():
+        pass
+    assert m._attn_probs is None
+
+
+def test_set_input_size_in_place():
+    m = tiny("ila_pp").eval()
+    m.set_input_size(128)
+    assert m.cfg.image_size == 128 and m.data_config()["input_size"] == (3, 128, 128)
+    assert m.tokens_per_block == [65, 37, 37, 17] + [17] * 8
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, 128, 128)).shape == (1, 5)
+    from ufgir_cli.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="too small"):
+        m.set_input_size(48)
+    assert m.cfg.image_size == 128 and m.vit.patch_embed.img_size == (128, 128)  # nothing changed
+
+
+def test_timm_private_api():
+    """The one private timm API ufgir calls (model/backbone.py's embed_tokens). If this fails, timm
+    changed VisionTransformer._pos_embed: fix embed_tokens before raising the bound in pyproject.toml."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ufgir_cli.model.backbone import embed_tokens
+
+    assert callable(getattr(VisionTransformer, "_pos_embed", None)), (
+        f"timm {timm.__version__} has no VisionTransformer._pos_embed; update ufgir_cli.model.backbone.embed_tokens")
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=0).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = embed_tokens(vit, x)
+        for blk in vit.blocks:
+            ours = blk(ours)
+        assert torch.equal(vit.norm(ours), vit.forward_features(x)), (
+            f"timm {timm.__version__} embeds tokens differently; update ufgir_cli.model.backbone.embed_tokens")

@@ -3,7 +3,8 @@
 The new content goes to a temporary file beside the target (``.<name>.<random>.tmp``), is flushed
 and fsynced, then renamed over the target; the folder is fsynced so the rename survives a power
 cut. A process killed mid-write (SIGKILL, OOM killer) can leave only such a temp file behind:
-:func:`remove_stale_temps` deletes those when a run is picked up again.
+:func:`remove_stale_temps` deletes those when a run is picked up again. Also here: :func:`to_toml`,
+the writer for the two-level TOML files ufgir produces (recipes), since ``tomllib`` only reads.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -100,3 +102,29 @@ def file_sha256(path: str | os.PathLike, on_chunk: Callable[[int, int], None] | 
             if on_chunk is not None:
                 on_chunk(done, total)
     return h.hexdigest()
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Write a two-level dict (top-level scalars, then one table per section). None is left out."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if v is not None and not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]
+    return "\n".join(lines) + "\n"

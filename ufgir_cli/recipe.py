@@ -11,7 +11,6 @@ mostly just pick a method. This module imports no torch so that ``ufgir recipes`
 from __future__ import annotations
 
 import contextvars
-import math
 import os
 import re
 import sys
@@ -28,10 +27,12 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .errors import RecipeError
+from .io import to_toml
+from .methods import ILA_METHODS, METHOD_NAMES, method_spec
 from .paths import NON_RECIPE_ENV
 
-METHODS = ("linear", "full", "vpt_shallow", "vpt_deep", "adapter", "convpass", "ila", "ila_plus", "ila_pp")
-Method = Literal["linear", "full", "vpt_shallow", "vpt_deep", "adapter", "convpass", "ila", "ila_plus", "ila_pp"]
+METHODS = METHOD_NAMES  # the method table (methods.py) is the only list of names
+Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # Literal["linear", "full", ...]
 SPLITS = ("train", "val", "train_val", "test")
 Split = Literal["train", "val", "train_val", "test"]
 
@@ -99,13 +100,17 @@ class ModelConfig(Section):
         method = data.get("method", "ila_pp")
         backbone = data.get("backbone", cls.model_fields["backbone"].default)
         depth = (backbone_depth(backbone) if isinstance(backbone, str) else None) or 12
+        try:
+            spec = method_spec(method)
+        except (ValueError, TypeError):  # an unknown method is reported by field validation
+            spec = None
         if data.get("ila_ds_locs") is None:
-            data["ila_ds_locs"] = (3, 7) if method in ("ila", "ila_plus", "ila_pp") else ()
+            data["ila_ds_locs"] = spec.ila_ds_locs if spec else ()
         if data.get("ila_locs") is None:
             raw = data["ila_ds_locs"]
             ok = isinstance(raw, list | tuple) and all(isinstance(i, int) for i in raw)
-            ds = set(raw) if ok else set()  # a malformed value is reported by field validation
-            data["ila_locs"] = tuple(i for i in range(depth) if i not in ds) if method == "ila_plus" else ()
+            ds = tuple(raw) if ok else ()  # a malformed value is reported by field validation
+            data["ila_locs"] = spec.default_ila_locs(depth, ds) if spec else ()
         return data
 
     @field_validator("ila_locs", "ila_ds_locs")
@@ -131,20 +136,16 @@ class ModelConfig(Section):
                 "model.ila_locs and model.ila_ds_locs share blocks "
                 f"{sorted(set(self.ila_locs) & set(self.ila_ds_locs))}; a block takes at most one ILA"
             )
-        if self.method not in ("ila", "ila_plus", "ila_pp") and (self.ila_locs or self.ila_ds_locs):
+        if not method_spec(self.method).has_ila and (self.ila_locs or self.ila_ds_locs):
             raise ValueError(
                 f"model.ila_locs/model.ila_ds_locs are set but method {self.method!r} has no ILA; "
-                "use method ila, ila_plus or ila_pp"
+                f"use method {', '.join(ILA_METHODS[:-1])} or {ILA_METHODS[-1]}"
             )
         patch = backbone_patch(self.backbone)
         depth = backbone_depth(self.backbone)
         if patch is not None:
             check_geometry(self, depth=depth, patch=patch)
         return self
-
-    @property
-    def uses_ila(self) -> bool:
-        return bool(self.ila_locs or self.ila_ds_locs)
 
 
 class OptimConfig(Section):
@@ -441,40 +442,7 @@ def parse_overrides(items: list[str]) -> dict:
 # Writing
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def to_toml(data: dict[str, Any]) -> str:
-    """Write a two-level dict (top-level scalars, then one table per section). None is left out."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if v is not None and not isinstance(v, dict)]
-    for k, v in data.items():
-        if isinstance(v, dict):
-            lines.append(f"\n[{k}]")
-            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]
-    return "\n".join(lines) + "\n"
-
-
 def dump_resolved(recipe: Recipe) -> str:
     """The resolved recipe as TOML; loading it back gives an equal recipe."""
     return to_toml(recipe.model_dump(mode="python"))
 
-
-def recipe_summary(path: Path) -> tuple[str, str]:
-    """(method, description) of a recipe file without validating it (for `recipes list`)."""
-    data = _read_toml(path)
-    return data.get("model", {}).get("method", ModelConfig.model_fields["method"].default), data.get(
-        "description", ""
-    )

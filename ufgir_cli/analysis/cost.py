@@ -50,7 +50,7 @@ def count_flops(model: nn.Module, image_size: int, batch: int = 1, executed: boo
     meta = meta_copy(model).eval()
     x = torch.empty(batch, 3, image_size, image_size, device="meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        if hasattr(meta, "attention_maps") and not executed:  # UfgirViT, all tokens through the last block
+        if hasattr(meta, "forward_head") and not executed:  # timm contract: every token through the last block
             meta.forward_head(meta.forward_features(x))
         else:
             meta(x)

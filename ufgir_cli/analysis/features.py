@@ -15,7 +15,7 @@
 
 A block's output is the sequence that the next block receives (after any ILA that follows it) and,
 for the last block, the sequence entering the final LayerNorm: the lengths in ``model.tokens_per_block``.
-It is collected by ``forward_features(x, probs, outputs)`` in the same pass as the attention maps.
+It comes from ``forward_intermediates`` in the same pass as the attention maps (``collect_attention``).
 """
 
 from __future__ import annotations
@@ -47,18 +47,15 @@ def forward_collect(model: nn.Module, x: torch.Tensor) -> Collected:
     """Run a :class:`~ufgir_cli.model.vit.UfgirViT` (eval mode) once, keeping logits, attention and block outputs."""
     if model.training:
         raise RuntimeError("forward_collect() needs eval mode: call model.eval() first")
-    probs: list[torch.Tensor] = []
-    tokens: list[torch.Tensor] = []
-    logits = model.forward_head(model.forward_features(x, probs, tokens))
-    return Collected(logits, probs, tokens)
+    with model.collect_attention() as probs:
+        final, inter = model.forward_intermediates(x, return_prefix_tokens=True)
+    tokens = [torch.cat([prefix, patches], dim=1) for patches, prefix in inter]  # (B, T_i, D) each
+    return Collected(model.forward_head(final), probs, tokens)
 
 
 def output_grids(model: nn.Module) -> list[tuple[int, int]]:
     """Patch grid of each block's output (after the ILA that follows it, if any)."""
-    grids = [tuple(g) for g in model.grids]
-    last = str(len(grids) - 1)
-    tail = model.ila[last].out_grid(grids[-1]) if last in model.ila else grids[-1]
-    return grids[1:] + [tuple(tail)]
+    return [b.out_grid for b in model.feature_info]
 
 
 def pooled_tokens(tokens: torch.Tensor, grid: tuple[int, int], num_cls: int, size: int = POOL) -> torch.Tensor:
@@ -166,7 +163,8 @@ def analyse_batches(model: nn.Module, batches: Iterable[torch.Tensor], *, cka: b
     vit = model.vit
     patch = tuple(vit.patch_embed.patch_size)
     acc_cka = MinibatchCKA() if cka else None
-    acc_feat = (FeatureMetrics([tuple(g) for g in model.grids], output_grids(model), vit.num_prefix_tokens, patch,
+    info = model.feature_info
+    acc_feat = (FeatureMetrics([b.grid for b in info], [b.out_grid for b in info], vit.num_prefix_tokens, patch,
                                heads=vit.blocks[0].attn.num_heads) if features else None)
     for n, x in enumerate(batches):
         if max_batches is not None and n >= max_batches:

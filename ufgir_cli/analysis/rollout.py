@@ -202,11 +202,17 @@ def rollout_across(maps: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]
     return grid_map(row, tuple(grids[0]))
 
 
+def downsample_kernels(model) -> dict[int, int]:
+    """``rollout_across``'s ``kernels`` for a model: block -> kernel of the down-sampling ILA after it
+    (read from ``model.feature_info``)."""
+    return {b.index: b.ila_kernel for b in model.feature_info if b.ila == "down"}
+
+
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, h, w) maps in [0, 1] -> (B, H, W) by bilinear resizing (the patch grid covers the image)."""
     return F.interpolate(maps.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
-__all__ = ["FUSIONS", "Fusion", "attention_l", "discard_lowest", "encoder_groups", "fuse_heads", "grid_map",
+__all__ = ["FUSIONS", "Fusion", "attention_l", "discard_lowest", "downsample_kernels", "encoder_groups", "fuse_heads", "grid_map",
            "minmax", "parse_group", "residual_attention", "rollout", "rollout_across", "token_mixing_matrix",
            "upsample"]

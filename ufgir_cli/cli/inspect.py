@@ -28,28 +28,32 @@ def inspect(
     import torch
 
     from ..analysis.cost import count_flops, count_params
+    from ..methods import method_spec
     from ..model import build_model
 
     with torch.device("meta"):  # no storage, no init cost: inspect a ViT-L in a second
         model = build_model(r.model, r.model.num_classes or num_classes)
-    table = Table(title=f"{r.model.backbone} · {r.model.method} · {r.model.image_size}px", title_justify="left")
-    for col in ("block", "tokens in", "tokens out", "attached", "trainable params"):
-        table.add_column(col, justify="right" if col != "attached" else "left")
-    tokens_in = model.num_prefix_tokens + model.grids[0][0] * model.grids[0][1]
-    for i, out in enumerate(model.tokens_per_block):
+    spec = method_spec(r.model.method)
+    table = Table(title=f"{r.model.backbone} · {spec.name} ({spec.family}) · {r.model.image_size}px",
+                  caption=spec.description, title_justify="left", caption_justify="left")
+    for col in ("block", "grid", "tokens in", "tokens out", "attached", "trainable params"):
+        table.add_column(col, justify="left" if col == "attached" else "right")
+    info = model.feature_info
+    tokens_in = info[0].num_prefix_tokens + info[0].grid[0] * info[0].grid[1]
+    for b in info:
         parts, n = [], 0
         if model.adapters is not None:
             parts.append(model.plan.adapters)
-            n += sum(p.numel() for p in model.adapters[i].parameters())
-        if model.plan.prompts == "deep" or (model.plan.prompts == "shallow" and i == 0):
+            n += sum(p.numel() for p in model.adapters[b.index].parameters())
+        if b.num_prompts or (model.plan.prompts == "shallow" and b.index == 0):
             parts.append(f"prompts x{model.prompt_len}")
             n += model.prompt_len * model.embed_dim
-        if str(i) in model.ila:
-            ila = model.ila[str(i)]
-            parts.append("DS-ILA" if ila.downsample else "ILA")
-            n += sum(p.numel() for p in ila.parameters())
-        table.add_row(str(i), str(tokens_in), str(out), ", ".join(parts) or "-", f"{n:,}")
-        tokens_in = out
+        if b.ila is not None:
+            parts.append(f"{'DS-ILA' if b.ila == 'down' else 'ILA'} {b.ila_kernel}x{b.ila_kernel}")
+            n += sum(p.numel() for p in model.ila[str(b.index)].parameters())
+        grid = f"{b.grid[0]}x{b.grid[1]}" + (f" -> {b.out_grid[0]}x{b.out_grid[1]}" if b.out_grid != b.grid else "")
+        table.add_row(str(b.index), grid, str(tokens_in), str(b.tokens_out), ", ".join(parts) or "-", f"{n:,}")
+        tokens_in = b.tokens_out
     console.print(table)
     pc = count_params(model)
     flops = count_flops(model, r.model.image_size)

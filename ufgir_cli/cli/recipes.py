@@ -13,16 +13,19 @@ app = typer.Typer(no_args_is_help=True)
 
 @app.command("list")
 def list_recipes() -> None:
-    """Packaged recipes: name, method and a one-line description."""
-    from ..recipe import packaged_recipe_names, packaged_recipes_dir, recipe_summary
+    """Packaged recipes: name, method, the method's family and a one-line description."""
+    from ..methods import METHODS
+    from ..recipe import load_recipe, packaged_recipe_names
 
     table = Table(title="packaged recipes", title_justify="left")
     table.add_column("name", style="bold cyan")
     table.add_column("method")
+    table.add_column("family")
     table.add_column("description")
     for name in packaged_recipe_names():
-        method, desc = recipe_summary(packaged_recipes_dir() / f"{name}.toml")
-        table.add_row(name, method, desc)
+        r = load_recipe(name, env=False)  # packaged recipes are valid; the environment is not theirs
+        spec = METHODS[r.model.method]
+        table.add_row(name, spec.name, spec.family, r.description or spec.description)
     console.print(table)
 
 

@@ -59,14 +59,23 @@ class ConvPass(Adapter):
         return self._scaled(self.up(h))
 
 
+def _adapter(dim: int, r: int, scale: float, kernel_size: int, init: str) -> Adapter:
+    return Adapter(dim, r, scale, init)
+
+
+def _convpass(dim: int, r: int, scale: float, kernel_size: int, init: str) -> ConvPass:
+    return ConvPass(dim, r, scale, kernel_size, init)
+
+
+#: Parallel adapter kinds a method row may name (``MethodSpec.adapter``) -> builder.
+ADAPTERS = {"adapter": _adapter, "convpass": _convpass}
+
+
 class BlockAdapters(nn.Module):
     """The two parallel adapters of one block: beside attention and beside the MLP."""
 
     def __init__(self, dim: int, r: int, scale: float, kind: str, kernel_size: int = 3, init: str = "xavier"):
         super().__init__()
-        if kind == "convpass":
-            self.attn = ConvPass(dim, r, scale, kernel_size, init)
-            self.mlp = ConvPass(dim, r, scale, kernel_size, init)
-        else:
-            self.attn = Adapter(dim, r, scale, init)
-            self.mlp = Adapter(dim, r, scale, init)
+        make = ADAPTERS[kind]
+        self.attn = make(dim, r, scale, kernel_size, init)
+        self.mlp = make(dim, r, scale, kernel_size, init)

@@ -2,7 +2,8 @@
 
 The reference stores ``{'config': argparse.Namespace, 'model': state_dict, ...}``. We read it with
 ``weights_only=True`` plus ``argparse.Namespace`` on the allow-list, infer the method from the config's
-flags (with the reference's meanings, see the fixtures README), and map every key with strict
+flags (with the reference's meanings, see the fixtures README; each method's flags are its row's
+``upstream`` in ``ufgir_cli/methods.py``), and map every key with strict
 checking: an unmapped or missing key is an error that lists it.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..methods import METHOD_NAMES, MethodSpec, detect_upstream
 from ..recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe, recipe_from_dict
 from .state import load_strict
 from .vit import UfgirViT, build_model
@@ -71,20 +73,13 @@ def read_upstream(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def _method(c: argparse.Namespace) -> str:
-    prompt = (getattr(c, "prompt", None) or "").lower()
-    adapter = getattr(c, "adapter", None)
-    if getattr(c, "ila", False):
-        if adapter:
-            return "ila_pp"
-        return "ila_plus" if getattr(c, "ila_locs", None) else "ila"
-    if adapter == "convpass":
-        return "convpass"
-    if adapter:
-        return "adapter"
-    if prompt:
-        return "vpt_deep" if "deep" in prompt else "vpt_shallow"
-    return "linear" if getattr(c, "freeze_backbone", False) else "full"
+def _method(c: argparse.Namespace) -> MethodSpec:
+    """The method row whose reference flags (``methods.MethodSpec.upstream``) this config matches."""
+    spec = detect_upstream(vars(c))
+    if spec is None:
+        raise CheckpointError("the reference config's flags (ila, adapter, prompt, freeze_backbone, ...) match no "
+                              f"method ufgir knows ({', '.join(METHOD_NAMES)})")
+    return spec
 
 
 def recipe_from_upstream(c: argparse.Namespace) -> Recipe:
@@ -94,7 +89,8 @@ def recipe_from_upstream(c: argparse.Namespace) -> Recipe:
         raise CheckpointError(
             f"reference model_name {name!r} is not supported; known: {', '.join(UPSTREAM_BACKBONES)}"
         )
-    method = _method(c)
+    spec = _method(c)
+    method = spec.name
     model: dict[str, Any] = {
         "backbone": UPSTREAM_BACKBONES[name],
         "weights": "none",
@@ -114,9 +110,9 @@ def recipe_from_upstream(c: argparse.Namespace) -> Recipe:
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
     }
-    if method in ("ila", "ila_plus", "ila_pp"):
-        model["ila_ds_locs"] = list(getattr(c, "ila_ds_locs", [3, 7]) or [])
-        model["ila_locs"] = list(getattr(c, "ila_locs", []) or []) if method == "ila_plus" else []
+    if spec.has_ila:
+        model["ila_ds_locs"] = list(getattr(c, "ila_ds_locs", spec.ila_ds_locs) or [])
+        model["ila_locs"] = list(getattr(c, "ila_locs", []) or []) if spec.ila_rest else []
     data = {"dataset": getattr(c, "dataset_name", None) or "unknown"}
     optim = {
         "name": "adamw" if str(getattr(c, "opt", "sgd")).lower() == "adamw" else "sgd",

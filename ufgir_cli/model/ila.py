@@ -148,14 +148,9 @@ class ILA(nn.Module):
         return res + self.drop(h)
 
 
-def grid_after(grid: tuple[int, int], kernel_size: int, n_downsample: int) -> tuple[int, int]:
-    s = (kernel_size - 1) * n_downsample
-    return grid[0] - s, grid[1] - s
-
-
 def prompt_init_bound(patch: int, dim: int, in_chans: int = 3) -> float:
     """VPT's uniform init bound sqrt(6 / (in_chans * patch^2 + D))."""
     return math.sqrt(6.0 / (in_chans * patch * patch + dim))
 
 
-__all__ = ["ILA", "Dropout", "TokenNorm", "grid_after", "prompt_init_bound", "xavier_linear_"]
+__all__ = ["ILA", "Dropout", "TokenNorm", "prompt_init_bound", "xavier_linear_"]

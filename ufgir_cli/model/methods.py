@@ -1,14 +1,22 @@
-"""Which modules each method adds, and where. Pure data: no torch, no timm.
+"""A method's row of the table (``ufgir_cli/methods.py``) -> what the model builds.
 
-One :class:`MethodPlan` per method of reference/ILA.md section 3. The model builder reads only the
-plan, so a new method is a new row here plus, at most, a new module.
+:class:`MethodPlan` is the row resolved against one recipe (ILA positions come from the recipe,
+which took the row's defaults). The model builder reads only the plan. The module kinds a row may
+name are the builders the model has (``adapters.ADAPTERS``, the prompt kinds UfgirViT inserts); a
+row naming another kind fails here, at build time, with the list of kinds that exist.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import RecipeError
+from ..methods import Part, method_spec
 from ..recipe import ModelConfig
+from .adapters import ADAPTERS
+
+#: Prompt kinds UfgirViT inserts: once before block 0, or per block.
+PROMPT_KINDS = ("shallow", "deep")
 
 
 @dataclass(frozen=True)
@@ -17,22 +25,28 @@ class MethodPlan:
     prompts: str | None  # "shallow" | "deep" | None
     ila_locs: tuple[int, ...]  # same-resolution ILA after these blocks
     ila_ds_locs: tuple[int, ...]  # down-sampling ILA after these blocks
-    train_backbone: bool  # full fine-tuning
+    trains: tuple[Part, ...] = ("head", "cls")  # what trains (see methods.Part)
+
+    @property
+    def train_backbone(self) -> bool:
+        """Full fine-tuning: every parameter trains."""
+        return "all" in self.trains
 
     @property
     def ila_positions(self) -> tuple[int, ...]:
         return tuple(sorted(self.ila_locs + self.ila_ds_locs))
 
 
-_ADAPTERS = {"adapter": "adapter", "convpass": "convpass", "ila_pp": "adapter"}
-_PROMPTS = {"vpt_shallow": "shallow", "vpt_deep": "deep"}
-
-
 def method_plan(cfg: ModelConfig) -> MethodPlan:
+    spec = method_spec(cfg.method)
+    for slot, kind, known in (("adapter", spec.adapter, tuple(ADAPTERS)), ("prompts", spec.prompts, PROMPT_KINDS)):
+        if kind is not None and kind not in known:
+            raise RecipeError(f"method {spec.name!r} asks for {slot} {kind!r}, which the model cannot build "
+                              f"(known: {', '.join(known)})")
     return MethodPlan(
-        adapters=_ADAPTERS.get(cfg.method),
-        prompts=_PROMPTS.get(cfg.method),
+        adapters=spec.adapter,
+        prompts=spec.prompts,
         ila_locs=tuple(cfg.ila_locs or ()),
         ila_ds_locs=tuple(cfg.ila_ds_locs or ()),
-        train_backbone=cfg.method == "full",
+        trains=spec.trains,
     )

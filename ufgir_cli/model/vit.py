@@ -1,254 +1,68 @@
-"""ViT backbones from timm, and the PETL model that wraps them. The only module that knows timm.
+"""The PETL model: a stock timm ViT run block by block, with the modules of one method around it.
 
-:class:`UfgirViT` keeps a stock timm ``VisionTransformer`` as ``self.vit`` (so its weights load and
-hash exactly as timm defines them) and runs the blocks itself, inserting parallel adapters, prompts
-and inter-layer adapters around them as the method's :class:`~.methods.MethodPlan` says.
+:class:`UfgirViT` keeps a timm ``VisionTransformer`` as ``self.vit`` (so its weights load and hash
+exactly as timm defines them) and runs the blocks itself, inserting parallel adapters, prompts and
+inter-layer adapters around them as the method's :class:`~.methods.MethodPlan` says. Its geometry
+(what each block attends over and outputs) has one source, :attr:`UfgirViT.feature_info`.
 """
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
 
-import timm
 import torch
-import torch.nn.functional as F
-from timm.models import register_model
-from timm.models._registry import generate_default_cfgs
-from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import CheckpointError, ModelError, RecipeError
+from ..errors import RecipeError
 from ..recipe import ModelConfig, check_geometry
 from .adapters import BlockAdapters
+from .attention import autocast_input, cls_attention, explicit_attention
+from .backbone import MICRO, create_backbone, embed_tokens, resize_input, state_dict_sha256
 from .ila import ILA, Dropout, prompt_init_bound, xavier_linear_
 from .methods import MethodPlan, method_plan
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
-# --------------------------------------------------------------------------------------------
-# Our own small backbone, pretrained on synthetic leaves (see `ufgir pretrain-backbone`).
+class BlockInfo(NamedTuple):
+    """One block's geometry (timm's ``feature_info`` entry plus what ILA and prompts change)."""
 
-MICRO = "ufgir_vit_micro_patch8_64"
-MICRO_WEIGHTS = ASSETS / f"{MICRO}.synthetic.safetensors"
-
-default_cfgs = generate_default_cfgs(
-    {
-        f"{MICRO}.synthetic": {
-            "url": "",
-            "file": str(MICRO_WEIGHTS),
-            "num_classes": 0,
-            "input_size": (3, 64, 64),
-            "mean": (0.5, 0.5, 0.5),
-            "std": (0.5, 0.5, 0.5),
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-            "license": "mit",
-        }
-    }
-)
+    index: int
+    module: str  # its module name in the model
+    num_chs: int  # channels of its output tokens
+    reduction: int  # input pixels per patch-grid step (the patch size; a valid conv keeps it)
+    grid: tuple[int, int]  # patch grid it attends over
+    num_prefix_tokens: int  # CLS/register tokens + shallow prompts, before the patches
+    num_prompts: int  # deep prompts attended over by this block only
+    tokens_attended: int  # sequence length of its attention: prefix + prompts + grid
+    ila: str | None  # the ILA after it: None, "same" (same resolution) or "down" (down-sampling)
+    ila_kernel: int | None
+    out_grid: tuple[int, int]  # patch grid of its output, after the ILA
+    tokens_out: int  # sequence length of its output, after the ILA
 
 
-@register_model
-def ufgir_vit_micro_patch8_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT, patch 8, 64 px, width 96, depth 6, 3 heads: trains on two CPU cores in minutes."""
-    args = dict(img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0)
-    return _create_vision_transformer(MICRO, pretrained=pretrained, **dict(args, **kwargs))
-
-
-# --------------------------------------------------------------------------------------------
-# Backbone creation and weights
-
-
-def _timm_kwargs(cfg: ModelConfig, num_classes: int) -> dict:
-    # Dropout is applied by UfgirViT on branch outputs only (the reference's placement); timm's own
-    # dropouts (incl. the MLP hidden one, costly on CPU) stay off.
-    return dict(num_classes=num_classes, drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0,
-                drop_path_rate=cfg.drop_path)
-
-
-def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
-    """A timm ViT with the recipe's weights, LayerNorm eps and input size."""
-    kwargs = _timm_kwargs(cfg, num_classes)
-    weights = cfg.weights
-    try:
-        if weights == "none":
-            vit = timm.create_model(cfg.backbone, pretrained=False, img_size=cfg.image_size, **kwargs)
-        elif weights == "timm":
-            try:
-                vit = timm.create_model(cfg.backbone, pretrained=True, **kwargs)
-            except (OSError, RuntimeError, ValueError) as e:
-                if "Unknown model" in str(e):
-                    raise
-                raise ModelError(
-                    f"pretrained weights for model.backbone {cfg.backbone!r} are not in timm's cache and "
-                    f"cannot be fetched ({type(e).__name__}); run once with network access, or set "
-                    "model.weights to a local .npz/.safetensors/.pth file, or to none"
-                ) from None
-        else:
-            vit = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
-            load_weights_file(vit, Path(weights).expanduser())
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise RecipeError(
-                f"model.backbone {cfg.backbone!r} is not a timm model; use a ViT name such as "
-                "vit_base_patch16_224.orig_in21k (list them with timm.list_models('vit_*'))"
-            ) from None
-        raise
-    if not isinstance(vit, VisionTransformer):
-        raise RecipeError(f"model.backbone {cfg.backbone!r} is not a plain timm VisionTransformer")
-    if cfg.layer_norm_eps is not None:
-        for m in vit.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.eps = cfg.layer_norm_eps
-    if tuple(vit.patch_embed.img_size) != (cfg.image_size, cfg.image_size):
-        resize_input(vit, cfg.image_size, cfg.pos_embed_resize)
-    return vit
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a plain weights file"
-        raise CheckpointError(
-            f"weights file {path} cannot be read safely (weights_only=True): {str(e).splitlines()[0]}"
-        ) from None
-    for key in ("state_dict", "model", "model_state"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"weights file {path} holds no state_dict")
-    return obj
-
-
-def load_weights_file(vit: VisionTransformer, path: Path) -> None:
-    """Load Google ``.npz``, ``.safetensors`` or ``.pth`` weights into ``vit`` (head excluded)."""
-    if not path.is_file():
-        raise ModelError(f"model.weights file {path} does not exist; give an existing file, 'timm' or 'none'")
-    if path.suffix == ".npz":
-        from timm.models.vision_transformer import _load_weights
-
-        head = {k: v.clone() for k, v in vit.head.state_dict().items()}
-        _load_weights(vit, str(path))
-        if head:
-            vit.head.load_state_dict(head)
-        return
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    sd = checkpoint_filter_fn(_read_state_dict(path), vit)
-    own = vit.state_dict()
-    head_keys = {f"head.{k}" for k in vit.head.state_dict()}
-    sd = {k: v for k, v in sd.items() if not (k in head_keys and v.shape != own[k].shape)}
-    missing, unexpected = vit.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k not in head_keys]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"weights file {path} does not fit {type(vit).__name__}: missing {missing[:5]}, "
-            f"unexpected {list(unexpected)[:5]}; check model.backbone"
-        )
-
-
-def resize_input(vit: VisionTransformer, size: int, mode: str) -> None:
-    """Change the input size, resampling the position grid (CLS/prefix positions kept).
-
-    ``bilinear_corners`` is the reference's corner-aligned bilinear resize; ``bicubic`` is timm's.
-    """
-    old = vit.pos_embed.detach().clone()
-    gh, gw = vit.patch_embed.grid_size
-    vit.set_input_size(img_size=(size, size))
-    if mode != "bilinear_corners":
-        return
-    npt = 0 if vit.no_embed_class else vit.num_prefix_tokens
-    D = old.shape[-1]
-    grid = old[:, npt:].reshape(1, gh, gw, D).permute(0, 3, 1, 2)                       # (1, D, gh, gw)
-    grid = F.interpolate(grid, size=vit.patch_embed.grid_size, mode="bilinear", align_corners=True)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, D)                                    # (1, gh'*gw', D)
-    vit.pos_embed = nn.Parameter(torch.cat([old[:, :npt], grid], dim=1), requires_grad=vit.pos_embed.requires_grad)
-
-
-def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over tensors in name order (names, dtypes, shapes and bytes; not file bytes)."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------
-# The model
-
-
-def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            probs: list[torch.Tensor] | None) -> torch.Tensor:
-    """Softmax attention over (B, heads, N, hd) tensors: fused SDPA, or the explicit path when
-    ``probs`` asks for the maps. On a CPU, bf16 training also takes the explicit path: the CPU
-    flash-attention backward is about 2.7x slower than two bf16 matmuls there (ViT-B/16, batch 8,
-    measured); the forward and every other device/precision use SDPA."""
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    cpu_bf16_backward = q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
-    if probs is None and not cpu_bf16_backward:
-        drop = attn.attn_drop.p if attn.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-    a = (q * attn.scale) @ k.transpose(-2, -1)                            # (B, heads, Nq, N)
-    a = a.softmax(dim=-1)
-    if probs is not None:
-        probs.append(a)
-    return attn.attn_drop(a) @ v
-
-
-def _autocast_input(h: torch.Tensor) -> torch.Tensor:
-    """In inference, a LayerNorm output cast once to the autocast dtype. Why: under CPU autocast the
-    norm runs in float32, and each consumer (attention or MLP, plus its parallel adapter) would cast
-    it again; the values are the same either way. Not when it needs a gradient: the branches'
-    gradients would then be summed in bf16 instead of float32."""
-    device = h.device.type
-    if h.dtype == torch.float32 and not h.requires_grad and device in ("cpu", "cuda") \
-            and torch.is_autocast_enabled(device):
-        return h.to(torch.get_autocast_dtype(device))
-    return h
-
-
-def _merge_heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    B, nh, N, hd = x.shape
-    x = x.transpose(1, 2).reshape(B, N, nh * hd)                          # (B, N, D)
-    x = getattr(attn, "norm", nn.Identity())(x)
-    return attn.proj(x)
-
-
-def explicit_attention(attn: nn.Module, x: torch.Tensor, probs: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """timm ``Attention`` forward, able to hand out the attention maps (see `_attend`)."""
-    B, N, C = x.shape
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
-    q, k, v = qkv.unbind(0)
-    return _merge_heads(attn, _attend(attn, q, k, v, probs))
-
-
-def cls_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Attention output for the first token only: its query against every key and value.
-
-    Why: the classifier reads the CLS token alone, so in the last block every other row of the
-    query, the output projection and the MLP is computed and thrown away (6.6 % of ViT-B/16's
-    multiply-adds at 224 px, 4.6 % of ILA++'s)."""
-    B, N, C = x.shape
-    w, b = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(x[:, :1], w[:C], None if b is None else b[:C])           # (B, 1, D)
-    kv = F.linear(x, w[C:], None if b is None else b[C:])                 # (B, N, 2D)
-    q = q.reshape(B, 1, attn.num_heads, -1).transpose(1, 2)               # (B, heads, 1, hd)
-    k, v = kv.reshape(B, N, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, N, hd)
-    return _merge_heads(attn, _attend(attn, q, k, v, None))
+def _take_indices(n: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
+    """timm's ``indices`` convention: None = all blocks, an int = the last n, a sequence = those
+    (negative from the end)."""
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices={indices}: take the last 1 to {n} blocks")
+        return list(range(n - indices, n))
+    out = [i + n if i < 0 else i for i in indices]
+    if any(not 0 <= i < n for i in out):
+        raise ValueError(f"indices {list(indices)} name a block outside 0-{n - 1}")
+    return sorted(out)
 
 
 class UfgirViT(nn.Module):
-    """A timm ViT plus the PETL modules of one method. timm's model contract is kept."""
+    """A timm ViT plus the PETL modules of one method, with timm's model contract: ``forward``,
+    ``forward_features``, ``forward_head``, ``forward_intermediates``, ``reset_classifier``,
+    ``no_weight_decay``, ``set_grad_checkpointing``, ``set_input_size``, ``pretrained_cfg``, plus
+    ``feature_info`` (the block geometry) and ``data_config()``."""
 
     def __init__(self, vit: VisionTransformer, cfg: ModelConfig):
         super().__init__()
@@ -299,6 +113,7 @@ class UfgirViT(nn.Module):
         if isinstance(vit.head, nn.Linear):
             xavier_linear_(vit.head)  # the reference's init for every Linear, the head included
         self.grad_checkpointing = False
+        self._attn_probs: list[torch.Tensor] | None = None  # set by collect_attention()
         self.freeze()
 
     # ---- geometry -------------------------------------------------------------------------
@@ -309,41 +124,56 @@ class UfgirViT(nn.Module):
         return self.vit.num_prefix_tokens + shallow
 
     @property
-    def grids(self) -> list[tuple[int, int]]:
-        """Patch grid that each block attends over."""
+    def feature_info(self) -> list[BlockInfo]:
+        """Per block: what it attends over and what it outputs. The one source of the model's
+        geometry; ``grids``, ``tokens_per_block``, the analysis and ``ufgir inspect`` read it."""
+        P, D = self.num_prefix_tokens, self.embed_dim
+        deep = self.prompt_len if self.plan.prompts == "deep" else 0
+        patch = self.vit.patch_embed.patch_size[0]
         g = tuple(self.vit.patch_embed.grid_size)
         out = []
         for i in range(len(self.vit.blocks)):
-            out.append(g)
-            if str(i) in self.ila:
-                g = self.ila[str(i)].out_grid(g)
+            ila = self.ila[str(i)] if str(i) in self.ila else None
+            g_out = ila.out_grid(g) if ila is not None else g
+            out.append(BlockInfo(
+                index=i, module=f"vit.blocks.{i}", num_chs=D, reduction=patch, grid=g, num_prefix_tokens=P,
+                num_prompts=deep, tokens_attended=P + deep + g[0] * g[1],
+                ila=None if ila is None else "down" if ila.downsample else "same",
+                ila_kernel=None if ila is None else ila.kernel_size, out_grid=g_out, tokens_out=P + g_out[0] * g_out[1],
+            ))
+            g = g_out
         return out
+
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        """Patch grid that each block attends over."""
+        return [b.grid for b in self.feature_info]
 
     @property
     def tokens_per_block(self) -> list[int]:
         """Sequence length each block outputs, after any ILA that follows it."""
-        g = tuple(self.vit.patch_embed.grid_size)
-        out = []
-        for i in range(len(self.vit.blocks)):
-            if str(i) in self.ila:
-                g = self.ila[str(i)].out_grid(g)
-            out.append(self.num_prefix_tokens + g[0] * g[1])
-        return out
+        return [b.tokens_out for b in self.feature_info]
+
+    def set_input_size(self, image_size: int) -> None:
+        """Change the input size in place: the position grid is resampled the way the recipe says
+        (``model.pos_embed_resize``), ``self.cfg`` gets the new ``image_size``, and the geometry
+        follows. A layout whose down-sampling ILAs no longer fit is a RecipeError, nothing changed."""
+        cfg = self.cfg.model_copy(update={"image_size": image_size})
+        try:
+            check_geometry(cfg, depth=len(self.vit.blocks), patch=self.vit.patch_embed.patch_size[0])
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        resize_input(self.vit, image_size, cfg.pos_embed_resize)
+        self.cfg = cfg
 
     # ---- freezing -------------------------------------------------------------------------
     def trainable_modules(self) -> list[nn.Module | nn.Parameter]:
         """The explicit list of what trains for this method (never chosen by name matching)."""
         if self.plan.train_backbone:
             return [self]
-        out: list[nn.Module | nn.Parameter] = [self.vit.get_classifier()]
-        if self.vit.cls_token is not None:
-            out.append(self.vit.cls_token)
-        if self.adapters is not None:
-            out.append(self.adapters)
-        out.append(self.ila)
-        if self.prompts is not None:
-            out.append(self.prompts)
-        return out
+        parts = {"head": self.vit.get_classifier(), "cls": self.vit.cls_token, "adapters": self.adapters,
+                 "ila": self.ila, "prompts": self.prompts}
+        return [parts[p] for p in self.plan.trains if parts[p] is not None]
 
     def freeze(self) -> None:
         self.requires_grad_(False)
@@ -385,8 +215,22 @@ class UfgirViT(nn.Module):
             xavier_linear_(self.vit.head)
         self.vit.head.requires_grad_(True)
 
-    def _block(self, i: int, x: torch.Tensor, grid: tuple[int, int], probs: list | None,
-               cls_only: bool = False) -> torch.Tensor:
+    @contextmanager
+    def collect_attention(self) -> Iterator[list[torch.Tensor]]:
+        """The one hook point for attention maps. Inside the block, every block's post-softmax
+        attention, (B, heads, S, S), is appended to the yielded list in block order; attention takes
+        the explicit path (fused attention keeps no maps) and ``forward`` computes every token of
+        the last block. Gradient checkpointing is off meanwhile (a recomputed block would append twice)."""
+        if self._attn_probs is not None:
+            raise RuntimeError("collect_attention() is already active on this model")
+        probs: list[torch.Tensor] = []
+        self._attn_probs = probs
+        try:
+            yield probs
+        finally:
+            self._attn_probs = None
+
+    def _block(self, i: int, x: torch.Tensor, grid: tuple[int, int], cls_only: bool = False) -> torch.Tensor:
         """Block ``i`` with its method's modules. ``cls_only`` (see `cls_only_last_block`) returns the
         CLS row alone, (B, 1, D): keys and values still come from every token, and everything after
         attention is token-wise, so it runs on that one row."""
@@ -398,17 +242,17 @@ class UfgirViT(nn.Module):
             x = torch.cat([x[:, :P], p, x[:, P:]], dim=1)                  # (B, P + L + HW, D)
             P = P + self.prompt_len
         ad = self.adapters[i] if self.adapters is not None else None
-        h = _autocast_input(blk.norm1(x))
+        h = autocast_input(blk.norm1(x))
         if cls_only:
             a = cls_attention(blk.attn, h)
             h, x = h[:, :1], x[:, :1]                                          # (B, 1, D) from here on
         else:
-            a = explicit_attention(blk.attn, h, probs)
+            a = explicit_attention(blk.attn, h, self._attn_probs)
         a = self.drop(blk.ls1(a))
         if ad is not None:
             a = a + ad.attn(h, grid, P)
         x = x + blk.drop_path1(a)
-        h = _autocast_input(blk.norm2(x))
+        h = autocast_input(blk.norm2(x))
         m = self.drop(blk.ls2(blk.mlp(h)))
         if ad is not None:
             m = m + ad.mlp(h, grid, P)
@@ -420,33 +264,81 @@ class UfgirViT(nn.Module):
             x = ila(x, grid, self.num_prefix_tokens)
         return x
 
-    def forward_features(self, x: torch.Tensor, probs: list | None = None, outputs: list | None = None) -> torch.Tensor:
-        """Tokens after the final norm. ``probs`` collects each block's attention (explicit path);
-        ``outputs`` collects each block's output tokens, after the ILA that follows it."""
-        return self.vit.norm(self._encode(x, probs, outputs))
-
-    def _encode(self, x: torch.Tensor, probs: list | None = None, outputs: list | None = None,
-                last_cls_only: bool = False) -> torch.Tensor:
-        """Image -> the last block's tokens (all of them, or the CLS row with ``last_cls_only``)."""
+    def _encode(self, x: torch.Tensor, take: frozenset[int] = frozenset(), stop: int | None = None,
+                last_cls_only: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Image -> (the last run block's tokens, the outputs of the blocks in ``take``). Runs blocks
+        0..``stop`` (default: all); with ``last_cls_only`` the last block yields its CLS row alone."""
         vit = self.vit
-        x = vit.patch_embed(x)                                                 # (B, HW, D)
-        x = vit._pos_embed(x)                                                  # (B, 1 + HW, D)
-        x = vit.norm_pre(vit.patch_drop(x))
+        x = embed_tokens(vit, x)                                               # (B, 1 + HW, D)
         if self.plan.prompts == "shallow":
             n = vit.num_prefix_tokens
             p = self.prompt_drop(self.prompts[0]).expand(x.shape[0], -1, -1).to(x.dtype)
             x = torch.cat([x[:, :n], p, x[:, n:]], dim=1)                      # (B, 1 + L + HW, D)
-        grids = self.grids
-        for i, grid in enumerate(grids):
-            if last_cls_only and i == len(grids) - 1:
-                return self._block(i, x, grid, None, cls_only=True)            # (B, 1, D)
-            if self.grad_checkpointing and self.training and probs is None and not torch.jit.is_scripting():
-                x = checkpoint(self._block, i, x, grid, None, use_reentrant=False)
+        blocks = self.feature_info[: None if stop is None else stop + 1]
+        outputs = []
+        for b in blocks:
+            if last_cls_only and b.index == len(blocks) - 1:
+                return self._block(b.index, x, b.grid, cls_only=True), outputs  # (B, 1, D)
+            if self.grad_checkpointing and self.training and self._attn_probs is None \
+                    and not torch.jit.is_scripting():
+                x = checkpoint(self._block, b.index, x, b.grid, use_reentrant=False)
             else:
-                x = self._block(i, x, grid, probs)
-            if outputs is not None:
+                x = self._block(b.index, x, b.grid)
+            if b.index in take:
                 outputs.append(x)
-        return x
+        return x, outputs
+
+    def forward_features(self, x: torch.Tensor, probs: list | None = None) -> torch.Tensor:
+        """Tokens after the final norm, (B, tokens_per_block[-1], D).
+
+        ``probs`` is transitional, for callers not yet on :meth:`collect_attention` (cli/analyze.py):
+        it receives each block's attention. Remove it once they use the context manager."""
+        if probs is None:
+            return self.vit.norm(self._encode(x)[0])
+        with self.collect_attention() as maps:
+            out = self.vit.norm(self._encode(x)[0])
+        probs.extend(maps)
+        return out
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NLC",
+        intermediates_only: bool = False,
+    ) -> list | tuple[torch.Tensor, list]:
+        """timm's ``forward_intermediates``: ``(final normed tokens, intermediates)``, or the
+        intermediates alone with ``intermediates_only``.
+
+        An intermediate is a block's output after the ILA that follows it (length
+        ``tokens_per_block[i]``), split like timm's into patch tokens, (B, H_i*W_i, D) for ``"NLC"``
+        or (B, D, H_i, W_i) on the block's ``out_grid`` for ``"NCHW"``, and, with
+        ``return_prefix_tokens``, its prefix tokens (B, num_prefix_tokens, D) as ``(patches, prefix)``
+        pairs. ``indices``: None = every block, n = the last n, a list = those blocks. ``norm``
+        applies the final norm to each; ``stop_early`` (and ``intermediates_only``, whose caller
+        never sees the rest) stops after the last block asked for."""
+        if output_fmt not in ("NLC", "NCHW"):
+            raise ValueError(f"output_fmt {output_fmt!r} is not one of NLC, NCHW")
+        info = self.feature_info
+        take = _take_indices(len(info), indices)
+        stop = take[-1] if (stop_early or intermediates_only) and take else None
+        x, inter = self._encode(x, frozenset(take), stop)
+        if norm:
+            inter = [self.vit.norm(y) for y in inter]
+        P = self.num_prefix_tokens
+        prefix = [y[:, :P] for y in inter]                                     # (B, P, D) each
+        inter = [y[:, P:] for y in inter]                                      # (B, H_i*W_i, D) each
+        if output_fmt == "NCHW":
+            inter = [y.reshape(y.shape[0], *info[i].out_grid, -1).permute(0, 3, 1, 2).contiguous()
+                     for i, y in zip(take, inter, strict=True)]                # (B, D, H_i, W_i) each
+        if return_prefix_tokens:
+            inter = list(zip(inter, prefix, strict=True))
+        if intermediates_only:
+            return inter
+        return self.vit.norm(x), inter
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.vit.forward_head(x, pre_logits=pre_logits)
@@ -461,18 +353,19 @@ class UfgirViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits. Equal to ``forward_head(forward_features(x))``; when only the CLS token reaches the
-        head, the last block is computed for that token alone (`cls_only_last_block`)."""
-        if not self.cls_only_last_block:
+        head (and no attention is being collected), the last block is computed for that token alone
+        (`cls_only_last_block`)."""
+        if self._attn_probs is not None or not self.cls_only_last_block:
             return self.forward_head(self.forward_features(x))
-        return self.forward_head(self.vit.norm(self._encode(x, last_cls_only=True)))
+        return self.forward_head(self.vit.norm(self._encode(x, last_cls_only=True)[0]))
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Post-softmax attention of every block, (B, heads, S, S) each; eval mode only."""
         if self.training:
             raise RuntimeError("attention_maps() needs eval mode: call model.eval() first")
-        probs: list[torch.Tensor] = []
-        self.forward_features(x, probs)
+        with self.collect_attention() as probs:
+            self.forward_features(x)
         return probs
 
     def data_config(self) -> dict:
@@ -502,3 +395,7 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> UfgirViT:
         raise RecipeError("model.num_classes must be >= 2 (set it, or let training take it from the dataset)")
     vit = create_backbone(model_cfg, num_classes)
     return UfgirViT(vit, model_cfg)
+
+
+__all__ = ["MICRO", "BlockInfo", "UfgirViT", "build_model", "create_backbone", "explicit_attention", "resize_input",
+           "state_dict_sha256"]

@@ -1,0 +1,100 @@
+"""The method table: the only list of methods, and what each row says is what the model does."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import pytest
+import torch
+
+from ufgir_cli import recipe
+from ufgir_cli.methods import METHOD_NAMES, METHODS, TABLE, _flag_holds, _specificity, detect_upstream
+from ufgir_cli.model import build_model
+from ufgir_cli.recipe import load_recipe, packaged_recipe_names
+
+#: Parameter-name prefixes of each trainable part (the model's module names).
+PART_PREFIX = {"head": ("vit.head.",), "cls": ("vit.cls_token",), "adapters": ("adapters.",), "ila": ("ila.",),
+               "prompts": ("prompts",)}
+
+
+def test_the_table_is_the_only_list_of_names():
+    assert recipe.METHODS == METHOD_NAMES == tuple(m.name for m in TABLE)
+    assert recipe.ModelConfig.model_fields["method"].annotation.__args__ == METHOD_NAMES
+    assert len(set(METHOD_NAMES)) == len(TABLE)
+
+
+@pytest.mark.parametrize("spec", TABLE, ids=lambda s: s.name)
+def test_every_row_has_a_packaged_recipe_that_builds(spec):
+    assert spec.recipe_name in packaged_recipe_names()
+    r = load_recipe(spec.recipe_name, {"model": {"weights": "none"}})
+    assert r.model.method == spec.name
+    with torch.device("meta"):
+        build_model(r.model, 10)
+
+
+@pytest.mark.parametrize("spec", TABLE, ids=lambda s: s.name)
+def test_trainable_parts_are_the_rows(spec):
+    cfg = {"backbone": "vit_tiny_patch16_224", "weights": "none", "image_size": 96, "prompt_len": 4}
+    if spec.has_ila:
+        cfg["ila_ds_locs"] = [1, 3]
+    r = load_recipe(spec.recipe_name, {"model": cfg})
+    m = build_model(r.model, 5)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    if spec.trains == ("all",):
+        assert trainable == {n for n, _ in m.named_parameters()}
+        return
+    for part in spec.trains:
+        assert any(n.startswith(PART_PREFIX[part]) for n in trainable), part
+    allowed = tuple(p for part in spec.trains for p in PART_PREFIX[part])
+    assert all(n.startswith(allowed) for n in trainable), sorted(n for n in trainable if not n.startswith(allowed))
+
+
+def test_model_builds_what_the_row_says():
+    for spec in TABLE:
+        cfg = load_recipe(spec.recipe_name, {"model": {"weights": "none"}}).model
+        with torch.device("meta"):
+            m = build_model(cfg, 10)
+        assert m.plan.adapters == spec.adapter and m.plan.prompts == spec.prompts
+        assert cfg.ila_ds_locs == spec.ila_ds_locs
+        assert bool(cfg.ila_locs) == spec.ila_rest
+        kinds = ({"down"} | ({"same"} if spec.ila_rest else set())) if spec.has_ila else set()
+        assert {b.ila for b in m.feature_info} - {None} == kinds
+
+
+def _old_detection(c: argparse.Namespace) -> str:
+    """The rule import-upstream used before the table (kept here as the oracle)."""
+    prompt = (getattr(c, "prompt", None) or "").lower()
+    adapter = getattr(c, "adapter", None)
+    if getattr(c, "ila", False):
+        if adapter:
+            return "ila_pp"
+        return "ila_plus" if getattr(c, "ila_locs", None) else "ila"
+    if adapter == "convpass":
+        return "convpass"
+    if adapter:
+        return "adapter"
+    if prompt:
+        return "vpt_deep" if "deep" in prompt else "vpt_shallow"
+    return "linear" if getattr(c, "freeze_backbone", False) else "full"
+
+
+def test_upstream_detection_is_unambiguous_and_matches_the_reference_rules():
+    for ila, adapter, prompt, ila_locs, freeze in itertools.product(
+        (False, True), (None, "adapter", "convpass"), (None, "vpt_shallow", "deep"), ([], [0, 1]), (False, True)
+    ):
+        flags = {"ila": ila, "adapter": adapter, "prompt": prompt, "ila_locs": ila_locs, "freeze_backbone": freeze}
+        spec = detect_upstream(flags)
+        assert spec is not None and spec.name == _old_detection(argparse.Namespace(**flags)), flags
+        # no other matching row is as specific: the answer never depends on the table's order
+        hits = [m for m in TABLE if all(_flag_holds(flags.get(k), t) for k, t in m.upstream)]
+        assert sum(_specificity(m) == _specificity(spec) for m in hits) == 1, (flags, [m.name for m in hits])
+
+
+def test_non_ila_method_with_ila_positions_names_the_ila_methods():
+    from ufgir_cli.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="use method ila, ila_plus or ila_pp"):
+        load_recipe("adapter", {"model": {"ila_ds_locs": [3]}})
+    assert {m.name for m in TABLE if m.has_ila} == {"ila", "ila_plus", "ila_pp"}
+    assert METHODS["ila_plus"].default_ila_locs(12, (3, 7)) == (0, 1, 2, 4, 5, 6, 8, 9, 10, 11)

@@ -1,0 +1,113 @@
+"""The method table: the one place that says what each training method is.
+
+A row names a method and says, as data, everything the rest of the package needs to know about it:
+its family, a one-line description, which parts of the model train, which modules it adds (parallel
+adapter kind, prompt kind, where its inter-layer adapters go by default), how a reference-code
+checkpoint's config is recognised as this method, and its packaged recipe. Recipe validation,
+``ufgir recipes list``, ``ufgir inspect``, ``import-upstream`` and ``model/methods.py`` (which maps the
+row to the modules it builds) all read this table, so adding a method is one row here, its module(s)
+under ``model/`` and a recipe under ``recipes/``.
+
+It sits at the bottom layer beside ``recipe.py`` and imports neither torch nor pydantic: the recipe
+types validate against it without importing the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Family = Literal["petl", "ila", "full"]
+#: Parts of a model that can train. "all" means every parameter (full fine-tuning).
+Part = Literal["head", "cls", "adapters", "ila", "prompts", "all"]
+#: A reference-config flag test: True = set (truthy), False = unset or falsy, a string = the flag's
+#: lower-cased text contains it.
+FlagTest = bool | str
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    family: Family
+    description: str
+    trains: tuple[Part, ...]
+    adapter: Literal["adapter", "convpass"] | None = None  # parallel adapters in every block
+    prompts: Literal["shallow", "deep"] | None = None
+    ila_ds_locs: tuple[int, ...] = ()  # default down-sampling ILA positions (a 12-block ViT's)
+    ila_rest: bool = False  # default: a same-resolution ILA after every block without a DS-ILA
+    upstream: tuple[tuple[str, FlagTest], ...] = ()  # how import-upstream recognises it
+    recipe: str = ""  # packaged recipe name; the method's name when empty
+
+    @property
+    def has_ila(self) -> bool:
+        return self.family == "ila"
+
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe or self.name
+
+    def default_ila_locs(self, depth: int, ds_locs: tuple[int, ...]) -> tuple[int, ...]:
+        """Same-resolution ILA positions when the recipe leaves ``model.ila_locs`` unset."""
+        return tuple(i for i in range(depth) if i not in ds_locs) if self.ila_rest else ()
+
+
+_PETL = ("head", "cls")
+_NO_EXTRAS = (("ila", False), ("adapter", False), ("prompt", False))
+
+TABLE: tuple[MethodSpec, ...] = (
+    MethodSpec("linear", "petl", "Linear probe: frozen ViT, only the head and the CLS token train",
+               _PETL, upstream=(("freeze_backbone", True), *_NO_EXTRAS)),
+    MethodSpec("full", "full", "Full fine-tuning of every backbone weight",
+               ("all",), upstream=(("freeze_backbone", False), *_NO_EXTRAS)),
+    MethodSpec("vpt_shallow", "petl", "VPT-shallow: learned prompt tokens inserted once before block 0",
+               (*_PETL, "prompts"), prompts="shallow",
+               upstream=(("prompt", True), ("ila", False), ("adapter", False))),
+    MethodSpec("vpt_deep", "petl", "VPT-deep: learned prompt tokens per block, replaced at every block",
+               (*_PETL, "prompts"), prompts="deep",
+               upstream=(("prompt", "deep"), ("ila", False), ("adapter", False))),
+    MethodSpec("adapter", "petl", "Parallel bottleneck adapters beside attention and MLP in every block",
+               (*_PETL, "adapters"), adapter="adapter", upstream=(("adapter", True), ("ila", False))),
+    MethodSpec("convpass", "petl", "ConvPass: parallel adapters with a convolution on the patch grid",
+               (*_PETL, "adapters"), adapter="convpass", upstream=(("adapter", "convpass"), ("ila", False))),
+    MethodSpec("ila", "ila", "Down-sampling ILA only, after blocks 3 and 7",
+               (*_PETL, "ila"), ila_ds_locs=(3, 7),
+               upstream=(("ila", True), ("adapter", False), ("ila_locs", False))),
+    MethodSpec("ila_plus", "ila", "ILA+: down-sampling ILA after blocks 3 and 7, same-resolution ILA after the rest",
+               (*_PETL, "ila"), ila_ds_locs=(3, 7), ila_rest=True,
+               upstream=(("ila", True), ("adapter", False), ("ila_locs", True))),
+    MethodSpec("ila_pp", "ila", "ILA++: down-sampling ILA after blocks 3 and 7 + parallel adapters in every block",
+               (*_PETL, "adapters", "ila"), adapter="adapter", ila_ds_locs=(3, 7),
+               upstream=(("ila", True), ("adapter", True))),
+)
+
+METHODS: dict[str, MethodSpec] = {m.name: m for m in TABLE}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+ILA_METHODS: tuple[str, ...] = tuple(m.name for m in TABLE if m.has_ila)
+
+
+def method_spec(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}") from None
+
+
+def _flag_holds(value: object, test: FlagTest) -> bool:
+    if isinstance(test, bool):
+        return bool(value) is test
+    return test in str(value or "").lower()
+
+
+def _specificity(spec: MethodSpec) -> int:
+    # A text test says more than a set/unset test: "prompt contains deep" beats "prompt is set".
+    return sum(2 if isinstance(t, str) else 1 for _, t in spec.upstream)
+
+
+def detect_upstream(flags: dict[str, object]) -> MethodSpec | None:
+    """The method a reference config's flags describe: of the rows whose tests all hold, the most
+    specific one (None when no row matches). Flags the config lacks count as unset."""
+    hits = [m for m in TABLE if m.upstream and all(_flag_holds(flags.get(k), t) for k, t in m.upstream)]
+    return max(hits, key=_specificity, default=None)
+
+
+__all__ = ["ILA_METHODS", "METHODS", "METHOD_NAMES", "TABLE", "MethodSpec", "detect_upstream", "method_spec"]

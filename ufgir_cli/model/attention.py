@@ -1,0 +1,75 @@
+"""Attention for timm ``Attention`` modules, run by UfgirViT's own block loop. Pure torch.
+
+Why not timm's forward: the maps must be available on request (attention rollout, CKA), the last
+block can run for the CLS query alone, and the CPU bf16 training path differs (see `_attend`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            probs: list[torch.Tensor] | None) -> torch.Tensor:
+    """Softmax attention over (B, heads, N, hd) tensors: fused SDPA, or the explicit path when
+    ``probs`` asks for the maps (the one place they are taken; see ``UfgirViT.collect_attention``).
+    On a CPU, bf16 training also takes the explicit path: the CPU flash-attention backward is about
+    2.7x slower than two bf16 matmuls there (ViT-B/16, batch 8, measured); the forward and every
+    other device/precision use SDPA."""
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    cpu_bf16_backward = q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
+    if probs is None and not cpu_bf16_backward:
+        drop = attn.attn_drop.p if attn.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+    a = (q * attn.scale) @ k.transpose(-2, -1)                            # (B, heads, Nq, N)
+    a = a.softmax(dim=-1)
+    if probs is not None:
+        probs.append(a)
+    return attn.attn_drop(a) @ v
+
+
+def autocast_input(h: torch.Tensor) -> torch.Tensor:
+    """In inference, a LayerNorm output cast once to the autocast dtype. Why: under CPU autocast the
+    norm runs in float32, and each consumer (attention or MLP, plus its parallel adapter) would cast
+    it again; the values are the same either way. Not when it needs a gradient: the branches'
+    gradients would then be summed in bf16 instead of float32."""
+    device = h.device.type
+    if h.dtype == torch.float32 and not h.requires_grad and device in ("cpu", "cuda") \
+            and torch.is_autocast_enabled(device):
+        return h.to(torch.get_autocast_dtype(device))
+    return h
+
+
+def _merge_heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    B, nh, N, hd = x.shape
+    x = x.transpose(1, 2).reshape(B, N, nh * hd)                          # (B, N, D)
+    x = getattr(attn, "norm", nn.Identity())(x)
+    return attn.proj(x)
+
+
+def explicit_attention(attn: nn.Module, x: torch.Tensor, probs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """timm ``Attention`` forward, able to hand out the attention maps (see `_attend`)."""
+    B, N, C = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
+    q, k, v = qkv.unbind(0)
+    return _merge_heads(attn, _attend(attn, q, k, v, probs))
+
+
+def cls_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Attention output for the first token only: its query against every key and value.
+
+    Why: the classifier reads the CLS token alone, so in the last block every other row of the
+    query, the output projection and the MLP is computed and thrown away (6.6 % of ViT-B/16's
+    multiply-adds at 224 px, 4.6 % of ILA++'s)."""
+    B, N, C = x.shape
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(x[:, :1], w[:C], None if b is None else b[:C])           # (B, 1, D)
+    kv = F.linear(x, w[C:], None if b is None else b[C:])                 # (B, N, 2D)
+    q = q.reshape(B, 1, attn.num_heads, -1).transpose(1, 2)               # (B, heads, 1, hd)
+    k, v = kv.reshape(B, N, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, N, hd)
+    return _merge_heads(attn, _attend(attn, q, k, v, None))
+
+
+__all__ = ["autocast_input", "cls_attention", "explicit_attention"]

@@ -1,0 +1,188 @@
+"""ViT backbones from timm: creation, weights, input size. The one module that builds timm models.
+
+Everything ufgir needs from timm goes through here, through timm's public API (``create_model``,
+``build_model_with_cfg``, ``VisionTransformer.load_pretrained``/``set_input_size``), with one
+exception: :func:`embed_tokens` calls the private ``VisionTransformer._pos_embed``, isolated in that one
+function and checked by ``tests/test_model.py::test_timm_private_api`` so that a timm release that
+changes it fails loudly. Elsewhere timm appears only as ``timm.create_model`` when pretraining the
+micro backbone (engine/pretrain.py) and as a version string in run provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
+
+from ..errors import CheckpointError, ModelError, RecipeError
+from ..recipe import ModelConfig
+from .state import load_strict
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+# --------------------------------------------------------------------------------------------
+# Our own small backbone, pretrained on synthetic leaves (see `ufgir pretrain-backbone`).
+
+MICRO = "ufgir_vit_micro_patch8_64"
+MICRO_WEIGHTS = ASSETS / f"{MICRO}.synthetic.safetensors"
+
+default_cfgs = generate_default_cfgs(
+    {
+        f"{MICRO}.synthetic": {
+            "url": "",
+            "file": str(MICRO_WEIGHTS),
+            "num_classes": 0,
+            "input_size": (3, 64, 64),
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.5, 0.5, 0.5),
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+            "license": "mit",
+        }
+    }
+)
+
+
+@register_model
+def ufgir_vit_micro_patch8_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT, patch 8, 64 px, width 96, depth 6, 3 heads: trains on two CPU cores in minutes."""
+    args = dict(img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0)
+    return build_model_with_cfg(VisionTransformer, MICRO, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **dict(args, **kwargs))
+
+
+# --------------------------------------------------------------------------------------------
+# Backbone creation and weights
+
+
+def _timm_kwargs(cfg: ModelConfig, num_classes: int) -> dict:
+    # Dropout is applied by UfgirViT on branch outputs only (the reference's placement); timm's own
+    # dropouts (incl. the MLP hidden one, costly on CPU) stay off.
+    return dict(num_classes=num_classes, drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0,
+                drop_path_rate=cfg.drop_path)
+
+
+def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
+    """A timm ViT with the recipe's weights, LayerNorm eps and input size."""
+    kwargs = _timm_kwargs(cfg, num_classes)
+    weights = cfg.weights
+    try:
+        if weights == "none":
+            vit = timm.create_model(cfg.backbone, pretrained=False, img_size=cfg.image_size, **kwargs)
+        elif weights == "timm":
+            try:
+                vit = timm.create_model(cfg.backbone, pretrained=True, **kwargs)
+            except (OSError, RuntimeError, ValueError) as e:
+                if "Unknown model" in str(e):
+                    raise
+                raise ModelError(
+                    f"pretrained weights for model.backbone {cfg.backbone!r} are not in timm's cache and "
+                    f"cannot be fetched ({type(e).__name__}); run once with network access, or set "
+                    "model.weights to a local .npz/.safetensors/.pth file, or to none"
+                ) from None
+        else:
+            vit = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
+            load_weights_file(vit, Path(weights).expanduser())
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise RecipeError(
+                f"model.backbone {cfg.backbone!r} is not a timm model; use a ViT name such as "
+                "vit_base_patch16_224.orig_in21k (list them with timm.list_models('vit_*'))"
+            ) from None
+        raise
+    if not isinstance(vit, VisionTransformer):
+        raise RecipeError(f"model.backbone {cfg.backbone!r} is not a plain timm VisionTransformer")
+    if cfg.layer_norm_eps is not None:
+        for m in vit.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = cfg.layer_norm_eps
+    if tuple(vit.patch_embed.img_size) != (cfg.image_size, cfg.image_size):
+        resize_input(vit, cfg.image_size, cfg.pos_embed_resize)
+    return vit
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a plain weights file"
+        raise CheckpointError(
+            f"weights file {path} cannot be read safely (weights_only=True): {str(e).splitlines()[0]}"
+        ) from None
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"weights file {path} holds no state_dict")
+    return obj
+
+
+def load_weights_file(vit: VisionTransformer, path: Path) -> None:
+    """Load Google ``.npz``, ``.safetensors`` or ``.pth`` weights into ``vit`` (head excluded)."""
+    if not path.is_file():
+        raise ModelError(f"model.weights file {path} does not exist; give an existing file, 'timm' or 'none'")
+    if path.suffix == ".npz":
+        head = {k: v.clone() for k, v in vit.head.state_dict().items()}
+        vit.load_pretrained(str(path))
+        if head:
+            vit.head.load_state_dict(head)
+        return
+    sd = checkpoint_filter_fn(_read_state_dict(path), vit)
+    own = vit.state_dict()
+    head_keys = {f"head.{k}" for k in vit.head.state_dict()}
+    sd = {k: v for k, v in sd.items() if not (k in head_keys and v.shape != own[k].shape)}
+    load_strict(vit, sd, f"weights file {path}", expected=(set(own) - head_keys) | (head_keys & set(sd)),
+                hint="check model.backbone")
+
+
+def resize_input(vit: VisionTransformer, size: int, mode: str) -> None:
+    """Change the input size, resampling the position grid (CLS/prefix positions kept).
+
+    ``bilinear_corners`` is the reference's corner-aligned bilinear resize; ``bicubic`` is timm's.
+    """
+    old = vit.pos_embed.detach().clone()
+    gh, gw = vit.patch_embed.grid_size
+    vit.set_input_size(img_size=(size, size))
+    if mode != "bilinear_corners":
+        return
+    npt = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    D = old.shape[-1]
+    grid = old[:, npt:].reshape(1, gh, gw, D).permute(0, 3, 1, 2)                       # (1, D, gh, gw)
+    grid = F.interpolate(grid, size=vit.patch_embed.grid_size, mode="bilinear", align_corners=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, D)                                    # (1, gh'*gw', D)
+    vit.pos_embed = nn.Parameter(torch.cat([old[:, :npt], grid], dim=1), requires_grad=vit.pos_embed.requires_grad)
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over tensors in name order (names, dtypes, shapes and bytes; not file bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def embed_tokens(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, S, S) -> the tokens entering block 0, as timm's ``forward_features`` makes them:
+    patch embedding, prefix tokens and position embedding, patch dropout, pre-norm.
+
+    The one call into timm's private API (``_pos_embed``); see the module docstring."""
+    x = vit.patch_embed(x)                                                 # (B, HW, D)
+    x = vit._pos_embed(x)                                                  # (B, prefix + HW, D)
+    return vit.norm_pre(vit.patch_drop(x))
+
+
+__all__ = ["MICRO", "MICRO_WEIGHTS", "create_backbone", "embed_tokens", "load_weights_file", "resize_input",
+           "state_dict_sha256"]
