@@ -14,7 +14,14 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ufgir_cli.model.heads import IFAHead, MPNCovHead, VQTHead, isqrt_newton_schulz, upper_triangle, vqt_prompt_rows
+from ufgir_cli.model.heads import (
+    IFAHead,
+    MPNCovHead,
+    VQTHead,
+    isqrt_newton_schulz,
+    upper_triangle,
+    vqt_prompt_rows,
+)
 
 
 def _fixture(fixture_dir, name):

@@ -156,18 +156,13 @@ def visualize(path: Path, make_maps: MakeMaps, *, split: str = "test", images: S
     return Shown(x.permute(0, 2, 3, 1).numpy(), maps, titles, stems)              # images (B, S, S, 3)
 
 
-def model_kernels(model: nn.Module) -> dict[int, int]:
-    """Block index -> kernel of the down-sampling ILA after it: how rollout carries a map across it."""
-    return {int(i): m.kernel_size for i, m in model.ila.items() if m.downsample}
-
-
 def rollout_maps(model: nn.Module, attention: list[torch.Tensor], *, group: str | None = None,
                  across: bool = False, fusion: ro.Fusion = "mean", discard: float = 0.0) -> list[tuple[str, torch.Tensor]]:
     """Attention rollout per encoder group (or blocks ``group`` = "a-b"), or ``across`` all of them."""
     grids = [tuple(g) for g in model.grids]
     if across:
         return [(f"rollout across 0-{len(grids)}",
-                 ro.rollout_across(attention, grids, model_kernels(model), fusion, discard))]
+                 ro.rollout_across(attention, grids, ro.downsample_kernels(model), fusion, discard))]
     if group is None:
         groups = ro.encoder_groups(grids)
     else:

@@ -288,17 +288,9 @@ class UfgirViT(nn.Module):
                 outputs.append(x)
         return x, outputs
 
-    def forward_features(self, x: torch.Tensor, probs: list | None = None) -> torch.Tensor:
-        """Tokens after the final norm, (B, tokens_per_block[-1], D).
-
-        ``probs`` is transitional, for callers not yet on :meth:`collect_attention` (cli/analyze.py):
-        it receives each block's attention. Remove it once they use the context manager."""
-        if probs is None:
-            return self.vit.norm(self._encode(x)[0])
-        with self.collect_attention() as maps:
-            out = self.vit.norm(self._encode(x)[0])
-        probs.extend(maps)
-        return out
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the final norm, (B, tokens_per_block[-1], D)."""
+        return self.vit.norm(self._encode(x)[0])
 
     def forward_intermediates(
         self,

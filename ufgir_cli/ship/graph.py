@@ -21,8 +21,8 @@ from torch import nn
 from ..errors import CheckpointError, ExportError
 from ..io import atomic_write_json
 from ..model.delta import FORMAT_VERSION
-from ..model.vit import UfgirViT, resize_input
-from ..recipe import Recipe, recipe_from_dict
+from ..model.vit import UfgirViT
+from ..recipe import Recipe
 from .parity import DEFAULT_TOLERANCE, ExportResult, model_image_size, parity_batch, write_checked
 
 SIDECAR_FORMAT = "ufgir-export"
@@ -62,21 +62,14 @@ class _Logits(nn.Module):
 def at_image_size(model: UfgirViT, recipe: Recipe, image_size: int | None) -> tuple[UfgirViT, Recipe]:
     """The model and recipe at another input resolution (a resized copy; the original is untouched).
 
-    The one place that changes a built model's input size (it swaps ``model.cfg`` for the
-    re-validated recipe's); ``UfgirViT.set_input_size`` is to replace its body.
-
-    Position embeddings are resampled the way the recipe says (``model.pos_embed_resize``); the
-    recipe is re-validated so an ILA layout that cannot down-sample the new grid is a RecipeError.
+    Position embeddings are resampled the way the recipe says (``model.pos_embed_resize``); an ILA
+    layout that cannot down-sample the new grid is a RecipeError (`UfgirViT.set_input_size`).
     """
     if image_size is None or image_size == model_image_size(model):
         return model, recipe
-    data = recipe.model_dump(mode="json")
-    data["model"]["image_size"] = image_size
-    new = recipe_from_dict(data)
     resized = copy.deepcopy(model)
-    resize_input(resized.vit, image_size, new.model.pos_embed_resize)
-    resized.cfg = new.model
-    return resized, new
+    resized.set_input_size(image_size)
+    return resized, recipe.model_copy(update={"model": resized.cfg})
 
 
 def _export_inputs(model: UfgirViT, image_size: int, dynamic_batch: bool) -> tuple[torch.Tensor, dict | None, torch.Tensor]:
