@@ -217,6 +217,31 @@ def test_sigint_in_process_finishes_the_step(small_synthetic, tmp_path):
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
+def test_sigint_during_evaluation_stops_within_it_and_resumes_exactly(small_synthetic, tmp_path):
+    """A signal in the middle of an evaluation stops after the current batch, saves the state as it
+    was before evaluating, and the resume evaluates again: the log equals an uninterrupted run's."""
+    class CtrlCInEval(Callback):
+        batches = 0
+
+        def on_eval_batch(self, n):
+            self.batches += 1
+            if self.batches == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    over = overrides(small_synthetic, epochs=2)
+    over["eval"]["every"] = 1
+    ref = fit(load_recipe("quickstart", over), tmp_path / "ref")
+    run, stopper = tmp_path / "r", CtrlCInEval()
+    with pytest.raises(TrainingError) as e:
+        fit(load_recipe("quickstart", over), run, callbacks=[stopper])
+    assert e.value.exit_code == 130 and "interrupted by SIGINT at step 3" in str(e.value) and stopper.batches == 1
+    saved = read_checkpoint(run / "checkpoints" / "last.pt")["train_state"]
+    assert (saved["step"], saved["epoch"]) == (3, 0) and [r["step"] for r in records(run)] == [1, 2]
+    summary = fit(load_recipe("quickstart", over), run, resume=True)
+    assert [comparable(r) for r in records(run)] == [comparable(r) for r in records(tmp_path / "ref")]
+    assert summary["final_top1"] == ref["final_top1"]
+
+
 # ---- SIGKILL during a checkpoint write ------------------------------------------------------------
 
 

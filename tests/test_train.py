@@ -84,12 +84,18 @@ def run(small_synthetic, tmp_path_factory):
 
     torch.manual_seed(recipe.train.seed)
     before = build_model(recipe.model.model_copy(update={"num_classes": 4}), 4).state_dict()
-    summary = fit(recipe, run_dir)
-    return run_dir, summary, before
+    steps: dict[int, dict] = {}
+
+    class Steps(Callback):
+        def on_step(self, step, logs):
+            steps[step] = logs
+
+    summary = fit(recipe, run_dir, callbacks=[Steps()])
+    return run_dir, summary, before, steps
 
 
 def test_run_folder_contents(run):
-    run_dir, summary, _ = run
+    run_dir, summary, _, _ = run
     for f in ("recipe.toml", "provenance.json", "metrics.jsonl", "checkpoints/last.pt"):
         assert (run_dir / f).is_file(), f
     assert not (run_dir / "checkpoints" / "best.pt").exists()  # paper protocol: no selection on test
@@ -99,13 +105,52 @@ def test_run_folder_contents(run):
     assert steps == sorted(set(steps)) and steps[-1] == summary["steps"] == 6  # 24 images / 8 * 2 epochs
     assert {"step", "epoch", "time", "train/loss", "train/lr"} <= set(recs[0])
     assert "test/top1" in recs[-1] and recs[-1]["epoch"] == 2.0
+    assert summary["final_top1"] == recs[-1]["test/top1"] and summary["best_top1"] is None  # no selection on test
     prov = json.loads((run_dir / "provenance.json").read_text())
     assert prov["backbone"]["name"] == "ufgir_vit_micro_patch8_64" and len(prov["backbone"]["sha256"]) == 64
     assert len(prov["dataset"]["splits_sha256"]) == 64 and prov["torch"] == torch.__version__
 
 
+def test_loss_tags_have_one_meaning_each(run):
+    """3 equal steps per epoch, a log line every 2 steps: records at steps 2, 3 (epoch end), 4, 6
+    (epoch end). train/loss averages the steps since the previous record, train/loss_epoch the
+    epoch, train/loss_step (callbacks only) one step."""
+    run_dir, _, _, steps = run
+    recs = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    loss = {k: v["train/loss_step"] for k, v in steps.items()}
+    assert sorted(recs) == [2, 3, 4, 6] and sorted(loss) == [1, 2, 3, 4, 5, 6]
+    assert recs[2]["train/loss"] == pytest.approx((loss[1] + loss[2]) / 2)
+    assert recs[3]["train/loss"] == pytest.approx(loss[3])
+    assert recs[3]["train/loss_epoch"] == pytest.approx((loss[1] + loss[2] + loss[3]) / 3)
+    assert recs[4]["train/loss"] == pytest.approx(loss[4])
+    assert recs[6]["train/loss"] == pytest.approx((loss[5] + loss[6]) / 2)
+    assert recs[6]["train/loss_epoch"] == pytest.approx((loss[4] + loss[5] + loss[6]) / 3)
+    assert "train/loss_epoch" not in recs[2] and "train/loss_epoch" not in recs[4]
+
+
+def test_callback_list_calls_every_hook_of_every_callback():
+    import inspect
+
+    from ufgir_cli.engine.callbacks import CallbackList
+
+    hooks = [n for n in vars(Callback) if n.startswith("on_")]
+    calls = []
+
+    class Recorder(Callback):
+        pass
+
+    for name in hooks:
+        setattr(Recorder, name, lambda self, *args, name=name: calls.append((self, name, args)))
+    a, b = Recorder(), Recorder()
+    both = CallbackList([a, b])
+    arity = {name: len(inspect.signature(getattr(Callback, name)).parameters) - 1 for name in hooks}
+    for name in hooks:
+        getattr(both, name)(*range(arity[name]))
+    assert len(hooks) == 8 and calls == [(cb, name, tuple(range(arity[name]))) for name in hooks for cb in (a, b)]
+
+
 def test_frozen_identical_trainable_changed(run):
-    run_dir, _, before = run
+    run_dir, _, before, _ = run
     model, recipe = load_run(run_dir)
     after = model.state_dict()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -118,14 +163,14 @@ def test_frozen_identical_trainable_changed(run):
 
 
 def test_checkpoint_is_weights_only_and_full_for_random_backbone(run):
-    run_dir, _, _ = run
+    run_dir = run[0]
     ck = read_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert ck["full"] is True and ck["method"] == "ila_pp" and ck["num_classes"] == 4
     assert ck["train_state"]["step"] == 6 and ck["train_state"]["epoch"] == 2
 
 
 def test_eval_reproduces_logged_top1(run):
-    run_dir, summary, _ = run
+    run_dir, summary, _, _ = run
     metrics, out, _ = eval_run(run_dir, num_workers=0)
     assert metrics["top1"] == summary["final_top1"]
     assert metrics["num_images"] == 16 and metrics["num_classes"] == 4 and metrics["checkpoint"] == "last"
@@ -141,14 +186,14 @@ def test_eval_reproduces_logged_top1(run):
 
 
 def test_cli_eval_prints_table(run):
-    run_dir, summary, _ = run
+    run_dir, summary, _, _ = run
     res = runner.invoke(app, ["eval", str(run_dir), "--checkpoint", "last"])
     assert res.exit_code == 0, res.output
     assert f"{summary['final_top1']:.2f}" in res.output
 
 
 def test_cli_eval_compiled_gives_the_same_numbers(run):
-    run_dir, _, _ = run
+    run_dir = run[0]
     eager, _, _ = eval_run(run_dir, num_workers=0, precision="fp32")
     res = runner.invoke(app, ["eval", str(run_dir), "--precision", "fp32", "--device", "cpu", "--compile"])
     assert res.exit_code == 0, res.output
@@ -170,7 +215,7 @@ def test_cli_eval_compile_without_compiler_is_one_line(run, monkeypatch):
         return NoCompiler()
 
     monkeypatch.setattr(report, "compiled_for_inference", no_compiler)
-    run_dir, _, _ = run
+    run_dir = run[0]
     res = runner.invoke(app, ["eval", str(run_dir), "--device", "cpu", "--compile"])
     assert res.exit_code == 2
     msg = res.output.strip()
@@ -178,7 +223,7 @@ def test_cli_eval_compile_without_compiler_is_one_line(run, monkeypatch):
 
 
 def test_existing_run_folder_is_refused(run, small_synthetic):
-    run_dir, _, _ = run
+    run_dir = run[0]
     with pytest.raises(TrainingError, match="exists"):
         fit(small_recipe(small_synthetic), run_dir)
 
@@ -188,9 +233,9 @@ def test_val_protocol_writes_best(small_synthetic, tmp_path):
     r = load_recipe("quickstart", {"model": {"weights": "none"}, "data": {"root": str(small_synthetic), "num_workers": 0},
                                    "train": {"epochs": 1, "batch_size": 8, "precision": "fp32", "split": "train"},
                                    "eval": {"split": "val"}})
-    fit(r, tmp_path / "v")
+    summary = fit(r, tmp_path / "v")
     best = read_checkpoint(tmp_path / "v" / "checkpoints" / "best.pt")
-    assert "val/top1" in best["metrics"]
+    assert best["metrics"]["val/top1"] == summary["best_top1"] == summary["final_top1"]  # one epoch: best is last
 
 
 # ---- bad dataset folders: one line naming file and line, nothing written -------------------------

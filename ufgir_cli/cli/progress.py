@@ -54,7 +54,7 @@ class RichProgress(Callback):
     def on_step(self, step: int, logs: dict) -> None:
         if not self.quiet and self.step_task is not None:
             self.progress.update(self.step_task, advance=1,
-                                 status=f"loss {logs['train/loss']:.4f} lr {logs['train/lr']:.2e}")
+                                 status=f"loss {logs['train/loss_step']:.4f} lr {logs['train/lr']:.2e}")
 
     def on_log(self, record: dict) -> None:
         if not self.quiet and self.step_task is not None and "train/images_per_s" in record:
@@ -78,7 +78,7 @@ class RichProgress(Callback):
         if not self.quiet:
             self.progress.update(self.epoch_task, completed=epoch)
             evals = " ".join(f"{k} {v:.2f}" for k, v in record.items() if k.endswith("/top1"))
-            self.progress.console.print(f"epoch {epoch}: train/loss {record['train/loss']:.4f} {evals}")
+            self.progress.console.print(f"epoch {epoch}: train/loss_epoch {record['train/loss_epoch']:.4f} {evals}")
 
     def on_train_end(self, summary: dict) -> None:
         if not self.quiet:
@@ -93,7 +93,7 @@ def summary_table(s: dict) -> Table:
     split = s["split"]
     if s.get("final_top1") is not None:
         t.add_row(f"{split} top-1 (final epoch)", f"{s['final_top1']:.2f} %")
-    if split == "val" and s.get("best_top1") is not None:
+    if s.get("best_top1") is not None:  # only when selecting on val
         t.add_row("val top-1 (best, checkpoints/best.pt)", f"{s['best_top1']:.2f} %")
     t.add_row("time", f"{s['time_s']:.1f} s")
     if s.get("peak_memory_mb"):

@@ -63,8 +63,12 @@ def train(
     from .progress import RichProgress
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 shows progress
-    summary = fit(r, run_dir, callbacks=[RichProgress(quiet)] if main_rank else [], resume=resume is not None,
-                  overwrite=overwrite)
+    progress = RichProgress(quiet)
+    try:
+        summary = fit(r, run_dir, callbacks=[progress] if main_rank else [], resume=resume is not None,
+                      overwrite=overwrite)
+    finally:
+        progress.progress.stop()  # after an error or a stop signal too: the terminal gets its cursor back
     if summary["skipped_images"]:
         console.print(f"skipped {summary['skipped_images']} unreadable images (listed in "
                       f"{Path(summary['run_dir']) / 'provenance.json'} under dataset.skipped_images)")

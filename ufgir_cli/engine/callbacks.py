@@ -1,7 +1,18 @@
 """What the training loop reports to: plain-dict events, no rich, no typer.
 
-Events carry tags like ``train/loss`` or ``test/top1`` (``<split>/<metric>``). The CLI adds a rich
-progress callback; the loop itself always writes ``metrics.jsonl`` and, if enabled, TensorBoard.
+Events carry tags ``<split>/<metric>``; each tag has one meaning wherever it appears:
+
+- ``on_step`` logs: ``train/loss_step`` (the step's mean per-sample loss over its micro-batches),
+  ``train/lr``, ``train/grad_norm``. For progress displays; not written to disk.
+- ``on_log`` records, the lines of ``metrics.jsonl`` and the TensorBoard scalars: ``step``, ``epoch``
+  (fractional), ``time``, ``train/loss`` (mean per-sample loss over the steps since the previous
+  record), ``train/lr`` and ``train/images_per_s``. A log line every ``logging.log_every`` steps adds
+  ``train/grad_norm``; the record at each epoch's end adds ``train/loss_epoch`` (the epoch's mean
+  per-sample loss) and, when it evaluated, ``<eval.split>/top1``, ``/top5``, ``/per_class_mean``
+  and ``/loss``.
+
+The CLI adds a rich progress callback; the loop itself always writes ``metrics.jsonl`` and, if
+enabled, TensorBoard.
 """
 
 from __future__ import annotations
@@ -24,7 +35,33 @@ class Callback:
     def on_eval_batch(self, n: int) -> None: ...
     def on_epoch_end(self, epoch: int, record: dict) -> None: ...
     def on_train_end(self, summary: dict) -> None: ...
-    def message(self, text: str) -> None: ...
+
+
+def _fan_out(hook: str):
+    """A `CallbackList` hook: calls ``hook`` on every callback, in order."""
+
+    def call(self: CallbackList, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
+
+    call.__name__, call.__qualname__ = hook, f"CallbackList.{hook}"
+    return call
+
+
+class CallbackList(Callback):
+    """Many callbacks as one, so the loop calls each hook once. Signatures are `Callback`'s."""
+
+    def __init__(self, callbacks: list[Callback] | None = None):
+        self.callbacks = list(callbacks or [])
+
+    on_train_start = _fan_out("on_train_start")
+    on_epoch_start = _fan_out("on_epoch_start")
+    on_step = _fan_out("on_step")
+    on_log = _fan_out("on_log")
+    on_eval_start = _fan_out("on_eval_start")
+    on_eval_batch = _fan_out("on_eval_batch")
+    on_epoch_end = _fan_out("on_epoch_end")
+    on_train_end = _fan_out("on_train_end")
 
 
 class JsonlLogger(Callback):

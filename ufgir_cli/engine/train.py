@@ -6,58 +6,56 @@ run folder -> loop over epochs (forward, backward, clip, step, log, checkpoint, 
 Never lose a run:
 
 - Everything the loop needs to go on (weights and buffers, optimiser, grad scaler, step, epoch,
-  position inside the epoch, the epoch's running loss, the python/numpy/torch/CUDA RNG) goes into
+  position inside the epoch, the running losses, the python/numpy/torch/CUDA RNG) goes into
   ``checkpoints/last.pt`` at every epoch end and every ``train.checkpoint_every`` steps, written
-  atomically. Augmentation is keyed per sample by (seed, epoch, index) and data-loader workers hold
-  no other randomness, so a resumed run is bit-identical to an uninterrupted one.
-- SIGINT/SIGTERM finish the current step, save, and stop with exit code 130/143 and the resume
-  command; SIGKILL at any moment leaves the last complete checkpoint.
+  atomically (`state.Checkpointer`). Augmentation is keyed per sample by (seed, epoch, index) and
+  data-loader workers hold no other randomness, so a resumed run is bit-identical to an
+  uninterrupted one.
+- SIGINT/SIGTERM finish the current step (or, in a single process, the current evaluation batch),
+  save, and stop with exit code 130/143 and the resume command; SIGKILL at any moment leaves the
+  last complete checkpoint.
 - A non-finite loss or gradient stops training before the weights are touched, and a checkpoint is
   never written from non-finite weights, so the last good one survives.
 - Bad input (recipe, dataset folder, images, checkpoint) fails before anything is written.
+
+What is logged under which tag is written down in `callbacks`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import io
 import math
-import os
-import random
-import shlex
 import shutil
-import signal
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
+from torch import nn
 
 from ..data.datasets import EpochSampler, normalize
 from ..data.loaders import make_loader, read_splits, with_num_classes
-from ..errors import CheckpointError, TrainingError
+from ..errors import TrainingError
 from ..io import atomic_write_text, remove_stale_temps
-from ..model.checkpoint import check_identity, checkpoint_payload, load_into, read_checkpoint, save_checkpoint
+from ..model.checkpoint import load_into
 from ..model.precision import autocast, frozen_weights_cast, resolve_device, resolve_precision
-from ..model.vit import build_model
+from ..model.vit import UfgirViT, build_model
 from ..recipe import Recipe, dump_resolved
-from .callbacks import Callback, JsonlLogger, TensorBoardLogger
-from .dist import DistContext, all_gather_object, barrier, broadcast_flag, cleanup, init_distributed
+from .callbacks import Callback, CallbackList, JsonlLogger, TensorBoardLogger
+from .dist import DistContext, barrier, broadcast_flag, cleanup, init_distributed
 from .evaluate import evaluate
 from .optim import build_optimizer, lr_at, set_lr
 from .provenance import write_provenance
-
-
-class Interrupted(TrainingError):
-    """SIGINT/SIGTERM: the current step finished, a checkpoint was written."""
-
-    def __init__(self, msg: str, signum: int):
-        super().__init__(msg)
-        self.exit_code = 128 + signum
-
+from .state import (
+    Checkpointer,
+    Interrupted,
+    StopFlag,
+    StopRequested,
+    TrainState,
+    read_resume_checkpoint,
+    restore_rng,
+    restore_training,
+    seed_everything,
+)
 
 # --------------------------------------------------------------------------------------------
 # Run folder
@@ -77,97 +75,57 @@ def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
         raise TrainingError(f"--overwrite: {run_dir} is not a ufgir run folder (no recipe.toml); refusing to delete it")
 
 
-def read_resume_checkpoint(run_dir: Path, recipe: Recipe) -> dict:
-    """The run's ``last.pt``, checked to hold training state for this recipe and work left to do."""
-    path = run_dir / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise CheckpointError(
-            f"run {run_dir} has no checkpoints/last.pt to resume (it stopped before its first checkpoint); "
-            "start it again with --overwrite"
-        )
-    ckpt = read_checkpoint(path)
-    ts = ckpt.get("train_state")
-    if not ts:
-        raise CheckpointError(f"{path} holds no training state (an imported or exported checkpoint); it cannot be resumed")
-    check_identity(ckpt, recipe, str(path))
-    if ts["epoch"] >= recipe.train.epochs:
-        raise CheckpointError(
-            f"run {run_dir} already finished its {recipe.train.epochs} epochs; nothing to resume "
-            f"(evaluate it with `ufgir eval {shlex.quote(str(run_dir))}`)"
-        )
-    return ckpt
+def loggers_for(run_dir: Path, recipe: Recipe, resume_step: int | None) -> list[Callback]:
+    """What rank 0 always writes: metrics.jsonl and, if enabled, TensorBoard. On resume both cut
+    their history back to ``resume_step``, the checkpoint's step, which is trained again."""
+    loggers: list[Callback] = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=resume_step)]
+    if recipe.logging.tensorboard:
+        loggers.append(TensorBoardLogger(run_dir, resume_step=resume_step))
+    return loggers
 
 
 # --------------------------------------------------------------------------------------------
-# RNG state (resume)
+# Model and devices
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4])),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+def device_and_ranks(recipe: Recipe) -> tuple[str, DistContext, str]:
+    """Device, torchrun ranks and precision; under torchrun each rank takes its local GPU."""
+    device = resolve_device(recipe.train.device)
+    dist = init_distributed(device)
+    if device == "cuda" and dist.world > 1:
+        device = f"cuda:{dist.local_rank}"
+    return device, dist, resolve_precision(recipe.train.precision, device)
 
 
-def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    kind, keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def model_for_training(recipe: Recipe, dist: DistContext, device: str, resume_ckpt: dict | None,
+                       run_dir: Path) -> tuple[UfgirViT, str]:
+    """The model on its device (restored on resume) and its backbone's sha256. Every rank builds
+    the same initial model; then each rank gets its own dropout stream."""
+    model = build_model(recipe.model, recipe.model.num_classes)
+    if dist.rank:
+        torch.manual_seed(recipe.train.seed + dist.rank)
+    backbone_sha = model.backbone_sha256()
+    if resume_ckpt is not None:
+        load_into(model, resume_ckpt, str(run_dir / "checkpoints" / "last.pt"), backbone_sha)
+    if recipe.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.to(device)
+    if recipe.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if recipe.train.sync_bn and dist.world > 1 and device.startswith("cuda"):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, backbone_sha
 
 
-def gathered_rng_states(dist: DistContext) -> list[dict]:
-    """Every rank's `rng_state()`, in rank order. They travel as `torch.save` bytes read back with
-    ``weights_only=True``: `all_gather_object` cannot unpickle tensors inside objects here."""
-    if dist.world <= 1:
-        return [rng_state()]
-    buf = io.BytesIO()
-    torch.save(rng_state(), buf)
-    return [torch.load(io.BytesIO(b), weights_only=True) for b in all_gather_object(buf.getvalue(), dist)]
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
-
-# --------------------------------------------------------------------------------------------
-# Signals
-
-
-class StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second one stops at once.
-    Installed in the main thread only (Python delivers signals there)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
+def forward_model(model: nn.Module, recipe: Recipe, dist: DistContext, device: str) -> nn.Module:
+    """What the loop runs forward: DDP across ranks, compiled (on CUDA by default). Checkpoints and
+    evaluation use the plain ``model``, which shares its parameters."""
+    fwd = model
+    if dist.world > 1:
+        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.startswith("cuda") else None)
+    if recipe.train.compile if recipe.train.compile is not None else device.startswith("cuda"):
+        fwd = torch.compile(fwd)
+    return fwd
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,24 +165,6 @@ def nonfinite_error(what: str, value: float, state: TrainState, lr: float, ckpt_
 # The loop
 
 
-@dataclass
-class TrainState:
-    """Where the loop is. Saved whole in every checkpoint, next to optimiser, scaler and RNG states."""
-
-    step: int = 0  # optimiser steps done
-    epoch: int = 0  # current epoch (0-based)
-    consumed: int = 0  # samples of this rank's shard consumed in the current epoch
-    loss_sum: float = 0.0  # sum of per-sample training losses so far this epoch: the epoch's mean
-    loss_n: int = 0  # loss is logged at its end, so a resume mid-epoch must continue the sum
-    best_top1: float | None = None
-    nonfinite_skipped: int = 0
-    history: list = field(default_factory=list)
-
-    @classmethod
-    def from_checkpoint(cls, ts: dict) -> TrainState:
-        return cls(**{f.name: ts[f.name] for f in dataclasses.fields(cls) if f.name in ts})
-
-
 @contextlib.contextmanager
 def _torch_flags_restored():
     """``train.deterministic`` switches process-wide torch flags; a caller that trains from Python
@@ -252,59 +192,26 @@ def fit(
 
 
 def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, resume: bool, overwrite: bool) -> dict:
-    callbacks = list(callbacks or [])
-    device = resolve_device(recipe.train.device)
-    dist = init_distributed(device)
-    if device == "cuda" and dist.world > 1:
-        device = f"cuda:{dist.local_rank}"
-    precision = resolve_precision(recipe.train.precision, device)
+    device, dist, precision = device_and_ranks(recipe)
     t_start = time.time()
 
     # 1. Run folder or checkpoint to resume, data, images: all validated before anything is written.
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    if resume:
-        resume_ckpt = read_resume_checkpoint(run_dir, recipe)
-    else:
+    resume_ckpt = read_resume_checkpoint(run_dir, recipe) if resume else None
+    if not resume:
         check_new_run_dir(run_dir, overwrite)
-        resume_ckpt = None
     train_split, eval_split, skipped = read_splits(recipe)
     recipe = with_num_classes(recipe, train_split.num_classes)
 
     seed_everything(recipe.train.seed, recipe.train.deterministic)
 
-    # 2. Model, optimiser, scaler (restored on resume). Every rank builds the same initial model;
-    # then each rank gets its own dropout stream.
-    model = build_model(recipe.model, recipe.model.num_classes)
-    if dist.rank:
-        torch.manual_seed(recipe.train.seed + dist.rank)
-    backbone_sha = model.backbone_sha256()
+    # 2. Model, optimiser, scaler, counters (restored on resume; the RNG comes last, in 5).
+    model, backbone_sha = model_for_training(recipe, dist, device, resume_ckpt, run_dir)
     data_cfg = model.data_config()
     mean, std = data_cfg["mean"], data_cfg["std"]
-    if resume_ckpt is not None:
-        load_into(model, resume_ckpt, str(ckpt_path), backbone_sha)
-    if recipe.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.to(device)
-    if recipe.train.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    if recipe.train.sync_bn and dist.world > 1 and device.startswith("cuda"):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = build_optimizer(model, recipe.optim)
     scaler = grad_scaler(device, precision)
-    state = TrainState()
-    if resume_ckpt is not None:
-        ts = resume_ckpt["train_state"]
-        opt.load_state_dict(ts["optimizer"])
-        if ts.get("scaler"):
-            scaler.load_state_dict(ts["scaler"])
-        state = TrainState.from_checkpoint(ts)
-    fwd_model = model
-    if dist.world > 1:
-        fwd_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if device.startswith("cuda") else None)
-    compile_ = recipe.train.compile if recipe.train.compile is not None else device.startswith("cuda")
-    if compile_:
-        fwd_model = torch.compile(fwd_model)
+    state = restore_training(resume_ckpt, opt, scaler) if resume_ckpt is not None else TrainState()
+    fwd_model = forward_model(model, recipe, dist, device)
 
     # 3. Run folder (rank 0 writes). A resumed run keeps its recipe and provenance, drops the temp
     # files a killed writer left, and cuts its logs back to the checkpoint's step.
@@ -320,11 +227,8 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
             atomic_write_text(run_dir / "recipe.toml", dump_resolved(recipe))
             write_provenance(run_dir, recipe, backbone_sha, device=device, precision=precision, split=train_split,
                              skipped=skipped)
-        resume_step = state.step if resume else None
-        loggers.append(JsonlLogger(run_dir / "metrics.jsonl", resume_step=resume_step))
-        if recipe.logging.tensorboard:
-            loggers.append(TensorBoardLogger(run_dir, resume_step=resume_step))
-        callbacks += loggers
+        loggers = loggers_for(run_dir, recipe, state.step if resume else None)
+    cbs = CallbackList([*(callbacks or []), *loggers])
 
     # 4. Loaders and schedule.
     bs = recipe.train.batch_size
@@ -336,75 +240,37 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
     accum = recipe.train.grad_accum
     steps_per_epoch = math.ceil(micro_per_epoch / accum)
     total_steps = recipe.train.epochs * steps_per_epoch
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    fp16_scaling = scaler.is_enabled()
+    params = {"params_total": sum(p.numel() for p in model.parameters()),
+              "params_trainable": sum(p.numel() for p in trainable)}
     # fp16 loss scaling overflows by design (the scaler backs off and skips the step): skipping is the
     # default there; train.skip_nonfinite=false stops at the first one instead.
-    skip = recipe.train.skip_nonfinite
-    may_skip = fp16_scaling and (skip is None or skip)
-    info = {"run_dir": str(run_dir), "device": device, "precision": precision, "epochs": recipe.train.epochs,
-            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "start_step": state.step,
-            "params_total": n_params, "params_trainable": n_train, "train_images": len(train_split.samples),
-            "eval_images": len(eval_split.samples), "world": dist.world, "skipped_images": len(skipped)}
-    for cb in callbacks:
-        cb.on_train_start(info)
-
-    def save(tag: str, metrics: dict | None = None) -> None:
-        """Checkpoint (rank 0 writes). Non-finite weights are never saved: the last good file stays."""
-        bad = [k for k, t in model.trainable_state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
-        if bad:
-            kept = f"{ckpt_path} keeps the last good weights" if ckpt_path.is_file() else "no checkpoint was written"
-            raise TrainingError(f"weights turned non-finite ({bad[0]}) by step {state.step}; not saved, so {kept}. "
-                                "Lower optim.lr or set optim.clip_grad")
-        rngs = gathered_rng_states(dist)  # each rank's dropout stream, for an exact resume
-        if not dist.is_main:
-            return
-        ts = {**dataclasses.asdict(state), "optimizer": opt.state_dict(),
-              "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rngs[0],
-              "rng_ranks": rngs if dist.world > 1 else None}
-        try:
-            with cast.originals():  # a full checkpoint holds the frozen weights as they are, not their bf16 copies
-                payload = checkpoint_payload(model, recipe, train_state=ts, metrics=metrics,
-                                             backbone_sha256=backbone_sha)
-                save_checkpoint(run_dir / "checkpoints" / f"{tag}.pt", payload)
-        except CheckpointError as e:
-            then = f"resume with: ufgir train --resume {shlex.quote(str(run_dir))}" if ckpt_path.is_file() \
-                else "start again with --overwrite"
-            raise CheckpointError(f"{e}; then {then}") from None
-
-    def interrupted(signum: int | None) -> Interrupted:
-        signum = signum or signal.SIGTERM  # ranks that saw no signal follow the one that did
-        return Interrupted(
-            f"interrupted by {signal.Signals(signum).name} at step {state.step}; checkpoint saved. "
-            f"Resume with: ufgir train --resume {shlex.quote(str(run_dir))}", int(signum))
+    fp16_scaling = scaler.is_enabled()
+    may_skip = fp16_scaling and recipe.train.skip_nonfinite is not False
+    cbs.on_train_start({
+        "run_dir": str(run_dir), "device": device, "precision": precision, "epochs": recipe.train.epochs,
+        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "start_step": state.step, **params,
+        "train_images": len(train_split.samples), "eval_images": len(eval_split.samples), "world": dist.world,
+        "skipped_images": len(skipped)})
 
     # 5. Loop. The RNG is restored last, so that nothing above can shift it.
     if resume_ckpt is not None:
-        ts = resume_ckpt["train_state"]
-        per_rank = ts.get("rng_ranks") or [ts["rng"]]
-        if len(per_rank) == dist.world:
-            set_rng_state(per_rank[dist.rank])
-        else:  # resumed on another number of ranks: data order is exact, dropout streams start afresh
-            set_rng_state(ts["rng"])
-            torch.manual_seed(recipe.train.seed + 1000 * state.step + dist.rank)
-    eval_result = None
-    last_record: dict = {}
+        restore_rng(resume_ckpt, dist, recipe.train.seed)
     loss_f = torch.nn.CrossEntropyLoss(label_smoothing=recipe.optim.label_smoothing)
     with contextlib.ExitStack() as stack:
         stop = stack.enter_context(StopFlag())
-        cast = stack.enter_context(frozen_weights_cast(model, precision))  # read by save()
+        cast = stack.enter_context(frozen_weights_cast(model, precision))
         for lg in loggers:
             stack.callback(lg.close)
+        ckpt = Checkpointer(run_dir, model, recipe, opt, scaler, cast, dist, backbone_sha)
         while state.epoch < recipe.train.epochs:
             epoch = state.epoch
             sampler.set_epoch(epoch, start=state.consumed)
             micro = state.consumed // bs  # micro-batches of this epoch already done
-            for cb in callbacks:
-                cb.on_epoch_start(epoch, steps_per_epoch, micro // accum)
+            cbs.on_epoch_start(epoch, steps_per_epoch, micro // accum)
             fwd_model.train()
             t_log, img_log = time.time(), 0
+            step_loss, step_n = 0.0, 0  # this optimiser step's micro-batches, for train/loss_step
             opt.zero_grad(set_to_none=True)
             for x, y, _ in train_loader:
                 x = normalize(x.to(device, non_blocking=True), mean, std)  # uint8 (B, 3, S, S) -> float
@@ -418,13 +284,13 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
                 loss = loss_f(logits.float(), y)
                 loss_ok = bool(torch.isfinite(loss))
                 if not loss_ok and not may_skip:
-                    raise nonfinite_error("loss", loss.item(), state, lr, ckpt_path, fp16_scaling)
+                    raise nonfinite_error("loss", loss.item(), state, lr, ckpt.last, fp16_scaling)
                 scaler.scale(loss / accum).backward()  # a non-finite loss gives non-finite grads: skipped below
                 micro += 1
                 state.consumed = micro * bs  # sampler keys of this rank's shard used so far
                 if loss_ok:
-                    state.loss_sum += loss.item() * len(y)
-                    state.loss_n += len(y)
+                    state.add_loss(loss.item(), len(y))
+                    step_loss, step_n = step_loss + loss.item() * len(y), step_n + len(y)
                 img_log += len(y) * dist.world
                 if micro % accum and micro < micro_per_epoch:
                     continue  # accumulate train.grad_accum micro-batches per step
@@ -432,90 +298,111 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
                 scaler.unscale_(opt)
                 gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, recipe.optim.clip_grad or float("inf")))
                 if not math.isfinite(gnorm) and not may_skip:
-                    raise nonfinite_error("gradient norm", gnorm, state, lr, ckpt_path, fp16_scaling)
+                    raise nonfinite_error("gradient norm", gnorm, state, lr, ckpt.last, fp16_scaling)
                 state.nonfinite_skipped += apply_update(opt, scaler)
                 state.step += 1
-                logs = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": gnorm}
-                for cb in callbacks:
-                    cb.on_step(state.step, logs)
+                cbs.on_step(state.step, {"train/loss_step": step_loss / step_n if step_n else float("nan"),
+                                         "train/lr": lr, "train/grad_norm": gnorm})
+                step_loss, step_n = 0.0, 0
 
                 # The epoch's last step is logged and saved with the epoch record below; a stop
                 # asked for there is saved before evaluation (resume then evaluates).
                 end_of_epoch = micro >= micro_per_epoch
                 if not end_of_epoch and state.step % recipe.logging.log_every == 0:
                     now = time.time()
-                    rec = {"step": state.step, "epoch": epoch + micro / micro_per_epoch, "time": now,
-                           "train/loss": state.loss_sum / max(state.loss_n, 1), "train/lr": lr,
-                           "train/grad_norm": gnorm, "train/images_per_s": img_log / max(now - t_log, 1e-9)}
+                    cbs.on_log({"step": state.step, "epoch": epoch + micro / micro_per_epoch, "time": now,
+                                "train/loss": state.take_log_loss(), "train/lr": lr, "train/grad_norm": gnorm,
+                                "train/images_per_s": img_log / max(now - t_log, 1e-9)})
                     t_log, img_log = now, 0
-                    for cb in callbacks:
-                        cb.on_log(rec)
                 stopping = broadcast_flag(stop.signum is not None, dist)
                 every = recipe.train.checkpoint_every
                 if stopping or (not end_of_epoch and every and state.step % every == 0):
-                    save("last")
+                    ckpt.save("last", state)
                 if stopping:
-                    raise interrupted(stop.signum)
+                    raise Interrupted.at(stop.signum, state.step, run_dir)
 
             # End of epoch: evaluate when due, log, then checkpoint. Logging first means a kill in
             # between loses nothing: the resume re-runs from the previous checkpoint and cuts the log.
-            done = epoch + 1
-            now = time.time()
-            record = {"step": state.step, "epoch": float(done), "time": now,
-                      "train/loss": state.loss_sum / max(state.loss_n, 1),
-                      "train/lr": lr_at(state.step - 1, total_steps, recipe.optim.lr, recipe.schedule),
-                      "train/images_per_s": img_log / max(now - t_log, 1e-9)}
+            done, now, evals = epoch + 1, time.time(), {}
             if done == recipe.train.epochs or (recipe.eval.every and done % recipe.eval.every == 0):
-                split = recipe.eval.split
-                for cb in callbacks:
-                    cb.on_eval_start(split, len(eval_loader))
-                on_b = (lambda n: [cb.on_eval_batch(n) for cb in callbacks]) if callbacks else None
-                eval_result = evaluate(model, eval_loader, device=device, precision=precision, mean=mean, std=std,
-                                       num_classes=recipe.model.num_classes, dist=dist, on_batch=on_b)
-                for k in ("top1", "top5", "per_class_mean", "loss"):
-                    record[f"{split}/{k}"] = eval_result.metrics[k]
-                if split == "val" and (state.best_top1 is None or eval_result.metrics["top1"] > state.best_top1):
-                    state.best_top1 = eval_result.metrics["top1"]
-                    save("best", {"val/top1": state.best_top1, "epoch": done})
-                elif split != "val":
-                    state.best_top1 = eval_result.metrics["top1"]  # the paper protocol reports the final epoch
-            state.epoch, state.consumed, state.loss_sum, state.loss_n = done, 0, 0.0, 0
+                try:
+                    evals = evaluate_epoch(model, eval_loader, recipe, data_cfg, device, precision, dist, cbs, stop)
+                except StopRequested:  # the state is still that of the epoch's last step: the resume evaluates
+                    ckpt.save("last", state)
+                    raise Interrupted.at(stop.signum, state.step, run_dir) from None
+                if state.add_eval(evals[f"{recipe.eval.split}/top1"], selecting=recipe.eval.split == "val"):
+                    ckpt.save("best", state, {"val/top1": state.best_top1, "epoch": done})
+            record = {"step": state.step, "epoch": float(done), "time": now, "train/loss": state.take_log_loss(),
+                      "train/loss_epoch": state.loss_sum / max(state.loss_n, 1),
+                      "train/lr": lr_at(state.step - 1, total_steps, recipe.optim.lr, recipe.schedule),
+                      "train/images_per_s": img_log / max(now - t_log, 1e-9), **evals}
+            state.next_epoch()
             state.history.append({k: v for k, v in record.items() if k != "time"})
-            for cb in callbacks:
-                cb.on_log(record)
-            save("last", {k: v for k, v in record.items() if "/" in k})
-            last_record = record
-            for cb in callbacks:
-                cb.on_epoch_end(state.epoch, record)
-            if broadcast_flag(stop.signum is not None, dist):  # a signal during evaluation
-                raise interrupted(stop.signum)
+            cbs.on_log(record)
+            ckpt.save("last", state, {k: v for k, v in record.items() if "/" in k})
+            cbs.on_epoch_end(state.epoch, record)
+            if broadcast_flag(stop.signum is not None, dist):  # under torchrun, a signal during evaluation
+                raise Interrupted.at(stop.signum, state.step, run_dir)
 
     barrier(dist)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _cpu_peak_mb()
-    from ..analysis.cost import count_flops
-
-    macs = count_flops(model, recipe.model.image_size) // 2
-    summary = {
-        "run_dir": str(run_dir), "split": recipe.eval.split,
-        "final_top1": eval_result.metrics["top1"] if eval_result else None,
-        "best_top1": state.best_top1, "time_s": time.time() - t_start, "peak_memory_mb": peak,
-        "params_trainable": n_train, "params_total": n_params, "macs": macs, "steps": state.step,
-        "nonfinite_skipped": state.nonfinite_skipped, "skipped_images": len(skipped), "last": last_record,
-        "device": device, "precision": precision,
-    }
-    for cb in callbacks:
-        cb.on_train_end(summary)
+    summary = summarize(run_dir, recipe, model, state, params=params, skipped=skipped, device=device,
+                        precision=precision, time_s=time.time() - t_start)
+    cbs.on_train_end(summary)
     cleanup(dist)
     return summary
 
 
-def _cpu_peak_mb() -> float | None:
+def evaluate_epoch(model: UfgirViT, loader, recipe: Recipe, data_cfg: dict, device: str, precision: str,
+                   dist: DistContext, cbs: Callback, stop: StopFlag) -> dict:
+    """The epoch's evaluation on eval.split (sharded across ranks), under its record tags.
+
+    A stop signal breaks a single process's evaluation off after the current batch
+    (`StopRequested`); ranks gather their results at the end, so under torchrun they finish it.
+    """
+    split = recipe.eval.split
+    cbs.on_eval_start(split, len(loader))
+
+    def on_batch(n: int) -> None:
+        cbs.on_eval_batch(n)
+        if dist.world == 1:
+            stop.raise_if_set()
+
+    result = evaluate(model, loader, device=device, precision=precision, mean=data_cfg["mean"], std=data_cfg["std"],
+                      num_classes=recipe.model.num_classes, dist=dist, on_batch=on_batch)
+    return {f"{split}/{k}": result.metrics[k] for k in ("top1", "top5", "per_class_mean", "loss")}
+
+
+def summarize(run_dir: Path, recipe: Recipe, model: UfgirViT, state: TrainState, *, params: dict,
+              skipped: list[str], device: str, precision: str, time_s: float) -> dict:
+    """What fit() returns and the CLI prints: the last evaluation, the best one when selecting on
+    val, and what the run cost."""
+    return {
+        "run_dir": str(run_dir), "split": recipe.eval.split, "final_top1": state.last_top1,
+        # checkpoints written before best and last were kept apart hold the last result as best
+        "best_top1": state.best_top1 if recipe.eval.split == "val" else None,
+        "time_s": time_s, "peak_memory_mb": peak_memory_mb(device), **params, "macs": macs_per_image(model, recipe),
+        "steps": state.step, "nonfinite_skipped": state.nonfinite_skipped, "skipped_images": len(skipped),
+        "last": state.history[-1], "device": device, "precision": precision,
+    }
+
+
+def peak_memory_mb(device: str) -> float | None:
+    """Peak CUDA allocation, or the process's peak resident size on CPU (None where unknown)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
     try:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except (ImportError, OSError):
         return None
+
+
+def macs_per_image(model: UfgirViT, recipe: Recipe) -> int:
+    """Multiply-adds of one forward at the recipe's image size, the number `inspect` shows."""
+    from ..analysis.cost import count_flops
+
+    return count_flops(model, recipe.model.image_size) // 2
 
 
 __all__ = ["Interrupted", "TrainState", "apply_update", "default_run_name", "fit"]
