@@ -132,9 +132,15 @@ def test_every_method_forward_and_maps(method):
         maps = m.attention_maps(x)
     assert y.shape == (2, 5)
     assert len(maps) == 12
-    for a, s_out_prev in zip(maps, [m.num_prefix_tokens + 36] + m.tokens_per_block[:-1], strict=True):
-        extra = m.prompt_len if m.plan.prompts == "deep" else 0
-        assert a.shape == (2, 3, s_out_prev + extra, s_out_prev + extra)
+    info = m.feature_info
+    # A block attends over what the one before it output, plus its deep prompts, minus the query-only
+    # (VQT) prompt rows that the previous block passed on.
+    deep = m.prompt_len if m.plan.prompts == "deep" else 0
+    dropped = m.prompt_len if m.plan.prompts == "vqt" else 0
+    entering = [m.num_prefix_tokens - dropped + 36] + [b.tokens_out - dropped for b in info[:-1]]
+    for a, b, n in zip(maps, info, entering, strict=True):
+        assert b.tokens_attended == n + deep
+        assert a.shape == (2, 3, b.tokens_attended, b.tokens_attended)
         assert torch.allclose(a.sum(-1), torch.ones(()), atol=1e-5)
 
 

@@ -17,12 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Family = Literal["petl", "ila", "full"]
+Family = Literal["petl", "ila", "fgir", "full"]
 #: Parts of a model that can train. "all" means every parameter (full fine-tuning).
 Part = Literal["head", "cls", "adapters", "ila", "prompts", "all"]
 #: A reference-config flag test: True = set (truthy), False = unset or falsy, a string = the flag's
 #: lower-cased text contains it.
 FlagTest = bool | str
+#: What turns the backbone's output into logits: a Linear on the CLS token (timm's head), or one of the
+#: comparison methods' heads in ``model/heads.py``.
+Head = Literal["linear", "ifa", "mpncov", "vqt"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,10 @@ class MethodSpec:
     description: str
     trains: tuple[Part, ...]
     adapter: Literal["adapter", "convpass"] | None = None  # parallel adapters in every block
-    prompts: Literal["shallow", "deep"] | None = None
+    prompts: Literal["shallow", "deep", "vqt"] | None = None  # vqt: per-block query-only prompts
+    head: Head = "linear"
+    class_token: bool = True  # False: the backbone has no CLS token (MPN-COV pools the patch tokens)
+    final_norm: bool = True  # False: no LayerNorm after the last block (IFA reads pre-norm CLS tokens)
     ila_ds_locs: tuple[int, ...] = ()  # default down-sampling ILA positions (a 12-block ViT's)
     ila_rest: bool = False  # default: a same-resolution ILA after every block without a DS-ILA
     upstream: tuple[tuple[str, FlagTest], ...] = ()  # how import-upstream recognises it
@@ -69,6 +75,13 @@ TABLE: tuple[MethodSpec, ...] = (
                (*_PETL, "adapters"), adapter="adapter", upstream=(("adapter", True), ("ila", False))),
     MethodSpec("convpass", "petl", "ConvPass: parallel adapters with a convolution on the patch grid",
                (*_PETL, "adapters"), adapter="convpass", upstream=(("adapter", "convpass"), ("ila", False))),
+    MethodSpec("vqt", "petl", "VQT: per-block query-only prompts whose outputs, with the CLS token, feed the head",
+               (*_PETL, "prompts"), prompts="vqt", head="vqt",
+               upstream=(("prompt", "vqt"), ("ila", False), ("adapter", False))),
+    MethodSpec("ifa", "fgir", "IFA: a learned mix of every block's CLS token into the head; no final LayerNorm",
+               _PETL, head="ifa", final_norm=False, upstream=(("classifier", "ifa"), *_NO_EXTRAS)),
+    MethodSpec("mpncov", "fgir", "MPN-COV: iSQRT covariance pooling of the patch tokens (no CLS token)",
+               ("head",), head="mpncov", class_token=False, upstream=(("classifier", "mpncov"), *_NO_EXTRAS)),
     MethodSpec("ila", "ila", "Down-sampling ILA only, after blocks 3 and 7",
                (*_PETL, "ila"), ila_ds_locs=(3, 7),
                upstream=(("ila", True), ("adapter", False), ("ila_locs", False))),

@@ -55,6 +55,9 @@ class DataConfig(Section):
     hflip: bool = Field(True, description="Random horizontal flip in training.")
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     skip_corrupt: bool = Field(False, description="Skip unreadable images instead of stopping.")
+    augment: Literal["weak", "medium"] = Field(
+        "weak", description="weak: crop + flip; medium: + TrivialAugmentWide, RandomErasing, label smoothing 0.1 "
+        "and uniform stochastic depth 0.1 instead of dropout (the reference's medaugs)")
 
 
 class ModelConfig(Section):
@@ -63,6 +66,8 @@ class ModelConfig(Section):
     image_size: int = Field(224, ge=16, le=4096)
     num_classes: int | None = Field(None, ge=2, description="Taken from the dataset when unset.")
     method: Method = "ila_pp"
+    train_backbone: bool = Field(False, description="Every backbone weight trains too, whatever the method.")
+    depth: int | None = Field(None, ge=1, description="Blocks of the backbone; None keeps the timm model's.")
     # Parallel adapters (adapter, convpass, ila_pp).
     adapter_dim: int = Field(8, ge=1)
     adapter_scale: float = 1.0
@@ -82,9 +87,12 @@ class ModelConfig(Section):
     # Prompts (vpt_shallow, vpt_deep).
     prompt_len: int = Field(100, ge=1)
     prompt_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    cov_dim: int = Field(64, ge=2, description="MPN-COV: channels of the pooled covariance.")
     # Backbone numerics.
     drop: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on attention/MLP branch outputs.")
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path_schedule: Literal["linear", "uniform"] = Field(
+        "linear", description="Stochastic depth per block: timm's linear ramp, or the reference's same rate")
     layer_norm_eps: float | None = Field(1e-12, gt=0.0, description="None keeps the backbone's.")
     pos_embed_resize: Literal["bilinear_corners", "bicubic"] = "bilinear_corners"
     mean: tuple[float, float, float] | None = IMAGENET_MEAN
@@ -99,7 +107,7 @@ class ModelConfig(Section):
         data = dict(data)
         method = data.get("method", "ila_pp")
         backbone = data.get("backbone", cls.model_fields["backbone"].default)
-        depth = (backbone_depth(backbone) if isinstance(backbone, str) else None) or 12
+        depth = data.get("depth") or (backbone_depth(backbone) if isinstance(backbone, str) else None) or 12
         try:
             spec = method_spec(method)
         except (ValueError, TypeError):  # an unknown method is reported by field validation
@@ -142,7 +150,7 @@ class ModelConfig(Section):
                 f"use method {', '.join(ILA_METHODS[:-1])} or {ILA_METHODS[-1]}"
             )
         patch = backbone_patch(self.backbone)
-        depth = backbone_depth(self.backbone)
+        depth = self.depth or backbone_depth(self.backbone)
         if patch is not None:
             check_geometry(self, depth=depth, patch=patch)
         return self
@@ -232,6 +240,19 @@ class Recipe(BaseSettings):
         if _USE_ENV.get():
             sources.insert(1, env_settings)
         return tuple(sources)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _augment_preset(cls, data: Any) -> Any:
+        """``data.augment = "medium"`` brings the rest of the reference's medaugs, unless a key is set:
+        label smoothing 0.1, and uniform stochastic depth 0.1 in place of the branch dropout."""
+        if not isinstance(data, dict) or (data.get("data") or {}).get("augment") != "medium":
+            return data
+        data = {**data, "optim": dict(data.get("optim") or {}), "model": dict(data.get("model") or {})}
+        data["optim"].setdefault("label_smoothing", 0.1)
+        for key, value in (("drop", 0.0), ("drop_path", 0.1), ("drop_path_schedule", "uniform")):
+            data["model"].setdefault(key, value)
+        return data
 
     @model_validator(mode="after")
     def _protocol(self) -> Recipe:

@@ -49,11 +49,10 @@ def count_flops(model: nn.Module, image_size: int, batch: int = 1, executed: boo
     `UfgirViT.forward` computes the last block for the CLS token alone where that is exact."""
     meta = meta_copy(model).eval()
     x = torch.empty(batch, 3, image_size, image_size, device="meta")
+    if hasattr(meta, "last_block_cls_only"):  # UfgirViT: every token through the last block unless executed
+        meta.last_block_cls_only = executed
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        if hasattr(meta, "forward_head") and not executed:  # timm contract: every token through the last block
-            meta.forward_head(meta.forward_features(x))
-        else:
-            meta(x)
+        meta(x)
     return int(counter.get_total_flops())
 
 

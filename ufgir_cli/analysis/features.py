@@ -50,7 +50,7 @@ def forward_collect(model: nn.Module, x: torch.Tensor) -> Collected:
     with model.collect_attention() as probs:
         final, inter = model.forward_intermediates(x, return_prefix_tokens=True)
     tokens = [torch.cat([prefix, patches], dim=1) for patches, prefix in inter]  # (B, T_i, D) each
-    return Collected(model.forward_head(final), probs, tokens)
+    return Collected(model.forward_head(final, intermediates=tokens), probs, tokens)
 
 
 def output_grids(model: nn.Module) -> list[tuple[int, int]]:

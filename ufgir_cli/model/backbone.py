@@ -16,11 +16,13 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from ..errors import CheckpointError, ModelError, RecipeError
+from ..methods import method_spec
 from ..recipe import ModelConfig
 from .state import load_strict
 
@@ -65,9 +67,16 @@ def ufgir_vit_micro_patch8_64(pretrained: bool = False, **kwargs) -> VisionTrans
 
 def _timm_kwargs(cfg: ModelConfig, num_classes: int) -> dict:
     # Dropout is applied by UfgirViT on branch outputs only (the reference's placement); timm's own
-    # dropouts (incl. the MLP hidden one, costly on CPU) stay off.
-    return dict(num_classes=num_classes, drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0,
-                drop_path_rate=cfg.drop_path)
+    # dropouts (incl. the MLP hidden one, costly on CPU) stay off. A method with its own head (IFA,
+    # MPN-COV, VQT) gets a headless timm model; MPN-COV's has no CLS token either.
+    spec = method_spec(cfg.method)
+    kwargs = dict(num_classes=num_classes if spec.head == "linear" else 0, drop_rate=0.0, proj_drop_rate=0.0,
+                  attn_drop_rate=0.0, drop_path_rate=cfg.drop_path)
+    if cfg.depth is not None:
+        kwargs["depth"] = cfg.depth
+    if not spec.class_token:
+        kwargs.update(class_token=False, global_pool="avg")
+    return kwargs
 
 
 def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
@@ -106,6 +115,11 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
                 m.eps = cfg.layer_norm_eps
     if tuple(vit.patch_embed.img_size) != (cfg.image_size, cfg.image_size):
         resize_input(vit, cfg.image_size, cfg.pos_embed_resize)
+    if cfg.drop_path and cfg.drop_path_schedule == "uniform":  # the reference: one rate in every block
+        for blk in vit.blocks:
+            blk.drop_path1, blk.drop_path2 = DropPath(cfg.drop_path), DropPath(cfg.drop_path)
+    if not method_spec(cfg.method).final_norm:
+        vit.norm = nn.Identity()
     return vit
 
 

@@ -128,4 +128,19 @@ class VQTHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
-__all__ = ["IFAHead", "MPNCovHead", "VQTHead", "isqrt_newton_schulz", "upper_triangle", "vqt_prompt_rows"]
+def _ifa(depth: int, dim: int, num_classes: int, cfg) -> nn.Module:
+    return IFAHead(depth, dim, num_classes, eps=cfg.layer_norm_eps or 1e-6)
+
+
+def _mpncov(depth: int, dim: int, num_classes: int, cfg) -> nn.Module:
+    return MPNCovHead(dim, num_classes, proj=cfg.cov_dim)
+
+
+def _vqt(depth: int, dim: int, num_classes: int, cfg) -> nn.Module:
+    return VQTHead(depth, cfg.prompt_len, dim, num_classes)
+
+
+#: Head kind of the method table -> builder(depth, dim, num_classes, model config).
+HEADS = {"ifa": _ifa, "mpncov": _mpncov, "vqt": _vqt}
+
+__all__ = ["HEADS", "IFAHead", "MPNCovHead", "VQTHead", "isqrt_newton_schulz", "upper_triangle", "vqt_prompt_rows"]

@@ -14,9 +14,10 @@ from ..errors import RecipeError
 from ..methods import Part, method_spec
 from ..recipe import ModelConfig
 from .adapters import ADAPTERS
+from .heads import HEADS
 
-#: Prompt kinds UfgirViT inserts: once before block 0, or per block.
-PROMPT_KINDS = ("shallow", "deep")
+#: Prompt kinds UfgirViT inserts: once before block 0, per block, or per block as queries only (VQT).
+PROMPT_KINDS = ("shallow", "deep", "vqt")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class MethodPlan:
     ila_locs: tuple[int, ...]  # same-resolution ILA after these blocks
     ila_ds_locs: tuple[int, ...]  # down-sampling ILA after these blocks
     trains: tuple[Part, ...] = ("head", "cls")  # what trains (see methods.Part)
+    head: str = "linear"  # "linear" (timm's head on the CLS token) or a head of model/heads.py
 
     @property
     def train_backbone(self) -> bool:
@@ -39,7 +41,9 @@ class MethodPlan:
 
 def method_plan(cfg: ModelConfig) -> MethodPlan:
     spec = method_spec(cfg.method)
-    for slot, kind, known in (("adapter", spec.adapter, tuple(ADAPTERS)), ("prompts", spec.prompts, PROMPT_KINDS)):
+    slots = (("adapter", spec.adapter, tuple(ADAPTERS)), ("prompts", spec.prompts, PROMPT_KINDS),
+             ("head", spec.head, ("linear", *HEADS)))
+    for slot, kind, known in slots:
         if kind is not None and kind not in known:
             raise RecipeError(f"method {spec.name!r} asks for {slot} {kind!r}, which the model cannot build "
                               f"(known: {', '.join(known)})")
@@ -48,5 +52,6 @@ def method_plan(cfg: ModelConfig) -> MethodPlan:
         prompts=spec.prompts,
         ila_locs=tuple(cfg.ila_locs or ()),
         ila_ds_locs=tuple(cfg.ila_ds_locs or ()),
-        trains=spec.trains,
+        trains=("all",) if cfg.train_backbone else spec.trains,
+        head=spec.head,
     )

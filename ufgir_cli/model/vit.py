@@ -22,6 +22,7 @@ from ..recipe import ModelConfig, check_geometry
 from .adapters import BlockAdapters
 from .attention import autocast_input, cls_attention, explicit_attention
 from .backbone import MICRO, create_backbone, embed_tokens, resize_input, state_dict_sha256
+from .heads import HEADS, vqt_prompt_rows
 from .ila import ILA, Dropout, prompt_init_bound, xavier_linear_
 from .methods import MethodPlan, method_plan
 
@@ -64,7 +65,7 @@ class UfgirViT(nn.Module):
     ``no_weight_decay``, ``set_grad_checkpointing``, ``set_input_size``, ``pretrained_cfg``, plus
     ``feature_info`` (the block geometry) and ``data_config()``."""
 
-    def __init__(self, vit: VisionTransformer, cfg: ModelConfig):
+    def __init__(self, vit: VisionTransformer, cfg: ModelConfig, num_classes: int | None = None):
         super().__init__()
         for blk in vit.blocks:
             if not all(hasattr(blk, a) for a in ("norm1", "attn", "norm2", "mlp")) or not hasattr(blk.attn, "qkv"):
@@ -76,7 +77,7 @@ class UfgirViT(nn.Module):
         depth, D = len(vit.blocks), vit.embed_dim
         self.embed_dim = D
         self.num_features = vit.num_features
-        self.num_classes = vit.num_classes
+        self.num_classes = vit.num_classes if num_classes is None else num_classes
         patch = vit.patch_embed.patch_size[0]
         try:
             check_geometry(cfg, depth=depth, patch=patch)
@@ -103,10 +104,12 @@ class UfgirViT(nn.Module):
                 for i in plan.ila_positions
             }
         )
+        # A comparison method's own head (model/heads.py) replaces timm's, which is then headless.
+        self.head = HEADS[plan.head](depth, D, self.num_classes, cfg) if plan.head != "linear" else None
         self.prompt_len = cfg.prompt_len if plan.prompts else 0
         self.prompts = None
         if plan.prompts:
-            n = 1 if plan.prompts == "shallow" else depth
+            n = 1 if plan.prompts == "shallow" else depth  # deep and vqt: one set per block
             bound = prompt_init_bound(patch, D)
             self.prompts = nn.Parameter(torch.empty(n, cfg.prompt_len, D).uniform_(-bound, bound))
         self.prompt_drop = Dropout(cfg.prompt_dropout)
@@ -114,14 +117,18 @@ class UfgirViT(nn.Module):
             xavier_linear_(vit.head)  # the reference's init for every Linear, the head included
         self.grad_checkpointing = False
         self._attn_probs: list[torch.Tensor] | None = None  # set by collect_attention()
+        #: ``forward`` may run the last block for the CLS row alone where that is exact (see
+        #: `cls_only_last_block`); False runs every token, as cost counting does.
+        self.last_block_cls_only = True
         self.freeze()
 
     # ---- geometry -------------------------------------------------------------------------
     @property
     def num_prefix_tokens(self) -> int:
-        """Prefix tokens that flow through the encoder (CLS/registers + shallow prompts)."""
-        shallow = self.prompt_len if self.plan.prompts == "shallow" else 0
-        return self.vit.num_prefix_tokens + shallow
+        """Prefix tokens of every block's output (CLS/registers + shallow prompts, or VQT's query-only
+        prompt rows, which a block passes on in front of the CLS token and the next block drops)."""
+        stays = self.prompt_len if self.plan.prompts in ("shallow", "vqt") else 0
+        return self.vit.num_prefix_tokens + stays
 
     @property
     def feature_info(self) -> list[BlockInfo]:
@@ -129,6 +136,7 @@ class UfgirViT(nn.Module):
         geometry; ``grids``, ``tokens_per_block``, the analysis and ``ufgir inspect`` read it."""
         P, D = self.num_prefix_tokens, self.embed_dim
         deep = self.prompt_len if self.plan.prompts == "deep" else 0
+        keys = P - self.prompt_len if self.plan.prompts == "vqt" else P  # VQT's prompts are never attended to
         patch = self.vit.patch_embed.patch_size[0]
         g = tuple(self.vit.patch_embed.grid_size)
         out = []
@@ -137,7 +145,7 @@ class UfgirViT(nn.Module):
             g_out = ila.out_grid(g) if ila is not None else g
             out.append(BlockInfo(
                 index=i, module=f"vit.blocks.{i}", num_chs=D, reduction=patch, grid=g, num_prefix_tokens=P,
-                num_prompts=deep, tokens_attended=P + deep + g[0] * g[1],
+                num_prompts=deep, tokens_attended=keys + deep + g[0] * g[1],
                 ila=None if ila is None else "down" if ila.downsample else "same",
                 ila_kernel=None if ila is None else ila.kernel_size, out_grid=g_out, tokens_out=P + g_out[0] * g_out[1],
             ))
@@ -171,7 +179,7 @@ class UfgirViT(nn.Module):
         """The explicit list of what trains for this method (never chosen by name matching)."""
         if self.plan.train_backbone:
             return [self]
-        parts = {"head": self.vit.get_classifier(), "cls": self.vit.cls_token, "adapters": self.adapters,
+        parts = {"head": self.get_classifier(), "cls": self.vit.cls_token, "adapters": self.adapters,
                  "ila": self.ila, "prompts": self.prompts}
         return [parts[p] for p in self.plan.trains if parts[p] is not None]
 
@@ -206,14 +214,17 @@ class UfgirViT(nn.Module):
         self.grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
-        return self.vit.get_classifier()
+        return self.head if self.head is not None else self.vit.get_classifier()
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.vit.reset_classifier(num_classes, global_pool)
         self.num_classes = num_classes
-        if isinstance(self.vit.head, nn.Linear):
-            xavier_linear_(self.vit.head)
-        self.vit.head.requires_grad_(True)
+        if self.head is not None:  # a method's head: rebuilt whole, its own init
+            self.head = HEADS[self.plan.head](len(self.vit.blocks), self.embed_dim, num_classes, self.cfg)
+        else:
+            self.vit.reset_classifier(num_classes, global_pool)
+            if isinstance(self.vit.head, nn.Linear):
+                xavier_linear_(self.vit.head)
+        self.get_classifier().requires_grad_(True)
 
     @contextmanager
     def collect_attention(self) -> Iterator[list[torch.Tensor]]:
@@ -237,12 +248,19 @@ class UfgirViT(nn.Module):
         blk = self.vit.blocks[i]
         P = self.num_prefix_tokens
         deep = self.plan.prompts == "deep"
+        vqt = self.plan.prompts == "vqt"
+        if vqt:  # drop the previous block's prompt rows; this block's prompts only query the stream
+            P -= self.prompt_len
+            x = x[:, self.prompt_len:] if i else x                             # (B, P + HW, D)
         if deep:  # insert this block's prompts after the prefix tokens, remove them after the block
             p = self.prompt_drop(self.prompts[i]).expand(x.shape[0], -1, -1).to(x.dtype)
             x = torch.cat([x[:, :P], p, x[:, P:]], dim=1)                  # (B, P + L + HW, D)
             P = P + self.prompt_len
         ad = self.adapters[i] if self.adapters is not None else None
         h = autocast_input(blk.norm1(x))
+        if vqt:  # per-sample dropout on the prompts, then their rows through this block
+            p = self.prompt_drop(self.prompts[i].expand(x.shape[0], -1, -1)).to(x.dtype)
+            rows = vqt_prompt_rows(blk, p, h, self.drop)                       # (B, L, D)
         if cls_only:
             a = cls_attention(blk.attn, h)
             h, x = h[:, :1], x[:, :1]                                          # (B, 1, D) from here on
@@ -259,6 +277,8 @@ class UfgirViT(nn.Module):
         x = x + blk.drop_path2(m)
         if deep:
             x = torch.cat([x[:, : self.num_prefix_tokens], x[:, P:]], dim=1)  # (B, P + HW, D)
+        if vqt:
+            x = torch.cat([rows, x], dim=1)                                    # (B, L + P + HW, D)
         ila = self.ila[str(i)] if str(i) in self.ila else None
         if ila is not None:
             x = ila(x, grid, self.num_prefix_tokens)
@@ -332,22 +352,43 @@ class UfgirViT(nn.Module):
             return inter
         return self.vit.norm(x), inter
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.vit.forward_head(x, pre_logits=pre_logits)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
+                     intermediates: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits (or the head's input with ``pre_logits``) from the final normed tokens ``x``.
+
+        IFA's and VQT's heads also read every block's output (prefix tokens included, before the final
+        norm): pass them as ``intermediates`` (``model(x)`` does)."""
+        kind = self.plan.head
+        if kind == "linear":
+            return self.vit.forward_head(x, pre_logits=pre_logits)
+        if kind == "mpncov":
+            return self.head(x[:, self.num_prefix_tokens:], self.feature_info[-1].out_grid, pre_logits)
+        if intermediates is None:
+            raise ValueError(f"the {self.method} head reads every block's output: call model(x), or pass "
+                             "forward_head(x, intermediates=[each block's output tokens])")
+        if kind == "ifa":
+            return self.head(torch.stack([t[:, 0] for t in intermediates], dim=1), pre_logits)  # (B, depth, D)
+        L = self.prompt_len  # vqt: the prompt rows of every block, then the normed CLS behind them
+        return self.head([t[:, :L] for t in intermediates], x[:, L], pre_logits)
 
     @property
     def cls_only_last_block(self) -> bool:
         """True when the logits depend on the last block's CLS row alone: CLS pooling, and nothing
         after or inside the last block that mixes tokens (an ILA there, ConvPass, deep prompts)."""
         last = str(len(self.vit.blocks) - 1)
-        return (self.vit.global_pool == "token" and getattr(self.vit, "attn_pool", None) is None
-                and last not in self.ila and self.plan.adapters != "convpass" and self.plan.prompts != "deep")
+        pooled_cls = (self.vit.global_pool == "token" and self.plan.head == "linear") or self.plan.head == "ifa"
+        return (pooled_cls and getattr(self.vit, "attn_pool", None) is None and last not in self.ila
+                and self.plan.adapters != "convpass" and self.plan.prompts != "deep")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits. Equal to ``forward_head(forward_features(x))``; when only the CLS token reaches the
         head (and no attention is being collected), the last block is computed for that token alone
         (`cls_only_last_block`)."""
-        if self._attn_probs is not None or not self.cls_only_last_block:
+        cls_only = self.last_block_cls_only and self._attn_probs is None and self.cls_only_last_block
+        if self.plan.head in ("ifa", "vqt"):  # heads that read every block's output
+            last, inter = self._encode(x, frozenset(range(len(self.vit.blocks))), last_cls_only=cls_only)
+            return self.forward_head(self.vit.norm(last), intermediates=inter + [last] if cls_only else inter)
+        if not cls_only:
             return self.forward_head(self.forward_features(x))
         return self.forward_head(self.vit.norm(self._encode(x, last_cls_only=True)[0]))
 
@@ -386,7 +427,7 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> UfgirViT:
     if num_classes is None or num_classes < 2:
         raise RecipeError("model.num_classes must be >= 2 (set it, or let training take it from the dataset)")
     vit = create_backbone(model_cfg, num_classes)
-    return UfgirViT(vit, model_cfg)
+    return UfgirViT(vit, model_cfg, num_classes)
 
 
 __all__ = ["MICRO", "BlockInfo", "UfgirViT", "build_model", "create_backbone", "explicit_attention", "resize_input",
