@@ -13,6 +13,7 @@ it), :func:`save` writes it atomically.
 
 from __future__ import annotations
 
+import functools
 import math
 import textwrap
 from collections.abc import Sequence
@@ -102,12 +103,11 @@ def save(fig: Figure, path: Path, dpi: int = DPI, formats: Sequence[str] = ()) -
 
 def _styled(draw):
     """Run a ``draw_*`` function under :data:`STYLE` (fonts are fixed when an artist is made)."""
+    @functools.wraps(draw)
     def wrapper(*args, **kwargs):
         with mpl.rc_context(STYLE):
             return draw(*args, **kwargs)
 
-    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = draw.__name__, draw.__qualname__, draw.__doc__
-    wrapper.__wrapped__ = draw
     return wrapper
 
 
@@ -288,11 +288,10 @@ def draw_overlays(images: np.ndarray, maps: Sequence[tuple[str, np.ndarray]], ca
             if r == 0 and per_image > 1:  # one map per image: the caller names it in the title
                 ax.set_title(_fit(label, _PANEL_IN + _PANEL_GAP_IN, 9), fontsize=9, pad=4)
         pred, true = captions[i]
-        W, H = width, height
-        cx = (x0 + group / 2) / W
+        cx = (x0 + group / 2) / width
         if true is not None:
-            fig.text(cx, (y0 - 0.05) / H, _fit(f"true {true}", group, 9), ha="center", va="top", fontsize=9)
-        fig.text(cx, (y0 - 0.05 - (0.17 if true is not None else 0.0)) / H, _fit(f"pred {pred}", group, 9),
+            fig.text(cx, (y0 - 0.05) / height, _fit(f"true {true}", group, 9), ha="center", va="top", fontsize=9)
+        fig.text(cx, (y0 - 0.05 - (0.17 if true is not None else 0.0)) / height, _fit(f"pred {pred}", group, 9),
                  ha="center", va="top", fontsize=9, color="black" if true in (None, pred) else "#c00000")
     bar_h = min(2.2, rows * (_PANEL_IN + _CAPTION_IN) - _CAPTION_IN)
     cax = _axes(fig, width - _BAR_IN + 0.12, top - bar_h, 0.13, bar_h)
@@ -399,12 +398,12 @@ def draw_compare(points: Sequence[dict], *, title: str = "") -> Figure:
         ax.scatter(p["gmacs"], p["top1"], s=marker_area(p["trainable"], biggest), zorder=3, linewidths=1.2,
                    facecolors="none" if p["paper"] else colour, edgecolors=colour, alpha=1.0 if p["paper"] else 0.75)
     ax.set_xscale("log")
-    x = np.array([p["gmacs"] for p in points])
-    y = np.array([p["top1"] for p in points])
-    xpad = max(1.25, (x.max() / x.min()) ** 0.12)
-    ax.set_xlim(x.min() / xpad, x.max() * xpad)
-    ypad = max(2.0, 0.12 * (y.max() - y.min()))
-    ax.set_ylim(max(0.0, y.min() - ypad), min(100.0, y.max() + ypad) + (3.0 if y.max() + ypad > 100 else 0.0))
+    gmacs = np.array([p["gmacs"] for p in points])
+    top1 = np.array([p["top1"] for p in points])
+    xpad = max(1.25, (gmacs.max() / gmacs.min()) ** 0.12)
+    ax.set_xlim(gmacs.min() / xpad, gmacs.max() * xpad)
+    ypad = max(2.0, 0.12 * (top1.max() - top1.min()))
+    ax.set_ylim(max(0.0, top1.min() - ypad), min(102.0, top1.max() + ypad))
     _log_ticks(ax.xaxis, *ax.get_xlim())
     # labels beside their markers, on the side away from the nearer vertical edge, spread apart vertically
     to_axes = ax.transData + ax.transAxes.inverted()
@@ -415,7 +414,7 @@ def draw_compare(points: Sequence[dict], *, title: str = "") -> Figure:
     for side in (True, False):
         idx = [i for i, s in enumerate(left_side) if s is side]
         for i, y in zip(idx, _spread([ys[i] for i in idx], line), strict=True):
-            ys[i] = y
+            ys[i] = min(max(y, line / 2), 1 - line / 2)
     for p, (fx, _), on_left, y in zip(points, frac, left_side, ys, strict=True):
         offset = (0.5 * math.sqrt(marker_area(p["trainable"], biggest)) + 2) / 72 / aw   # past the marker's edge
         ax.annotate(p["label"], (p["gmacs"], p["top1"]), xytext=(fx - offset if on_left else fx + offset, y),
