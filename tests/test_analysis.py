@@ -8,7 +8,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from ufgir_cli.analysis import rollout as ro
@@ -306,33 +305,6 @@ def test_cost_equals_inspect_for_vit_b16_ila_pp():
 
 
 # ---- figures and paper table -----------------------------------------------------------------
-
-
-def _png_size(path) -> tuple[int, int]:
-    assert path.is_file() and path.stat().st_size > 1000
-    with Image.open(path) as im:
-        return im.size
-
-
-def test_figures_have_fixed_pixel_sizes(tmp_path):
-    m = np.eye(4).tolist()
-    m[0][1] = None  # undefined entries are drawn blank
-    assert _png_size(figures.save_cka([m], ["a"], tmp_path / "cka.png")) == figures.CKA_PX
-    assert _png_size(figures.save_cka([m, m], ["a", "b"], tmp_path / "cka2.png")) == (2 * figures.CKA_PX[0], figures.CKA_PX[1])
-    feat = {"feature_norm": [1, 2], "pairwise_distance": [2, 3], "attention_distance_px_mean": [5, 6],
-            "attention_distance_px": [[4, 6], [5, 7]], "attention_entropy_normalized_mean": [0.9, 0.8]}
-    assert _png_size(figures.save_feature_metrics([feat, feat], ["a", "b"], tmp_path / "f.png")) == figures.FEATURES_PX
-    rng = np.random.default_rng(0)
-    panel = figures.Overlay(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), rng.random((32, 32)), "true a\npred b")
-    pw, ph = figures.PANEL_PX
-    bar = figures.COLORBAR_PX
-    assert _png_size(figures.save_overlays([panel] * 5, tmp_path / "g.png", cols=4)) == (4 * pw + bar, 2 * ph)
-    # three panels per image and --cols 8: six panels per row, an image never split across rows
-    assert _png_size(figures.save_overlays([panel] * 9, tmp_path / "g3.png", cols=8, per_image=3)) == (6 * pw + bar, 2 * ph)
-    assert _png_size(figures.save_overlays([panel] * 2, tmp_path / "g1.png", cols=8)) == (2 * pw + bar, ph)
-    pts = [{"label": "x", "gmacs": 13.1, "top1": 50.0, "trainable": 500_000},
-           {"label": "y", "gmacs": 17.6, "top1": 40.0, "trainable": 86_000_000}]
-    assert _png_size(figures.save_accuracy_vs_macs(pts, tmp_path / "s.png", "t")) == figures.SCATTER_PX
 
 
 def test_blend_is_half_image_half_jet():

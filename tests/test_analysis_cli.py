@@ -54,7 +54,7 @@ def _size(path) -> tuple[int, int]:
 
 def test_metrics_with_vs_writes_json_and_figures(runs):
     res = runner.invoke(app, ["metrics", str(runs["ila"]), "--batch-size", "5", "--vs", str(runs["lin"]),
-                              "--device", "cpu"])
+                              "--device", "cpu", "--dpi", "100", "--format", "pdf"])
     assert res.exit_code == 0, res.output
     out = runs["ila"] / "analysis"
     doc = json.loads((out / "metrics.json").read_text())
@@ -81,8 +81,11 @@ def test_metrics_with_vs_writes_json_and_figures(runs):
     vs = doc["vs"]
     assert vs["method"] == "linear" and vs["tokens_per_block"] == [65] * 6 and vs["attention_cka"]["images"] == 15
     assert doc["figures"] == {"cka": "cka_vs_lin.png", "features": "features_vs_lin.png"}
-    assert _size(out / "cka_vs_lin.png") == (2 * figures.CKA_PX[0], figures.CKA_PX[1])
-    assert _size(out / "features_vs_lin.png") == figures.FEATURES_PX
+    for name in ("cka_vs_lin", "features_vs_lin"):
+        w, h = _size(out / f"{name}.png")
+        assert w / h <= figures.MAX_ASPECT and 400 < w < 1500  # 100 dpi
+        assert (out / f"{name}.pdf").read_bytes().startswith(b"%PDF")
+    assert "figure: " + str(out / "cka_vs_lin.png") + " (+ .pdf)" in res.output
 
 
 def test_metrics_refuses_minibatches_too_small_for_cka(runs):
@@ -90,32 +93,39 @@ def test_metrics_refuses_minibatches_too_small_for_cka(runs):
     assert res.exit_code == 2 and "needs >= 4 images per minibatch" in _text(res)
 
 
-def test_visualize_rollout_one_panel_per_group(runs):
+def test_visualize_rollout_one_image_per_class(runs):
     res = runner.invoke(app, ["visualize", "rollout", str(runs["ila"]), "--batch-size", "4", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     folder = runs["ila"] / "analysis" / "visualize" / "rollout_groups_mean_test"
     grid = folder / "grid.png"
     assert res.output.strip() == str(grid)
-    pw, ph = figures.PANEL_PX
-    # groups 0-2, 2-4, 4-6: three panels per image, two images per row of (at most) 8 panels
-    assert _size(grid) == (6 * pw + figures.COLORBAR_PX, 2 * ph)
+    w, h = _size(grid)
+    assert w / h <= figures.MAX_ASPECT
+    # one image of each of the 4 classes (not the first 4 images, which are all of class 0)
     singles = sorted(p.name for p in folder.glob("0*.png"))
-    assert singles == ["000_c00_000_test.png", "001_c00_001_test.png", "002_c00_002_test.png", "003_c00_003_test.png"]
-    assert _size(folder / singles[0]) == (3 * pw + figures.COLORBAR_PX, ph)
+    assert singles == ["000_c00_000_test.png", "001_c01_000_test.png", "002_c02_000_test.png", "003_c03_000_test.png"]
+    w, h = _size(folder / singles[0])
+    assert w / h <= figures.MAX_ASPECT
     # a smaller second call leaves no per-image file of the first behind, and nothing of the user's
     (folder / "my_notes.png").write_bytes(b"mine")
     res = runner.invoke(app, ["visualize", "rollout", str(runs["ila"]), "--batch-size", "2", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in folder.glob("*.png")) == ["000_c00_000_test.png", "001_c00_001_test.png",
+    # two of four classes: spread over them, the first and the last
+    assert sorted(p.name for p in folder.glob("*.png")) == ["000_c00_000_test.png", "001_c03_000_test.png",
                                                             "grid.png", "my_notes.png"]
 
 
 def test_visualize_rollout_across_and_attention_on_files(runs, small_synthetic):
-    res = runner.invoke(app, ["visualize", "rollout", str(runs["ila"]), "--across", "--batch-size", "3",
-                              "--cols", "2", "--fusion", "max", "--device", "cpu"])
+    res = runner.invoke(app, ["visualize", "rollout", str(runs["ila"]), "--across", "--batch-size", "4",
+                              "--per-class", "2", "--cols", "2", "--fusion", "max", "--device", "cpu",
+                              "--dpi", "80", "--format", "svg", "--format", "pdf"])
     assert res.exit_code == 0, res.output
-    pw, ph = figures.PANEL_PX
-    assert _size(runs["ila"] / "analysis/visualize/rollout_across_max_test/grid.png") == (2 * pw + figures.COLORBAR_PX, 2 * ph)
+    folder = runs["ila"] / "analysis/visualize/rollout_across_max_test"
+    assert sorted(p.name for p in folder.glob("*.png")) == [
+        "000_c00_000_test.png", "001_c00_001_test.png", "002_c03_000_test.png", "003_c03_001_test.png", "grid.png"]
+    assert sorted(p.name for p in folder.glob("grid.*")) == ["grid.pdf", "grid.png", "grid.svg"]
+    w, h = _size(folder / "grid.png")
+    assert h > w / 2  # two panels per row: two rows
 
     img = next((small_synthetic / "images" / "c01").glob("*_test.png"))
     ckpt = runs["ila"] / "checkpoints" / "last.pt"
@@ -123,12 +133,15 @@ def test_visualize_rollout_across_and_attention_on_files(runs, small_synthetic):
                               "--device", "cpu"])
     assert res.exit_code == 0, res.output
     folder = runs["ila"] / "analysis" / "visualize" / "attention_l2_mean_images"
-    assert _size(folder / "grid.png") == (pw + figures.COLORBAR_PX, ph)
+    w, h = _size(folder / "grid.png")
+    assert w / h <= figures.MAX_ASPECT
     assert (folder / f"000_{img.stem}.png").is_file()
 
 
 @pytest.mark.parametrize("args,message", [
-    (["rollout", "--group", "1-3"], "spans a down-sampling ILA"),
+    (["rollout", "--group", "1-2"], "blocks 1-2 span a down-sampling ILA"),
+    (["rollout", "--group", "0-6"], "outside blocks 0-5; this model's groups: 0-1, 2-3, 4-5"),
+    (["rollout", "--format", "eps"], "not one of pdf, svg"),
     (["rollout", "--group", "0-2", "--across"], "exclude each other"),
     (["attention", "--layer", "6"], "not a block of this 6-block model"),
     (["attention", "--fusion", "median"], "not one of mean, max, min"),
@@ -147,9 +160,13 @@ def test_analysis_report_as_a_library(runs):
 
     shown = visualize(runs["ila"], partial(rollout_maps, fusion="mean"), count=3, device="cpu")
     assert shown.images.shape == (3, 64, 64, 3) and shown.images.dtype.name == "uint8"
-    assert [label for label, _ in shown.maps] == ["rollout 0-2", "rollout 2-4", "rollout 4-6"]
+    # figures name blocks inclusively, the run by method and dataset, each image by its classes
+    assert [label for label, _ in shown.maps] == ["blocks 0-1", "blocks 2-3", "blocks 4-5"]
     assert all(m.shape == (3, 64, 64) and 0 <= m.min() and m.max() <= 1 for _, m in shown.maps)
-    assert shown.stems[0] == "c00_000_test" and shown.titles[0].startswith("c00_000_test\ntrue layout_ab00 · pred ")
+    assert shown.stems == ["c00_000_test", "c01_000_test", "c03_000_test"]
+    assert shown.captions[0][1] == "layout_ab00" and shown.title == "ILA++ · Synthetic leaves"
+    one = visualize(runs["ila"], partial(rollout_maps, group="2-3"), count=1, device="cpu")
+    assert [label for label, _ in one.maps] == ["blocks 2-3"]
     with pytest.raises(OptionError, match="--layer: 6 is not a block"):
         visualize(runs["ila"], partial(block_attention, layer=6), count=1, device="cpu")
     rows, missing = compare_rows([runs["lin"], runs["ila"] / "nothing"])
@@ -167,9 +184,10 @@ def test_compare_table_plot_and_paper_number(runs, tmp_path):
     shutil.copy(runs["lin"] / "recipe.toml", unevaluated / "recipe.toml")
     out = tmp_path / "cmp.png"
     res = runner.invoke(app, ["compare", str(runs["ila"]), str(runs["lin"]), str(soy), str(unevaluated),
-                              "--out", str(out)])
+                              "--out", str(out), "--paper"])
     assert res.exit_code == 0, res.output
-    assert _size(out) == figures.SCATTER_PX
+    w, h = _size(out)
+    assert w / h <= figures.MAX_ASPECT
     table = json.loads(out.with_suffix(".json").read_text())
     rows = {r["label"]: r for r in table["runs"]}
     assert set(rows) == {"ila", "lin", "soy"}
@@ -178,6 +196,11 @@ def test_compare_table_plot_and_paper_number(runs, tmp_path):
     assert rows["soy"]["paper_top1_448px"] == 75.00 and "75.00" in res.output
     assert rows["ila"]["trainable"] > rows["lin"]["trainable"] and rows["ila"]["macs"] < rows["lin"]["macs"]
     assert "unevaluated" in table["skipped"][0] and "ufgir eval" in _text(res)
+    assert (rows["soy"]["family"], rows["soy"]["method_title"], rows["lin"]["family"]) == ("ILA", "ILA++", "PETL")
+    # --paper: Table 1's SoyAgeing row, at the cost we count for ViT-B/16 at 448 px (ILA.md: 67.06 G for ILA++)
+    paper = {p["method"]: p for p in table["paper"]}
+    assert len(paper) == 7 and {p["dataset"] for p in paper.values()} == {"soyageing"}
+    assert paper["ila_pp"]["top1"] == 75.00 and f"{paper['ila_pp']['gmacs']:.2f}" == "67.06"
 
     res = runner.invoke(app, ["compare", str(unevaluated)])
     assert res.exit_code == 2 and "none of the runs has eval/test/metrics.json" in _text(res)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.catalog import CATALOG
 from ..data.datasets import load_image, normalize, preprocess_for
 from ..data.folder import read_classes
 from ..data.loaders import make_loader, open_split
@@ -24,12 +25,12 @@ from ..model import build_model
 from ..model.checkpoint import checkpoint_tag, load_run, read_checkpoint, resolve_checkpoint
 from ..model.precision import resolve_device, resolve_precision
 from ..paths import dataset_dir, run_dir_of
-from ..recipe import Recipe, load_saved_recipe, recipe_from_dict
+from ..recipe import Recipe, load_recipe, load_saved_recipe, recipe_from_dict
 from . import rollout as ro
 from .cka import MIN_BATCH
 from .cost import cost_summary, measure_inference
 from .features import analyse_batches, forward_collect
-from .paper import paper_top1
+from .paper import PAPER_IMAGE_SIZE, PAPER_TOP1, paper_top1
 
 #: ``progress(description, images done since the last call, images in all)``; a first call with 0 opens the bar.
 Progress = Callable[[str, int, int], None]
@@ -47,8 +48,53 @@ def load_model(path: Path, checkpoint: str = "auto", device: str = "auto") -> tu
 
 
 def run_label(path: Path, recipe: Recipe) -> str:
-    """How figures and tables name a run: its folder and method."""
+    """How tables name a run: its folder and method."""
     return f"{run_dir_of(path).name} ({recipe.model.method})"
+
+
+# --------------------------------------------------------------------------------------------
+# names in figures: what a reader of the paper knows, never a folder name
+
+_METHOD_TITLES = {
+    "linear": "Linear probe", "full": "Full fine-tuning", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep",
+    "adapter": "Adapter", "convpass": "ConvPass", "vqt": "VQT", "ila": "ILA (DS only)", "ila_plus": "ILA+",
+    "ila_pp": "ILA++", "ifa": "IFA", "mpncov": "MPNC", "glsim": "GLSim", "rams": "RAMS", "transfg": "TransFG",
+    "ffvt": "FFVT", "cal": "CAL",
+}
+_FAMILIES = {
+    "ILA": ("ila", "ila_plus", "ila_pp"),
+    "PETL": ("linear", "vpt_shallow", "vpt_deep", "adapter", "convpass", "vqt"),
+    "FGIR": ("ifa", "mpncov", "glsim", "rams", "transfg", "ffvt", "cal"),
+    "full fine-tuning": ("full",),
+}
+
+
+def method_title(method: str) -> str:
+    """A method as the paper names it ("ILA++", "VPT-deep"); unknown names as they are."""
+    return _METHOD_TITLES.get(method, method)
+
+
+def method_family(method: str) -> str:
+    """ILA, PETL, FGIR, full fine-tuning or other: the colour of a method in the compare plot."""
+    return next((family for family, methods in _FAMILIES.items() if method in methods), "other")
+
+
+def dataset_title(dataset: str) -> str:
+    """A dataset as the benchmark names it ("SoyAgeing", "Cotton80"), without the catalog's notes."""
+    spec = CATALOG.get(dataset)
+    if spec is None:
+        return dataset
+    return "Synthetic leaves" if dataset == "synthetic" else spec.title.split(" (")[0]
+
+
+def run_title(recipe: Recipe) -> str:
+    """How a figure names a run: method and dataset, e.g. "ILA++ · SoyAgeing"."""
+    return f"{method_title(recipe.model.method)} · {dataset_title(recipe.data.dataset)}"
+
+
+def block_range(a: int, b: int) -> str:
+    """Blocks ``a`` .. ``b - 1`` as figures name them, inclusive: "blocks 0-5", "block 3"."""
+    return f"block {a}" if b - a == 1 else f"blocks {a}-{b - 1}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,8 +158,9 @@ class Shown:
 
     images: np.ndarray                      # (B, S, S, 3) uint8
     maps: list[tuple[str, np.ndarray]]      # (label, (B, S, S) in [0, 1]) per kind of map
-    titles: list[str]                       # per image: file stem, true and predicted class
+    captions: list[tuple[str, str | None]]  # per image: predicted and true class (None for files)
     stems: list[str]                        # per image: its file name without suffix
+    title: str                              # the run: method and dataset
 
 
 def _class_names(recipe: Recipe) -> list[str] | None:
@@ -124,53 +171,78 @@ def _class_names(recipe: Recipe) -> list[str] | None:
         return None
 
 
-def load_images(recipe: Recipe, split: str, images: Sequence[Path] | None, count: int):
+def pick_per_class(targets: Sequence[int], per_class: int, count: int) -> list[int]:
+    """Indices of the first ``per_class`` samples of each class, of at most ``count`` classes spread
+    evenly over the class ids (so a 200-class test split shows classes 0, 28, 57, ... not 0-7), in
+    class order; never more than ``count`` samples."""
+    by_class: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(t, []).append(i)
+    classes = sorted(by_class)
+    n = max(1, min(len(classes), count // per_class))
+    chosen = [classes[k * (len(classes) - 1) // max(1, n - 1)] for k in range(n)]
+    return [i for c in chosen for i in by_class[c][:per_class]][:count]
+
+
+def load_images(recipe: Recipe, split: str, images: Sequence[Path] | None, count: int, per_class: int = 1):
     """(uint8 (B, 3, S, S) images, targets or Nones, file stems, class names) as the model's eval transform
-    sees them: the ``images`` files, or else the first ``count`` images of ``split``."""
+    sees them: the ``images`` files, or else ``per_class`` images of each of up to ``count // per_class``
+    classes of ``split`` (see :func:`pick_per_class`)."""
     tf = preprocess_for(recipe, train=False)
     if images:
         x = torch.stack([tf(load_image(str(p)), None) for p in images])       # (B, 3, S, S) uint8
         return x, [None] * len(images), [p.stem for p in images], _class_names(recipe)
     sf = open_split(recipe, split)
-    rows = sf.samples[:count]
+    rows = [sf.samples[i] for i in pick_per_class([t for _, t in sf.samples], per_class, count)]
     x = torch.stack([tf(load_image(path), None) for path, _ in rows])          # (B, 3, S, S) uint8
     return x, [t for _, t in rows], [Path(path).stem for path, _ in rows], sf.class_names
 
 
 def visualize(path: Path, make_maps: MakeMaps, *, split: str = "test", images: Sequence[Path] | None = None,
-              count: int = 8, checkpoint: str = "auto", device: str = "auto") -> Shown:
+              count: int = 8, per_class: int = 1, checkpoint: str = "auto", device: str = "auto") -> Shown:
     """Run the model once over the images and turn its attention into maps at image resolution."""
     model, recipe, _, device = load_model(path, checkpoint, device)
-    x, targets, stems, class_names = load_images(recipe, split, images, count)
+    x, targets, stems, class_names = load_images(recipe, split, images, count, per_class)
     data_cfg = model.data_config()
     out = forward_collect(model, normalize(x.to(device), data_cfg["mean"], data_cfg["std"]))
     preds = out.logits.argmax(dim=1).tolist()
     maps = [(label, ro.upsample(m, tuple(x.shape[-2:])).cpu().numpy()) for label, m in make_maps(model, out.attention)]
 
-    def name(c: int | None) -> str:
+    def name(c: int | None) -> str | None:
         if c is None:
-            return "?"
+            return None
         return class_names[c] if class_names and c < len(class_names) else f"class {c}"
 
-    titles = [f"{stem}\ntrue {name(t)} · pred {name(p)}" for stem, t, p in zip(stems, targets, preds, strict=True)]
-    return Shown(x.permute(0, 2, 3, 1).numpy(), maps, titles, stems)              # images (B, S, S, 3)
+    captions = [(name(p), name(t)) for t, p in zip(targets, preds, strict=True)]
+    return Shown(x.permute(0, 2, 3, 1).numpy(), maps, captions, stems, run_title(recipe))  # images (B, S, S, 3)
+
+
+def _group_blocks(text: str, grids: list[tuple[int, int]]) -> tuple[int, int]:
+    """``--group a-b`` (blocks a to b, inclusive, as the figures name them) -> (a, b + 1), checked to lie
+    inside one encoder group."""
+    names = ", ".join(f"{a}-{b - 1}" for a, b in ro.encoder_groups(grids))
+    try:
+        a, b = (int(v) for v in text.split("-"))
+    except ValueError:
+        raise OptionError(f"--group: {text!r} is not of the form a-b (blocks a to b); this model's groups: {names}") from None
+    if not 0 <= a <= b < len(grids):
+        raise OptionError(f"--group: {text!r} is outside blocks 0-{len(grids) - 1}; this model's groups: {names}")
+    try:
+        return ro.parse_group(f"{a}-{b + 1}", grids)
+    except ValueError:
+        raise OptionError(f"--group: blocks {a}-{b} span a down-sampling ILA (the token count changes inside "
+                          f"them); use one of {names} or rollout --across") from None
 
 
 def rollout_maps(model: nn.Module, attention: list[torch.Tensor], *, group: str | None = None,
                  across: bool = False, fusion: ro.Fusion = "mean", discard: float = 0.0) -> list[tuple[str, torch.Tensor]]:
-    """Attention rollout per encoder group (or blocks ``group`` = "a-b"), or ``across`` all of them."""
+    """Attention rollout per encoder group (or blocks ``group`` = "a-b", inclusive), or ``across`` all of
+    them; labelled by their blocks, inclusive."""
     grids = [tuple(g) for g in model.grids]
     if across:
-        return [(f"rollout across 0-{len(grids)}",
-                 ro.rollout_across(attention, grids, ro.downsample_kernels(model), fusion, discard))]
-    if group is None:
-        groups = ro.encoder_groups(grids)
-    else:
-        try:
-            groups = [ro.parse_group(group, grids)]
-        except ValueError as e:
-            raise OptionError(f"--group: {e}") from None
-    return [(f"rollout {a}-{b}", ro.rollout(attention[a:b], grids[a], fusion, discard)) for a, b in groups]
+        return [(block_range(0, len(grids)), ro.rollout_across(attention, grids, ro.downsample_kernels(model), fusion, discard))]
+    groups = ro.encoder_groups(grids) if group is None else [_group_blocks(group, grids)]
+    return [(block_range(a, b), ro.rollout(attention[a:b], grids[a], fusion, discard)) for a, b in groups]
 
 
 def block_attention(model: nn.Module, attention: list[torch.Tensor], *, layer: int | None = None,
@@ -180,7 +252,7 @@ def block_attention(model: nn.Module, attention: list[torch.Tensor], *, layer: i
     block = depth - 1 if layer is None else layer
     if block >= depth:
         raise OptionError(f"--layer: {block} is not a block of this {depth}-block model (0-{depth - 1})")
-    return [(f"attention block {block}", ro.attention_l(attention[block], tuple(model.grids[block]), fusion))]
+    return [(block_range(block, block + 1), ro.attention_l(attention[block], tuple(model.grids[block]), fusion))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,8 +292,27 @@ def compare_rows(runs: Sequence[Path], split: str = "test") -> tuple[list[dict],
         c = static_cost(recipe, m["num_classes"])
         rows.append({
             "run": str(run_dir), "label": run_dir.name, "method": recipe.model.method, "dataset": recipe.data.dataset,
+            "method_title": method_title(recipe.model.method), "family": method_family(recipe.model.method),
+            "dataset_title": dataset_title(recipe.data.dataset),
             "image_size": recipe.model.image_size, "checkpoint": m.get("checkpoint"), "top1": m["top1"],
             "paper_top1_448px": paper_top1(recipe.model.method, recipe.data.dataset),
             "macs": c["macs"], "gmacs": c["macs"] / 1e9, "trainable": c["params_trainable"], "total": c["params_total"],
         })
     return rows, missing
+
+
+def paper_points(datasets: Sequence[str]) -> list[dict]:
+    """The paper's Table 1 cells for these datasets as compare points: its top-1 at the cost that we count
+    for the method's packaged recipe at the paper's image size (ViT-B/16, 448 px) and the dataset's classes."""
+    points = []
+    for dataset in dict.fromkeys(datasets):
+        spec = CATALOG.get(dataset)
+        for (method, ds), top1 in PAPER_TOP1.items():
+            if ds != dataset or spec is None:
+                continue
+            recipe = load_recipe(method, {"model": {"image_size": PAPER_IMAGE_SIZE}, "data": {"dataset": dataset}})
+            c = static_cost(recipe, spec.num_classes)
+            points.append({"method": method, "dataset": dataset, "method_title": method_title(method),
+                           "dataset_title": dataset_title(dataset), "family": method_family(method), "top1": top1,
+                           "gmacs": c["macs"] / 1e9, "trainable": c["params_trainable"], "image_size": PAPER_IMAGE_SIZE})
+    return points

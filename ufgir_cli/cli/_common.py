@@ -34,6 +34,12 @@ CheckpointOpt = Annotated[
 SplitOpt = Annotated[str | None, typer.Option("--split", help="Dataset split: train, val, train_val or test.")]
 BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Batch size (default: the recipe's).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+DpiOpt = Annotated[int, typer.Option("--dpi", min=50, max=1200, help="Resolution of the PNG figures (dots per inch).")]
+FormatOpt = Annotated[
+    list[str] | None,
+    typer.Option("--format", help="Also write each figure as pdf or svg (vector, repeatable); PNG is always written.",
+                 show_default=False),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Plain log lines instead of live progress.")]
 
 
@@ -47,6 +53,14 @@ def parse_sets(sets: list[str] | None) -> dict:
     from ..recipe import parse_overrides
 
     return parse_overrides(sets or [])
+
+
+def figure_formats(formats: list[str] | None) -> tuple[str, ...]:
+    """The ``--format`` values, checked: vector formats written beside every PNG figure."""
+    for f in formats or ():
+        if f not in ("pdf", "svg"):
+            raise typer.BadParameter(f"{f!r} is not one of pdf, svg (PNG is always written)", param_hint="--format")
+    return tuple(dict.fromkeys(formats or ()))
 
 
 def fmt(v: float | None, spec: str = ".3f") -> str:

@@ -13,21 +13,25 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ._common import SplitOpt, console, fmt
+from ._common import DpiOpt, FormatOpt, SplitOpt, console, figure_formats, fmt
 
 
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders or checkpoint files.", show_default=False)],
     split: SplitOpt = "test",
     out: Annotated[Path | None, typer.Option("--out", help="The accuracy-vs-MACs PNG (default: compare_<split>.png beside the first run); a .json table is written beside it.")] = None,
+    paper: Annotated[bool, typer.Option("--paper/--no-paper", help="Also draw the paper's Table 1 numbers for the runs' datasets (hollow markers, ViT-B/16 at 448 px).")] = False,
+    dpi: DpiOpt = 200,
+    vector: FormatOpt = None,
 ) -> None:
     """Top-1 on --split (each run's eval/<split>/metrics.json) against multiply-adds and trainable
     parameters, with the paper's number beside ours."""
+    formats = figure_formats(vector)
     from ..analysis.paper import PAPER_IMAGE_SIZE
-    from ..analysis.report import compare_rows
+    from ..analysis.report import compare_rows, paper_points
     from ..io import atomic_write_json
     from ..paths import run_dir_of
-    from ..viz.figures import save_accuracy_vs_macs
+    from ..viz.figures import draw_compare, save
 
     rows, missing = compare_rows(runs, split)
     for line in missing:
@@ -42,9 +46,20 @@ def compare(
         t.add_row(r["label"], r["method"], r["dataset"], str(r["image_size"]), f"{r['top1']:.2f}",
                   fmt(r["paper_top1_448px"], ".2f"), f"{r['gmacs']:.2f}", f"{r['trainable']:,}")
     console.print(t)
-    out = out or run_dir_of(runs[0]).parent / f"compare_{split}.png"
-    points = [{"label": f"{r['label']} ({r['method']})", "gmacs": r["gmacs"], "top1": r["top1"],
-               "trainable": r["trainable"]} for r in rows]
-    save_accuracy_vs_macs(points, out, f"top-1 on {split} vs cost (marker area: trainable parameters)")
-    atomic_write_json(out.with_suffix(".json"), {"split": split, "runs": rows, "skipped": missing})
-    console.print(f"figure: {out}\ntable: {out.with_suffix('.json')}", soft_wrap=True, markup=False)
+    out = (out or run_dir_of(runs[0]).parent / f"compare_{split}").with_suffix(".png")
+    cited = paper_points([r["dataset"] for r in rows]) if paper else []
+    datasets = list(dict.fromkeys(r["dataset_title"] for r in rows + cited))
+
+    def label(r: dict) -> str:
+        return r["method_title"] if len(datasets) == 1 else f"{r['method_title']} · {r['dataset_title']}"
+
+    points = [{"label": label(r), "gmacs": r["gmacs"], "top1": r["top1"], "trainable": r["trainable"],
+               "family": r["family"], "paper": False} for r in rows]
+    points += [{"label": label(r), "gmacs": r["gmacs"], "top1": r["top1"], "trainable": r["trainable"],
+                "family": r["family"], "paper": True} for r in cited]
+    seen = f"{datasets[0]} · " if len(datasets) == 1 else ""
+    fig = draw_compare(points, title=f"Top-1 against cost · {seen}{split}")
+    save(fig, out, dpi, formats)
+    atomic_write_json(out.with_suffix(".json"), {"split": split, "runs": rows, "paper": cited, "skipped": missing})
+    also = "".join(f" (+ .{f})" for f in formats)
+    console.print(f"figure: {out}{also}\ntable: {out.with_suffix('.json')}", soft_wrap=True, markup=False)

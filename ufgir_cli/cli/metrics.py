@@ -12,7 +12,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import BatchSizeOpt, CheckpointOpt, DeviceOpt, RunArg, SplitOpt, console, fmt, image_progress
+from ._common import (
+    BatchSizeOpt,
+    CheckpointOpt,
+    DeviceOpt,
+    DpiOpt,
+    FormatOpt,
+    RunArg,
+    SplitOpt,
+    console,
+    figure_formats,
+    fmt,
+    image_progress,
+)
 
 
 def _print_metrics(res: dict, title: str) -> None:
@@ -62,42 +74,54 @@ def metrics(
     vs: Annotated[Path | None, typer.Option("--vs", help="Another run or checkpoint, analysed on the same images and drawn beside this one.")] = None,
     checkpoint: CheckpointOpt = "auto",
     device: DeviceOpt = "auto",
+    dpi: DpiOpt = 200,
+    vector: FormatOpt = None,
 ) -> None:
     """Attention CKA, feature statistics and cost of a run's --split images (minibatches of at least 4 for
-    CKA): analysis/metrics.json plus PNG figures."""
+    CKA): analysis/metrics.json plus figures (PNG, and --format pdf/svg)."""
+    formats = figure_formats(vector)
     if not (attention_cka or features or cost):
         raise typer.BadParameter("nothing to compute: keep at least one of --attention-cka, --features, --cost")
     if attention_cka and batch_size is not None and batch_size < 4:
         raise typer.BadParameter(f"{batch_size} is too small for attention CKA (needs >= 4 images per minibatch)",
                                  param_hint="--batch-size")
-    from ..analysis.report import measure, run_label
+    from ..analysis.report import dataset_title, measure, method_title, run_label
     from ..io import atomic_write_json
     from ..paths import run_dir_of
-    from ..viz.figures import save_cka, save_feature_metrics
+    from ..viz.figures import draw_cka, draw_features, save
 
     kw = dict(checkpoint=checkpoint, device=device, split=split, batches=batches, batch_size=batch_size,
               cka=attention_cka, features=features, cost=cost)
     with image_progress() as progress:
         res, recipe = measure(run, progress=progress, **kw)
-        results, labels = [res], [run_label(run, recipe)]
+        results, recipes, labels = [res], [recipe], [run_label(run, recipe)]
         if vs is not None:
             other, other_recipe = measure(vs, data_recipe=recipe, progress=progress, **kw)
             results.append(other)
+            recipes.append(other_recipe)
             labels.append(run_label(vs, other_recipe))
     out = run_dir_of(run) / "analysis"
     suffix = f"_vs_{run_dir_of(vs).name}" if vs is not None else ""
+    names = [method_title(r.model.method) for r in recipes]
+    if len(set(names)) < len(names):  # two runs of one method: only their folders tell them apart
+        names = labels
+    seen = f"{dataset_title(recipe.data.dataset)} · {split}"
+    groups = [r["encoder_groups"] for r in results]
     figures = {}
     if attention_cka:
-        figures["cka"] = save_cka([r["attention_cka"]["matrix"] for r in results], labels,
-                                  out / f"cka{suffix}.png").name
+        fig = draw_cka([r["attention_cka"]["matrix"] for r in results], names, groups=groups,
+                       title=f"Attention CKA between blocks · {seen}")
+        figures["cka"] = save(fig, out / f"cka{suffix}.png", dpi, formats).name
     if features:
-        figures["features"] = save_feature_metrics([r["features"] for r in results], labels,
-                                                   out / f"features{suffix}.png").name
+        fig = draw_features([r["features"] for r in results], names, groups=groups,
+                            title=f"Features per block · {seen}")
+        figures["features"] = save(fig, out / f"features{suffix}.png", dpi, formats).name
     doc = {**res, "figures": figures}
     if vs is not None:
         doc["vs"] = results[1]
     atomic_write_json(out / "metrics.json", doc)
     for r, label in zip(results, labels, strict=True):
         _print_metrics(r, f"{label} · {r.get('dataset', recipe.data.dataset)} {split}")
-    console.print(f"results: {out / 'metrics.json'}" + "".join(f"\nfigure: {out / f}" for f in figures.values()),
+    also = "".join(f" (+ .{f})" for f in formats)
+    console.print(f"results: {out / 'metrics.json'}" + "".join(f"\nfigure: {out / f}{also}" for f in figures.values()),
                   soft_wrap=True, markup=False)

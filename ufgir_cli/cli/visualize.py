@@ -1,5 +1,5 @@
 """`ufgir visualize rollout|attention`: attention drawn over images, written under
-``<run>/analysis/visualize/<name>/`` (a grid and one PNG per image).
+``<run>/analysis/visualize/<name>/`` (a grid and one figure per image; one image per class by default).
 
 The maps come from ``ufgir_cli.analysis.report`` and the figures from ``ufgir_cli.viz``. Every command
 takes the same options for which images, which model and how heads fuse: they are declared once, as the
@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import CheckpointOpt, DeviceOpt, RunArg, SplitOpt, console
+from ._common import CheckpointOpt, DeviceOpt, DpiOpt, FormatOpt, RunArg, SplitOpt, console, figure_formats
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="rich")
 
@@ -33,11 +33,14 @@ def _shown_options(
     split: SplitOpt = "test",
     images: Annotated[list[Path] | None, typer.Option(
         "--images", help="Image files to show instead of a split (repeatable).", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="How many images of the split to show.")] = 8,
-    cols: Annotated[int, typer.Option("--cols", min=1, help="Panels per row of the grid.")] = 8,
+    per_class: Annotated[int, typer.Option("--per-class", min=1, help="Images of each class to show.")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Show at most this many images (classes spread over the split's).")] = 8,
+    cols: Annotated[int | None, typer.Option("--cols", min=1, help="Panels per row of the grid (default: a shape near 16:9).", show_default=False)] = None,
     fusion: Annotated[str, typer.Option("--fusion", callback=_check_fusion, help="Head fusion: mean, max or min.")] = "mean",
     checkpoint: CheckpointOpt = "auto",
     device: DeviceOpt = "auto",
+    dpi: DpiOpt = 200,
+    vector: FormatOpt = None,
 ) -> None:
     """The options every `visualize` command shares (its signature is what matters)."""
 
@@ -51,9 +54,10 @@ def _with_shown_options(command):
     return command
 
 
-def _draw(kind: str, make_maps, *, run: Path, split: str, images: list[Path] | None, batch_size: int, cols: int,
-          checkpoint: str, device: str) -> None:
+def _draw(kind: str, what: str, make_maps, *, run: Path, split: str, images: list[Path] | None, per_class: int,
+          batch_size: int, cols: int | None, checkpoint: str, device: str, dpi: int, vector: list[str] | None) -> None:
     """Compute the maps over the images, write ``<kind>_<split or "images">/``, print the grid's path."""
+    formats = figure_formats(vector)
     if images:
         missing = [str(p) for p in images if not p.is_file()]
         if missing:
@@ -62,17 +66,20 @@ def _draw(kind: str, make_maps, *, run: Path, split: str, images: list[Path] | N
     from ..paths import run_dir_of
     from ..viz.figures import save_overlay_folder
 
-    shown = visualize(run, make_maps, split=split, images=images, count=batch_size, checkpoint=checkpoint,
-                      device=device)
+    shown = visualize(run, make_maps, split=split, images=images, count=batch_size, per_class=per_class,
+                      checkpoint=checkpoint, device=device)
     folder = run_dir_of(run) / "analysis" / "visualize" / f"{kind}_{'images' if images else split}"
-    grid = save_overlay_folder(shown.images, shown.maps, shown.titles, shown.stems, folder, cols)
+    if len(shown.maps) == 1:  # one map per image: its blocks go in the title rather than over every panel
+        what = f"{what}, {shown.maps[0][0]}"
+    grid = save_overlay_folder(shown.images, shown.maps, shown.captions, shown.stems, folder,
+                               title=f"{what} · {shown.title}", cols=cols, dpi=dpi, formats=formats)
     console.print(str(grid), soft_wrap=True, markup=False)
 
 
 @app.command("rollout")
 @_with_shown_options
 def rollout(
-    group: Annotated[str | None, typer.Option("--group", help="Blocks a-b (b exclusive) inside one encoder group, e.g. 0-4 (default: every group).")] = None,
+    group: Annotated[str | None, typer.Option("--group", help="Blocks a-b (inclusive) inside one encoder group, e.g. 0-3 (default: every group).")] = None,
     discard: Annotated[float, typer.Option("--discard", min=0.0, max=0.99, help="Drop this fraction of the weakest attention entries per block.")] = 0.0,
     across: Annotated[bool, typer.Option("--across", help="One map through all blocks, carried over each down-sampling ILA.")] = False,
     **shown,
@@ -83,9 +90,9 @@ def rollout(
     from ..analysis.report import rollout_maps
 
     fusion = shown.pop("fusion")
-    what = "across" if across else (group or "groups")
-    kind = f"rollout_{what}_{fusion}" + (f"_discard{discard:g}" if discard else "")
-    _draw(kind, partial(rollout_maps, group=group, across=across, fusion=fusion, discard=discard), **shown)
+    kind = f"rollout_{'across' if across else (group or 'groups')}_{fusion}" + (f"_discard{discard:g}" if discard else "")
+    what = "Attention rollout" + (" across down-sampling ILAs" if across else "") + (f", {fusion} of heads" if fusion != "mean" else "")
+    _draw(kind, what, partial(rollout_maps, group=group, across=across, fusion=fusion, discard=discard), **shown)
 
 
 @app.command("attention")
@@ -99,4 +106,5 @@ def attention(
 
     fusion = shown.pop("fusion")
     kind = f"attention_{'last' if layer is None else f'l{layer}'}_{fusion}"
-    _draw(kind, partial(block_attention, layer=layer, fusion=fusion), **shown)
+    what = "CLS attention" + (f", {fusion} of heads" if fusion != "mean" else "")
+    _draw(kind, what, partial(block_attention, layer=layer, fusion=fusion), **shown)

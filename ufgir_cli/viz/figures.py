@@ -1,195 +1,444 @@
-"""Figures for `ufgir metrics`, `ufgir visualize` and `ufgir compare` (matplotlib, Agg, PNG).
+"""Figures for `ufgir metrics`, `ufgir visualize` and `ufgir compare`, ready for a paper or a slide.
 
-Every figure has a fixed size in pixels (the ``*_PX`` constants at ``DPI``) and is saved without
-tight bounding boxes, so a figure's size depends only on what it shows (number of panels), never on
-its text: tests and documentation can rely on it. Figures are drawn on a ``Figure`` with an Agg
-canvas, never through pyplot, so nothing global (backend, current figure) changes and no display is
-needed. Files are written atomically.
+Sizes are in inches and fonts in points at the saved size (no text under ``MIN_FONT_PT``), so a figure
+looks the same at any ``dpi``: only its pixel count changes. Panels are placed at fixed positions in
+inches rather than by tight bounding boxes, so a figure's size depends on what it shows (how many
+panels, how many title lines), never on the renderer. PNG is always written; PDF (TrueType fonts, which
+publishers ask for) and SVG on request, without time stamps so that equal figures are equal files.
+
+Figures are drawn on a ``Figure`` with an Agg canvas, never through pyplot, so nothing global
+(backend, current figure) changes and no display is needed; ``draw_*`` return the figure (tests read
+it), :func:`save` writes it atomically.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib as mpl
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from ..io import atomic_open
 
-DPI = 100
-CKA_PX = (600, 500)          # per heatmap
-FEATURES_PX = (1000, 750)
-PANEL_PX = (300, 300)        # per overlay panel: the image plus room for a three-line title
-IMAGE_PX = 240
-COLORBAR_PX = 70             # once per overlay figure
-_PANEL_FOOT_PX = 10
-SCATTER_PX = (800, 550)
+DPI = 200
+FORMATS = ("png", "pdf", "svg")
+MIN_FONT_PT = 8.0
+MAX_ASPECT = 3.0             # width / height of any figure
+
+STYLE = {
+    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8,
+    "legend.fontsize": 8, "legend.title_fontsize": 8, "figure.titlesize": 11,
+    "axes.spines.top": False, "axes.spines.right": False,
+    "pdf.fonttype": 42,      # TrueType in PDFs: Type 3 fonts are refused by many publishers
+    "svg.hashsalt": "ufgir",  # stable element ids, so equal SVGs are equal files
+}
+_METADATA = {"png": None, "pdf": {"CreationDate": None}, "svg": {"Date": None}}
+_CHAR_EM = 0.55              # mean glyph width of the default sans-serif, in ems: for wrapping text
+
+#: Marker colour per method family (the compare plot), from the colour-blind-safe tableau palette.
+FAMILY_COLOURS = {"ILA": "#d62728", "PETL": "#1f77b4", "FGIR": "#2ca02c", "full fine-tuning": "#7f7f7f",
+                  "other": "#9467bd"}
 
 
-def _figure(width_px: int, height_px: int):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+# --------------------------------------------------------------------------------------------
+# common
 
-    fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
+
+def _figure(width_in: float, height_in: float) -> Figure:
+    fig = Figure(figsize=(width_in, height_in))
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=DPI)
-    return path
+def _axes(fig: Figure, left: float, bottom: float, width: float, height: float):
+    """Axes at a position given in inches from the figure's lower left corner."""
+    W, H = fig.get_size_inches()
+    return fig.add_axes((left / W, bottom / H, width / W, height / H))
 
 
-def save_cka(matrices: Sequence[Sequence[Sequence[float | None]]], titles: Sequence[str], path: Path) -> Path:
-    """CKA heatmaps side by side (one per run) with a shared colour scale and bar; undefined entries blank."""
-    from matplotlib.colors import Normalize
+def _wrap(text: str, width_in: float, size_pt: float) -> str:
+    """``text`` broken into lines that fit ``width_in`` at ``size_pt``."""
+    chars = max(12, int(width_in * 72 / (_CHAR_EM * size_pt)))
+    return "\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in text.split("\n"))
 
+
+def _fit(text: str, width_in: float, size_pt: float) -> str:
+    """``text`` cut with an ellipsis to fit one line of ``width_in``."""
+    chars = max(4, int(width_in * 72 / (_CHAR_EM * size_pt)))
+    return text if len(text) <= chars else text[: chars - 1] + "…"
+
+
+def _lines(text: str) -> int:
+    return text.count("\n") + 1 if text else 0
+
+
+def ds_positions(groups: Sequence[Sequence[int]]) -> list[int]:
+    """Blocks followed by a down-sampling ILA: the last block of every encoder group ``(a, b)`` (``b``
+    exclusive) but the final one."""
+    return [b - 1 for _, b in groups[:-1]]
+
+
+def save(fig: Figure, path: Path, dpi: int = DPI, formats: Sequence[str] = ()) -> Path:
+    """Write ``fig`` as PNG at ``dpi`` and, beside it with the same stem, in each of ``formats``
+    (``"pdf"``, ``"svg"``); returns the PNG's path."""
+    png = Path(path).with_suffix(".png")
+    with mpl.rc_context(STYLE):
+        for fmt in dict.fromkeys(("png", *formats)):
+            if fmt not in FORMATS:
+                raise ValueError(f"figure format {fmt!r} is not one of {', '.join(FORMATS)}")
+            with atomic_open(png.with_suffix(f".{fmt}"), "wb") as f:
+                fig.savefig(f, format=fmt, dpi=dpi, metadata=_METADATA[fmt])
+    return png
+
+
+def _styled(draw):
+    """Run a ``draw_*`` function under :data:`STYLE` (fonts are fixed when an artist is made)."""
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        with mpl.rc_context(STYLE):
+            return draw(*args, **kwargs)
+
+    return wrapper
+
+
+def _colorbar(fig: Figure, cax, norm: Normalize, cmap: str, label: str, **kw) -> None:
+    """A colour bar in ``cax``, named like the ones matplotlib places itself (tests find it so)."""
+    cax.set_label("<colorbar>")
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, label=label, **kw)
+
+
+def _suptitle(fig: Figure, text: str, top_in: float) -> None:
+    fig.text(0.5, 1 - top_in / fig.get_size_inches()[1], text, ha="center", va="top",
+             fontsize=STYLE["figure.titlesize"], fontweight="bold")
+
+
+# --------------------------------------------------------------------------------------------
+# metrics: CKA heatmaps and feature statistics
+
+
+@_styled
+def draw_cka(matrices: Sequence[Sequence[Sequence[float | None]]], titles: Sequence[str], *,
+             groups: Sequence[Sequence[Sequence[int]]] | None = None, title: str = "") -> Figure:
+    """Block-by-block attention CKA heatmaps side by side (one per run) on one colour scale and bar.
+
+    ``groups``: each run's encoder groups ``(a, b)``, ``b`` exclusive; a down-sampling ILA is drawn as
+    white lines between the groups it separates and named above the heatmap. Undefined entries are blank.
+    """
     mats = [np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float) for m in matrices]
     lo = min(0.0, *(float(np.nanmin(m)) for m in mats if np.isfinite(m).any()))
     norm = Normalize(vmin=lo, vmax=1.0)
-    fig = _figure(CKA_PX[0] * len(mats), CKA_PX[1])
-    axes = fig.subplots(1, len(mats), squeeze=False)[0]
-    im = None
-    for ax, m, title in zip(axes, mats, titles, strict=True):
-        im = ax.imshow(np.ma.masked_invalid(m), origin="lower", cmap="magma", norm=norm)
-        ticks = range(m.shape[0])
+    side, gap, left, right, bottom = 3.0, 0.75, 0.65, 1.05, 0.6
+    width = left + len(mats) * side + (len(mats) - 1) * gap + right
+    title = _wrap(title, width - 0.3, STYLE["figure.titlesize"])
+    top = 0.15 + 0.2 * _lines(title) + 0.55          # title lines, then the panel title and the DS marks
+    fig = _figure(width, bottom + side + top)
+    _suptitle(fig, title, 0.12)
+    for k, (m, name) in enumerate(zip(mats, titles, strict=True)):
+        ax = _axes(fig, left + k * (side + gap), bottom, side, side)
+        ax.imshow(np.ma.masked_invalid(m), origin="lower", cmap="magma", norm=norm)
+        n = m.shape[0]
+        ticks = range(0, n, 1 if n <= 16 else 2)
         ax.set_xticks(ticks)
         ax.set_yticks(ticks)
-        ax.tick_params(labelsize=7)
         ax.set_xlabel("block")
         ax.set_ylabel("block")
-        ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=list(axes), fraction=0.046 / len(mats), pad=0.03, label="attention CKA")
-    return _save(fig, path)
+        ax.spines[["top", "right"]].set_visible(True)
+        for b in ds_positions(groups[k]) if groups else ():
+            for line in (ax.axvline, ax.axhline):
+                line(b + 0.5, color="white", lw=1.2, ls="--")
+            ax.text(b + 0.5, n - 0.5, "DS-ILA", transform=ax.transData, ha="center", va="bottom",
+                    fontsize=MIN_FONT_PT, color="0.25")
+        ax.set_title(_fit(name, side, STYLE["axes.titlesize"]), pad=16)
+    cax = _axes(fig, width - right + 0.2, bottom, 0.14, side)
+    _colorbar(fig, cax, norm, "magma", "attention CKA (linear)")
+    return fig
 
 
-def save_feature_metrics(results: Sequence[dict], labels: Sequence[str], path: Path) -> Path:
-    """Per-block feature norm, pairwise distance, attention distance and normalised entropy; one line per run."""
-    fig = _figure(*FEATURES_PX)
-    axes = fig.subplots(2, 2).flatten()
-    panels = (
-        ("feature_norm", "L2 norm of 7x7-pooled tokens"),
-        ("pairwise_distance", "mean pairwise L2 distance"),
-        ("attention_distance_px_mean", "mean attention distance (px)"),
-        ("attention_entropy_normalized_mean", "attention entropy / log S"),
-    )
-    for ax, (key, label) in zip(axes, panels, strict=True):
-        for res, name in zip(results, labels, strict=True):
-            blocks = range(len(res[key]))
-            (line,) = ax.plot(blocks, res[key], marker="o", markersize=3, label=name)
-            if key == "attention_distance_px_mean":  # heads as faint dots behind the mean
+_FEATURE_PANELS = (
+    # key, axis label, log axis: norms and distances span orders of magnitude over the blocks
+    ("feature_norm", "feature norm (L2, 7x7-pooled tokens)", True),
+    ("pairwise_distance", "mean pairwise token distance (L2)", True),
+    ("attention_distance_px_mean", "mean attention distance (px)", False),
+    ("attention_entropy_normalized_mean", "attention entropy / log S", False),
+)
+
+
+@_styled
+def draw_features(results: Sequence[dict], labels: Sequence[str], *,
+                  groups: Sequence[Sequence[Sequence[int]]] | None = None, title: str = "") -> Figure:
+    """Per-block feature norm, pairwise distance, attention distance (mean line, one faint dot per head)
+    and normalised attention entropy; one colour per run, a down-sampling ILA as a dashed line in its
+    run's colour, one legend for all panels."""
+    pw, ph, left, hgap, vgap, bottom = 3.2, 2.3, 0.75, 0.85, 0.65, 0.55
+    width = left + 2 * pw + hgap + 0.2
+    title = _wrap(title, width - 0.3, STYLE["figure.titlesize"])
+    top = 0.15 + 0.2 * _lines(title) + 0.25 + 0.2 * math.ceil((len(labels) + 2) / 3)    # title, legend rows
+    fig = _figure(width, bottom + 2 * ph + vgap + top)
+    _suptitle(fig, title, 0.12)
+    colours = [f"C{i}" for i in range(len(results))]
+    for k, (key, label, log) in enumerate(_FEATURE_PANELS):
+        r, c = divmod(k, 2)
+        ax = _axes(fig, left + c * (pw + hgap), bottom + (1 - r) * (ph + vgap), pw, ph)
+        for i, (res, colour) in enumerate(zip(results, colours, strict=True)):
+            blocks = np.arange(len(res[key]))
+            if key == "attention_distance_px_mean":
                 for b, heads in zip(blocks, res["attention_distance_px"], strict=True):
-                    ax.scatter([b] * len(heads), heads, s=6, color=line.get_color(), alpha=0.35, linewidths=0)
+                    ax.scatter([b] * len(heads), heads, s=8, color=colour, alpha=0.3, linewidths=0)
+            ax.plot(blocks, res[key], marker="o", markersize=3.5, color=colour)
+            for b in ds_positions(groups[i]) if groups else ():
+                ax.axvline(b + 0.5, color=colour, lw=1, ls="--", alpha=0.7)
+        if log:
+            ax.set_yscale("log")
+            _log_ticks(ax.yaxis, *ax.get_ylim())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("block")
-        ax.set_ylabel(label, fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.subplots_adjust(left=0.08, right=0.98, top=0.96, bottom=0.08, hspace=0.3, wspace=0.25)
-    return _save(fig, path)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="major")
+    handles = [Line2D([], [], color=c, marker="o", markersize=4, label=lab) for c, lab in zip(colours, labels, strict=True)]
+    handles.append(Line2D([], [], color="0.4", marker="o", ls="", alpha=0.4, markersize=4, label="one head (attention distance)"))
+    if groups and any(ds_positions(g) for g in groups):
+        handles.append(Line2D([], [], color="0.4", ls="--", label="down-sampling ILA"))
+    H = fig.get_size_inches()[1]
+    fig.legend(handles=handles, loc="upper center", ncols=3, frameon=False,
+               bbox_to_anchor=(0.5, 1 - (0.2 + 0.2 * _lines(title)) / H))
+    return fig
 
 
-@dataclass(frozen=True)
-class Overlay:
-    """One panel: an image (H, W, 3) uint8, a heat map (H, W) in [0, 1] and its title."""
-
-    image: np.ndarray
-    heat: np.ndarray
-    title: str
+# --------------------------------------------------------------------------------------------
+# visualize: attention over images
 
 
 def blend(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
     """50/50 blend of a uint8 (H, W, 3) image and the jet colouring of an (H, W) map in [0, 1] -> float RGB."""
-    from matplotlib import colormaps
-
-    colour = colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3]                # (H, W, 3)
+    colour = mpl.colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3]                # (H, W, 3)
     return 0.5 * image.astype(np.float64) / 255.0 + 0.5 * colour
 
 
-def overlay_columns(cols: int, per_image: int) -> int:
-    """Panels per row: ``cols`` rounded down to a multiple of ``per_image`` (at least one image's worth),
-    so that the panels of one image always share a row (fewer when there are fewer panels)."""
-    return max(per_image, cols // per_image * per_image)
+_PANEL_IN = 1.5              # an overlay's side
+_PANEL_GAP_IN = 0.06         # between the panels of one image
+_IMAGE_GAP_IN = 0.3          # between images
+_CAPTION_IN = 0.42           # two caption lines under each image, then a gap to the next row
+_HEADER_IN = 0.22            # one line of map names over the top row
+_MARGIN_IN = 0.15
+_BAR_IN = 0.95               # the colour bar and its label on the right
 
 
-def save_overlays(panels: Sequence[Overlay], path: Path, cols: int, per_image: int = 1) -> Path:
-    """A grid of overlay panels, ``per_image`` consecutive panels per image, and one jet colour bar.
+def _overlay_size(images_per_row: int, rows: int, per_image: int, title_lines: int) -> tuple[float, float]:
+    group = per_image * _PANEL_IN + (per_image - 1) * _PANEL_GAP_IN
+    width = 2 * _MARGIN_IN + images_per_row * group + (images_per_row - 1) * _IMAGE_GAP_IN + _BAR_IN
+    head = _HEADER_IN if per_image > 1 else 0.0
+    height = 2 * _MARGIN_IN + 0.22 * title_lines + 0.1 + head + rows * (_PANEL_IN + _CAPTION_IN)
+    return width, height
 
-    Every map is min-max normalised to [0, 1], so one colour bar serves all panels. Panels are placed
-    at fixed pixel positions (``PANEL_PX`` each, the image ``IMAGE_PX`` square at the bottom, the title
-    above it) with ``COLORBAR_PX`` on the right, so the PNG is exactly
-    (columns * PANEL_PX[0] + COLORBAR_PX) x (rows * PANEL_PX[1]) pixels.
+
+def overlay_layout(count: int, per_image: int, cols: int | None = None) -> tuple[int, int]:
+    """(images per row, rows) of an overlay grid: ``cols`` panels per row (rounded down to whole images),
+    or else the layout whose shape is nearest 16:9 without exceeding ``MAX_ASPECT``."""
+    if cols is not None:
+        k = min(count, max(1, cols // per_image))
+        return k, math.ceil(count / k)
+
+    def shape(k: int) -> float:
+        w, h = _overlay_size(k, math.ceil(count / k), per_image, 1)
+        return w / h
+
+    fits = [k for k in range(1, count + 1) if shape(k) <= MAX_ASPECT] or [1]
+    k = min(fits, key=lambda k: (abs(math.log(shape(k) / (16 / 9))), k))
+    return k, math.ceil(count / k)
+
+
+@_styled
+def draw_overlays(images: np.ndarray, maps: Sequence[tuple[str, np.ndarray]], captions: Sequence[tuple[str, str | None]],
+                  *, title: str = "", colorbar_label: str = "attention (min-max per map)",
+                  cols: int | None = None) -> Figure:
+    """A grid of attention maps blended over images: every image's maps side by side, captioned under
+    them with the true and predicted class (red when they differ), map names over the top row.
+
+    ``images`` is (B, H, W, 3) uint8, each map (B, H, W) in [0, 1] (min-max normalised, so one jet colour
+    bar serves all panels), ``captions`` (predicted, true or None) per image. ``cols`` is panels per row
+    (whole images only); by default the grid is as near 16:9 as it gets.
     """
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
+    per_image, count = len(maps), len(images)
+    k, rows = overlay_layout(count, per_image, cols)
+    group = per_image * _PANEL_IN + (per_image - 1) * _PANEL_GAP_IN
+    width0, _ = _overlay_size(k, rows, per_image, 1)
+    title = _wrap(title, width0 - 2 * _MARGIN_IN, STYLE["figure.titlesize"])
+    width, height = _overlay_size(k, rows, per_image, _lines(title))
+    fig = _figure(width, height)
+    _suptitle(fig, title, _MARGIN_IN)
+    top = height - _MARGIN_IN - 0.22 * _lines(title) - 0.1 - (_HEADER_IN if per_image > 1 else 0.0)
+    for i in range(count):
+        r, c = divmod(i, k)
+        x0 = _MARGIN_IN + c * (group + _IMAGE_GAP_IN)
+        y0 = top - r * (_PANEL_IN + _CAPTION_IN) - _PANEL_IN
+        for j, (label, m) in enumerate(maps):
+            ax = _axes(fig, x0 + j * (_PANEL_IN + _PANEL_GAP_IN), y0, _PANEL_IN, _PANEL_IN)
+            ax.imshow(blend(images[i], m[i]))
+            ax.set_axis_off()
+            if r == 0 and per_image > 1:  # one map per image: the caller names it in the title
+                ax.set_title(_fit(label, _PANEL_IN + _PANEL_GAP_IN, 9), fontsize=9, pad=4)
+        pred, true = captions[i]
+        cx = (x0 + group / 2) / width
+        if true is not None:
+            fig.text(cx, (y0 - 0.05) / height, _fit(f"true {true}", group, 9), ha="center", va="top", fontsize=9)
+        fig.text(cx, (y0 - 0.05 - (0.17 if true is not None else 0.0)) / height, _fit(f"pred {pred}", group, 9),
+                 ha="center", va="top", fontsize=9, color="black" if true in (None, pred) else "#c00000")
+    bar_h = min(2.2, rows * (_PANEL_IN + _CAPTION_IN) - _CAPTION_IN)
+    cax = _axes(fig, width - _BAR_IN + 0.12, top - bar_h, 0.13, bar_h)
+    _colorbar(fig, cax, Normalize(0.0, 1.0), "jet", colorbar_label, ticks=(0, 0.5, 1))
+    return fig
 
-    ncol = min(overlay_columns(cols, per_image), len(panels))
-    nrow = math.ceil(len(panels) / ncol)
-    pw, ph = PANEL_PX
-    W, H = pw * ncol + COLORBAR_PX, ph * nrow
-    fig = _figure(W, H)
-    for k, p in enumerate(panels):
-        r, c = divmod(k, ncol)
-        left, bottom = c * pw + (pw - IMAGE_PX) / 2, H - (r + 1) * ph + _PANEL_FOOT_PX
-        ax = fig.add_axes((left / W, bottom / H, IMAGE_PX / W, IMAGE_PX / H))
-        ax.imshow(blend(p.image, p.heat))
-        ax.set_title(p.title, fontsize=7)
-        ax.axis("off")
-    cax = fig.add_axes(((pw * ncol + 12) / W, 0.1, 14 / W, 0.8))
-    fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap="jet"), cax=cax).ax.tick_params(labelsize=7)
-    return _save(fig, path)
 
+def save_overlay_folder(images: np.ndarray, maps: Sequence[tuple[str, np.ndarray]],
+                        captions: Sequence[tuple[str, str | None]], names: Sequence[str], folder: Path, *,
+                        title: str = "", colorbar_label: str = "attention (min-max per map)", cols: int | None = None,
+                        dpi: int = DPI, formats: Sequence[str] = ()) -> Path:
+    """What `ufgir visualize` writes: ``grid.png`` with every image and one ``NNN_<name>.png`` per image
+    (each also in ``formats``); per-image files of an earlier, larger call are removed, other files kept.
 
-def save_overlay_folder(images: np.ndarray, maps: Sequence[tuple[str, np.ndarray]], titles: Sequence[str],
-                        names: Sequence[str], folder: Path, cols: int) -> Path:
-    """What `ufgir visualize` writes: ``grid.png`` with every image's panels (one per map) and one
-    ``NNN_<name>.png`` per image; per-image files of an earlier, larger call are removed, other files kept.
-
-    ``images`` is (B, H, W, 3) uint8, each map (B, H, W) in [0, 1]; returns the grid's path.
+    Arguments as :func:`draw_overlays`, ``names`` per image; returns the grid's path.
     """
     folder = Path(folder)
-    per_image = len(maps)
-    panels, written = [], set()
-    for b, (title, name) in enumerate(zip(titles, names, strict=True)):
-        own = [Overlay(images[b], m[b], f"{title}\n{label}") for label, m in maps]
-        written.add(save_overlays(own, folder / f"{b:03d}_{name}.png", cols=per_image, per_image=per_image).name)
-        panels += own
-    grid = save_overlays(panels, folder / "grid.png", cols=cols, per_image=per_image)
-    for old in folder.glob("[0-9][0-9][0-9]_*.png"):
-        if old.name not in written:
+    written = set()
+    for b, name in enumerate(names):
+        fig = draw_overlays(images[b : b + 1], [(label, m[b : b + 1]) for label, m in maps], captions[b : b + 1],
+                            title=title, colorbar_label=colorbar_label)
+        png = save(fig, folder / f"{b:03d}_{name}.png", dpi, formats)
+        written |= {png.with_suffix(f".{fmt}").name for fmt in ("png", *formats)}
+    fig = draw_overlays(images, maps, captions, title=title, colorbar_label=colorbar_label, cols=cols)
+    grid = save(fig, folder / "grid.png", dpi, formats)
+    for old in folder.glob("[0-9][0-9][0-9]_*.*"):
+        if old.suffix[1:] in FORMATS and old.name not in written:
             old.unlink()
     return grid
 
 
-def save_accuracy_vs_macs(points: Sequence[dict], path: Path, title: str) -> Path:
-    """Top-1 against multiply-adds, marker area by trainable parameters (the paper's accuracy/cost figure).
+# --------------------------------------------------------------------------------------------
+# compare: accuracy against cost
 
-    ``points``: dicts with ``label``, ``gmacs``, ``top1`` and ``trainable``.
+
+def marker_area(trainable: float, biggest: float) -> float:
+    """Marker area in pt^2 for a number of trainable parameters, against the largest in the figure: grows
+    with the square root, so that an 86 M full fine-tune and a 26 k linear probe both stay readable (the
+    size legend gives the scale)."""
+    return 30.0 + 600.0 * math.sqrt(trainable / biggest)
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e6:g} M" if n >= 1e6 else f"{n / 1e3:g} k"
+
+
+def _size_steps(values: Sequence[float]) -> list[float]:
+    """Round parameter counts (1, 3, 10, 30, ... k) from about the smallest to the largest of ``values``,
+    at most four, the largest kept."""
+    lo, hi = min(values), max(values)
+    steps = [m * 10.0**e for e in range(2, 10) for m in (1, 3)]
+    inside = [s for s in steps if lo / 3 < s <= hi] or [min(steps, key=lambda s: abs(math.log(s / hi)))]
+    return inside[::-1][:: max(1, math.ceil(len(inside) / 4))][::-1]
+
+
+def _log_ticks(axis, lo: float, hi: float) -> None:
+    """Plain numbers on a log axis: every minor tick labelled within a decade, the 2s and 5s within two,
+    only the powers of ten beyond."""
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    digits = "123456789" if hi / lo < 10 else "25" if hi / lo < 100 else ""
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in digits else ""))
+
+
+def _spread(ys: list[float], gap: float) -> list[float]:
+    """``ys`` moved apart as little as possible (in order, keeping their mean) so that neighbours are at
+    least ``gap`` apart: where labels of nearby points go."""
+    order = sorted(range(len(ys)), key=ys.__getitem__)
+    out = [ys[i] for i in order]
+    for _ in range(len(out)):
+        moved = False
+        for k in range(1, len(out)):
+            overlap = gap - (out[k] - out[k - 1])
+            if overlap > 1e-9:
+                out[k - 1] -= overlap / 2
+                out[k] += overlap / 2
+                moved = True
+        if not moved:
+            break
+    result = [0.0] * len(ys)
+    for i, y in zip(order, out, strict=True):
+        result[i] = y
+    return result
+
+
+@_styled
+def draw_compare(points: Sequence[dict], *, title: str = "") -> Figure:
+    """Top-1 against multiply-adds per image on a log axis, the paper's accuracy-vs-cost style: marker
+    area by trainable parameters (with a size legend), colour by method family, hollow markers for the
+    paper's numbers.
+
+    ``points``: dicts with ``label``, ``gmacs``, ``top1``, ``trainable``, ``family`` (a key of
+    ``FAMILY_COLOURS``) and ``paper`` (True for the paper's numbers).
     """
-    fig = _figure(*SCATTER_PX)
-    ax = fig.subplots()
+    aw, ah, left, bottom, right = 4.6, 3.4, 0.7, 0.6, 1.9
+    width = left + aw + right
+    title = _wrap(title, width - 0.3, STYLE["figure.titlesize"])
+    height = bottom + ah + 0.2 + 0.2 * _lines(title)
+    fig = _figure(width, height)
+    _suptitle(fig, title, 0.1)
+    ax = _axes(fig, left, bottom, aw, ah)
     biggest = max(p["trainable"] for p in points) or 1
     for p in points:
-        # area grows with the square root so an 86 M full fine-tune does not hide a 0.4 M adapter
-        size = 30 + 900 * math.sqrt(p["trainable"] / biggest)
-        ax.scatter(p["gmacs"], p["top1"], s=size, alpha=0.6, edgecolors="black", linewidths=0.5)
-        ax.annotate(f"{p['label']}\n{_count(p['trainable'])} trainable", (p["gmacs"], p["top1"]),
-                    fontsize=7, xytext=(6, 6), textcoords="offset points")
-    ax.set_xlabel("multiply-adds per image (G)")
+        colour = FAMILY_COLOURS[p["family"]]
+        ax.scatter(p["gmacs"], p["top1"], s=marker_area(p["trainable"], biggest), zorder=3, linewidths=1.2,
+                   facecolors="none" if p["paper"] else colour, edgecolors=colour, alpha=1.0 if p["paper"] else 0.75)
+    ax.set_xscale("log")
+    gmacs = np.array([p["gmacs"] for p in points])
+    top1 = np.array([p["top1"] for p in points])
+    xpad = max(1.25, (gmacs.max() / gmacs.min()) ** 0.12)
+    ax.set_xlim(gmacs.min() / xpad, gmacs.max() * xpad)
+    ypad = max(2.0, 0.12 * (top1.max() - top1.min()))
+    ax.set_ylim(max(0.0, top1.min() - ypad), min(102.0, top1.max() + ypad))
+    _log_ticks(ax.xaxis, *ax.get_xlim())
+    # labels beside their markers, on the side away from the nearer vertical edge, spread apart vertically
+    to_axes = ax.transData + ax.transAxes.inverted()
+    frac = [to_axes.transform((p["gmacs"], p["top1"])) for p in points]
+    left_side = [bool(fx > 0.6) for fx, _ in frac]
+    line = 1.6 * 8 / 72 / ah                                           # an 8 pt line and a gap, in axes fractions
+    ys = [min(max(fy, line), 1 - line) for _, fy in frac]
+    for side in (True, False):
+        idx = [i for i, s in enumerate(left_side) if s is side]
+        for i, y in zip(idx, _spread([ys[i] for i in idx], line), strict=True):
+            ys[i] = min(max(y, line / 2), 1 - line / 2)
+    for p, (fx, _), on_left, y in zip(points, frac, left_side, ys, strict=True):
+        offset = (0.5 * math.sqrt(marker_area(p["trainable"], biggest)) + 2) / 72 / aw   # past the marker's edge
+        ax.annotate(p["label"], (p["gmacs"], p["top1"]), xytext=(fx - offset if on_left else fx + offset, y),
+                    textcoords="axes fraction", ha="right" if on_left else "left", va="center", fontsize=8,
+                    color="0.35" if p["paper"] else "black")
+    ax.set_xlabel("multiply-adds per image (G, log scale; the paper's \"GFLOPs\")")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.margins(0.2)
-    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.1)
-    return _save(fig, path)
+    families = list(dict.fromkeys(p["family"] for p in points))
+    fam = [Line2D([], [], ls="", marker="o", markersize=7, color=FAMILY_COLOURS[f], label=f) for f in families]
+    if any(p["paper"] for p in points):
+        fam += [Line2D([], [], ls="", marker="o", markersize=7, color="0.4", label="ours"),
+                Line2D([], [], ls="", marker="o", markersize=7, mfc="none", color="0.4", label="paper (448 px)")]
+    first = ax.legend(handles=fam, title="method family", loc="upper left", bbox_to_anchor=(1.03, 1.0),
+                      frameon=False, alignment="left")
+    ax.add_artist(first)
+    sizes = [Line2D([], [], ls="", marker="o", color="0.6", markersize=math.sqrt(marker_area(s, biggest)),
+                    label=_count(s))
+             for s in _size_steps([p["trainable"] for p in points])]
+    ax.legend(handles=sizes, title="trainable params", loc="lower left", bbox_to_anchor=(1.03, 0.0),
+              frameon=False, labelspacing=1.5, borderpad=1.0, handletextpad=1.5, alignment="left")
+    return fig
 
 
-def _count(n: int) -> str:
-    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
-
-
-__all__ = ["CKA_PX", "COLORBAR_PX", "DPI", "FEATURES_PX", "IMAGE_PX", "Overlay", "PANEL_PX", "SCATTER_PX", "blend", "overlay_columns",
-           "save_accuracy_vs_macs", "save_cka", "save_feature_metrics", "save_overlay_folder", "save_overlays"]
+__all__ = ["DPI", "FAMILY_COLOURS", "FORMATS", "MAX_ASPECT", "MIN_FONT_PT", "STYLE", "blend",
+           "draw_cka", "draw_compare", "draw_features", "draw_overlays", "ds_positions", "marker_area",
+           "overlay_layout", "save", "save_overlay_folder"]
