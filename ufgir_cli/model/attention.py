@@ -49,12 +49,23 @@ def _merge_heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return attn.proj(x)
 
 
-def explicit_attention(attn: nn.Module, x: torch.Tensor, probs: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """timm ``Attention`` forward, able to hand out the attention maps (see `_attend`)."""
+def explicit_attention(attn: nn.Module, x: torch.Tensor, probs: list[torch.Tensor] | None = None,
+                       query_only: int = 0) -> torch.Tensor:
+    """timm ``Attention`` forward, able to hand out the attention maps (see `_attend`).
+
+    The first ``query_only`` rows only ask (VQT's prompts): they are never keys or values, so the
+    other rows attend exactly as without them, and the maps handed out are those rows' (square)."""
     B, N, C = x.shape
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
     q, k, v = qkv.unbind(0)
-    return _merge_heads(attn, _attend(attn, q, k, v, probs))
+    if not query_only:
+        return _merge_heads(attn, _attend(attn, q, k, v, probs))
+    k, v = k[:, :, query_only:], v[:, :, query_only:]                      # (B, heads, N - query_only, hd)
+    maps: list[torch.Tensor] | None = [] if probs is not None else None
+    out = _attend(attn, q, k, v, maps)
+    if probs is not None:
+        probs.append(maps[0][:, :, query_only:])                           # (B, heads, N - q, N - q)
+    return _merge_heads(attn, out)
 
 
 def cls_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ def _timm_kwargs(cfg: ModelConfig, num_classes: int) -> dict:
     if cfg.depth is not None:
         kwargs["depth"] = cfg.depth
     if not spec.class_token:
-        kwargs.update(class_token=False, global_pool="avg")
+        kwargs.update(class_token=False, global_pool="")
     return kwargs
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..methods import METHOD_NAMES, MethodSpec, detect_upstream
-from ..recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe, recipe_from_dict
+from ..recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe, backbone_depth, recipe_from_dict
 from .state import load_strict
 from .vit import UfgirViT, build_model
 
@@ -54,6 +54,12 @@ _BLOCK_SUBKEYS = {
     "pwff.fc2": "mlp.fc2",
 }
 _ADAPTER_SUBKEYS = {"adapter_down": "down", "adapter_up": "up", "adapter_conv": "conv"}
+#: The comparison methods' heads (model/heads.py): reference key prefix -> ours.
+_HEAD_KEYS = {
+    "ifa": (("head.ifa_head.0.", "head.mix."), ("head.ifa_head.3.", "head.norm."), ("head.ifa_head.4.", "head.fc.")),
+    "mpncov": (("head.mpncov.conv_dr_block.", "head.reduce."), ("head.head.1.", "head.fc.")),
+    "vqt": (("head.head.", "head.fc."),),
+}
 
 
 def read_upstream(path: str | Path) -> dict[str, Any]:
@@ -110,6 +116,11 @@ def recipe_from_upstream(c: argparse.Namespace) -> Recipe:
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
     }
+    depth = getattr(c, "num_hidden_layers", None)
+    if depth and depth != backbone_depth(model["backbone"]):
+        model["depth"] = int(depth)
+    if spec.head == "mpncov":
+        model["cov_dim"] = int(getattr(c, "class_proj_size", 64))
     if spec.has_ila:
         model["ila_ds_locs"] = list(getattr(c, "ila_ds_locs", spec.ila_ds_locs) or [])
         model["ila_locs"] = list(getattr(c, "ila_locs", []) or []) if spec.ila_rest else []
@@ -144,6 +155,13 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
             out["vit.pos_embed"] = t
         elif k.startswith("encoder_norm."):
             out["vit.norm." + k.split(".", 1)[1]] = t
+        elif model.head is not None and k.startswith("head."):
+            for ref, ours in _HEAD_KEYS[model.plan.head]:
+                if k.startswith(ref):
+                    out[ours + k[len(ref):]] = t
+                    break
+            else:
+                unmapped.append(key)
         elif k.startswith("head.head."):
             out["vit.head." + k.rsplit(".", 1)[1]] = t
         elif k.startswith("encoder.prompt"):

@@ -4,7 +4,7 @@ Each head reads a different part of the backbone, which is why they are not one 
 
 - :class:`IFAHead` mixes the CLS token of every block (no final LayerNorm anywhere);
 - :class:`MPNCovHead` pools the patch tokens by their covariance, square-rooted by Newton-Schulz (no CLS);
-- :class:`VQTHead` reads per-block query-only prompt outputs (`vqt_prompt_rows`) plus the normed CLS.
+- :class:`VQTHead` reads every block's query-only prompt rows (UfgirViT runs them) plus the normed CLS.
 
 Inits follow the reference: every Linear xavier-uniform with a tiny normal bias, the conv kaiming
 (fan_out). Numerics that the reference runs in float32 (covariance, matrix square root) run in float32
@@ -78,7 +78,7 @@ class MPNCovHead(nn.Module):
         B, N, D = tokens.shape
         x = tokens.transpose(1, 2).reshape(B, D, *grid)                     # (B, D, h, w): token n at (n // w, n % w)
         x = self.reduce(x).flatten(2).float()                               # (B, proj, M)
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):
             x = x - x.mean(dim=2, keepdim=True)
             cov = x @ x.transpose(1, 2) / x.shape[2]                        # (B, proj, proj)
             root = isqrt_newton_schulz(cov, self.iterations)
@@ -87,29 +87,6 @@ class MPNCovHead(nn.Module):
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int], pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(tokens, grid)
         return x if pre_logits else self.fc(x.to(self.fc.weight.dtype))
-
-
-def vqt_prompt_rows(blk: nn.Module, prompts: torch.Tensor, h: torch.Tensor, drop: nn.Module | None = None) -> torch.Tensor:
-    """One block's output rows for VQT's query-only prompts (B, P, D).
-
-    ``h`` is the block's LayerNorm-1 output of the image stream (B, T, D). The prompts query the stream
-    but are never keys or values, so the stream itself is a plain ViT's; their rows still go through
-    the residual, LayerNorm 2 and the MLP, with the block's ``drop`` on both branch outputs (the
-    reference's dropout placement) and its layer scale and drop-path."""
-    drop = drop if drop is not None else nn.Identity()
-    attn = blk.attn
-    B, T, D = h.shape
-    q_in = blk.norm1(prompts)
-    w, b = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(q_in, w[:D], None if b is None else b[:D])                 # (B, P, D)
-    kv = F.linear(h, w[D:], None if b is None else b[D:])                   # (B, T, 2D)
-    q = q.reshape(B, -1, attn.num_heads, D // attn.num_heads).transpose(1, 2)  # (B, heads, P, hd)
-    k, v = kv.reshape(B, T, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, T, hd)
-    o = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v)   # (B, heads, P, hd)
-    o = o.transpose(1, 2).reshape(B, -1, D)                                 # (B, P, D)
-    o = attn.proj(getattr(attn, "norm", nn.Identity())(o))
-    x = prompts + blk.drop_path1(drop(blk.ls1(o)))
-    return x + blk.drop_path2(drop(blk.ls2(blk.mlp(blk.norm2(x)))))
 
 
 class VQTHead(nn.Module):
@@ -143,4 +120,4 @@ def _vqt(depth: int, dim: int, num_classes: int, cfg) -> nn.Module:
 #: Head kind of the method table -> builder(depth, dim, num_classes, model config).
 HEADS = {"ifa": _ifa, "mpncov": _mpncov, "vqt": _vqt}
 
-__all__ = ["HEADS", "IFAHead", "MPNCovHead", "VQTHead", "isqrt_newton_schulz", "upper_triangle", "vqt_prompt_rows"]
+__all__ = ["HEADS", "IFAHead", "MPNCovHead", "VQTHead", "isqrt_newton_schulz", "upper_triangle"]

@@ -22,7 +22,7 @@ from ..recipe import ModelConfig, check_geometry
 from .adapters import BlockAdapters
 from .attention import autocast_input, cls_attention, explicit_attention
 from .backbone import MICRO, create_backbone, embed_tokens, resize_input, state_dict_sha256
-from .heads import HEADS, vqt_prompt_rows
+from .heads import HEADS
 from .ila import ILA, Dropout, prompt_init_bound, xavier_linear_
 from .methods import MethodPlan, method_plan
 
@@ -249,23 +249,22 @@ class UfgirViT(nn.Module):
         P = self.num_prefix_tokens
         deep = self.plan.prompts == "deep"
         vqt = self.plan.prompts == "vqt"
-        if vqt:  # drop the previous block's prompt rows; this block's prompts only query the stream
-            P -= self.prompt_len
-            x = x[:, self.prompt_len:] if i else x                             # (B, P + HW, D)
+        L = self.prompt_len if vqt else 0
+        if vqt:  # the previous block's prompt rows out, this block's prompts in: they only ask (queries)
+            P -= L
+            p = self.prompt_drop(self.prompts[i].expand(x.shape[0], -1, -1)).to(x.dtype)  # per-sample mask
+            x = torch.cat([p, x[:, L:] if i else x], dim=1)                   # (B, L + P + HW, D)
         if deep:  # insert this block's prompts after the prefix tokens, remove them after the block
             p = self.prompt_drop(self.prompts[i]).expand(x.shape[0], -1, -1).to(x.dtype)
             x = torch.cat([x[:, :P], p, x[:, P:]], dim=1)                  # (B, P + L + HW, D)
             P = P + self.prompt_len
         ad = self.adapters[i] if self.adapters is not None else None
         h = autocast_input(blk.norm1(x))
-        if vqt:  # per-sample dropout on the prompts, then their rows through this block
-            p = self.prompt_drop(self.prompts[i].expand(x.shape[0], -1, -1)).to(x.dtype)
-            rows = vqt_prompt_rows(blk, p, h, self.drop)                       # (B, L, D)
         if cls_only:
             a = cls_attention(blk.attn, h)
             h, x = h[:, :1], x[:, :1]                                          # (B, 1, D) from here on
         else:
-            a = explicit_attention(blk.attn, h, self._attn_probs)
+            a = explicit_attention(blk.attn, h, self._attn_probs, query_only=L)
         a = self.drop(blk.ls1(a))
         if ad is not None:
             a = a + ad.attn(h, grid, P)
@@ -277,8 +276,6 @@ class UfgirViT(nn.Module):
         x = x + blk.drop_path2(m)
         if deep:
             x = torch.cat([x[:, : self.num_prefix_tokens], x[:, P:]], dim=1)  # (B, P + HW, D)
-        if vqt:
-            x = torch.cat([rows, x], dim=1)                                    # (B, L + P + HW, D)
         ila = self.ila[str(i)] if str(i) in self.ila else None
         if ila is not None:
             x = ila(x, grid, self.num_prefix_tokens)

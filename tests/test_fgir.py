@@ -1,0 +1,170 @@
+"""The single-pass comparison methods (IFA, MPN-COV, VQT): the reference's checkpoints reproduce through
+`load_upstream_checkpoint`, every stored intermediate within the fixture README's tolerance, the counts
+and MACs of FGIR.md §10 for ViT-B/16, and each head fed the very tensors the reference handed its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from ufgir_cli.analysis.cost import count_flops
+from ufgir_cli.model import build_model, load_upstream_checkpoint
+from ufgir_cli.model.heads import IFAHead, MPNCovHead, isqrt_newton_schulz, upper_triangle
+from ufgir_cli.recipe import load_recipe
+
+
+def _fixture(fixture_dir, name):
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(fixture_dir / f"{name}.upstream.pth", weights_only=True)
+    expected = torch.load(fixture_dir / f"{name}.expected.pt", weights_only=True)
+    sd = {k.removeprefix("model."): v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    return sd, expected
+
+
+def test_ifa_head_reproduces_reference(fixture_dir):
+    sd, ex = _fixture(fixture_dir, "ifa_t16_224")
+    depth, dim = ex["cls_per_block"].shape[1:]
+    head = IFAHead(depth, dim, sd["head.ifa_head.4.weight"].shape[0]).eval()
+    head.load_state_dict({
+        "mix.weight": sd["head.ifa_head.0.weight"], "mix.bias": sd["head.ifa_head.0.bias"],
+        "norm.weight": sd["head.ifa_head.3.weight"], "norm.bias": sd["head.ifa_head.3.bias"],
+        "fc.weight": sd["head.ifa_head.4.weight"], "fc.bias": sd["head.ifa_head.4.bias"],
+    })
+    with torch.no_grad():
+        pre = head(ex["cls_per_block"], pre_logits=True)
+        logits = head(ex["cls_per_block"])
+    assert (pre - ex["layer_mix_norm"]).abs().max() <= 1e-5
+    assert (logits - ex["logits"]).abs().max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def mpncov(fixture_dir):
+    sd, ex = _fixture(fixture_dir, "mpncov_t16_160")
+    dim = ex["tokens"].shape[-1]
+    head = MPNCovHead(dim, sd["head.head.1.weight"].shape[0], proj=ex["class_proj_size"],
+                      iterations=ex["iterations"]).eval()
+    block = "head.mpncov.conv_dr_block."
+    head.load_state_dict({
+        "reduce.0.weight": sd[block + "0.weight"],
+        **{f"reduce.1.{k}": sd[block + "1." + k] for k in ("weight", "bias", "running_mean", "running_var",
+                                                           "num_batches_tracked")},
+        "fc.weight": sd["head.head.1.weight"], "fc.bias": sd["head.head.1.bias"],
+    })
+    return head, ex
+
+
+def test_mpncov_head_reproduces_reference(mpncov):
+    head, ex = mpncov
+    g = ex["grid_size"]
+    with torch.no_grad():
+        reduced = head.reduce(ex["tokens"].transpose(1, 2).reshape(2, -1, g, g))
+        pooled = head(ex["tokens"], (g, g), pre_logits=True)
+        logits = head(ex["tokens"], (g, g))
+    assert (reduced - ex["reduced"]).abs().max() <= 1e-5
+    root = isqrt_newton_schulz(ex["covariance"], ex["iterations"])
+    assert (root - ex["sqrtm"]).abs().max() <= 1e-5 * ex["sqrtm"].abs().max()
+    assert (pooled - ex["cov_pooled"]).abs().max() <= 1e-4 * ex["cov_pooled"].abs().max()
+    assert (logits - ex["logits"]).abs().max() <= 1e-3  # README: Newton-Schulz in fp32, atol 1e-3
+
+
+def test_mpncov_autograd_matches_reference_backward(mpncov):
+    """Plain autograd of the pooling equals the reference's hand-written backward (README: 8.2e-7)."""
+    head, ex = mpncov
+    case = ex["grad_case"]
+    reduced = ex["reduced"].clone().requires_grad_(True)
+    x = reduced.flatten(2)
+    x = x - x.mean(dim=2, keepdim=True)
+    cov = x @ x.transpose(1, 2) / x.shape[2]
+    pooled = upper_triangle(isqrt_newton_schulz(cov, ex["iterations"]))
+    (pooled * case["upstream_grad"]).sum().backward()
+    want = case["input_grad"]
+    assert (reduced.grad - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def _upstream(fixture_dir, name):
+    model, recipe = load_upstream_checkpoint(fixture_dir / f"{name}.upstream.pth")
+    expected = torch.load(fixture_dir / f"{name}.expected.pt", weights_only=True)
+    return model, recipe, expected
+
+
+def _counts(model):
+    return (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
+
+
+def test_ifa_checkpoint_reproduces(fixture_dir):
+    model, recipe, ex = _upstream(fixture_dir, "ifa_t16_224")
+    assert recipe.model.method == "ifa"
+    x = ex["input"]
+    with torch.no_grad():
+        logits = model(x)
+        inter = model.forward_intermediates(x, return_prefix_tokens=True, intermediates_only=True)
+        cls = torch.stack([prefix[:, 0] for _, prefix in inter], dim=1)         # (B, depth, D)
+        mixed = model.head(cls, pre_logits=True)
+    assert (logits - ex["logits"]).abs().max() <= 1e-4
+    assert (cls - ex["cls_per_block"]).abs().max() <= 1e-4
+    assert (mixed - ex["layer_mix_norm"]).abs().max() <= 1e-4
+    assert model.tokens_per_block == list(ex["tokens_per_block"])
+    assert _counts(model) == (ex["trainable_params"], ex["total_params"])
+    # No final LayerNorm anywhere: scrambling the backbone's norm parameters changes nothing.
+    for p in model.vit.norm.parameters():
+        p.data.normal_()
+    with torch.no_grad():
+        assert torch.equal(model(x), logits)
+
+
+def test_mpncov_checkpoint_reproduces(fixture_dir):
+    model, recipe, ex = _upstream(fixture_dir, "mpncov_t16_160")
+    assert recipe.model.method == "mpncov" and recipe.model.depth == 4 and model.vit.cls_token is None
+    x = ex["input"]
+    with torch.no_grad():
+        logits = model(x)
+        tokens = model.forward_features(x)
+        pooled = model.head.pool(tokens, model.feature_info[-1].out_grid)
+    assert (tokens - ex["tokens"]).abs().max() <= 1e-4
+    assert (pooled - ex["cov_pooled"]).abs().max() <= 1e-4 * ex["cov_pooled"].abs().max()
+    assert (logits - ex["logits"]).abs().max() <= 1e-3
+    assert model.tokens_per_block == list(ex["tokens_per_block"])
+    assert _counts(model) == (ex["trainable_params"], ex["total_params"])
+
+
+def test_vqt_checkpoint_reproduces(fixture_dir):
+    model, recipe, ex = _upstream(fixture_dir, "vqt_t16_112")
+    assert recipe.model.method == "vqt" and recipe.model.prompt_len == ex["prompt_len"] == 5
+    x = ex["input"]
+    L = ex["prompt_len"]
+    with torch.no_grad():
+        logits = model(x)
+        final, inter = model.forward_intermediates(x, return_prefix_tokens=True)
+        outputs = [torch.cat([prefix, patches], dim=1) for patches, prefix in inter]  # (B, L + T, D) each
+        head_input = model.forward_head(final, pre_logits=True, intermediates=outputs)
+        maps = model.attention_maps(x)
+    assert (logits - ex["logits"]).abs().max() <= 1e-4
+    for i, out in enumerate(outputs):
+        assert (out[:, :L] - ex["prompt_outputs"][i]).abs().max() <= 1e-4
+        stream = ex["block_inputs"][i + 1] if i + 1 < len(outputs) else ex["encoder_output"]
+        assert (out[:, L:] - stream).abs().max() <= 1e-4  # the stream is exactly a plain ViT's
+    assert (final[:, L:] - ex["encoder_norm_output"]).abs().max() <= 1e-4
+    assert (head_input - ex["head_input"]).abs().max() <= 1e-5
+    assert model.tokens_per_block == list(ex["tokens_per_block"])
+    assert [m.shape[-1] for m in maps] == list(ex["keys_per_block"])  # prompts are never keys
+    assert _counts(model) == (ex["trainable_params"], ex["total_params"])
+
+
+# ViT-B/16, 200 classes: trainable counts of the issue's table and FGIR.md §10's GMACs (224, 448).
+B16 = {"ifa": (2_317 + 769 * 200, (17.567, 78.509)), "mpncov": (49_280 + 2_081 * 200, (17.484, 78.434)),
+       "vqt": (46_848 + 46_849 * 200, None)}
+
+
+@pytest.mark.parametrize("method", sorted(B16))
+def test_vit_b16_counts_and_macs(method):
+    trainable, gmacs = B16[method]
+    for i, size in enumerate((224, 448)):
+        recipe = load_recipe(method, {"model": {"weights": "none", "image_size": size}})
+        with torch.device("meta"):
+            model = build_model(recipe.model, 200)
+        assert _counts(model)[0] == trainable
+        if gmacs is not None:
+            assert count_flops(model, size) / 2e9 == pytest.approx(gmacs[i], rel=5e-3)
