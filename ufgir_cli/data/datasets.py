@@ -112,12 +112,11 @@ class Preprocess:
         if train and augment == "medium":
             from torchvision.transforms import v2
 
-            mode = v2.InterpolationMode.BICUBIC if interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
             # The reference erases with 0 after Normalize, i.e. with the mean colour: on uint8 that is
             # round(255 * mean), which normalises to 0 within half a grey level.
             fill = [round(255 * m) for m in mean]
             self.extra = v2.Compose([
-                v2.TrivialAugmentWide(interpolation=mode),
+                v2.TrivialAugmentWide(),  # torchvision's defaults, as the reference
                 v2.RandomErasing(p=0.3, scale=(0.02, 0.4), ratio=(0.3, 3.3), value=fill),
             ])
 
@@ -145,7 +144,7 @@ def preprocess_for(recipe, train: bool) -> Preprocess:
     d = recipe.data
     mean = recipe.model.mean or (0.5, 0.5, 0.5)
     return Preprocess(recipe.model.image_size, train, d.resize_ratio, d.hflip, d.interpolation,
-                      getattr(d, "augment", "weak"), mean)
+                      d.augment, mean)
 
 
 def normalize(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:

@@ -68,15 +68,26 @@ def ufgir_vit_micro_patch8_64(pretrained: bool = False, **kwargs) -> VisionTrans
 def _timm_kwargs(cfg: ModelConfig, num_classes: int) -> dict:
     # Dropout is applied by UfgirViT on branch outputs only (the reference's placement); timm's own
     # dropouts (incl. the MLP hidden one, costly on CPU) stay off. A method with its own head (IFA,
-    # MPN-COV, VQT) gets a headless timm model; MPN-COV's has no CLS token either.
+    # MPN-COV, VQT) gets a headless timm model (MPN-COV's loses its CLS token in `_drop_class_token`).
     spec = method_spec(cfg.method)
     kwargs = dict(num_classes=num_classes if spec.head == "linear" else 0, drop_rate=0.0, proj_drop_rate=0.0,
                   attn_drop_rate=0.0, drop_path_rate=cfg.drop_path)
     if cfg.depth is not None:
         kwargs["depth"] = cfg.depth
-    if not spec.class_token:
-        kwargs.update(class_token=False, global_pool="")
     return kwargs
+
+
+def _drop_class_token(vit: VisionTransformer, name: str, kwargs: dict) -> VisionTransformer:
+    """The same ViT without a CLS token, for methods that pool the patch tokens alone (MPN-COV).
+    Pretrained weights carry a CLS token and its position: both are left out, every other tensor is
+    kept (timm cannot load CLS-ful weights into a model without one)."""
+    size = int(vit.patch_embed.img_size[0])
+    bare = timm.create_model(name, pretrained=False, img_size=size, class_token=False, global_pool="", **kwargs)
+    state = {k: v for k, v in vit.state_dict().items() if k != "cls_token"}
+    if not vit.no_embed_class:
+        state["pos_embed"] = state["pos_embed"][:, vit.num_prefix_tokens:]           # (1, HW, D)
+    load_strict(bare, state, f"model.backbone {name!r} without its CLS token")
+    return bare
 
 
 def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
@@ -109,15 +120,17 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
         raise
     if not isinstance(vit, VisionTransformer):
         raise RecipeError(f"model.backbone {cfg.backbone!r} is not a plain timm VisionTransformer")
+    if tuple(vit.patch_embed.img_size) != (cfg.image_size, cfg.image_size):
+        resize_input(vit, cfg.image_size, cfg.pos_embed_resize)
+    if not method_spec(cfg.method).class_token:
+        vit = _drop_class_token(vit, cfg.backbone, kwargs)
+    if cfg.drop_path and cfg.drop_path_schedule == "uniform":  # the reference: one rate in every block
+        for blk in vit.blocks:
+            blk.drop_path1, blk.drop_path2 = DropPath(cfg.drop_path), DropPath(cfg.drop_path)
     if cfg.layer_norm_eps is not None:
         for m in vit.modules():
             if isinstance(m, nn.LayerNorm):
                 m.eps = cfg.layer_norm_eps
-    if tuple(vit.patch_embed.img_size) != (cfg.image_size, cfg.image_size):
-        resize_input(vit, cfg.image_size, cfg.pos_embed_resize)
-    if cfg.drop_path and cfg.drop_path_schedule == "uniform":  # the reference: one rate in every block
-        for blk in vit.blocks:
-            blk.drop_path1, blk.drop_path2 = DropPath(cfg.drop_path), DropPath(cfg.drop_path)
     if not method_spec(cfg.method).final_norm:
         vit.norm = nn.Identity()
     return vit

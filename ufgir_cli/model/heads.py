@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ila import xavier_linear_
+from .precision import float32_region
 
 
 class IFAHead(nn.Module):
@@ -78,7 +79,7 @@ class MPNCovHead(nn.Module):
         B, N, D = tokens.shape
         x = tokens.transpose(1, 2).reshape(B, D, *grid)                     # (B, D, h, w): token n at (n // w, n % w)
         x = self.reduce(x).flatten(2).float()                               # (B, proj, M)
-        with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):
+        with float32_region(x):
             x = x - x.mean(dim=2, keepdim=True)
             cov = x @ x.transpose(1, 2) / x.shape[2]                        # (B, proj, proj)
             root = isqrt_newton_schulz(cov, self.iterations)

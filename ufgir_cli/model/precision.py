@@ -86,6 +86,12 @@ def autocast(device: str, precision: str):
     return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=autocast_dtype(precision))
 
 
+def float32_region(x: torch.Tensor):
+    """Autocast off for the block, on ``x``'s device: for math that must run in float32 whatever the
+    run's precision (covariance square roots, similarity top-k, boxes: fp16 ties move a selection)."""
+    return torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False)
+
+
 def autocast_dtype(precision: str) -> torch.dtype:
     """The reduced dtype of a resolved ``bf16`` or ``fp16`` precision."""
     return torch.bfloat16 if precision == "bf16" else torch.float16

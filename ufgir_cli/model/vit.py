@@ -389,6 +389,13 @@ class UfgirViT(nn.Module):
             return self.forward_head(self.forward_features(x))
         return self.forward_head(self.vit.norm(self._encode(x, last_cls_only=True)[0]))
 
+    def loss(self, output: torch.Tensor, target: torch.Tensor, criterion: nn.Module) -> torch.Tensor:
+        """The training loss of what ``forward`` returned in train mode. The training loop asks the
+        model, not the criterion, so that a method with its own objective (several outputs, its own
+        terms, a loss that ignores label smoothing) says it here; by default it is ``criterion`` (the
+        recipe's cross-entropy) on the logits, in float32."""
+        return criterion(output.float(), target)
+
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Post-softmax attention of every block, (B, heads, S, S) each; eval mode only."""
