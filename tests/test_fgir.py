@@ -218,3 +218,25 @@ def _records(run) -> list[dict]:
 
 def _comparable(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if k not in ("time", "train/images_per_s")}
+
+
+# ---- the other tools: import-upstream, export with parity, the analysis pass ---------------------
+
+
+@pytest.mark.parametrize("name", ["ifa_t16_224", "mpncov_t16_160", "vqt_t16_112"])
+def test_import_export_and_analysis(fixture_dir, tmp_path, name):
+    from ufgir_cli.analysis.features import forward_collect
+    from ufgir_cli.ship import export_model, import_upstream
+
+    run = tmp_path / name
+    import_upstream(fixture_dir / f"{name}.upstream.pth", run)
+    if name.startswith("vqt"):  # the one with a changed block; ONNX export takes ~15 s, so once
+        assert export_model(run, "onnx").max_abs_diff <= 1e-4
+    assert export_model(run, "safetensors").max_abs_diff <= 1e-4
+    model, _, ex = _upstream(fixture_dir, name)
+    with torch.no_grad():
+        got = forward_collect(model, ex["input"])
+        logits = model(ex["input"])
+    assert torch.allclose(got.logits, logits, atol=1e-5)
+    assert [t.shape[1] for t in got.tokens] == model.tokens_per_block
+    assert [a.shape[-1] for a in got.attention] == [b.tokens_attended for b in model.feature_info]
