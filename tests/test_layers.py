@@ -12,7 +12,7 @@ Layers, top to bottom; a module may import its own package and anything strictly
     engine
     analysis, viz
     model, data
-    recipe, methods, io, errors, paths
+    recipe, methods, geometry, io, errors, paths
 
 Siblings on one level do not import each other (analysis and viz, model and data, ship and sweep
 stay independent; nothing needs otherwise), except on the bottom level: those are leaves that
@@ -44,7 +44,7 @@ LEVELS: tuple[tuple[str, ...], ...] = (
     ("engine",),
     ("analysis", "viz"),
     ("model", "data"),
-    ("recipe", "methods", "io", "errors", "paths", "root"),
+    ("recipe", "methods", "geometry", "io", "errors", "paths", "root"),
 )
 SIBLINGS_MAY_IMPORT = {len(LEVELS) - 1}  # only the bottom level's leaves
 LEVEL_OF = {layer: i for i, names in enumerate(LEVELS) for layer in names}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextvars
 import os
-import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -27,6 +26,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .errors import RecipeError
+from .geometry import backbone_depth, backbone_patch, check_geometry
 from .io import to_toml
 from .methods import ILA_METHODS, METHOD_NAMES, method_spec
 from .paths import NON_RECIPE_ENV
@@ -38,9 +38,6 @@ Split = Literal["train", "val", "train_val", "test"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-#: Depth and patch of well-known timm ViT names, so a recipe can be checked without building it.
-_KNOWN_DEPTH = {"tiny": 12, "small": 12, "base": 12, "large": 24, "huge": 32, "giant": 40}
 
 
 class Section(BaseModel):
@@ -262,49 +259,6 @@ class Recipe(BaseSettings):
                 "(train_val -> test for the paper protocol, train -> val for a search)"
             )
         return self
-
-
-# --------------------------------------------------------------------------------------------
-# Backbone facts from names (no torch)
-
-
-def backbone_patch(name: str) -> int | None:
-    m = re.search(r"patch(\d+)", name)
-    return int(m.group(1)) if m else None
-
-
-def backbone_depth(name: str) -> int | None:
-    if name.startswith("ufgir_"):
-        m = re.search(r"_d(\d+)", name)
-        return int(m.group(1)) if m else None
-    m = re.match(r"(?:vit|deit3?)_(tiny|small|base|large|huge|giant)_", name)
-    return _KNOWN_DEPTH.get(m.group(1)) if m else None
-
-
-def check_geometry(cfg: ModelConfig, depth: int | None, patch: int) -> None:
-    """Raise ValueError when positions or grid sizes cannot work for this backbone and image size."""
-    if cfg.image_size % patch:
-        raise ValueError(
-            f"model.image_size {cfg.image_size} is not a multiple of the backbone's patch size {patch}; "
-            f"use e.g. {patch * round(cfg.image_size / patch)}"
-        )
-    for key in ("ila_locs", "ila_ds_locs"):
-        locs = getattr(cfg, key) or ()
-        if depth is not None and any(i >= depth for i in locs):
-            raise ValueError(
-                f"model.{key} {list(locs)} names a block past the last one; the backbone has {depth} "
-                f"blocks (0-{depth - 1})"
-            )
-    grid = cfg.image_size // patch
-    shrink = cfg.ila_kernel - 1
-    for n, loc in enumerate(cfg.ila_ds_locs or ()):
-        if grid < cfg.ila_kernel or grid - shrink < 1:
-            raise ValueError(
-                f"model.ila_ds_locs {list(cfg.ila_ds_locs)}: down-sampling #{n + 1} (after block {loc}) "
-                f"meets a {grid}x{grid} grid, too small for a {cfg.ila_kernel}x{cfg.ila_kernel} valid "
-                f"convolution at model.image_size {cfg.image_size}; use fewer positions or a larger image"
-            )
-        grid -= shrink
 
 
 # --------------------------------------------------------------------------------------------

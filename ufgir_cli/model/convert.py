@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..geometry import backbone_depth
 from ..methods import METHOD_NAMES, MethodSpec, detect_upstream
-from ..recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe, backbone_depth, recipe_from_dict
+from ..recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe, recipe_from_dict
 from .state import load_strict
 from .vit import UfgirViT, build_model
 

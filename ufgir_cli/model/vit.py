@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import RecipeError
-from ..recipe import ModelConfig, check_geometry
+from ..geometry import check_geometry
+from ..recipe import ModelConfig
 from .adapters import BlockAdapters
 from .attention import autocast_input, cls_attention, explicit_attention
 from .backbone import MICRO, create_backbone, embed_tokens, resize_input, state_dict_sha256
