@@ -98,3 +98,13 @@ def test_non_ila_method_with_ila_positions_names_the_ila_methods():
         load_recipe("adapter", {"model": {"ila_ds_locs": [3]}})
     assert {m.name for m in TABLE if m.has_ila} == {"ila", "ila_plus", "ila_pp"}
     assert METHODS["ila_plus"].default_ila_locs(12, (3, 7)) == (0, 1, 2, 4, 5, 6, 8, 9, 10, 11)
+
+
+def test_the_readme_lists_every_method_of_the_table():
+    """The README's methods table is written from the method table: a new row must show up there."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip().strip("`") for line in readme.splitlines() if line.startswith("| `")}
+    missing = [m.recipe_name for m in TABLE if m.recipe_name not in rows]
+    assert not missing, f"README.md's methods table lacks {missing}"
