@@ -243,8 +243,10 @@ class Recipe(BaseSettings):
     def _augment_preset(cls, data: Any) -> Any:
         """``data.augment = "medium"`` brings the rest of the reference's medaugs, unless a key is set:
         label smoothing 0.1, and uniform stochastic depth 0.1 in place of the branch dropout."""
-        if not isinstance(data, dict) or (data.get("data") or {}).get("augment") != "medium":
-            return data
+        sections = [data.get(k) if isinstance(data, dict) else None for k in ("data", "optim", "model")]
+        if not isinstance(sections[0], dict) or sections[0].get("augment") != "medium" \
+                or not all(isinstance(s, dict | None) for s in sections[1:]):
+            return data  # not the preset, or malformed sections, which field validation reports
         data = {**data, "optim": dict(data.get("optim") or {}), "model": dict(data.get("model") or {})}
         data["optim"].setdefault("label_smoothing", 0.1)
         for key, value in (("drop", 0.0), ("drop_path", 0.1), ("drop_path_schedule", "uniform")):
