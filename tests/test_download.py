@@ -163,14 +163,32 @@ def test_catalog_matches_the_benchmark():
     for r in pooled.rounds:
         sub = CATALOG[f"soyageing_r{r}"]
         assert (sub.num_classes, sub.train_val, sub.test, sub.rounds) == (198, 990, 990, (r,))
-        assert (sub.url, sub.archive) == (pooled.url, pooled.archive)
+        assert sub.sources[-1].files == (f"datasets/ufgvc/soy_ageing_R{r}_dataset.parquet",)
+    assert pooled.sources[-1].files == tuple(f"datasets/ufgvc/soy_ageing_R{r}_dataset.parquet" for r in pooled.rounds)
     assert "soyageing_r2" not in CATALOG
-    assert CATALOG["cub200"].labels == "cub" and CATALOG["cub200"].url.startswith(
+    assert CATALOG["cub200"].labels == "cub" and CATALOG["cub200"].sources[-1].url.startswith(
         "https://data.caltech.edu/records/65de6-vp158"
     )
     synthetic = CATALOG["synthetic"]
-    assert (synthetic.kind, synthetic.url, synthetic.archive) == ("generated", None, None)
-    assert all(s.url and s.archive and s.terms for s in CATALOG.values() if s.kind == "archive")
+    assert (synthetic.kind, synthetic.sources, synthetic.archive) == ("generated", (), None)
+    for spec in CATALOG.values():
+        if spec.kind != "archive":
+            continue
+        assert spec.archive and spec.terms
+        # the official source comes first, and only published addresses appear (no composed archive URLs)
+        assert spec.sources[0].origin == "official" and spec.sources[0].fetch == "manual"
+        for src in spec.sources:
+            assert src.provenance and src.terms
+            assert src.origin == "official" or (src.fetch == "hub" and "community copy" in src.provenance)
+            assert "maxwell.ict.griffith.edu.au" not in (src.url or "")
+    ufg_official = [s for n in ufg for s in CATALOG[n].sources if s.origin == "official"]
+    assert {s.where for s in ufg_official} >= {
+        "https://pan.baidu.com/s/1bPJYmFGWJg2eTr5Ipfw6uA (access code ICCV)"
+    }
+    assert [s.files for s in CATALOG["cotton80"].sources if s.fetch == "hub"] == [
+        ("Cotton80/Cotton80.zip",),
+        ("datasets/ufgvc/cotton80_dataset.parquet",),
+    ]
 
 
 def test_unknown_dataset_lists_the_catalog(tmp_path):
@@ -183,10 +201,10 @@ def test_unknown_dataset_lists_the_catalog(tmp_path):
 
 def test_cotton_file_name_layout_over_http(tmp_path, server):
     body = make_zip(tmp_path / "Cotton80.zip", cotton_files()).read_bytes()
-    spec = replace(COTTON, url=server.serve("/ufg/Cotton80.zip", body))
+    url = server.serve("/ufg/Cotton80.zip", body)
     data = tmp_path / "data"
 
-    result = download_dataset(spec, data)
+    result = download_dataset(COTTON, data, url=url)
 
     root = data / "cotton80"
     assert (result.status, result.path, result.archive) == (
@@ -194,7 +212,7 @@ def test_cotton_file_name_layout_over_http(tmp_path, server):
         root,
         data / "downloads" / "Cotton80.zip",
     )
-    img = "images/cotton_square_new"
+    img = "images"  # the older layout's folder is dropped: both layouts give the same paths
     assert lines(root / "splits" / "train.csv") == ["class_id,path"] + [
         f"{c - 1},{img}/{c}_{k}_train.png" for c in (1, 2, 3) for k in (1, 2)
     ]
@@ -208,7 +226,7 @@ def test_cotton_file_name_layout_over_http(tmp_path, server):
     assert lines(root / "classes.csv") == ["class_id,name", "0,1", "1,2", "2,3"]
     info = json.loads((root / "dataset.json").read_text())
     assert info["counts"] == {"train": 6, "val": 3, "train_val": 9, "test": 6}
-    assert (info["num_classes"], info["name"], info["source"]) == (3, "cotton80", spec.url)
+    assert (info["num_classes"], info["name"], info["source"]) == (3, "cotton80", url)
     assert (info["archive_sha256"], info["archive_sha256_verified"]) == (sha(body), False)
     assert (root / img / "3_5_test.png").read_bytes() == PNG
     assert not (root / img / "Thumbs.db").exists()  # only labelled images are kept
@@ -230,9 +248,9 @@ def test_soygene_anno_layout_tar_gz(tmp_path, server):
     for split, rows in anno.items():
         files[f"soybean_gene/anno/{split}.txt"] = ("\n".join(rows) + "\n\n").encode()
     body = make_tar(tmp_path / "SoyGene.tar.gz", files).read_bytes()
-    spec = small("soygene", 2, 6, 4, url=server.serve("/SoyGene.zip", body))
+    url = server.serve("/SoyGene.zip", body)
 
-    root = download_dataset(spec, tmp_path / "data").path
+    root = download_dataset(small("soygene", 2, 6, 4), tmp_path / "data", url=url).path
 
     assert lines(root / "splits" / "train.csv") == [
         "class_id,path",
@@ -271,8 +289,8 @@ def test_soyageing_pooled_and_one_round_share_one_download(tmp_path, server):
     url = server.serve("/SoyAgeing.zip", body)
     data = tmp_path / "data"
 
-    pooled = download_dataset(small("soyageing", 2, 10, 10, url=url), data).path
-    r3 = download_dataset(small("soyageing_r3", 2, 2, 2, url=url), data).path
+    pooled = download_dataset(small("soyageing", 2, 10, 10), data, url=url).path
+    r3 = download_dataset(small("soyageing_r3", 2, 2, 2), data, url=url).path
 
     assert len(server.requests) == 1  # the round reused the cached archive
     train_val = lines(pooled / "splits" / "train_val.csv")[1:]
@@ -306,9 +324,9 @@ def test_cub_layout_tgz(tmp_path, server):
     for fname, rows in (("images", images), ("image_class_labels", labels), ("train_test_split", split)):
         files[f"CUB_200_2011/{fname}.txt"] = ("\n".join(rows) + "\n").encode()
     body = make_tar(tmp_path / "CUB_200_2011.tgz", files).read_bytes()
-    spec = small("cub200", 3, 9, 3, url=server.serve("/records/CUB_200_2011.tgz?download=1", body))
+    url = server.serve("/records/CUB_200_2011.tgz?download=1", body)
 
-    root = download_dataset(spec, tmp_path / "data").path
+    root = download_dataset(small("cub200", 3, 9, 3), tmp_path / "data", url=url).path
 
     assert lines(root / "classes.csv")[1:] == [f"{i},{n}" for i, n in enumerate(names)]
     assert lines(root / "splits" / "test.csv")[1:] == [
@@ -348,7 +366,8 @@ def test_from_folder_leaves_the_source_untouched(tmp_path):
 
 def test_interrupted_download_resumes_with_a_range_request(tmp_path, server):
     body = make_zip(tmp_path / "Cotton80.zip", cotton_files()).read_bytes()
-    spec = replace(COTTON, url=server.serve("/Cotton80.zip", body))
+    url = server.serve("/Cotton80.zip", body)
+    spec = COTTON
     data = tmp_path / "data"
     half = len(body) // 2
     server.cut_next = half
@@ -356,11 +375,11 @@ def test_interrupted_download_resumes_with_a_range_request(tmp_path, server):
     with pytest.raises(
         DatasetError, match=rf"stopped at {half} of {len(body)} bytes; run the same command again"
     ):
-        download_dataset(spec, data)
+        download_dataset(spec, data, url=url)
     assert (data / "downloads" / "Cotton80.zip.part").stat().st_size == half
     assert not (data / "cotton80").exists()
 
-    result = download_dataset(spec, data)
+    result = download_dataset(spec, data, url=url)
 
     assert "range" not in server.requests[0]
     assert server.requests[1]["range"] == f"bytes={half}-"
@@ -372,13 +391,14 @@ def test_interrupted_download_resumes_with_a_range_request(tmp_path, server):
 
 def test_server_that_ignores_range_restarts_cleanly(tmp_path, server):
     body = make_zip(tmp_path / "Cotton80.zip", cotton_files()).read_bytes()
-    spec = replace(COTTON, url=server.serve("/Cotton80.zip", body), sha256=sha(body))
+    url = server.serve("/Cotton80.zip", body)
+    spec = replace(COTTON, sha256=sha(body))
     server.honour_range = False
     part = tmp_path / "data" / "downloads" / "Cotton80.zip.part"
     part.parent.mkdir(parents=True)
     part.write_bytes(b"garbage")
 
-    result = download_dataset(spec, tmp_path / "data")
+    result = download_dataset(spec, tmp_path / "data", url=url)
 
     assert server.requests[0]["range"] == "bytes=7-"
     assert (part.parent / "Cotton80.zip").read_bytes() == body  # no stale prefix
@@ -387,34 +407,37 @@ def test_server_that_ignores_range_restarts_cleanly(tmp_path, server):
 
 def test_partial_file_longer_than_the_archive_starts_over(tmp_path, server):
     body = make_zip(tmp_path / "Cotton80.zip", cotton_files()).read_bytes()
-    spec = replace(COTTON, url=server.serve("/Cotton80.zip", body))
+    url = server.serve("/Cotton80.zip", body)
+    spec = COTTON
     part = tmp_path / "data" / "downloads" / "Cotton80.zip.part"
     part.parent.mkdir(parents=True)
     part.write_bytes(body + b"stale tail")
 
-    download_dataset(spec, tmp_path / "data")
+    download_dataset(spec, tmp_path / "data", url=url)
 
     assert [r.get("range") for r in server.requests] == [f"bytes={len(body) + 10}-", None]  # 416, then all
     assert (part.parent / "Cotton80.zip").read_bytes() == body
 
 
 def test_http_error_names_the_status_and_the_fix(tmp_path, server):
-    spec = replace(COTTON, url=server.base_url + "/gone.zip")
+    url = server.base_url + "/gone.zip"
+    spec = COTTON
     with pytest.raises(
         DatasetError,
         match=r"download of http://\S+/gone.zip failed: HTTP 404 .*; check --url or pass --archive FILE",
     ):
-        download_dataset(spec, tmp_path / "data")
+        download_dataset(spec, tmp_path / "data", url=url)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["downloads"]
 
 
 def test_wrong_sha256_deletes_the_download(tmp_path, server):
     body = make_zip(tmp_path / "Cotton80.zip", cotton_files()).read_bytes()
-    spec = replace(COTTON, url=server.serve("/Cotton80.zip", body), sha256="0" * 64)
+    url = server.serve("/Cotton80.zip", body)
+    spec = replace(COTTON, sha256="0" * 64)
     data = tmp_path / "data"
 
     with pytest.raises(DatasetError) as err:
-        download_dataset(spec, data)
+        download_dataset(spec, data, url=url)
 
     assert f"is {sha(body)}, expected {'0' * 64}" in str(err.value)
     assert "download was deleted" in str(err.value)
@@ -512,7 +535,9 @@ def test_count_mismatch_names_the_split_and_both_counts(tmp_path):
 def test_archive_without_the_layout_is_named(tmp_path):
     archive = make_zip(tmp_path / "other.zip", {"something/else.png": PNG})
     with pytest.raises(
-        DatasetError, match=r"found no cotton_square_new in the cotton80 source; is it the Cotton80"
+        DatasetError,
+        match=r"found no anno/train.txt or cotton_square_new/ in the cotton80 source \(its top level holds: "
+        r"something/\); is it the Cotton80",
     ):
         download_dataset(COTTON, tmp_path / "data", archive=archive)
 
@@ -530,16 +555,17 @@ def test_anno_line_pointing_at_a_missing_image(tmp_path):
 
 def test_rerun_is_a_noop_and_force_rebuilds(tmp_path, server):
     body = make_zip(tmp_path / "Cotton80.zip", cotton_files()).read_bytes()
-    spec = replace(COTTON, url=server.serve("/Cotton80.zip", body))
+    url = server.serve("/Cotton80.zip", body)
+    spec = COTTON
     data = tmp_path / "data"
-    download_dataset(spec, data)
+    download_dataset(spec, data, url=url)
     (data / "cotton80" / "marker").write_text("old")
 
-    again = download_dataset(spec, data)
+    again = download_dataset(spec, data, url=url)
     assert (again.status, len(server.requests)) == ("present", 1)
     assert (data / "cotton80" / "marker").exists()
 
-    forced = download_dataset(spec, data, force=True)
+    forced = download_dataset(spec, data, url=url, force=True)
     assert (forced.status, len(server.requests)) == ("created", 2)
     assert not (data / "cotton80" / "marker").exists()
     assert sorted(p.name for p in data.iterdir()) == ["cotton80", "downloads"]
@@ -569,7 +595,7 @@ def test_verify_lists_unreadable_images(tmp_path):
     files["Cotton80/cotton_square_new/2_1_train.png"] = b"not an image"
     archive = make_zip(tmp_path / "Cotton80.zip", files)
     data = tmp_path / "data"
-    bad = r"cotton80: 1 images cannot be decoded: images/cotton_square_new/2_1_train.png; fetch a fresh copy"
+    bad = r"cotton80: 1 images cannot be decoded: images/2_1_train.png; fetch a fresh copy"
 
     with pytest.raises(DatasetError, match=bad):
         download_dataset(COTTON, data, archive=archive, verify=True)

@@ -1,12 +1,16 @@
-"""`ufgir download` and `ufgir datasets`: get a catalog dataset, and see which ones are on disk."""
+"""`ufgir download` and `ufgir datasets`: get a catalog dataset, and see which ones are on disk and
+where each comes from."""
 
 from __future__ import annotations
 
+import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich import filesize
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -30,15 +34,24 @@ class _Bars:
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=total, amount="")
-        fmt = str if stage == "verify" else filesize.decimal  # "verify" counts images, the rest bytes
+        fmt = str if stage in ("convert", "verify") else filesize.decimal  # images there, bytes elsewhere
         amount = fmt(done) + (f"/{fmt(total)}" if total else "")
         self.progress.update(self.tasks[stage], completed=done, total=total, amount=amount)
+
+
+class Origin(str, Enum):
+    official = "official"
+    mirror = "mirror"
 
 
 def download(
     name: Annotated[str, typer.Argument(help="Dataset name (see `ufgir datasets`).", show_default=False)],
     url: Annotated[
-        str | None, typer.Option(help="Fetch the archive from this URL instead of the catalog's.")
+        str | None, typer.Option(help="Fetch the archive from this URL of your own instead of the catalog's sources.")
+    ] = None,
+    source: Annotated[
+        Origin | None,
+        typer.Option(help="Try only the catalog's official sources, or only its mirrors (community copies)."),
     ] = None,
     archive: Annotated[
         Path | None,
@@ -54,6 +67,9 @@ def download(
     ] = False,
     verify: Annotated[
         bool, typer.Option("--verify", help="Decode every image and fail on unreadable ones.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON line (name, status, path, source, counts) on stdout.")
     ] = False,
 ) -> None:
     """Download, check and unpack a dataset into <data-dir>/<name>/ (images, splits, classes, dataset.json)."""
@@ -73,11 +89,18 @@ def download(
             url=url,
             archive=archive,
             from_folder=from_folder,
+            source=source.value if source else None,
             force=force,
             verify=verify,
             progress=_Bars(bars),
+            notify=lambda line: bars.console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True),
         )
     counts = result.info.get("counts", {})
+    if as_json:
+        keys = ("source", "origin", "archive_sha256", "num_classes", "counts")
+        summary = {"name": name, "status": result.status, "path": str(result.path)}
+        print(json.dumps({**summary, **{k: result.info.get(k) for k in keys}, "verified": verify}))
+        return
     if result.status == "present":
         console.print(f"{name} is already complete at {result.path}; --force rebuilds it", soft_wrap=True)
     else:
@@ -87,8 +110,9 @@ def download(
             f"{counts.get('test')} test images -> {result.path}",
             soft_wrap=True,
         )
+        console.print(f"from {result.info.get('source')}", soft_wrap=True, highlight=False)
         sha = result.info.get("archive_sha256")
-        if sha and not result.info.get("archive_sha256_verified"):
+        if isinstance(sha, str) and not result.info.get("archive_sha256_verified"):
             console.print(
                 f"archive sha256 {sha} (no published hash to check against; recorded in dataset.json)",
                 soft_wrap=True,
@@ -103,7 +127,7 @@ def download(
 
 
 def datasets(data_dir: DataDirOpt = None) -> None:
-    """The catalog: classes, images per split, and whether each dataset is on disk."""
+    """The catalog: classes, images per split, whether each dataset is on disk, and where it comes from."""
     from ..data.catalog import CATALOG
     from ..data.download import dataset_status
     from ..data.folder import read_info
@@ -127,3 +151,13 @@ def datasets(data_dir: DataDirOpt = None) -> None:
         cells = ["generated" if n is None else f"{n:,}" for n in sizes]
         table.add_row(spec.name, *cells, f"[{styles[status]}]{status}[/]", str(root))
     console.print(table)
+    console.print("\nsources, in the order `ufgir download` tries them (by hand: get the file, then --archive):")
+    about: dict[str, str] = {}
+    for spec in CATALOG.values():
+        for src in spec.sources:
+            how = "by hand" if src.fetch == "manual" else "fetched"
+            console.print(f"  {spec.name:<13} {src.origin:<8} {how:<7} {escape(src.where)}", soft_wrap=True, highlight=False)
+            about[src.provenance] = src.terms
+    console.print("\nwhere they are published, and their terms:")
+    for provenance, terms in about.items():
+        console.print(f"  {escape(provenance)}; terms: {escape(terms)}", soft_wrap=True, highlight=False)

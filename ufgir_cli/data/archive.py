@@ -1,6 +1,7 @@
 """Unpacking a dataset archive safely: zip or tar, member by member, nothing outside the target.
 
-Archives come from mirrors and users' own copies, so every member name is untrusted input.
+Archives come from mirrors and users' own copies, so every member name is untrusted input; so are
+the file names in label lists and parquet rows, checked by :func:`unsafe_name` too.
 """
 
 from __future__ import annotations
@@ -115,21 +116,23 @@ def _unpack(members: Iterator[_Member], dest: Path, archive: Path, tick: Callabl
         tick()
 
 
+def unsafe_name(name: str) -> str | None:
+    """Why a file name from an untrusted list (an archive, ``anno/*.txt``, a parquet row) could land
+    outside its folder, or None when it is a plain relative path."""
+    norm = name.replace("\\", "/")
+    if norm.startswith("/") or re.match(r"[A-Za-z]:", norm):
+        return "has an absolute path"
+    if ".." in norm.split("/"):
+        return "climbs out of the target with '..'"
+    return None
+
+
 def _member_path(name: str, kind: str, archive: Path) -> PurePosixPath | None:
     """The member's path inside the target, or a DatasetError for anything unsafe; None for ``./``."""
-    why = None
-    norm = name.replace("\\", "/")
-    parts = [p for p in norm.split("/") if p not in ("", ".")]
-    if kind == "link":
-        why = "is a link"
-    elif kind == "special":
-        why = "is a device file or fifo"
-    elif norm.startswith("/") or re.match(r"[A-Za-z]:", norm):
-        why = "has an absolute path"
-    elif ".." in parts:
-        why = "climbs out of the target with '..'"
+    why = {"link": "is a link", "special": "is a device file or fifo"}.get(kind) or unsafe_name(name)
     if why:
         raise DatasetError(
             f"refusing to extract {archive.name}: member {name!r} {why}; use the official archive"
         )
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
     return PurePosixPath(*parts) if parts else None

@@ -1,12 +1,19 @@
 """`ufgir download`: fetch, check and unpack a catalog dataset into the dataset folder format.
 
-Every source (a URL, a local archive, an extracted folder) ends the same way: the published files
-are found in a scratch folder inside the data dir, labels and splits are read by the entry's scheme,
-counts are checked against the catalog, the images are moved under ``images/`` and the split files
-written, and only then is the folder renamed into place. An error or an interruption leaves what was
-there before (nothing, or the old dataset) plus at most a resumable ``downloads/<archive>.part``.
+A dataset comes from the first of its catalog sources that a program can fetch (a plain URL, or a
+file on the Hugging Face Hub through ``huggingface_hub``); one that fails is reported in one line
+and the next is tried, and when none is left the error says how to get the official copy by hand.
+``--url``, ``--archive`` and ``--from-folder`` name the one source to use instead.
 
-Stdlib only (PIL is imported for ``verify`` alone): `ufgir datasets` stays instant.
+Every source ends the same way: the published files are found in a scratch folder inside the data
+dir (an archive unpacked, a parquet copy written out as image files), labels and splits are read by
+the layout the copy has, counts are checked against the catalog, the images are moved under
+``images/`` and the split files written, and only then is the folder renamed into place. An error
+or an interruption leaves what was there before (nothing, or the old dataset) plus at most a
+resumable ``downloads/<archive>.part``.
+
+Stdlib only at import (PIL, huggingface_hub and pyarrow are imported where used): `ufgir datasets`
+stays instant.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -30,13 +37,15 @@ from ..errors import DatasetError
 from ..io import file_sha256
 from ..paths import data_dir as default_data_dir
 from .archive import extract_archive
-from .catalog import DatasetSpec, get_spec
+from .catalog import DatasetSpec, Source, get_spec
 from .folder import SPLITS, natural_key, read_info, read_split, write_dataset_folder
-from .layouts import check_counts, link_or_copy, place, read_labels
+from .layouts import Row, check_counts, link_or_copy, place, read_labels
 
 #: ``progress(stage, done, total)``; stages "download", "checksum" and "extract" count bytes,
-#: "verify" counts images; ``total`` is None when unknown.
+#: "convert" and "verify" count images; ``total`` is None when unknown.
 Progress = Callable[[str, int, int | None], None]
+#: ``notify(line)``: a one-line note for the user (a source that failed, a mirror being used).
+Notify = Callable[[str], None]
 Status = Literal["missing", "ready", "incomplete"]
 
 DOWNLOADS = "downloads"  # <data_dir>/downloads/: archives (kept: entries share them) and .part files
@@ -55,8 +64,25 @@ class DownloadResult:
     archive: Path | None = None  # the cached download, kept because several entries share one archive
 
 
+@dataclass
+class _Copy:
+    """A source made ready in the scratch folder: its rows, how to move them, what to record."""
+
+    train_val: list[Row]
+    test: list[Row]
+    names: list[str]
+    top: Path  # every image lies under it
+    transfer: Callable[[Path, Path], object]
+    meta: dict = field(default_factory=dict)
+    archive: Path | None = None
+
+
 def _no_progress(stage: str, done: int, total: int | None) -> None:
     """The default progress callback."""
+
+
+def _no_notes(line: str) -> None:
+    """The default notify callback."""
 
 
 def _base(data_dir: str | os.PathLike | None) -> Path:
@@ -89,23 +115,32 @@ def download_dataset(
     url: str | None = None,
     archive: str | os.PathLike | None = None,
     from_folder: str | os.PathLike | None = None,
+    source: Literal["official", "mirror"] | None = None,
     force: bool = False,
     verify: bool = False,
     progress: Progress | None = None,
+    notify: Notify | None = None,
 ) -> DownloadResult:
     """Make ``<data_dir>/<name>/`` a complete dataset folder; a no-op (``present``) when it already is.
 
-    ``url`` replaces the catalog's archive URL, ``archive`` is a local copy of the archive,
-    ``from_folder`` an already-extracted copy (left untouched). ``force`` fetches and rebuilds even a
-    complete folder; ``verify`` decodes every image and fails on any that cannot be read.
+    Without ``url`` / ``archive`` / ``from_folder`` the catalog's sources are tried in order,
+    ``source`` keeping only the official ones or only the mirrors. ``url`` is an archive URL of your
+    own, ``archive`` a local copy of the archive, ``from_folder`` an already-extracted copy (left
+    untouched). ``force`` fetches and rebuilds even a complete folder; ``verify`` decodes every image
+    and fails on any that cannot be read.
     """
     spec = get_spec(spec) if isinstance(spec, str) else spec
     progress = progress or _no_progress
+    notify = notify or _no_notes
     given = [opt for opt, v in (("--url", url), ("--archive", archive), ("--from-folder", from_folder)) if v]
     if len(given) > 1:
         raise DatasetError(f"{' and '.join(given)} name two sources for {spec.name}; pass only one")
-    if spec.kind == "generated" and given:
-        raise DatasetError(f"{spec.name} is generated on this machine, not downloaded; drop {given[0]}")
+    if spec.kind == "generated" and (given or source):
+        raise DatasetError(
+            f"{spec.name} is generated on this machine, not downloaded; drop {given[0] if given else '--source'}"
+        )
+    if given and source:
+        raise DatasetError(f"--source picks among the catalog's sources, {given[0]} names your own; pass one")
     base = _base(data_dir)
     root = base / spec.name
     state = dataset_status(spec, root)
@@ -123,7 +158,59 @@ def download_dataset(
         if verify:
             _check_images(spec.name, result.path, progress)
         return result
-    return _build(spec, base, root, url, archive, from_folder, force, verify, progress)
+    base.mkdir(parents=True, exist_ok=True)
+    if from_folder is not None:
+        folder = Path(from_folder).expanduser()
+        obtain = lambda tmp: _from_folder(spec, folder)  # noqa: E731
+    elif archive is not None:
+        obtain = lambda tmp: _from_archive(spec, Path(archive).expanduser(), tmp, progress)  # noqa: E731
+    elif url is not None:
+        obtain = lambda tmp: _from_url(spec, url, base, tmp, force, progress)  # noqa: E731
+    else:
+        return _from_catalog(spec, base, root, source, force, verify, progress, notify)
+    return _build(spec, base, root, obtain, verify, progress)
+
+
+def _from_catalog(
+    spec: DatasetSpec,
+    base: Path,
+    root: Path,
+    only: str | None,
+    force: bool,
+    verify: bool,
+    progress: Progress,
+    notify: Notify,
+) -> DownloadResult:
+    """Try the entry's fetchable sources in order; when all fail, say how to get the official copy."""
+    official = next((s for s in spec.sources if s.origin == "official"), None)
+    tried = []
+    for src in spec.sources:
+        if src.fetch == "manual" or (only and src.origin != only):
+            continue
+        if src.origin == "mirror":
+            where = f"; the official one is {official.where}" if official else ""
+            notify(f"{spec.name}: trying {src.where}, a community copy, not the authors'{where}")
+        obtain = lambda tmp, src=src: _from_source(spec, src, base, tmp, force, progress)  # noqa: E731
+        try:
+            return _build(spec, base, root, obtain, verify, progress)
+        except DatasetError as e:
+            tried.append(src.repo or src.url)
+            notify(f"{spec.name}: {src.where} failed: {e}")
+    raise DatasetError(_by_hand(spec, only, tried))
+
+
+def _by_hand(spec: DatasetSpec, only: str | None, tried: list[str]) -> str:
+    """The one-line error when nothing could be fetched: the official link, the file, the command."""
+    if tried:
+        what = f"could not fetch it from {', '.join(tried)}"
+    else:
+        what = f"no {only + ' ' if only else ''}source of it can be fetched by a program"
+    manual = next((s for s in spec.sources if s.fetch == "manual"), None)
+    where = f" from {manual.where}" if manual else ""
+    return (
+        f"{spec.name}: {what}; get {spec.archive} by hand{where}, then run "
+        f"`ufgir download {spec.name} --archive {spec.archive}`, or `--from-folder DIR` with it extracted"
+    )
 
 
 def _generate(spec: DatasetSpec, root: Path) -> DownloadResult:
@@ -140,50 +227,107 @@ def _build(
     spec: DatasetSpec,
     base: Path,
     root: Path,
-    url: str | None,
-    archive: str | os.PathLike | None,
-    from_folder: str | os.PathLike | None,
-    force: bool,
+    obtain: Callable[[Path], _Copy],
     verify: bool,
     progress: Progress,
 ) -> DownloadResult:
-    base.mkdir(parents=True, exist_ok=True)
-    cached: Path | None = None
-    sha: str | None = None
-    if from_folder is not None:
-        folder = Path(from_folder).expanduser()
-        if not folder.is_dir():
-            raise DatasetError(
-                f"--from-folder {folder} is not a folder; pass the folder the {spec.title} archive was extracted into"
-            )
-        source = str(folder.resolve())
-    else:
-        path, sha, source, cached = _obtain_archive(spec, base, url, archive, force, progress)
+    """Turn what ``obtain`` makes ready in a scratch folder into ``root``, checked, or leave nothing."""
     with _scratch(base, spec.name) as tmp:
-        if from_folder is None:
-            top, transfer = tmp / "archive", os.replace
-            extract_archive(path, top, progress)
-        else:
-            top, transfer = folder, link_or_copy
-        train_val, test, names = read_labels(top, spec)
-        check_counts(spec, names, train_val, test, source)
+        copy = obtain(tmp)
+        check_counts(spec, copy.names, copy.train_val, copy.test, copy.meta["source"])
         ds = tmp / "dataset"
-        placed = place(train_val + test, ds, transfer)
-        meta = {
-            "name": spec.name,
-            "title": spec.title,
-            "source": source,
-            "archive_sha256": sha,
-            "archive_sha256_verified": sha is not None and spec.sha256 is not None,
-            "terms": spec.terms,
-        }
-        info = write_dataset_folder(ds, placed[: len(train_val)], placed[len(train_val) :], names, meta)
+        placed = place(copy.train_val + copy.test, copy.top, ds, copy.transfer)
+        meta = {"name": spec.name, "title": spec.title, **copy.meta, "terms": spec.terms}
+        n = len(copy.train_val)
+        info = write_dataset_folder(ds, placed[:n], placed[n:], copy.names, meta)
         if verify:
             _check_images(spec.name, ds, progress)
         if root.exists():  # --force: keep the old folder until the new one is complete
             os.replace(root, tmp / "previous")
         os.replace(ds, root)
-    return DownloadResult(spec.name, root, "created", info, cached)
+    return DownloadResult(spec.name, root, "created", info, copy.archive)
+
+
+# ---------------------------------------------------------------------------------------- sources
+
+
+def _meta(source: str, origin: str, sha: str | list[str] | None, verified: bool = False) -> dict:
+    return {"source": source, "origin": origin, "archive_sha256": sha, "archive_sha256_verified": verified}
+
+
+def _from_folder(spec: DatasetSpec, folder: Path) -> _Copy:
+    if not folder.is_dir():
+        raise DatasetError(
+            f"--from-folder {folder} is not a folder; pass the folder the {spec.title} archive was extracted into"
+        )
+    train_val, test, names = read_labels(folder, spec)
+    return _Copy(train_val, test, names, folder, link_or_copy, _meta(str(folder.resolve()), "user", None))
+
+
+def _unpacked(
+    spec: DatasetSpec, path: Path, tmp: Path, progress: Progress, meta: dict, kept: Path | None
+) -> _Copy:
+    top = tmp / "archive"
+    extract_archive(path, top, progress)
+    train_val, test, names = read_labels(top, spec)
+    return _Copy(train_val, test, names, top, os.replace, meta, kept)
+
+
+def _from_archive(spec: DatasetSpec, path: Path, tmp: Path, progress: Progress) -> _Copy:
+    if not path.is_file():
+        raise DatasetError(f"--archive {path} is not a file; pass the {spec.title} archive you downloaded")
+    sha = file_sha256(path, lambda done, total: progress("checksum", done, total))
+    if spec.sha256 and sha != spec.sha256:
+        raise DatasetError(
+            f"sha256 of {path} is {sha}, expected {spec.sha256} (the published {spec.title} archive); "
+            "pass that archive, or an extracted copy with --from-folder"
+        )
+    meta = _meta(str(path.resolve()), "user", sha, spec.sha256 is not None)
+    return _unpacked(spec, path, tmp, progress, meta, None)
+
+
+def _from_url(
+    spec: DatasetSpec, url: str, base: Path, tmp: Path, force: bool, progress: Progress, origin: str = "user"
+) -> _Copy:
+    """An archive over plain HTTP(S), kept in ``downloads/`` (entries of one archive share it)."""
+    dest = base / DOWNLOADS / (spec.archive or spec.name)
+    if force:
+        dest.unlink(missing_ok=True)
+        _part(dest).unlink(missing_ok=True)
+    sha = None
+    if dest.is_file():
+        sha = file_sha256(dest, lambda done, total: progress("checksum", done, total))
+        if spec.sha256 and sha != spec.sha256:
+            dest.unlink()  # a damaged cached copy: fetch it again
+            sha = None
+    if sha is None:
+        sha = fetch(url, dest, spec.sha256, progress)
+    meta = _meta(url, origin, sha, spec.sha256 is not None)
+    return _unpacked(spec, dest, tmp, progress, meta, dest)
+
+
+def _from_source(
+    spec: DatasetSpec, src: Source, base: Path, tmp: Path, force: bool, progress: Progress
+) -> _Copy:
+    """A catalog source: a plain URL, or Hub files (one archive, or parquet files, one per round)."""
+    if src.fetch == "url":
+        return _from_url(spec, src.url, base, tmp, force, progress, src.origin)
+    from .hub import hub_file
+
+    got = [hub_file(src.repo, f, src.revision, progress, force) for f in src.files]
+    where = ", ".join(f"hf://datasets/{src.repo}/{f}@{c}" for f, (_, c) in zip(src.files, got, strict=True))
+    shas = [file_sha256(p, lambda done, total: progress("checksum", done, total)) for p, _ in got]
+    meta = _meta(where, src.origin, shas[0] if len(shas) == 1 else shas)
+    if src.format == "archive":
+        return _unpacked(spec, got[0][0], tmp, progress, meta, None)
+    from .parquet import read_parquet
+
+    prefixes = [f"R{r}/" for r in spec.rounds] if spec.rounds else [""]
+    top = tmp / "parquet"
+    train_val, test, names = read_parquet(
+        [(prefix, path) for prefix, (path, _) in zip(prefixes, got, strict=True)], spec, top, progress
+    )
+    return _Copy(train_val, test, names, top, os.replace, meta)
 
 
 @contextlib.contextmanager
@@ -197,43 +341,6 @@ def _scratch(base: Path, name: str) -> Iterator[Path]:
 
 
 # --------------------------------------------------------------------------------------- fetching
-
-
-def _obtain_archive(
-    spec: DatasetSpec,
-    base: Path,
-    url: str | None,
-    archive: str | os.PathLike | None,
-    force: bool,
-    progress: Progress,
-) -> tuple[Path, str, str, Path | None]:
-    """The archive to unpack, its sha256, where it came from, and the cached copy (None for --archive)."""
-    if archive is not None:
-        path = Path(archive).expanduser()
-        if not path.is_file():
-            raise DatasetError(
-                f"--archive {path} is not a file; pass the {spec.title} archive you downloaded"
-            )
-        sha = file_sha256(path, lambda done, total: progress("checksum", done, total))
-        if spec.sha256 and sha != spec.sha256:
-            raise DatasetError(
-                f"sha256 of {path} is {sha}, expected {spec.sha256} (the published {spec.title} archive); "
-                "pass that archive, or an extracted copy with --from-folder"
-            )
-        return path, sha, str(path.resolve()), None
-    url = url or spec.url
-    if not url:
-        raise DatasetError(f"{spec.name} has no download URL; pass --url, --archive or --from-folder")
-    dest = base / DOWNLOADS / (spec.archive or spec.name)
-    if force:
-        dest.unlink(missing_ok=True)
-        _part(dest).unlink(missing_ok=True)
-    if dest.is_file():
-        sha = file_sha256(dest, lambda done, total: progress("checksum", done, total))
-        if not spec.sha256 or sha == spec.sha256:
-            return dest, sha, url, dest
-        dest.unlink()  # a damaged cached copy: fetch it again
-    return dest, fetch(url, dest, spec.sha256, progress), url, dest
 
 
 def _part(dest: Path) -> Path:

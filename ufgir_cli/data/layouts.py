@@ -1,8 +1,10 @@
 """The published layouts of the catalog's datasets: labels, classes and splits read from a source folder.
 
-Three schemes: the label in the file name (the UFG sets' older layout, ``<label>_<idx>_<split>.png``),
-``anno/{train,test}.txt`` lists (the UFG sets' current layout, per round for SoyAgeing) and CUB's
-index files. Each gives rows of (0-based class id, source file, path under ``images/``).
+Three schemes: ``anno/{train,test}.txt`` lists (the UFG sets' current layout, per round for
+SoyAgeing), the label in the file name (the older layout of cotton80, soylocal and soyglobal,
+``<label>_<idx>_<split>.png``) and CUB's index files. Which UFG layout a copy uses is read from its
+contents. Each gives rows of (0-based class id, source file, path under ``images/``); a UFG image
+lands at the same path in both layouts, so both give identical split files.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import DatasetError
+from .archive import unsafe_name
 from .catalog import DatasetSpec
 from .folder import natural_key
 
@@ -23,27 +26,30 @@ Row = tuple[int, Path, str]  # 0-based class id, source file, path under images/
 
 
 def read_labels(top: Path, spec: DatasetSpec) -> tuple[list[Row], list[Row], list[str]]:
-    """Train_val rows, test rows and class names, read by the entry's labelling scheme."""
-    reader = {"filename": _filename_labels, "anno": _anno_labels, "cub": _cub_labels}[spec.labels]
-    return reader(_find_base(top, spec), spec)
-
-
-def _find_base(top: Path, spec: DatasetSpec) -> Path:
-    """The folder the layout is relative to; archives often wrap it in one or two folders."""
-    if spec.labels == "filename":
-        marker = spec.image_dir
-    elif spec.labels == "anno":
-        marker = f"R{spec.rounds[0]}/anno/train.txt" if spec.rounds else "anno/train.txt"
+    """Train_val rows, test rows and class names, by whichever of the entry's layouts ``top`` holds."""
+    if spec.labels == "cub":
+        markers = {"image_class_labels.txt": _cub_labels}
     else:
-        marker = "image_class_labels.txt"
+        anno = f"R{spec.rounds[0]}/anno/train.txt" if spec.rounds else "anno/train.txt"
+        markers = {anno: _anno_labels, **({f"{spec.image_dir}/": _filename_labels} if spec.image_dir else {})}
+    base, reader = _find_base(top, spec, markers)
+    return reader(base, spec)
+
+
+def _find_base(top: Path, spec: DatasetSpec, markers: dict[str, Callable]) -> tuple[Path, Callable]:
+    """The folder the layout is relative to, and its reader; archives often wrap it in one or two folders."""
     level = [top]
     for _depth in range(4):
         for folder in level:
-            if (folder / marker).exists():
-                return folder
+            for marker, reader in markers.items():
+                if (folder / marker).exists():
+                    return folder, reader
         level = sorted(c for f in level for c in f.iterdir() if c.is_dir() and c.name != "__MACOSX")
+    held = sorted(p.name + ("/" if p.is_dir() else "") for p in top.iterdir() if p.name != "__MACOSX")
+    shown = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "") or "nothing"
     raise DatasetError(
-        f"found no {marker} in the {spec.name} source; is it the {spec.title} archive or folder?"
+        f"found no {' or '.join(markers)} in the {spec.name} source (its top level holds: {shown}); "
+        f"is it the {spec.title} archive or folder?"
     )
 
 
@@ -54,7 +60,7 @@ def _filename_labels(base: Path, spec: DatasetSpec) -> tuple[list[Row], list[Row
         m = _UFG_NAME.fullmatch(f.name)
         if m and f.is_file():
             where = f"{spec.image_dir}/{f.name}"
-            rows[m["split"].lower()].append((_class_id(m["label"], where), f, where))
+            rows[m["split"].lower()].append((_class_id(m["label"], where), f, f.name))
     return rows["train"], rows["test"], _label_names(rows)
 
 
@@ -67,6 +73,8 @@ def _anno_labels(base: Path, spec: DatasetSpec) -> tuple[list[Row], list[Row], l
     for prefix in [f"R{r}/" for r in spec.rounds] or [""]:
         for split, out in rows.items():
             for where, file, label in _pairs(base, f"{prefix}anno/{split}.txt"):
+                if why := unsafe_name(file):
+                    raise DatasetError(f"{where}: file name {file!r} {why}; the copy is not the published one")
                 src = base / prefix / "images" / file
                 if not src.is_file():
                     raise DatasetError(
@@ -158,13 +166,21 @@ def check_counts(spec: DatasetSpec, names: list[str], train_val: list, test: lis
         )
 
 
-def place(rows: list[Row], ds: Path, transfer: Callable[[Path, Path], object]) -> list[tuple[int, str]]:
-    """Put each image at ``ds/images/<path>``; return ``(class id, path relative to ds)`` rows."""
-    placed, seen = [], set()
+def place(
+    rows: list[Row], top: Path, ds: Path, transfer: Callable[[Path, Path], object]
+) -> list[tuple[int, str]]:
+    """Put each image at ``ds/images/<path>``; return ``(class id, path relative to ds)`` rows.
+
+    A source file that is a link, or lies outside ``top`` once links are followed, is refused: a
+    link in a folder passed with --from-folder could point anywhere.
+    """
+    placed, seen, inside = [], set(), top.resolve()
     for cid, src, rel in rows:
         path = f"images/{rel}"
         if path in seen:
             raise DatasetError(f"{rel} is labelled twice (two lines or two splits); the label files disagree")
+        if src.is_symlink() or not src.resolve().is_relative_to(inside):
+            raise DatasetError(f"{src} is a link; pass a copy that holds the image files themselves")
         seen.add(path)
         target = ds / path
         target.parent.mkdir(parents=True, exist_ok=True)
