@@ -81,6 +81,6 @@ def sweep(
         for p in shown:
             p.progress.stop()  # after an error or a stop signal too: the terminal gets its cursor back
     t = report["test"]["top1"]
-    console.print(f"chosen lr {report['chosen_lr']:g} ({report['chosen_because']}); test top-1 "
+    console.print(f"chosen lr {report['chosen_lr']:g}: {report['chosen_because']}. Test top-1 "
                   f"{fmt(t['mean'], '.2f')} ± {fmt(t['std'], '.2f')} % over {t['n']} seeds", soft_wrap=True)
     console.print(f"summary: {s.root / 'summary.md'}", soft_wrap=True)

@@ -29,7 +29,7 @@ def choose_lr(phase1: list[Run]) -> tuple[float, str] | None:
     tied = sorted(x for t, x in scored if t == top1 and x != lr)
     why = f"val top-1 {top1:.2f} is the highest of {len(scored)} learning rates"
     if tied:
-        why += f" (tied with lr {', '.join(f'{x:g}' for x in tied)}: the smaller wins)"
+        why += f", tied with lr {', '.join(f'{x:g}' for x in tied)}; the smaller wins"
     return lr, why
 
 
