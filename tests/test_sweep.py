@@ -195,3 +195,16 @@ def test_bad_sweeps_fail_before_anything_is_written(tmp_path, kwargs, match):
     with pytest.raises(RecipeError, match=match):
         make_sweep("quickstart", out=tmp_path, **kwargs)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_stop_signal_stops_the_sweep_with_how_to_continue(small_synthetic, tmp_path):
+    """What `fit` raises after SIGINT saved its checkpoint becomes the sweep's stop, exit code kept."""
+    import signal
+
+    from ufgir_cli.engine.state import Interrupted
+
+    sweep = make_sweep("quickstart", parse_overrides(quick_sets(small_synthetic)), lrs=(0.1,), seeds=(1,), out=tmp_path)
+    with pytest.raises(Interrupted, match="stopped by SIGINT.*same `ufgir sweep` command") as e:
+        run_sweep(sweep, callbacks=lambda run: [KillAt(run, (1, 0.1), step=1,
+                                                       error=lambda msg: Interrupted(msg, signal.SIGINT))])
+    assert e.value.exit_code == 130
