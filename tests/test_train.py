@@ -111,6 +111,17 @@ def test_run_folder_contents(run):
     assert len(prov["dataset"]["splits_sha256"]) == 64 and prov["torch"] == torch.__version__
 
 
+def test_fit_writes_its_final_evaluation_like_eval(run):
+    """fit() leaves eval/<split>/ as `ufgir eval --checkpoint last` would: the same three files, byte for byte."""
+    run_dir, summary, _, _ = run
+    out = run_dir / "eval" / "test"
+    written = {f: (out / f).read_text() for f in ("metrics.json", "per_class.csv", "predictions.csv")}
+    assert json.loads(written["metrics.json"])["top1"] == summary["final_top1"]
+    assert json.loads(written["metrics.json"])["checkpoint"] == "last"
+    eval_run(run_dir, checkpoint="last", num_workers=0)
+    assert {f: (out / f).read_text() for f in written} == written
+
+
 def test_loss_tags_have_one_meaning_each(run):
     """3 equal steps per epoch, a log line every 2 steps: records at steps 2, 3 (epoch end), 4, 6
     (epoch end). train/loss averages the steps since the previous record, train/loss_epoch the

@@ -43,6 +43,7 @@ from . import inspect as _inspect  # noqa: E402
 from . import metrics as _metrics  # noqa: E402
 from . import recipes as _recipes  # noqa: E402
 from . import ship as _ship  # noqa: E402
+from . import sweep as _sweep  # noqa: E402
 from . import train as _train  # noqa: E402
 from . import visualize as _visualize  # noqa: E402
 
@@ -52,6 +53,7 @@ app.command("download")(_download.download)
 app.command("datasets")(_download.datasets)
 app.command("train")(_train.train)
 app.command("eval")(_eval.eval_cmd)
+app.command("sweep")(_sweep.sweep)
 app.command("export")(_ship.export)
 app.command("import-upstream")(_ship.import_upstream)
 app.command("predict")(_ship.predict)

@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 import torch._dynamo.exc
 
+from ..data.folder import SplitFile
 from ..errors import ModelError
 from ..io import atomic_write_json, atomic_write_text
 from ..model.checkpoint import checkpoint_tag, load_run, resolve_checkpoint
 from ..model.precision import resolve_device, resolve_precision
 from ..paths import run_dir_of
 from ..recipe import Recipe
-from .evaluate import compiled_for_inference, evaluate
+from .evaluate import EvalResult, compiled_for_inference, evaluate
 
 
 def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto", batch_size: int | None = None,
@@ -46,10 +47,18 @@ def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto
         why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ModelError(f"ufgir eval --compile: torch.compile failed ({why}); on a CPU it needs a working C++ "
                          "compiler (install gcc or set CXX), or evaluate without --compile") from None
+    m = write_eval(run_dir_of(path), sf, res, checkpoint=checkpoint_tag(ckpt_file), precision=prec)
+    return m, run_dir_of(path) / "eval" / split, recipe
+
+
+def write_eval(run_dir: Path, sf: SplitFile, res: EvalResult, *, checkpoint: str, precision: str) -> dict:
+    """Write ``eval/<split>/{metrics.json,per_class.csv,predictions.csv}`` for one evaluation of
+    ``sf``; returns the metrics as saved. `eval_run` and the end of training share it, so a run's
+    own final evaluation and a later ``ufgir eval`` leave the same files."""
     m = dict(res.metrics)
     per_class = m.pop("per_class")
-    m.update({"split": split, "checkpoint": checkpoint_tag(ckpt_file), "precision": prec})
-    out = run_dir_of(path) / "eval" / split
+    m.update({"split": sf.split, "checkpoint": checkpoint, "precision": precision})
+    out = run_dir / "eval" / sf.split
     atomic_write_json(out / "metrics.json", m)
     counts = [0] * sf.num_classes
     for _, t in sf.samples:
@@ -66,4 +75,4 @@ def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto
     for i, t, p, pr in zip(res.indices.tolist(), res.targets.tolist(), res.preds.tolist(), res.probs.tolist(), strict=True):
         w.writerow([str(Path(sf.samples[i][0]).relative_to(sf.root)), t, p, f"{pr:.6f}"])
     atomic_write_text(out / "predictions.csv", buf.getvalue())
-    return m, out, recipe
+    return m

@@ -1,7 +1,8 @@
 """The training loop: read it top to bottom.
 
 fit() = validate recipe, dataset and images -> build the model (restore it on resume) -> make the
-run folder -> loop over epochs (forward, backward, clip, step, log, checkpoint, evaluate) -> summary.
+run folder -> loop over epochs (forward, backward, clip, step, log, checkpoint, evaluate) -> the last
+epoch's evaluation into ``eval/<split>/`` (the files `ufgir eval` writes) -> summary.
 
 Never lose a run:
 
@@ -42,9 +43,10 @@ from ..model.vit import UfgirViT, build_model
 from ..recipe import Recipe, dump_resolved
 from .callbacks import Callback, CallbackList, JsonlLogger, TensorBoardLogger
 from .dist import DistContext, barrier, broadcast_flag, cleanup, init_distributed
-from .evaluate import evaluate
+from .evaluate import EvalResult, evaluate
 from .optim import build_optimizer, lr_at, set_lr
 from .provenance import write_provenance
+from .report import write_eval
 from .state import (
     Checkpointer,
     Interrupted,
@@ -326,7 +328,7 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
             done, now, evals = epoch + 1, time.time(), {}
             if done == recipe.train.epochs or (recipe.eval.every and done % recipe.eval.every == 0):
                 try:
-                    evals = evaluate_epoch(model, eval_loader, recipe, data_cfg, device, precision, dist, cbs, stop)
+                    evals, final_eval = evaluate_epoch(model, eval_loader, recipe, data_cfg, device, precision, dist, cbs, stop)
                 except StopRequested:  # the state is still that of the epoch's last step: the resume evaluates
                     ckpt.save("last", state)
                     raise Interrupted.at(stop.signum, state.step, run_dir) from None
@@ -345,6 +347,8 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
                 raise Interrupted.at(stop.signum, state.step, run_dir)
 
     barrier(dist)
+    if dist.is_main:  # the last epoch's evaluation, written as `ufgir eval --checkpoint last` would
+        write_eval(run_dir, eval_split, final_eval, checkpoint="last", precision=precision)
     summary = summarize(run_dir, recipe, model, state, params=params, skipped=skipped, device=device,
                         precision=precision, time_s=time.time() - t_start)
     cbs.on_train_end(summary)
@@ -353,8 +357,9 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
 
 
 def evaluate_epoch(model: UfgirViT, loader, recipe: Recipe, data_cfg: dict, device: str, precision: str,
-                   dist: DistContext, cbs: Callback, stop: StopFlag) -> dict:
-    """The epoch's evaluation on eval.split (sharded across ranks), under its record tags.
+                   dist: DistContext, cbs: Callback, stop: StopFlag) -> tuple[dict, EvalResult]:
+    """The epoch's evaluation on eval.split (sharded across ranks): its record tags, and the full
+    result (gathered on every rank) that the last epoch writes to ``eval/<split>/``.
 
     A stop signal breaks a single process's evaluation off after the current batch
     (`StopRequested`); ranks gather their results at the end, so under torchrun they finish it.
@@ -369,7 +374,7 @@ def evaluate_epoch(model: UfgirViT, loader, recipe: Recipe, data_cfg: dict, devi
 
     result = evaluate(model, loader, device=device, precision=precision, mean=data_cfg["mean"], std=data_cfg["std"],
                       num_classes=recipe.model.num_classes, dist=dist, on_batch=on_batch)
-    return {f"{split}/{k}": result.metrics[k] for k in ("top1", "top5", "per_class_mean", "loss")}
+    return {f"{split}/{k}": result.metrics[k] for k in ("top1", "top5", "per_class_mean", "loss")}, result
 
 
 def summarize(run_dir: Path, recipe: Recipe, model: UfgirViT, state: TrainState, *, params: dict,

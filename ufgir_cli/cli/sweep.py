@@ -1,0 +1,86 @@
+"""`ufgir sweep`: the paper's learning-rate sweep on val, then the chosen rate per seed on test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import QuietOpt, RecipeOpt, SetOpt, console, fmt, parse_sets
+
+
+def _numbers(text: str | None, kind: type, flag: str) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected comma-separated {kind.__name__} values", param_hint=flag) from None
+
+
+def sweep(
+    recipe: RecipeOpt,
+    dataset: Annotated[str | None, typer.Option(help="Shortcut for --set data.dataset=NAME.")] = None,
+    lr: Annotated[str | None, typer.Option(
+        "--lr", help="Learning rates of phase 1, comma-separated (default: the paper's 0.3,0.1,0.03,0.01,0.003).")] = None,
+    seeds: Annotated[str | None, typer.Option(
+        "--seeds", help="Seeds of phase 2, comma-separated; phase 1 trains with the first (default 1,10,100).")] = None,
+    sets: SetOpt = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", help="Sweep folder name (default from recipe, dataset and --set: the same command continues it).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder that holds sweep folders.")] = Path("sweeps"),
+    gpus: Annotated[str | None, typer.Option(
+        "--gpus", help="Run one run per listed GPU at a time, e.g. 0,1,2,3 (default: one run after another).")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Phase 1 trains each learning rate on train and evaluates the last epoch on val; phase 2 trains
+    the best one (ties: the smaller) on train_val once per seed and evaluates on test.
+
+    Writes sweeps/<name>/{plan.json,sweep.json,summary.md}; run folders go under sweeps/<name>/runs/.
+    The same command again skips finished runs and resumes killed ones from their checkpoints.
+    """
+    from ..sweep import DEFAULT_SEEDS, PAPER_LRS, RULE, make_sweep, run_sweep
+    from .progress import RichProgress
+
+    overrides = parse_sets(sets)
+    if dataset:
+        overrides.setdefault("data", {})["dataset"] = dataset
+    gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus is not None else None
+    if gpu_ids is not None and (not gpu_ids or len(set(gpu_ids)) != len(gpu_ids)):
+        raise typer.BadParameter(f"{gpus!r}: expected distinct GPU ids such as 0,1,2,3", param_hint="--gpus")
+    s = make_sweep(recipe, overrides, lrs=_numbers(lr, float, "--lr") or PAPER_LRS,
+                   seeds=_numbers(seeds, int, "--seeds") or DEFAULT_SEEDS, name=name, out=out)
+    console.print(f"sweep {s.name}: lr {', '.join(f'{x:g}' for x in s.lrs)} · seeds "
+                  f"{', '.join(map(str, s.seeds))} · chosen by {RULE} · folder {s.root}", soft_wrap=True)
+
+    def on_event(kind: str, run, info: dict) -> None:
+        where = f" on gpu {info['gpu']} · log {info['log']}" if "gpu" in info else ""
+        if kind == "started":
+            what = {"train": "training", "resume": "resuming", "evaluate": "evaluating"}[info["action"]]
+            console.print(f"started  {run.label}: {what} {run.run_dir}{where}", soft_wrap=True)
+        elif kind == "skipped":
+            console.print(f"skipped  {run.label}: {run.metrics_file} exists", soft_wrap=True)
+        elif kind == "finished":
+            top1 = json.loads(run.metrics_file.read_text())["top1"] if run.metrics_file.is_file() else None
+            console.print(f"finished {run.label}: {run.split} top-1 {fmt(top1, '.2f')} % in {info['time_s']:.0f} s{where}",
+                          soft_wrap=True)
+        else:
+            console.print(f"failed   {run.label}: {info['error']}", soft_wrap=True, markup=False)
+
+    shown: list[RichProgress] = []
+
+    def callbacks(run) -> list:
+        shown.append(RichProgress(quiet))
+        return shown[-1:]
+
+    try:
+        report = run_sweep(s, gpus=gpu_ids, on_event=on_event, callbacks=callbacks)
+    finally:
+        for p in shown:
+            p.progress.stop()  # after an error or a stop signal too: the terminal gets its cursor back
+    t = report["test"]["top1"]
+    console.print(f"chosen lr {report['chosen_lr']:g}: {report['chosen_because']}. Test top-1 "
+                  f"{fmt(t['mean'], '.2f')} ± {fmt(t['std'], '.2f')} % over {t['n']} seeds", soft_wrap=True)
+    console.print(f"summary: {s.root / 'summary.md'}", soft_wrap=True)

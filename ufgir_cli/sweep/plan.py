@@ -1,0 +1,129 @@
+"""What a sweep runs: the paper's protocol spelled out as runs, each keyed by its resolved recipe.
+
+Phase 1 trains every learning rate on ``train`` and evaluates the last epoch on ``val``; phase 2
+trains the chosen rate on ``train_val`` once per seed and evaluates the last epoch on ``test``.
+A run's folder name ends in a hash of its resolved recipe, so repeating a command finds its runs
+again and a changed recipe (file, ``--set`` or ``UFGIR_*`` environment) makes new ones beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import RecipeError
+from ..io import atomic_write_json
+from ..recipe import Recipe, dump_resolved, load_recipe
+
+PAPER_LRS = (0.3, 0.1, 0.03, 0.01, 0.003)
+DEFAULT_SEEDS = (1, 10, 100)
+RULE = "highest val top-1 at the last epoch; ties go to the smaller learning rate"
+#: (train.split, eval.split) per phase.
+PHASE_SPLITS = {1: ("train", "val"), 2: ("train_val", "test")}
+#: Keys the sweep sets on every run; a --set of one of them would be silently replaced.
+SWEPT_KEYS = {"optim": ("lr",), "train": ("seed", "split"), "eval": ("split",)}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One sweep as asked for: where it lives and what it varies."""
+
+    name: str
+    root: Path  # sweeps/<name>; run folders under root / "runs"
+    recipe: str  # the recipe name or path, as given
+    overrides: dict  # --set and --dataset, nested as load_recipe takes them
+    lrs: tuple[float, ...]
+    seeds: tuple[int, ...]  # phase 1 trains with the first
+
+
+@dataclass(frozen=True)
+class Run:
+    phase: int
+    lr: float
+    seed: int
+    recipe: Recipe
+    key: str  # first 12 hex digits of the sha256 of the resolved recipe
+    run_dir: Path
+
+    @property
+    def split(self) -> str:
+        """The split its final evaluation is on: val in phase 1, test in phase 2."""
+        return self.recipe.eval.split
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.run_dir / "eval" / self.split / "metrics.json"
+
+    @property
+    def label(self) -> str:
+        return f"phase {self.phase} lr {self.lr:g} seed {self.seed}"
+
+
+def make_sweep(recipe: str, overrides: dict | None = None, *, lrs=PAPER_LRS, seeds=DEFAULT_SEEDS,
+               name: str | None = None, out: str | Path = "sweeps") -> Sweep:
+    """Check what is asked (the base recipe loads, the swept keys are left to the sweep) and name it."""
+    overrides = overrides or {}
+    taken = [f"{s}.{k}" for s, keys in SWEPT_KEYS.items() for k in keys if k in (overrides.get(s) or {})]
+    if taken:
+        raise RecipeError(f"--set {', '.join(taken)}: the sweep sets these per run (use --lr and --seeds)")
+    lrs, seeds = tuple(float(x) for x in lrs), tuple(int(x) for x in seeds)
+    if not lrs or any(not x > 0 for x in lrs) or len(set(lrs)) != len(lrs):
+        raise RecipeError(f"--lr {','.join(map(str, lrs))}: give distinct positive learning rates")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise RecipeError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds")
+    base = load_recipe(recipe, overrides)  # fails here, before anything is written, if the recipe is wrong
+    name = name or default_sweep_name(recipe, base.data.dataset, overrides)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", name):
+        raise RecipeError(f"--name {name!r}: use letters, digits and . _ = + - (it names a folder)")
+    return Sweep(name, Path(out) / name, str(recipe), overrides, lrs, seeds)
+
+
+def default_sweep_name(recipe: str, dataset: str, overrides: dict) -> str:
+    """``<recipe>_<dataset>`` and, with overrides, a short hash of them: no timestamp, so repeating
+    a command continues its sweep. The dataset is in the name already, so it stays out of the hash."""
+    stem = Path(recipe).stem if recipe.endswith(".toml") else recipe
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{stem}_{dataset}")
+    rest = {**overrides, "data": {k: v for k, v in (overrides.get("data") or {}).items() if k != "dataset"}}
+    rest = {k: v for k, v in rest.items() if v != {}}
+    if rest:
+        name += "_" + hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:8]
+    return name
+
+
+def make_run(sweep: Sweep, phase: int, lr: float, seed: int) -> Run:
+    train_split, eval_split = PHASE_SPLITS[phase]
+    over = {**sweep.overrides}
+    for section, values in (("optim", {"lr": lr}), ("train", {"seed": seed, "split": train_split}),
+                            ("eval", {"split": eval_split})):
+        over[section] = {**(over.get(section) or {}), **values}
+    recipe = load_recipe(sweep.recipe, over)
+    key = hashlib.sha256(dump_resolved(recipe).encode()).hexdigest()[:12]
+    return Run(phase, lr, seed, recipe, key, sweep.root / "runs" / f"p{phase}_lr{lr:g}_seed{seed}_{key}")
+
+
+def phase1_runs(sweep: Sweep) -> list[Run]:
+    return [make_run(sweep, 1, lr, sweep.seeds[0]) for lr in sweep.lrs]
+
+
+def phase2_runs(sweep: Sweep, lr: float) -> list[Run]:
+    return [make_run(sweep, 2, lr, seed) for seed in sweep.seeds]
+
+
+def run_entry(sweep: Sweep, run: Run) -> dict:
+    """A run as plan.json and sweep.json list it (its folder relative to the sweep)."""
+    return {"phase": run.phase, "lr": run.lr, "seed": run.seed, "train_split": run.recipe.train.split,
+            "eval_split": run.split, "key": run.key, "run": run.run_dir.relative_to(sweep.root).as_posix()}
+
+
+def write_plan(sweep: Sweep, phase1: list[Run], phase2: list[Run], lr: float | None) -> None:
+    """``plan.json``: what this command runs. Phase 2's runs are known once phase 1 has chosen."""
+    atomic_write_json(sweep.root / "plan.json", {
+        "name": sweep.name, "recipe": sweep.recipe, "overrides": sweep.overrides, "lrs": list(sweep.lrs),
+        "seeds": list(sweep.seeds), "rule": RULE,
+        "phase1": {"train_split": "train", "eval_split": "val", "runs": [run_entry(sweep, r) for r in phase1]},
+        "phase2": {"train_split": "train_val", "eval_split": "test", "lr": lr,
+                   "runs": [run_entry(sweep, r) for r in phase2]},
+    })
