@@ -24,6 +24,7 @@ from ._common import (
     figure_formats,
     fmt,
     image_progress,
+    resolve_run,
 )
 
 
@@ -64,7 +65,7 @@ def _print_metrics(res: dict, title: str) -> None:
 
 
 def metrics(
-    run: RunArg,
+    run: RunArg = None,
     split: SplitOpt = "test",
     batches: Annotated[int | None, typer.Option("--batches", min=1, help="Use at most this many minibatches (default: all).")] = None,
     batch_size: BatchSizeOpt = None,
@@ -80,6 +81,7 @@ def metrics(
     """Attention CKA, feature statistics and cost of a run's --split images (minibatches of at least 4 for
     CKA): analysis/metrics.json plus figures (PNG, and --format pdf/svg)."""
     formats = figure_formats(vector)
+    run = resolve_run(run)
     if not (attention_cka or features or cost):
         raise typer.BadParameter("nothing to compute: keep at least one of --attention-cka, --features, --cost")
     if attention_cka and batch_size is not None and batch_size < 4:
