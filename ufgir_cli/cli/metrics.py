@@ -31,15 +31,17 @@ from ._common import (
 def _print_metrics(res: dict, title: str) -> None:
     t = Table(title=title, title_justify="left")
     cka, feat = res.get("attention_cka"), res.get("features")
-    for col in ("block", "tokens"):
+    for col in ("block", "group", "tokens attended", "tokens out"):
         t.add_column(col, justify="right")
     if cka:
         t.add_column("mean CKA", justify="right")
     if feat:
         for col in ("norm", "distance", "attn px", "entropy/logS"):
             t.add_column(col, justify="right")
+    group_of = {i: f"{a}-{b - 1}" for a, b in res["encoder_groups"] for i in range(a, b)}
+    attended = res.get("tokens_attended") or ["-"] * len(res["tokens_per_block"])
     for i, tokens in enumerate(res["tokens_per_block"]):
-        row = [str(i), str(tokens)]
+        row = [str(i), group_of[i], str(attended[i]), str(tokens)]
         if cka:
             row.append(fmt(cka["mean_offdiag_per_block"][i]))
         if feat:
