@@ -75,6 +75,12 @@ def _draw(kind: str, what: str, make_maps, *, run: Path | None, split: str, imag
         missing = [str(p) for p in images if not p.is_file()]
         if missing:
             raise typer.BadParameter(f"no such file: {', '.join(missing)}", param_hint="--images")
+        from ..data.datasets import find_unreadable
+
+        bad = find_unreadable([str(p) for p in images])
+        if bad:
+            raise typer.BadParameter("; ".join(f"{p} cannot be decoded ({why})" for p, why in bad)
+                                     + "; give image files that open", param_hint="--images")
     from ..analysis.report import visualize
     from ..paths import run_dir_of
     from ..viz.figures import save_overlay_folder

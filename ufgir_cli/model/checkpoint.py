@@ -84,6 +84,29 @@ def _foreign_type(obj: Any) -> str | None:
     return None
 
 
+def torch_load_failure(path: Path, err: Exception) -> str:
+    """Why ``torch.load`` failed, as one whole clause (torch's own text runs on for sentences)."""
+    text = str(err).strip()
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(err, EOFError) or any(s in text for s in ("central directory", "Ran out of input", "unexpected EOF")):
+        return "the file ends early: it was cut off, e.g. by an interrupted copy or download"
+    if "invalid load key" in text or "not a zip" in text.lower():
+        return "it was not written by torch.save"
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first.split(". ")[0].rstrip(".")
+
+
+def _other_checkpoints(path: Path) -> str:
+    """What to use instead of an unreadable checkpoint: another one of its run, if there is one."""
+    if path.parent.name != "checkpoints":
+        return "replace it with a complete copy"
+    others = sorted(p.stem for p in path.parent.glob("*.pt") if p.resolve() != path.resolve())
+    if not others:
+        return "the run has no other checkpoint; train it again"
+    return f"use the run's {others[0]}.pt instead (--checkpoint {others[0]})"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a ufgir checkpoint safely: ``weights_only=True`` (pickled code is never run), then only
     tensors and plain Python values are accepted. Every failure is a one-line CheckpointError."""
@@ -101,8 +124,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 "tensors and plain values are loaded. Use checkpoints written by ufgir, or weights as safetensors"
             ) from None
         detail = re.search(r"WeightsUnpickler error: (.+)", text)
-        msg = detail.group(1) if detail else text.strip().splitlines()[0] if text.strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({msg[:200]}); use an earlier checkpoint") from None
+        why = detail.group(1).split(". ")[0] if detail else torch_load_failure(path, e)
+        raise CheckpointError(f"checkpoint {path} cannot be read: {why}; {_other_checkpoints(path)}") from None
     foreign = _foreign_type(ckpt)
     if foreign is not None:
         raise CheckpointError(
