@@ -118,6 +118,8 @@ def test_train_prints_header_warning_and_next_hint_unwrapped_at_80_columns(small
 
 @pytest.mark.parametrize("terminal", [False, True])
 def test_interrupt_during_evaluation_ends_with_the_resume_line(tmp_path, monkeypatch, terminal):
+    """With an evaluation bar open, the resume command is the last line: plain (a stop asked for is
+    no error), after the display's final state, TTY or not."""
     from ufgir_cli.cli._common import console
     from ufgir_cli.engine.state import Interrupted
 

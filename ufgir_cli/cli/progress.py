@@ -92,7 +92,8 @@ class RichProgress(Callback):
     def close(self) -> None:
         """Stop the live display (it draws its last state once, then a newline) and flush stdout, so that
         what is printed next, on stdout or stderr, starts on a line of its own."""
-        self.progress.stop()
+        if self.progress.live.is_started:  # in a log, every stop() would add a blank line
+            self.progress.stop()
         console.file.flush()
 
 

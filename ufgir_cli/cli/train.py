@@ -23,8 +23,7 @@ def train(
     skip_corrupt: Annotated[bool, typer.Option(
         "--skip-corrupt", help="Leave out missing or undecodable images (counted) instead of stopping; "
         "same as --set data.skip_corrupt=true.")] = False,
-    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " Same as --set train.device=...",
-                                               show_default=False)] = None,
+    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP, show_default=False)] = None,
     threads: Annotated[int | None, typer.Option(
         "--threads", min=0, show_default=False, help="torch CPU threads (0: the cores this process may use, less one "
         "per data-loader worker; the default). Same as --set train.threads=N.")] = None,
