@@ -35,6 +35,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+
 def _version(value: bool) -> None:
     if value:
         from .. import __version__

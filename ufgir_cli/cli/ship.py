@@ -38,11 +38,11 @@ def export(
     r = export_model(resolve_run(source), fmt, out, checkpoint=checkpoint, adapter_only=adapter_only, opset=opset,
                      dynamic_batch=dynamic_batch, image_size=image_size, tolerance=tolerance)
     what = f"{r.format}" + (f" opset {r.opset}" if r.opset else "") + (" adapter-only" if adapter_only else "")
-    console.print(f"wrote {escape(str(r.path))} ({what}, {human_bytes(r.size_bytes)}) in {r.seconds:.1f} s")
+    console.print(f"wrote {escape(str(r.path))} ({what}, {human_bytes(r.size_bytes)}) in {r.seconds:.1f} s", soft_wrap=True)
     console.print(f"parity vs eager PyTorch: max |diff| = {r.max_abs_diff:.3g} (tolerance {r.tolerance:g})")
     if r.sidecar is not None:
-        console.print(f"recipe sidecar: {escape(str(r.sidecar))}")
-    console.print(f"model card: {escape(str(r.card))}")
+        console.print(f"recipe sidecar: {escape(str(r.sidecar))}", soft_wrap=True)
+    console.print(f"model card: {escape(str(r.card))}", soft_wrap=True)
 
 
 def import_upstream(
@@ -62,8 +62,8 @@ def import_upstream(
     model, recipe = do_import(checkpoint, out, overwrite=overwrite, dataset=dataset)
     m = recipe.model
     console.print(f"imported {m.method} on {m.backbone} ({model.num_classes} classes, {m.image_size} px) "
-                  f"into {escape(str(out))}")
-    console.print(f"next: ufgir eval {escape(str(out))}   ·   ufgir export {escape(str(out))} --format onnx")
+                  f"into {escape(str(out))}", soft_wrap=True)
+    console.print(f"next: ufgir eval {escape(str(out))}   ·   ufgir export {escape(str(out))} --format onnx", soft_wrap=True)
 
 
 def predict(

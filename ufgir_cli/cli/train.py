@@ -86,6 +86,6 @@ def train(
         progress.close()  # after an error too: the terminal gets its cursor back
     if summary["skipped_images"]:
         console.print(f"skipped {summary['skipped_images']} unreadable images (listed in "
-                      f"{Path(summary['run_dir']) / 'provenance.json'} under dataset.skipped_images)")
+                      f"{Path(summary['run_dir']) / 'provenance.json'} under dataset.skipped_images)", soft_wrap=True)
     console.print(f"next: ufgir eval {summary['run_dir']}   ·   tensorboard --logdir {summary['run_dir']}",
                   soft_wrap=True, markup=False)

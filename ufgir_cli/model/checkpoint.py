@@ -12,6 +12,7 @@ import errno
 import io
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +85,27 @@ def _foreign_type(obj: Any) -> str | None:
     return None
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
 def torch_load_failure(path: Path, err: Exception) -> str:
-    """Why ``torch.load`` failed, as one whole clause (torch's own text runs on for sentences)."""
+    """Why ``torch.load`` failed, as one whole clause (torch's own text runs on for sentences).
+
+    ``torch.save`` writes a zip archive, whose directory is at its end: a file that starts like one
+    but is not a whole archive was cut off, whatever torch happened to stumble on first.
+    """
     text = str(err).strip()
-    if path.stat().st_size == 0:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
         return "the file is empty"
-    if isinstance(err, EOFError) or any(s in text for s in ("central directory", "Ran out of input", "unexpected EOF")):
+    if not (head.startswith(_ZIP_MAGIC) or _ZIP_MAGIC.startswith(head)):
+        return "it is not a file written by torch.save"
+    if not zipfile.is_zipfile(path) or isinstance(err, EOFError) or "Ran out of input" in text:
         return "the file ends early: it was cut off, e.g. by an interrupted copy or download"
-    if "invalid load key" in text or "not a zip" in text.lower():
-        return "it was not written by torch.save"
+    detail = re.search(r"WeightsUnpickler error: (\S.*)", text)
+    if detail:
+        return detail.group(1).split(". ")[0].rstrip(".")
     first = text.splitlines()[0] if text else type(err).__name__
     return first.split(". ")[0].rstrip(".")
 
@@ -123,8 +136,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"checkpoint {path} carries pickled code ({code.group(1)}); refused without running it: only "
                 "tensors and plain values are loaded. Use checkpoints written by ufgir, or weights as safetensors"
             ) from None
-        detail = re.search(r"WeightsUnpickler error: (.+)", text)
-        why = detail.group(1).split(". ")[0] if detail else torch_load_failure(path, e)
+        why = torch_load_failure(path, e)
         raise CheckpointError(f"checkpoint {path} cannot be read: {why}; {_other_checkpoints(path)}") from None
     foreign = _foreign_type(ckpt)
     if foreign is not None:
