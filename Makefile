@@ -31,6 +31,7 @@ bench: venv
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.paired
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.data
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.threads
 
 backbone: venv
 	HF_HUB_OFFLINE=1 $(UFGIR) pretrain-backbone --out ufgir_cli/assets

@@ -36,7 +36,7 @@ def test_recipes_list_and_show():
 
 
 def test_inspect_numbers():
-    res = runner.invoke(app, ["inspect", "--recipe", "ila_pp"], terminal_width=200)
+    res = runner.invoke(app, ["inspect", "--recipe", "ila_pp", "--num-classes", "200"], terminal_width=200)
     assert res.exit_code == 0, res.output
     assert "trainable 508,600" in res.output
     assert "13.14 GMACs" in res.output

@@ -41,6 +41,12 @@ class OptionError(UfgirError):
 
 
 class TrainingError(UfgirError):
-    """Training cannot go on (non-finite loss, existing run folder, ...)."""
+    """Training cannot go on (non-finite loss, a stop signal, ...)."""
 
     exit_code = 1
+
+
+class RunFolderError(TrainingError):
+    """A new run's folder is taken: bad input (exit 2), fixed by another --name, --overwrite or --resume."""
+
+    exit_code = 2

@@ -181,6 +181,10 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     deterministic: bool = False
     device: str = "auto"
+    threads: int | None = Field(
+        None, ge=0, description="torch intra-op CPU threads; None or 0 = the cores this process may use, "
+        "less one per data-loader worker (see ufgir_cli.engine.threads)."
+    )
     compile: bool | None = Field(None, description="torch.compile; None = on CUDA only.")
     grad_checkpointing: bool = False
     channels_last: bool = False
@@ -300,11 +304,14 @@ def resolve_recipe_path(name_or_path: str | os.PathLike) -> Path:
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"recipe file {path} is not valid TOML: {e}") from None
     except OSError as e:
         raise RecipeError(f"recipe file {path} cannot be read: {e.strerror}") from None
+    if not data:  # an empty file would silently train every default
+        raise RecipeError(f"recipe file {path} is empty; start from one with `ufgir recipes show quickstart > {path}`")
+    return data
 
 
 def _field_paths(model: type[BaseModel], prefix: str = "") -> set[str]:

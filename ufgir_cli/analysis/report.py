@@ -127,6 +127,7 @@ def measure(path: Path, *, split: str = "test", data_recipe: Recipe | None = Non
         "run": str(run_dir_of(path)), "checkpoint": checkpoint_tag(ckpt), "method": recipe.model.method,
         "backbone": recipe.model.backbone, "image_size": recipe.model.image_size,
         "tokens_per_block": model.tokens_per_block,
+        "tokens_attended": [b.tokens_attended for b in model.feature_info],
         "encoder_groups": [list(g) for g in ro.encoder_groups(model.grids)],
     }
     if cka or features:
@@ -276,16 +277,24 @@ def static_cost(recipe: Recipe, num_classes: int) -> dict:
 
 
 def compare_rows(runs: Sequence[Path], split: str = "test") -> tuple[list[dict], list[str]]:
-    """One row per evaluated run (top-1 on ``split``, the paper's number, cost) and a line per run left out."""
+    """One row per evaluated run (top-1 on ``split``, the paper's number, cost) and a line per argument left out.
+
+    ``compare runs/*`` also matches what is not a run (compare's own figure and table, a stray file):
+    such arguments are left out with a note rather than failing the comparison.
+    """
     rows, missing = [], []
     for run in runs:
         if not run.exists():
             missing.append(f"{run}: does not exist")
             continue
         run_dir = run_dir_of(run)
+        if not (run.suffix in (".pt", ".pth") if run.is_file() else (run / "recipe.toml").is_file()):
+            missing.append(f"{run}: not a run folder or checkpoint")
+            continue
         result = run_dir / "eval" / split / "metrics.json"
         if not result.is_file():
-            missing.append(f"{run}: no {result.relative_to(run_dir)}; run `ufgir eval {run} --split {split}`")
+            missing.append(f"{run}: not evaluated on {split} yet; `ufgir eval {run} --split {split}` writes "
+                           f"{result.relative_to(run_dir)}")
             continue
         m = json.loads(result.read_text(encoding="utf-8"))
         recipe = saved_recipe(run)

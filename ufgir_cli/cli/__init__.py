@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 from rich.markup import escape
-from typer.core import TyperGroup
 
 from ..errors import UfgirError
-from ._common import debug_enabled, err_console
+from ._common import PlainCommand, PlainGroup, debug_enabled, err_console
 
 
-class _ErrorBoundary(TyperGroup):
+class _ErrorBoundary(PlainGroup):
     """Turn a :class:`UfgirError` from any (sub)command into one red line and its exit code."""
 
     def invoke(self, ctx):  # type: ignore[override]
@@ -34,6 +35,23 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"ufgir {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
+                                                 help="Print the version and exit.")] = None,
+) -> None:
+    pass  # the app's help is its Typer(help=...); this callback only holds --version
+
+
 # Command modules hold the command bodies; they import torch only inside those bodies.
 from . import backbone as _backbone  # noqa: E402
 from . import compare as _compare  # noqa: E402
@@ -48,19 +66,19 @@ from . import train as _train  # noqa: E402
 from . import visualize as _visualize  # noqa: E402
 
 app.add_typer(_recipes.app, name="recipes", help="List and show the packaged recipes.")
-app.command("inspect")(_inspect.inspect)
-app.command("download")(_download.download)
-app.command("datasets")(_download.datasets)
-app.command("train")(_train.train)
-app.command("eval")(_eval.eval_cmd)
-app.command("sweep")(_sweep.sweep)
-app.command("export")(_ship.export)
-app.command("import-upstream")(_ship.import_upstream)
-app.command("predict")(_ship.predict)
-app.command("metrics")(_metrics.metrics)
+app.command("inspect", cls=PlainCommand)(_inspect.inspect)
+app.command("download", cls=PlainCommand)(_download.download)
+app.command("datasets", cls=PlainCommand)(_download.datasets)
+app.command("train", cls=PlainCommand)(_train.train)
+app.command("eval", cls=PlainCommand)(_eval.eval_cmd)
+app.command("sweep", cls=PlainCommand)(_sweep.sweep)
+app.command("export", cls=PlainCommand)(_ship.export)
+app.command("import-upstream", cls=PlainCommand)(_ship.import_upstream)
+app.command("predict", cls=PlainCommand)(_ship.predict)
+app.command("metrics", cls=PlainCommand)(_metrics.metrics)
 app.add_typer(_visualize.app, name="visualize", help="Attention rollout and per-block attention drawn over images.")
-app.command("compare")(_compare.compare)
-app.command("pretrain-backbone")(_backbone.pretrain_backbone)
+app.command("compare", cls=PlainCommand)(_compare.compare)
+app.command("pretrain-backbone", cls=PlainCommand)(_backbone.pretrain_backbone)
 
 
 def main() -> None:

@@ -16,9 +16,41 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
+
+# Typer's rich help labels every option with its Python type (`<str>`, `<bool>` even on flags); click
+# and most CLIs show TEXT, INTEGER, ... and nothing after a flag. Values are named once, here.
+_METAVARS = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH", "bool": "BOOLEAN",
+             "int range": "INTEGER RANGE", "float range": "FLOAT RANGE"}
+
+
+def _plain_metavars(params: list, ctx) -> list:
+    for p in params:
+        if p.param_type_name != "option" or p.metavar is not None:
+            continue
+        if p.is_flag or p.count:
+            p.metavar = ""
+        else:
+            label = p.display_type(ctx).strip("<>").removeprefix("list[").removesuffix("]")
+            p.metavar = _METAVARS.get(label, label.upper())
+    return params
+
+
+class PlainCommand(TyperCommand):
+    """A command whose help names values as click does (see ``_METAVARS``)."""
+
+    def get_params(self, ctx):  # type: ignore[override]
+        return _plain_metavars(super().get_params(ctx), ctx)
+
+
+class PlainGroup(TyperGroup):
+    """A group whose own help names values as click does (register its commands with ``cls=PlainCommand``)."""
+
+    def get_params(self, ctx):  # type: ignore[override]
+        return _plain_metavars(super().get_params(ctx), ctx)
 
 RecipeOpt = Annotated[
     str, typer.Option("--recipe", "-r", help="Packaged recipe name (see `ufgir recipes list`) or a TOML path.")
@@ -27,13 +59,15 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a recipe key, e.g. --set train.epochs=5 (repeatable)."),
 ]
-RunArg = Annotated[Path, typer.Argument(help="A run folder or a checkpoint file.", show_default=False)]
+RunArg = Annotated[Path | None, typer.Argument(
+    help="A run folder or a checkpoint file (default: the most recent run under ./runs).", show_default=False)]
 CheckpointOpt = Annotated[
     str, typer.Option("--checkpoint", help="Which checkpoint of a run folder: best, last or auto (best if present).")
 ]
 SplitOpt = Annotated[str | None, typer.Option("--split", help="Dataset split: train, val, train_val or test.")]
 BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Batch size (default: the recipe's).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto (cuda when available)."
+DeviceOpt = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
 DpiOpt = Annotated[int, typer.Option("--dpi", min=50, max=1200, help="Resolution of the PNG figures (dots per inch).")]
 FormatOpt = Annotated[
     list[str] | None,
@@ -46,6 +80,32 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Plain log lines i
 def debug_enabled() -> bool:
     """``UFGIR_DEBUG`` set to anything but "", "0" or "false": the error boundary re-raises (traceback)."""
     return os.environ.get("UFGIR_DEBUG", "") not in ("", "0", "false")
+
+
+def latest_run(runs: Path) -> Path | None:
+    """The run folder under ``runs`` that changed last (its newest checkpoint, metrics or recipe)."""
+    def changed(run: Path) -> float:
+        files = [*run.glob("checkpoints/*.pt"), run / "metrics.jsonl", run / "recipe.toml"]
+        return max(f.stat().st_mtime for f in files if f.is_file())
+
+    found = [d for d in runs.iterdir() if (d / "recipe.toml").is_file()] if runs.is_dir() else []
+    return max(found, key=changed, default=None)
+
+
+def resolve_run(run: Path | None) -> Path:
+    """``run`` itself, or with none given the most recent run under ./runs, named in one line on stderr."""
+    if run is not None:
+        return run
+    from ..errors import OptionError
+    from ..paths import runs_dir
+
+    latest = latest_run(runs_dir())
+    if latest is None:
+        raise OptionError(f"RUN not given and {runs_dir()} holds no run; make one with `make demo` or "
+                          "`ufgir train --recipe quickstart`, or give a run folder or checkpoint")
+    err_console.print(f"run: {latest} (the most recent under {runs_dir()}; give RUN to pick another)",
+                      soft_wrap=True, markup=False)
+    return latest
 
 
 def parse_sets(sets: list[str] | None) -> dict:

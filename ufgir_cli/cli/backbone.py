@@ -25,4 +25,4 @@ def pretrain_backbone(
     from ..model.vit import ASSETS
 
     path = run(out or ASSETS, images=images, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, log=console.print)
-    console.print(f"backbone weights: {path}")
+    console.print(f"backbone weights: {path}", soft_wrap=True, markup=False)

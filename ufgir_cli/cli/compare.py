@@ -19,7 +19,7 @@ from ._common import DpiOpt, FormatOpt, SplitOpt, console, figure_formats, fmt
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders or checkpoint files.", show_default=False)],
     split: SplitOpt = "test",
-    out: Annotated[Path | None, typer.Option("--out", help="The accuracy-vs-MACs PNG (default: compare_<split>.png beside the first run); a .json table is written beside it.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="The accuracy-vs-MACs PNG (default: runs/compare_<split>.png); a .json table is written beside it.")] = None,
     paper: Annotated[bool, typer.Option("--paper/--no-paper", help="Also draw the paper's Table 1 numbers for the runs' datasets (hollow markers, ViT-B/16 at 448 px).")] = False,
     dpi: DpiOpt = 200,
     vector: FormatOpt = None,
@@ -30,15 +30,15 @@ def compare(
     from ..analysis.paper import PAPER_IMAGE_SIZE
     from ..analysis.report import compare_rows, paper_points
     from ..io import atomic_write_json
-    from ..paths import run_dir_of
+    from ..paths import runs_dir
     from ..viz.figures import draw_compare, save
 
     rows, missing = compare_rows(runs, split)
     for line in missing:
-        console.print(f"[yellow]skipped[/] {escape(line)}", soft_wrap=True)
+        console.print(f"[yellow]left out[/] {escape(line)}", soft_wrap=True)
     if not rows:
-        raise typer.BadParameter(f"none of the runs has eval/{split}/metrics.json; evaluate them first with "
-                                 f"`ufgir eval RUN --split {split}`", param_hint="RUNS")
+        console.print(f"nothing to compare: no run above has eval/{split}/metrics.json yet", soft_wrap=True)
+        return
     t = Table(title=f"comparison · {split} (paper: ViT-B/16 at {PAPER_IMAGE_SIZE} px)", title_justify="left")
     for col in ("run", "method", "dataset", "px", "top-1 %", "paper %", "GMACs", "trainable"):
         t.add_column(col, justify="left" if col in ("run", "method", "dataset") else "right", overflow="fold")
@@ -46,7 +46,7 @@ def compare(
         t.add_row(r["label"], r["method"], r["dataset"], str(r["image_size"]), f"{r['top1']:.2f}",
                   fmt(r["paper_top1_448px"], ".2f"), f"{r['gmacs']:.2f}", f"{r['trainable']:,}")
     console.print(t)
-    out = (out or run_dir_of(runs[0]).parent / f"compare_{split}").with_suffix(".png")
+    out = (out or runs_dir() / f"compare_{split}").with_suffix(".png")
     cited = paper_points([r["dataset"] for r in rows]) if paper else []
     datasets = list(dict.fromkeys(r["dataset_title"] for r in rows + cited))
 

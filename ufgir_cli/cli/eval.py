@@ -7,11 +7,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import BatchSizeOpt, CheckpointOpt, DeviceOpt, RunArg, SplitOpt, console
+from ._common import BatchSizeOpt, CheckpointOpt, DeviceOpt, RunArg, SplitOpt, console, resolve_run
 
 
 def eval_cmd(
-    run: RunArg,
+    run: RunArg = None,
     split: SplitOpt = None,
     checkpoint: CheckpointOpt = "auto",
     batch_size: BatchSizeOpt = None,
@@ -25,7 +25,7 @@ def eval_cmd(
     eval/<split>/{metrics.json,per_class.csv,predictions.csv} under the run."""
     from ..engine.report import eval_run
 
-    m, out, recipe = eval_run(run, split, checkpoint, batch_size, precision, device, compile_model=compile_)
+    m, out, recipe = eval_run(resolve_run(run), split, checkpoint, batch_size, precision, device, compile_model=compile_)
     t = Table(title=f"{recipe.model.method} on {recipe.data.dataset} · {m['split']} · checkpoint {m['checkpoint']}",
               title_justify="left")
     for col in ("top-1 %", "top-5 %", "per-class mean %", "per-class std %", "loss", "images", "classes"):
@@ -33,4 +33,4 @@ def eval_cmd(
     t.add_row(f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{m['per_class_mean']:.2f}", f"{m['per_class_std']:.2f}",
               f"{m['loss']:.4f}", str(m["num_images"]), str(m["num_classes"]))
     console.print(t)
-    console.print(f"results: {out}")
+    console.print(f"results: {out}", soft_wrap=True, markup=False)

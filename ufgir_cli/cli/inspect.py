@@ -10,10 +10,36 @@ from rich.table import Table
 from ._common import RecipeOpt, SetOpt, console, parse_sets
 
 
+def _class_count(r, given: int | None) -> tuple[int, str]:
+    """The head size to build and where it comes from, so that inspect counts what training will train."""
+    from ..data.catalog import CATALOG
+    from ..data.folder import read_classes
+    from ..data.synthetic import DEMO_CLASSES
+    from ..errors import DatasetError
+    from ..paths import dataset_dir
+
+    if given is not None:
+        return given, "--num-classes"
+    if r.model.num_classes:
+        return r.model.num_classes, "model.num_classes"
+    name = r.data.dataset
+    try:
+        return len(read_classes(dataset_dir(name, r.data.root))), f"the {name} folder's classes.csv"
+    except DatasetError:
+        pass
+    spec = CATALOG.get(name)
+    if spec is not None and spec.num_classes:
+        return spec.num_classes, f"the {name} catalog entry"
+    if spec is not None and spec.kind == "generated":
+        return DEMO_CLASSES, f"the {name} dataset as `ufgir train` generates it"
+    return 200, f"assumed: {name} is unknown here; pass --num-classes"
+
+
 def inspect(
     recipe: RecipeOpt = "ila_pp",
     image_size: Annotated[int | None, typer.Option(help="Override model.image_size.")] = None,
-    num_classes: Annotated[int, typer.Option(help="Head size when the recipe does not fix it.")] = 200,
+    num_classes: Annotated[int | None, typer.Option(
+        min=1, show_default=False, help="Head size (default: the recipe's model.num_classes, else the dataset's).")] = None,
     sets: SetOpt = None,
 ) -> None:
     """Per block: tokens, attached modules and trainable parameters; totals, MACs and FLOPs."""
@@ -28,19 +54,20 @@ def inspect(
     import torch
 
     from ..analysis.cost import count_flops, count_params
+    from ..analysis.rollout import encoder_groups
     from ..methods import method_spec
     from ..model import build_model
 
+    classes, source = _class_count(r, num_classes)
     with torch.device("meta"):  # no storage, no init cost: inspect a ViT-L in a second
-        model = build_model(r.model, r.model.num_classes or num_classes)
+        model = build_model(r.model, classes)
     spec = method_spec(r.model.method)
     table = Table(title=f"{r.model.backbone} · {spec.name} ({spec.family}) · {r.model.image_size}px",
                   caption=spec.description, title_justify="left", caption_justify="left")
-    for col in ("block", "grid", "tokens in", "tokens out", "attached", "trainable params"):
+    for col in ("block", "group", "grid", "tokens attended", "tokens out", "attached", "trainable params"):
         table.add_column(col, justify="left" if col == "attached" else "right")
-    info = model.feature_info
-    tokens_in = info[0].num_prefix_tokens + info[0].grid[0] * info[0].grid[1]
-    for b in info:
+    group_of = {i: f"{a}-{b - 1}" for a, b in encoder_groups(model.grids) for i in range(a, b)}
+    for b in model.feature_info:
         parts, n = [], 0
         if model.adapters is not None:
             parts.append(model.plan.adapters)
@@ -52,14 +79,14 @@ def inspect(
             parts.append(f"{'DS-ILA' if b.ila == 'down' else 'ILA'} {b.ila_kernel}x{b.ila_kernel}")
             n += sum(p.numel() for p in model.ila[str(b.index)].parameters())
         grid = f"{b.grid[0]}x{b.grid[1]}" + (f" -> {b.out_grid[0]}x{b.out_grid[1]}" if b.out_grid != b.grid else "")
-        table.add_row(str(b.index), grid, str(tokens_in), str(b.tokens_out), ", ".join(parts) or "-", f"{n:,}")
-        tokens_in = b.tokens_out
+        table.add_row(str(b.index), group_of[b.index], grid, str(b.tokens_attended), str(b.tokens_out),
+                      ", ".join(parts) or "-", f"{n:,}")
     console.print(table)
     pc = count_params(model)
     flops = count_flops(model, r.model.image_size)
     head = sum(p.numel() for p in model.get_classifier().parameters())
     console.print(
         f"parameters: total {pc.total:,} · trainable {pc.trainable:,} "
-        f"(head {head:,}, CLS {model.embed_dim if model.vit.cls_token is not None else 0:,})\n"
+        f"(head {head:,} for {classes} classes, {source}; CLS {model.embed_dim if model.vit.cls_token is not None else 0:,})\n"
         f"per image: {flops / 2e9:.2f} GMACs (multiply-adds) · {flops / 1e9:.2f} GFLOPs"
     )

@@ -24,21 +24,24 @@ from ._common import (
     figure_formats,
     fmt,
     image_progress,
+    resolve_run,
 )
 
 
 def _print_metrics(res: dict, title: str) -> None:
     t = Table(title=title, title_justify="left")
     cka, feat = res.get("attention_cka"), res.get("features")
-    for col in ("block", "tokens"):
+    for col in ("block", "group", "tokens attended", "tokens out"):
         t.add_column(col, justify="right")
     if cka:
         t.add_column("mean CKA", justify="right")
     if feat:
         for col in ("norm", "distance", "attn px", "entropy/logS"):
             t.add_column(col, justify="right")
+    group_of = {i: f"{a}-{b - 1}" for a, b in res["encoder_groups"] for i in range(a, b)}
+    attended = res.get("tokens_attended") or ["-"] * len(res["tokens_per_block"])
     for i, tokens in enumerate(res["tokens_per_block"]):
-        row = [str(i), str(tokens)]
+        row = [str(i), group_of[i], str(attended[i]), str(tokens)]
         if cka:
             row.append(fmt(cka["mean_offdiag_per_block"][i]))
         if feat:
@@ -64,7 +67,7 @@ def _print_metrics(res: dict, title: str) -> None:
 
 
 def metrics(
-    run: RunArg,
+    run: RunArg = None,
     split: SplitOpt = "test",
     batches: Annotated[int | None, typer.Option("--batches", min=1, help="Use at most this many minibatches (default: all).")] = None,
     batch_size: BatchSizeOpt = None,
@@ -80,6 +83,7 @@ def metrics(
     """Attention CKA, feature statistics and cost of a run's --split images (minibatches of at least 4 for
     CKA): analysis/metrics.json plus figures (PNG, and --format pdf/svg)."""
     formats = figure_formats(vector)
+    run = resolve_run(run)
     if not (attention_cka or features or cost):
         raise typer.BadParameter("nothing to compute: keep at least one of --attention-cka, --features, --cost")
     if attention_cka and batch_size is not None and batch_size < 4:

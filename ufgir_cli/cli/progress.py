@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -35,10 +36,14 @@ class RichProgress(Callback):
 
     def on_train_start(self, info: dict) -> None:
         self.info = info
+        threads = f", {info['threads']} CPU threads" if info.get("threads") else ""
         console.print(
-            f"training on {info['device']} ({info['precision']}) · {info['train_images']} images · "
-            f"{info['params_trainable']:,} of {info['params_total']:,} parameters trainable · run {info['run_dir']}"
+            f"training on {info['device']} ({info['precision']}{threads}) · {info['train_images']} images · "
+            f"{info['params_trainable']:,} of {info['params_total']:,} parameters trainable · run {info['run_dir']}",
+            soft_wrap=True, markup=False,
         )
+        for line in info.get("warnings", ()):
+            console.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
         if not self.quiet:
             self.progress.start()
             self.epoch_task = self.progress.add_task("epochs", total=info["epochs"], status="",
@@ -81,9 +86,15 @@ class RichProgress(Callback):
             self.progress.console.print(f"epoch {epoch}: train/loss_epoch {record['train/loss_epoch']:.4f} {evals}")
 
     def on_train_end(self, summary: dict) -> None:
-        if not self.quiet:
-            self.progress.stop()
+        self.close()
         console.print(summary_table(summary))
+
+    def close(self) -> None:
+        """Stop the live display (it draws its last state once, then a newline) and flush stdout, so that
+        what is printed next, on stdout or stderr, starts on a line of its own."""
+        if self.progress.live.is_started:  # in a log, every stop() would add a blank line
+            self.progress.stop()
+        console.file.flush()
 
 
 def summary_table(s: dict) -> Table:

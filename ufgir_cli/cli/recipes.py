@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 from rich.syntax import Syntax
 from rich.table import Table
 
-from ._common import SetOpt, console, parse_sets
+from ._common import PlainCommand, PlainGroup, SetOpt, console, parse_sets
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(cls=PlainGroup, no_args_is_help=True)
 
 
-@app.command("list")
+@app.command("list", cls=PlainCommand)
 def list_recipes() -> None:
     """Packaged recipes: name, method, the method's family and a one-line description."""
     from ..methods import METHODS
@@ -29,7 +31,7 @@ def list_recipes() -> None:
     console.print(table)
 
 
-@app.command("show")
+@app.command("show", cls=PlainCommand)
 def show(
     name: str = typer.Argument(..., help="Recipe name or TOML path."),
     sets: SetOpt = None,
@@ -37,5 +39,9 @@ def show(
     """Print the resolved recipe (defaults, file, UFGIR_* environment and --set applied) as TOML."""
     from ..recipe import dump_resolved, load_recipe
 
-    recipe = load_recipe(name, parse_sets(sets))
-    console.print(Syntax(dump_resolved(recipe), "toml", theme="ansi_dark", background_color="default"))
+    text = dump_resolved(load_recipe(name, parse_sets(sets)))
+    if console.is_terminal:
+        console.print(Syntax(text, "toml", theme="ansi_dark", background_color="default",
+                             code_width=max(map(len, text.splitlines()))), soft_wrap=True)
+    else:  # redirected: `ufgir recipes show x > my.toml` must be the TOML itself, whatever COLUMNS says
+        sys.stdout.write(text)

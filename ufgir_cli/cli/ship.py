@@ -10,14 +10,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ._common import BatchSizeOpt, CheckpointOpt, console, err_console
+from ._common import BatchSizeOpt, CheckpointOpt, console, err_console, resolve_run
 
-SourceArg = Annotated[Path, typer.Argument(help="A run folder, a checkpoint file, or a safetensors export.",
-                                           show_default=False)]
+SourceArg = Annotated[Path | None, typer.Argument(
+    help="A run folder, a checkpoint file, or a safetensors export (default: the most recent run under ./runs).",
+    show_default=False)]
 
 
 def export(
-    source: SourceArg,
+    source: SourceArg = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="safetensors, onnx or pt2.")] = "safetensors",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="File to write (default: <run>/export/model.<ext>, "
                                              "or <run>/export/adapter.safetensors with --adapter-only).")] = None,
@@ -34,14 +35,14 @@ def export(
     """Export a model (safetensors, ONNX or torch.export pt2), check it against eager PyTorch, write MODEL_CARD.md."""
     from ..ship import export_model, human_bytes
 
-    r = export_model(source, fmt, out, checkpoint=checkpoint, adapter_only=adapter_only, opset=opset,
+    r = export_model(resolve_run(source), fmt, out, checkpoint=checkpoint, adapter_only=adapter_only, opset=opset,
                      dynamic_batch=dynamic_batch, image_size=image_size, tolerance=tolerance)
     what = f"{r.format}" + (f" opset {r.opset}" if r.opset else "") + (" adapter-only" if adapter_only else "")
-    console.print(f"wrote {escape(str(r.path))} ({what}, {human_bytes(r.size_bytes)}) in {r.seconds:.1f} s")
+    console.print(f"wrote {escape(str(r.path))} ({what}, {human_bytes(r.size_bytes)}) in {r.seconds:.1f} s", soft_wrap=True)
     console.print(f"parity vs eager PyTorch: max |diff| = {r.max_abs_diff:.3g} (tolerance {r.tolerance:g})")
     if r.sidecar is not None:
-        console.print(f"recipe sidecar: {escape(str(r.sidecar))}")
-    console.print(f"model card: {escape(str(r.card))}")
+        console.print(f"recipe sidecar: {escape(str(r.sidecar))}", soft_wrap=True)
+    console.print(f"model card: {escape(str(r.card))}", soft_wrap=True)
 
 
 def import_upstream(
@@ -61,8 +62,8 @@ def import_upstream(
     model, recipe = do_import(checkpoint, out, overwrite=overwrite, dataset=dataset)
     m = recipe.model
     console.print(f"imported {m.method} on {m.backbone} ({model.num_classes} classes, {m.image_size} px) "
-                  f"into {escape(str(out))}")
-    console.print(f"next: ufgir eval {escape(str(out))}   ·   ufgir export {escape(str(out))} --format onnx")
+                  f"into {escape(str(out))}", soft_wrap=True)
+    console.print(f"next: ufgir eval {escape(str(out))}   ·   ufgir export {escape(str(out))} --format onnx", soft_wrap=True)
 
 
 def predict(

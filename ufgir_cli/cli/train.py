@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import QuietOpt, SetOpt, console, parse_sets
+from ._common import DEVICE_HELP, QuietOpt, SetOpt, console, err_console, parse_sets
 
 
 def train(
@@ -23,6 +23,10 @@ def train(
     skip_corrupt: Annotated[bool, typer.Option(
         "--skip-corrupt", help="Leave out missing or undecodable images (counted) instead of stopping; "
         "same as --set data.skip_corrupt=true.")] = False,
+    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP, show_default=False)] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=0, show_default=False, help="torch CPU threads (0: the cores this process may use, less one "
+        "per data-loader worker; the default). Same as --set train.threads=N.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a recipe: ViT + PETL method on a dataset folder; checkpoints, metrics.jsonl and TensorBoard.
@@ -35,7 +39,8 @@ def train(
 
     if resume is not None:
         given = [flag for flag, v in (("--recipe", recipe), ("--dataset", dataset), ("--set", sets), ("--out", out),
-                                      ("--name", name), ("--overwrite", overwrite), ("--skip-corrupt", skip_corrupt)) if v]
+                                      ("--name", name), ("--overwrite", overwrite), ("--skip-corrupt", skip_corrupt),
+                                      ("--device", device), ("--threads", threads is not None)) if v]
         if given:
             raise RecipeError(f"--resume continues a run in place with its saved recipe; drop {', '.join(given)}")
         if not resume.is_dir():
@@ -52,6 +57,10 @@ def train(
             overrides.setdefault("data", {})["dataset"] = dataset
         if skip_corrupt:
             overrides.setdefault("data", {})["skip_corrupt"] = True
+        if device is not None:
+            overrides.setdefault("train", {})["device"] = device
+        if threads is not None:
+            overrides.setdefault("train", {})["threads"] = threads
         r = load_recipe(recipe, overrides)
         from ..engine.train import default_run_name
 
@@ -59,7 +68,7 @@ def train(
             raise RecipeError("under torchrun pass --name, so that every rank uses the same run folder")
         run_dir = (out or runs_dir()) / (name or default_run_name(r))
 
-    from ..engine.train import fit
+    from ..engine.train import Interrupted, fit
     from .progress import RichProgress
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 shows progress
@@ -67,9 +76,16 @@ def train(
     try:
         summary = fit(r, run_dir, callbacks=[progress] if main_rank else [], resume=resume is not None,
                       overwrite=overwrite)
+    except Interrupted as stop:
+        # The live display redraws until stopped: stop it first, so that the resume command is the last
+        # line on the screen (or in a log), on its own line.
+        progress.close()
+        err_console.print(str(stop), soft_wrap=True, markup=False)
+        raise typer.Exit(stop.exit_code) from None
     finally:
-        progress.progress.stop()  # after an error or a stop signal too: the terminal gets its cursor back
+        progress.close()  # after an error too: the terminal gets its cursor back
     if summary["skipped_images"]:
         console.print(f"skipped {summary['skipped_images']} unreadable images (listed in "
-                      f"{Path(summary['run_dir']) / 'provenance.json'} under dataset.skipped_images)")
-    console.print(f"next: ufgir eval {summary['run_dir']}   ·   tensorboard --logdir {summary['run_dir']}")
+                      f"{Path(summary['run_dir']) / 'provenance.json'} under dataset.skipped_images)", soft_wrap=True)
+    console.print(f"next: ufgir eval {summary['run_dir']}   ·   tensorboard --logdir {summary['run_dir']}",
+                  soft_wrap=True, markup=False)

@@ -15,9 +15,21 @@ from typing import Annotated
 
 import typer
 
-from ._common import CheckpointOpt, DeviceOpt, DpiOpt, FormatOpt, RunArg, SplitOpt, console, figure_formats
+from ._common import (
+    CheckpointOpt,
+    DeviceOpt,
+    DpiOpt,
+    FormatOpt,
+    PlainCommand,
+    PlainGroup,
+    RunArg,
+    SplitOpt,
+    console,
+    figure_formats,
+    resolve_run,
+)
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="rich")
+app = typer.Typer(cls=PlainGroup, no_args_is_help=True, add_completion=False, rich_markup_mode="rich")
 
 
 def _check_fusion(value: str) -> str:
@@ -29,7 +41,7 @@ def _check_fusion(value: str) -> str:
 
 
 def _shown_options(
-    run: RunArg,
+    run: RunArg = None,
     split: SplitOpt = "test",
     images: Annotated[list[Path] | None, typer.Option(
         "--images", help="Image files to show instead of a split (repeatable).", show_default=False)] = None,
@@ -54,14 +66,21 @@ def _with_shown_options(command):
     return command
 
 
-def _draw(kind: str, what: str, make_maps, *, run: Path, split: str, images: list[Path] | None, per_class: int,
+def _draw(kind: str, what: str, make_maps, *, run: Path | None, split: str, images: list[Path] | None, per_class: int,
           batch_size: int, cols: int | None, checkpoint: str, device: str, dpi: int, vector: list[str] | None) -> None:
     """Compute the maps over the images, write ``<kind>_<split or "images">/``, print the grid's path."""
     formats = figure_formats(vector)
+    run = resolve_run(run)
     if images:
         missing = [str(p) for p in images if not p.is_file()]
         if missing:
             raise typer.BadParameter(f"no such file: {', '.join(missing)}", param_hint="--images")
+        from ..data.datasets import find_unreadable
+
+        bad = find_unreadable([str(p) for p in images])
+        if bad:
+            raise typer.BadParameter("; ".join(f"{p} cannot be decoded ({why})" for p, why in bad)
+                                     + "; give image files that open", param_hint="--images")
     from ..analysis.report import visualize
     from ..paths import run_dir_of
     from ..viz.figures import save_overlay_folder
@@ -76,7 +95,7 @@ def _draw(kind: str, what: str, make_maps, *, run: Path, split: str, images: lis
     console.print(str(grid), soft_wrap=True, markup=False)
 
 
-@app.command("rollout")
+@app.command("rollout", cls=PlainCommand)
 @_with_shown_options
 def rollout(
     group: Annotated[str | None, typer.Option("--group", help="Blocks a-b (inclusive) inside one encoder group, e.g. 0-3 (default: every group).")] = None,
@@ -95,7 +114,7 @@ def rollout(
     _draw(kind, what, partial(rollout_maps, group=group, across=across, fusion=fusion, discard=discard), **shown)
 
 
-@app.command("attention")
+@app.command("attention", cls=PlainCommand)
 @_with_shown_options
 def attention(
     layer: Annotated[int | None, typer.Option("--layer", min=0, help="Block whose CLS attention is shown (default: the last).")] = None,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..errors import DatasetError
 from ..io import atomic_write_json, atomic_write_text
+from .catalog import CATALOG
 
 SPLITS = ("train", "val", "train_val", "test")
 
@@ -112,7 +113,12 @@ def read_split(root: str | Path, split: str, check_files: bool = True) -> SplitF
         raise DatasetError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     path = root / "splits" / f"{split}.csv"
     if not path.is_file():
-        hint = "run `ufgir download NAME`" if not root.exists() else "re-create it with `ufgir download --force`"
+        if root.exists():
+            hint = f"re-create it with `ufgir download {root.name} --force`"
+        elif root.name in CATALOG:
+            hint = f"run `ufgir download {root.name}`"
+        else:
+            hint = f"{root.name!r} is not in `ufgir datasets`; point data.root at your own dataset folder"
         raise DatasetError(f"split file {path} is missing; {hint}")
     classes = read_classes(root)
     C = len(classes)

@@ -24,6 +24,7 @@ from .. import __version__
 from ..data.folder import SplitFile, read_info
 from ..io import atomic_write_json, file_sha256
 from ..recipe import Recipe
+from .threads import available_cores
 
 SPLIT_FILES = ("train", "val", "train_val", "test")
 
@@ -37,12 +38,12 @@ def _git_commit() -> str | None:
 
 
 def provenance(recipe: Recipe, backbone_sha256: str, *, device: str | None = None, precision: str | None = None,
-               split: SplitFile | None = None, skipped: Sequence[str] = (),
+               threads: int | None = None, split: SplitFile | None = None, skipped: Sequence[str] = (),
                imported_from: Path | None = None) -> dict[str, Any]:
     """The provenance record; ``split`` adds the ``dataset`` section, ``imported_from`` its own.
 
-    ``device`` and ``precision`` are what training ran with; an import computes nothing, so they
-    are None there.
+    ``device``, ``precision`` and ``threads`` (torch's intra-op threads) are what training ran with;
+    an import computes nothing, so they are None there.
     """
     import timm
     import torchvision
@@ -52,7 +53,8 @@ def provenance(recipe: Recipe, backbone_sha256: str, *, device: str | None = Non
         "ufgir": __version__, "python": platform.python_version(), "torch": torch.__version__,
         "torchvision": torchvision.__version__, "timm": timm.__version__, "git_commit": _git_commit(),
         "hardware": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                     "cpu_count": os.cpu_count(), "gpus": gpus, "device": device, "precision": precision},
+                     "cpu_count": os.cpu_count(), "cpus_available": available_cores(), "gpus": gpus,
+                     "device": device, "precision": precision, "threads": threads},
         "backbone": {"name": recipe.model.backbone, "weights": recipe.model.weights, "sha256": backbone_sha256},
     }
     if split is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from torch import nn
 
 from ..data.datasets import EpochSampler, normalize
 from ..data.loaders import make_loader, read_splits, with_num_classes
-from ..errors import TrainingError
+from ..errors import RunFolderError, TrainingError
 from ..io import atomic_write_text, remove_stale_temps
 from ..model.checkpoint import load_into
 from ..model.precision import autocast, frozen_weights_cast, resolve_device, resolve_precision
@@ -58,6 +59,7 @@ from .state import (
     restore_training,
     seed_everything,
 )
+from .threads import intra_op_threads
 
 # --------------------------------------------------------------------------------------------
 # Run folder
@@ -72,7 +74,7 @@ def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
     if not overwrite:
-        raise TrainingError(f"run folder {run_dir} exists; pick another --name, pass --overwrite, or --resume it")
+        raise RunFolderError(f"run folder {run_dir} exists; pick another --name, pass --overwrite, or --resume it")
     if not (run_dir / "recipe.toml").is_file():
         raise TrainingError(f"--overwrite: {run_dir} is not a ufgir run folder (no recipe.toml); refusing to delete it")
 
@@ -169,15 +171,16 @@ def nonfinite_error(what: str, value: float, state: TrainState, lr: float, ckpt_
 
 @contextlib.contextmanager
 def _torch_flags_restored():
-    """``train.deterministic`` switches process-wide torch flags; a caller that trains from Python
+    """``train.deterministic`` and ``train.threads`` switch process-wide torch settings; a caller that trains from Python
     (a notebook, a sweep) gets its own settings back afterwards."""
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.get_num_threads())
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
+        torch.set_num_threads(saved[4])
 
 
 def fit(
@@ -195,6 +198,9 @@ def fit(
 
 def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, resume: bool, overwrite: bool) -> dict:
     device, dist, precision = device_and_ranks(recipe)
+    threads = intra_op_threads(recipe.train.threads, recipe.data.num_workers,
+                               int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads)
     t_start = time.time()
 
     # 1. Run folder or checkpoint to resume, data, images: all validated before anything is written.
@@ -227,8 +233,8 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
                 shutil.rmtree(run_dir)  # --overwrite of an earlier run (checked above)
             (run_dir / "checkpoints").mkdir(parents=True)
             atomic_write_text(run_dir / "recipe.toml", dump_resolved(recipe))
-            write_provenance(run_dir, recipe, backbone_sha, device=device, precision=precision, split=train_split,
-                             skipped=skipped)
+            write_provenance(run_dir, recipe, backbone_sha, device=device, precision=precision, threads=threads,
+                             split=train_split, skipped=skipped)
         loggers = loggers_for(run_dir, recipe, state.step if resume else None)
     cbs = CallbackList([*(callbacks or []), *loggers])
 
@@ -249,11 +255,17 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
     # default there; train.skip_nonfinite=false stops at the first one instead.
     fp16_scaling = scaler.is_enabled()
     may_skip = fp16_scaling and recipe.train.skip_nonfinite is not False
+    warnings = []
+    if recipe.schedule.warmup_steps >= total_steps:
+        warnings.append(f"schedule.warmup_steps={recipe.schedule.warmup_steps} is not shorter than the whole run "
+                        f"({total_steps} steps): the learning rate never reaches optim.lr; lower it with "
+                        f"--set schedule.warmup_steps=N")
     cbs.on_train_start({
-        "run_dir": str(run_dir), "device": device, "precision": precision, "epochs": recipe.train.epochs,
+        "run_dir": str(run_dir), "device": device, "precision": precision, "threads": threads,
+        "epochs": recipe.train.epochs,
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "start_step": state.step, **params,
         "train_images": len(train_split.samples), "eval_images": len(eval_split.samples), "world": dist.world,
-        "skipped_images": len(skipped)})
+        "skipped_images": len(skipped), "warnings": warnings})
 
     # 5. Loop. The RNG is restored last, so that nothing above can shift it.
     if resume_ckpt is not None:

@@ -12,6 +12,7 @@ import errno
 import io
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,41 @@ def _foreign_type(obj: Any) -> str | None:
     return None
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def torch_load_failure(path: Path, err: Exception) -> str:
+    """Why ``torch.load`` failed, as one whole clause (torch's own text runs on for sentences).
+
+    ``torch.save`` writes a zip archive, whose directory is at its end: a file that starts like one
+    but is not a whole archive was cut off, whatever torch happened to stumble on first.
+    """
+    text = str(err).strip()
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "the file is empty"
+    if not (head.startswith(_ZIP_MAGIC) or _ZIP_MAGIC.startswith(head)):
+        return "it is not a file written by torch.save"
+    if not zipfile.is_zipfile(path) or isinstance(err, EOFError) or "Ran out of input" in text:
+        return "the file ends early: it was cut off, e.g. by an interrupted copy or download"
+    detail = re.search(r"WeightsUnpickler error: (\S.*)", text)
+    if detail:
+        return detail.group(1).split(". ")[0].rstrip(".")
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first.split(". ")[0].rstrip(".")
+
+
+def _other_checkpoints(path: Path) -> str:
+    """What to use instead of an unreadable checkpoint: another one of its run, if there is one."""
+    if path.parent.name != "checkpoints":
+        return "replace it with a complete copy"
+    others = sorted(p.stem for p in path.parent.glob("*.pt") if p.resolve() != path.resolve())
+    if not others:
+        return "the run has no other checkpoint; train it again"
+    return f"use the run's {others[0]}.pt instead (--checkpoint {others[0]})"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a ufgir checkpoint safely: ``weights_only=True`` (pickled code is never run), then only
     tensors and plain Python values are accepted. Every failure is a one-line CheckpointError."""
@@ -100,9 +136,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"checkpoint {path} carries pickled code ({code.group(1)}); refused without running it: only "
                 "tensors and plain values are loaded. Use checkpoints written by ufgir, or weights as safetensors"
             ) from None
-        detail = re.search(r"WeightsUnpickler error: (.+)", text)
-        msg = detail.group(1) if detail else text.strip().splitlines()[0] if text.strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({msg[:200]}); use an earlier checkpoint") from None
+        why = torch_load_failure(path, e)
+        raise CheckpointError(f"checkpoint {path} cannot be read: {why}; {_other_checkpoints(path)}") from None
     foreign = _foreign_type(ckpt)
     if foreign is not None:
         raise CheckpointError(

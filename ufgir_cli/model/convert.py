@@ -20,6 +20,7 @@ from ..errors import CheckpointError
 from ..geometry import backbone_depth
 from ..methods import METHOD_NAMES, MethodSpec, detect_upstream
 from ..recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe, recipe_from_dict
+from .checkpoint import torch_load_failure
 from .state import load_strict
 from .vit import UfgirViT, build_model
 
@@ -73,7 +74,7 @@ def read_upstream(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(
             f"{path} cannot be read as a reference checkpoint with weights_only=True "
-            f"({str(e).splitlines()[0][:200]}); is it complete and written by fgir_vit?"
+            f"({torch_load_failure(path, e)}); is it complete and written by fgir_vit?"
         ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a reference checkpoint: expected keys 'config' and 'model'")

@@ -34,7 +34,13 @@ def import_upstream(src: str | os.PathLike, out: str | os.PathLike, overwrite: b
         raise CheckpointError(f"--out {out} is a file; give a folder for the new run")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"run folder {out} exists and is not empty; pass --overwrite to replace it, or another --out")
-    model, recipe = load_upstream_checkpoint(src)
+    try:
+        model, recipe = load_upstream_checkpoint(src)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as e:  # a config or tensors of another layout
+        what = f"its config has no {e.name!r}" if isinstance(e, AttributeError) and e.name else \
+            "its config or tensors are not laid out as the reference implementation writes them"
+        raise CheckpointError(f"{src} cannot be imported: {what}; import-upstream reads checkpoints saved by the "
+                              "reference implementation (fgir_vit) for one of its methods") from e
     if dataset is not None:
         data = recipe.model_dump(mode="json")
         data["data"]["dataset"] = dataset
