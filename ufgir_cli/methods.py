@@ -43,6 +43,7 @@ class MethodSpec:
     ila_rest: bool = False  # default: a same-resolution ILA after every block without a DS-ILA
     upstream: tuple[tuple[str, FlagTest], ...] = ()  # how import-upstream recognises it
     recipe: str = ""  # packaged recipe name; the method's name when empty
+    title: str = ""  # as the paper and figures name it ("ILA++"); the name when empty
 
     @property
     def has_ila(self) -> bool:
@@ -51,6 +52,10 @@ class MethodSpec:
     @property
     def recipe_name(self) -> str:
         return self.recipe or self.name
+
+    @property
+    def display_name(self) -> str:
+        return self.title or self.name
 
     def default_ila_locs(self, depth: int, ds_locs: tuple[int, ...]) -> tuple[int, ...]:
         """Same-resolution ILA positions when the recipe leaves ``model.ila_locs`` unset."""
@@ -62,36 +67,39 @@ _NO_EXTRAS = (("ila", False), ("adapter", False), ("prompt", False))
 
 TABLE: tuple[MethodSpec, ...] = (
     MethodSpec("linear", "petl", "Linear probe: frozen ViT, only the head and the CLS token train",
-               _PETL, upstream=(("freeze_backbone", True), *_NO_EXTRAS)),
+               _PETL, upstream=(("freeze_backbone", True), *_NO_EXTRAS), title="Linear probe"),
     MethodSpec("full", "full", "Full fine-tuning of every backbone weight",
-               ("all",), upstream=(("freeze_backbone", False), *_NO_EXTRAS)),
+               ("all",), upstream=(("freeze_backbone", False), *_NO_EXTRAS), title="Full fine-tuning"),
     MethodSpec("vpt_shallow", "petl", "VPT-shallow: learned prompt tokens inserted once before block 0",
                (*_PETL, "prompts"), prompts="shallow",
-               upstream=(("prompt", True), ("ila", False), ("adapter", False))),
+               upstream=(("prompt", True), ("ila", False), ("adapter", False)), title="VPT-shallow"),
     MethodSpec("vpt_deep", "petl", "VPT-deep: learned prompt tokens per block, replaced at every block",
                (*_PETL, "prompts"), prompts="deep",
-               upstream=(("prompt", "deep"), ("ila", False), ("adapter", False))),
+               upstream=(("prompt", "deep"), ("ila", False), ("adapter", False)), title="VPT-deep"),
     MethodSpec("adapter", "petl", "Parallel bottleneck adapters beside attention and MLP in every block",
-               (*_PETL, "adapters"), adapter="adapter", upstream=(("adapter", True), ("ila", False))),
+               (*_PETL, "adapters"), adapter="adapter", upstream=(("adapter", True), ("ila", False)), title="Adapter"),
     MethodSpec("convpass", "petl", "ConvPass: parallel adapters with a convolution on the patch grid",
-               (*_PETL, "adapters"), adapter="convpass", upstream=(("adapter", "convpass"), ("ila", False))),
+               (*_PETL, "adapters"), adapter="convpass", upstream=(("adapter", "convpass"), ("ila", False)), title="ConvPass"),
     MethodSpec("vqt", "petl", "VQT: per-block query-only prompts whose outputs, with the CLS token, feed the head",
                (*_PETL, "prompts"), prompts="vqt", head="vqt",
-               upstream=(("prompt", "vqt"), ("ila", False), ("adapter", False))),
+               upstream=(("prompt", "vqt"), ("ila", False), ("adapter", False)), title="VQT"),
     MethodSpec("ifa", "fgir", "IFA: a learned mix of every block's CLS token into the head; no final LayerNorm",
-               _PETL, head="ifa", final_norm=False, upstream=(("classifier", "ifa"), *_NO_EXTRAS)),
+               _PETL, head="ifa", final_norm=False, upstream=(("classifier", "ifa"), *_NO_EXTRAS), title="IFA"),
     MethodSpec("mpncov", "fgir", "MPN-COV: iSQRT covariance pooling of the patch tokens (no CLS token)",
-               ("head",), head="mpncov", class_token=False, upstream=(("classifier", "mpncov"), *_NO_EXTRAS)),
+               ("head",), head="mpncov", class_token=False, upstream=(("classifier", "mpncov"), *_NO_EXTRAS), title="MPN-COV"),
     MethodSpec("ila", "ila", "Down-sampling ILA only, after blocks 3 and 7",
                (*_PETL, "ila"), ila_ds_locs=(3, 7),
-               upstream=(("ila", True), ("adapter", False), ("ila_locs", False))),
+               upstream=(("ila", True), ("adapter", False), ("ila_locs", False)), title="ILA (DS only)"),
     MethodSpec("ila_plus", "ila", "ILA+: down-sampling ILA after blocks 3 and 7, same-resolution ILA after the rest",
                (*_PETL, "ila"), ila_ds_locs=(3, 7), ila_rest=True,
-               upstream=(("ila", True), ("adapter", False), ("ila_locs", True))),
+               upstream=(("ila", True), ("adapter", False), ("ila_locs", True)), title="ILA+"),
     MethodSpec("ila_pp", "ila", "ILA++: down-sampling ILA after blocks 3 and 7 + parallel adapters in every block",
                (*_PETL, "adapters", "ila"), adapter="adapter", ila_ds_locs=(3, 7),
-               upstream=(("ila", True), ("adapter", True))),
+               upstream=(("ila", True), ("adapter", True)), title="ILA++"),
 )
+
+#: How figures and tables name a family.
+FAMILY_TITLES: dict[str, str] = {"ila": "ILA", "petl": "PETL", "fgir": "FGIR", "full": "full fine-tuning"}
 
 METHODS: dict[str, MethodSpec] = {m.name: m for m in TABLE}
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
@@ -123,4 +131,4 @@ def detect_upstream(flags: dict[str, object]) -> MethodSpec | None:
     return max(hits, key=_specificity, default=None)
 
 
-__all__ = ["ILA_METHODS", "METHODS", "METHOD_NAMES", "TABLE", "MethodSpec", "detect_upstream", "method_spec"]
+__all__ = ["FAMILY_TITLES", "ILA_METHODS", "METHODS", "METHOD_NAMES", "TABLE", "MethodSpec", "detect_upstream", "method_spec"]

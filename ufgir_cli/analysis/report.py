@@ -21,6 +21,7 @@ from ..data.datasets import load_image, normalize, preprocess_for
 from ..data.folder import read_classes
 from ..data.loaders import make_loader, open_split
 from ..errors import DatasetError, OptionError
+from ..methods import FAMILY_TITLES, METHODS
 from ..model import build_model
 from ..model.checkpoint import checkpoint_tag, load_run, read_checkpoint, resolve_checkpoint
 from ..model.precision import resolve_device, resolve_precision
@@ -55,28 +56,14 @@ def run_label(path: Path, recipe: Recipe) -> str:
 # --------------------------------------------------------------------------------------------
 # names in figures: what a reader of the paper knows, never a folder name
 
-_METHOD_TITLES = {
-    "linear": "Linear probe", "full": "Full fine-tuning", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep",
-    "adapter": "Adapter", "convpass": "ConvPass", "vqt": "VQT", "ila": "ILA (DS only)", "ila_plus": "ILA+",
-    "ila_pp": "ILA++", "ifa": "IFA", "mpncov": "MPNC", "glsim": "GLSim", "rams": "RAMS", "transfg": "TransFG",
-    "ffvt": "FFVT", "cal": "CAL",
-}
-_FAMILIES = {
-    "ILA": ("ila", "ila_plus", "ila_pp"),
-    "PETL": ("linear", "vpt_shallow", "vpt_deep", "adapter", "convpass", "vqt"),
-    "FGIR": ("ifa", "mpncov", "glsim", "rams", "transfg", "ffvt", "cal"),
-    "full fine-tuning": ("full",),
-}
-
-
 def method_title(method: str) -> str:
     """A method as the paper names it ("ILA++", "VPT-deep"); unknown names as they are."""
-    return _METHOD_TITLES.get(method, method)
+    return METHODS[method].display_name if method in METHODS else method
 
 
 def method_family(method: str) -> str:
     """ILA, PETL, FGIR, full fine-tuning or other: the colour of a method in the compare plot."""
-    return next((family for family, methods in _FAMILIES.items() if method in methods), "other")
+    return FAMILY_TITLES[METHODS[method].family] if method in METHODS else "other"
 
 
 def dataset_title(dataset: str) -> str:
