@@ -1,4 +1,4 @@
-"""The single-pass comparison methods (IFA, MPN-COV, VQT): the reference's checkpoints reproduce through
+"""The single-pass comparison methods (IFA, MPN-COV, VQT, TransFG, FFVT): the reference's checkpoints reproduce through
 `load_upstream_checkpoint`, every stored intermediate within the fixture README's tolerance, the counts
 and MACs of FGIR.md §10 for ViT-B/16, and each head fed the very tensors the reference handed its own.
 """
@@ -20,7 +20,14 @@ from ufgir_cli.engine.train import fit
 from ufgir_cli.errors import TrainingError
 from ufgir_cli.model import build_model, load_upstream_checkpoint
 from ufgir_cli.model.checkpoint import read_checkpoint
-from ufgir_cli.model.heads import IFAHead, MPNCovHead, isqrt_newton_schulz, upper_triangle
+from ufgir_cli.model.heads import (
+    IFAHead,
+    MPNCovHead,
+    isqrt_newton_schulz,
+    maws_scores,
+    psm_scores,
+    upper_triangle,
+)
 from ufgir_cli.recipe import load_recipe
 
 
@@ -161,9 +168,58 @@ def test_vqt_checkpoint_reproduces(fixture_dir):
     assert _counts(model) == (ex["trainable_params"], ex["total_params"])
 
 
-# ViT-B/16, 200 classes: trainable counts of the issue's table and FGIR.md §10's GMACs (224, 448).
+def test_transfg_checkpoint_reproduces(fixture_dir):
+    model, recipe, ex = _upstream(fixture_dir, "transfg_t16_224")
+    assert recipe.model.method == "transfg" and recipe.model.depth == 11
+    x = ex["input"]
+    with torch.no_grad():
+        logits = model(x)
+        tokens, idx = model.select_tokens(x)
+        maps = model.attention_maps(x)
+    assert torch.equal(idx, ex["token_indices"])  # one part per head, in head order
+    assert (tokens - ex["aggregator_input"]).abs().max() <= 1e-5
+    assert (psm_scores(maps) - ex["psm_scores"]).abs().max() <= 1e-6
+    assert (logits - ex["logits"]).abs().max() <= 1e-4
+    assert model.tokens_per_block == list(ex["tokens_per_block"])
+    assert _counts(model) == (ex["trainable_params"], ex["total_params"])
+    # The row-0 chain: the same scores, so the same parts, for ~1000x fewer multiply-adds at 448 px.
+    assert (psm_scores(maps, row0_chain=True) - ex["psm_scores"]).abs().max() <= 1e-6
+    model.cfg = model.cfg.model_copy(update={"psm_row0_chain": True})
+    with torch.no_grad():
+        assert torch.equal(model.select_tokens(x)[1], idx)
+
+
+def test_ffvt_checkpoint_reproduces(fixture_dir):
+    model, recipe, ex = _upstream(fixture_dir, "ffvt_t16_224")
+    assert recipe.model.method == "ffvt" and recipe.model.maws_tokens == ex["selector_num_tokens"] == 12
+    x = ex["input"]
+    with torch.no_grad():
+        logits = model(x)
+        tokens, idx = model.select_tokens(x)
+    for block in range(idx.shape[0]):  # compared as sets: the order inside the 12 has near-ties
+        for b in range(idx.shape[1]):
+            assert set(idx[block, b].tolist()) == set(ex["token_indices"][block, b].tolist())
+    assert tokens.shape == ex["aggregator_input"].shape
+    assert (tokens[:, 0] - ex["aggregator_input"][:, 0]).abs().max() <= 1e-5
+    assert (logits - ex["logits"]).abs().max() <= 1e-4
+    assert model.tokens_per_block == list(ex["tokens_per_block"])
+    assert _counts(model) == (ex["trainable_params"], ex["total_params"])
+
+
+def test_maws_scores_from_the_stored_maps(fixture_dir):
+    _, _, ex = _upstream(fixture_dir, "ffvt_t16_224")
+    for block in range(ex["maws_scores"].shape[0]):
+        rows = ex["attention_cls_rows"][block]                                 # (B, heads, S): the CLS rows
+        probs = torch.zeros(*rows.shape, rows.shape[-1])
+        probs[:, :, 0] = rows
+        got = maws_scores(probs, ex["attention_logits_cls_cols"][block])
+        assert (got - ex["maws_scores"][block]).abs().max() <= 1e-6 * ex["maws_scores"][block].abs().max() + 1e-12
+
+
+# ViT-B/16, 200 classes: trainable counts of the issues' tables and FGIR.md §10's GMACs (224, 448).
 B16 = {"ifa": (2_317 + 769 * 200, (17.567, 78.509)), "mpncov": (49_280 + 2_081 * 200, (17.484, 78.434)),
-       "vqt": (46_848 + 46_849 * 200, None)}
+       "vqt": (46_848 + 46_849 * 200, None), "transfg": (7_088_640 + 769 * 200, (17.122, 130.146)),
+       "ffvt": (7_090_176 + 769 * 200, (17.081, 72.974))}
 
 
 @pytest.mark.parametrize("method", sorted(B16))
@@ -184,7 +240,8 @@ def test_vit_b16_counts_and_macs(method):
 def _recipe(method: str, root, epochs: int):
     """The micro ViT (pretrained on synthetic leaves) with the method's head, on tiny synthetic data."""
     return load_recipe("quickstart", {
-        "model": {"method": method, "ila_ds_locs": [], "ila_locs": [], "prompt_len": 5, "cov_dim": 16, "drop": 0.1},
+        "model": {"method": method, "ila_ds_locs": [], "ila_locs": [], "prompt_len": 5, "cov_dim": 16, "drop": 0.1,
+                  "depth": 6, "maws_tokens": 4},
         "data": {"root": str(root), "num_workers": 0},
         "train": {"epochs": epochs, "batch_size": 8, "precision": "fp32"},
         "eval": {"every": 0}, "optim": {"lr": 0.05}, "schedule": {"warmup_steps": 2}, "logging": {"log_every": 1},
@@ -223,7 +280,7 @@ def _comparable(rec: dict) -> dict:
 # ---- the other tools: import-upstream, export with parity, the analysis pass ---------------------
 
 
-@pytest.mark.parametrize("name", ["ifa_t16_224", "mpncov_t16_160", "vqt_t16_112"])
+@pytest.mark.parametrize("name", ["ifa_t16_224", "mpncov_t16_160", "vqt_t16_112", "transfg_t16_224", "ffvt_t16_224"])
 def test_import_export_and_analysis(fixture_dir, tmp_path, name):
     from ufgir_cli.analysis.features import forward_collect
     from ufgir_cli.ship import export_model, import_upstream

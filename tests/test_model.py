@@ -131,7 +131,7 @@ def test_every_method_forward_and_maps(method):
         y = m(x)
         maps = m.attention_maps(x)
     assert y.shape == (2, 5)
-    assert len(maps) == 12
+    assert len(maps) == len(m.vit.blocks) == (m.cfg.depth or 12)  # TransFG and FFVT run 11 blocks
     info = m.feature_info
     # A block attends over what the one before it output, plus its deep prompts, minus the query-only
     # (VQT) prompt rows that the previous block passed on.

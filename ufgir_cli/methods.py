@@ -25,7 +25,7 @@ Part = Literal["head", "cls", "adapters", "ila", "prompts", "all"]
 FlagTest = bool | str
 #: What turns the backbone's output into logits: a Linear on the CLS token (timm's head), or one of the
 #: comparison methods' heads in ``model/heads.py``.
-Head = Literal["linear", "ifa", "mpncov", "vqt"]
+Head = Literal["linear", "ifa", "mpncov", "vqt", "aggregator"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class MethodSpec:
     head: Head = "linear"
     class_token: bool = True  # False: the backbone has no CLS token (MPN-COV pools the patch tokens)
     final_norm: bool = True  # False: no LayerNorm after the last block (IFA reads pre-norm CLS tokens)
+    selector: Literal["psm", "maws"] | None = None  # aggregator heads: how tokens are picked from attention
     ila_ds_locs: tuple[int, ...] = ()  # default down-sampling ILA positions (a 12-block ViT's)
     ila_rest: bool = False  # default: a same-resolution ILA after every block without a DS-ILA
     upstream: tuple[tuple[str, FlagTest], ...] = ()  # how import-upstream recognises it
@@ -86,7 +87,14 @@ TABLE: tuple[MethodSpec, ...] = (
     MethodSpec("ifa", "fgir", "IFA: a learned mix of every block's CLS token into the head; no final LayerNorm",
                _PETL, head="ifa", final_norm=False, upstream=(("classifier", "ifa"), *_NO_EXTRAS), title="IFA"),
     MethodSpec("mpncov", "fgir", "MPN-COV: iSQRT covariance pooling of the patch tokens (no CLS token)",
-               ("head",), head="mpncov", class_token=False, upstream=(("classifier", "mpncov"), *_NO_EXTRAS), title="MPN-COV"),
+               ("head",), head="mpncov", class_token=False, upstream=(("classifier", "mpncov"), *_NO_EXTRAS),
+               title="MPN-COV"),
+    MethodSpec("transfg", "fgir", "TransFG: one token per head by the product of attention maps, into one "
+               "more block", _PETL, head="aggregator", selector="psm",
+               upstream=(("selector", "psm"), *_NO_EXTRAS), title="TransFG"),
+    MethodSpec("ffvt", "fgir", "FFVT: 12 tokens per block by mutual attention weights, into one more block",
+               _PETL, head="aggregator", selector="maws", final_norm=False,
+               upstream=(("selector", "maws"), *_NO_EXTRAS), title="FFVT"),
     MethodSpec("ila", "ila", "Down-sampling ILA only, after blocks 3 and 7",
                (*_PETL, "ila"), ila_ds_locs=(3, 7),
                upstream=(("ila", True), ("adapter", False), ("ila_locs", False)), title="ILA (DS only)"),

@@ -12,18 +12,21 @@ from torch import nn
 
 
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            probs: list[torch.Tensor] | None) -> torch.Tensor:
+            probs: list[torch.Tensor] | None, key0: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Softmax attention over (B, heads, N, hd) tensors: fused SDPA, or the explicit path when
     ``probs`` asks for the maps (the one place they are taken; see ``UfgirViT.collect_attention``).
     On a CPU, bf16 training also takes the explicit path: the CPU flash-attention backward is about
     2.7x slower than two bf16 matmuls there (ViT-B/16, batch 8, measured); the forward and every
-    other device/precision use SDPA."""
+    other device/precision use SDPA. ``key0`` receives the pre-softmax logits of every query against
+    the first key, (B, heads, Nq) (FFVT's selection needs them; the maps cannot give them back)."""
     q, k = attn.q_norm(q), attn.k_norm(k)
     cpu_bf16_backward = q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
-    if probs is None and not cpu_bf16_backward:
+    if probs is None and key0 is None and not cpu_bf16_backward:
         drop = attn.attn_drop.p if attn.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
     a = (q * attn.scale) @ k.transpose(-2, -1)                            # (B, heads, Nq, N)
+    if key0 is not None:
+        key0.append(a[..., 0])                                             # (B, heads, Nq)
     a = a.softmax(dim=-1)
     if probs is not None:
         probs.append(a)
@@ -50,7 +53,7 @@ def _merge_heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def explicit_attention(attn: nn.Module, x: torch.Tensor, probs: list[torch.Tensor] | None = None,
-                       query_only: int = 0) -> torch.Tensor:
+                       query_only: int = 0, key0: list[torch.Tensor] | None = None) -> torch.Tensor:
     """timm ``Attention`` forward, able to hand out the attention maps (see `_attend`).
 
     The first ``query_only`` rows only ask (VQT's prompts): they are never keys or values, so the
@@ -59,7 +62,7 @@ def explicit_attention(attn: nn.Module, x: torch.Tensor, probs: list[torch.Tenso
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
     q, k, v = qkv.unbind(0)
     if not query_only:
-        return _merge_heads(attn, _attend(attn, q, k, v, probs))
+        return _merge_heads(attn, _attend(attn, q, k, v, probs, key0))
     k, v = k[:, :, query_only:], v[:, :, query_only:]                      # (B, heads, N - query_only, hd)
     maps: list[torch.Tensor] | None = [] if probs is not None else None
     out = _attend(attn, q, k, v, maps)

@@ -11,6 +11,7 @@ micro backbone (engine/pretrain.py) and as a version string in run provenance.
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from pathlib import Path
 
 import timm
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from ..errors import CheckpointError, ModelError, RecipeError
@@ -201,6 +202,14 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def new_block_like(vit: VisionTransformer, eps: float) -> nn.Module:
+    """A fresh transformer block of the backbone's width, heads and MLP ratio (random init, no
+    dropout of its own): TransFG's and FFVT's aggregator, which never takes the backbone's weights."""
+    last = vit.blocks[-1]
+    return Block(vit.embed_dim, last.attn.num_heads, mlp_ratio=last.mlp.fc1.out_features / vit.embed_dim,
+                 qkv_bias=last.attn.qkv.bias is not None, norm_layer=partial(nn.LayerNorm, eps=eps))
+
+
 def embed_tokens(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, S, S) -> the tokens entering block 0, as timm's ``forward_features`` makes them:
     patch embedding, prefix tokens and position embedding, patch dropout, pre-norm.
@@ -211,5 +220,5 @@ def embed_tokens(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     return vit.norm_pre(vit.patch_drop(x))
 
 
-__all__ = ["MICRO", "MICRO_WEIGHTS", "create_backbone", "embed_tokens", "load_weights_file", "resize_input",
+__all__ = ["MICRO", "MICRO_WEIGHTS", "create_backbone", "embed_tokens", "load_weights_file", "new_block_like", "resize_input",
            "state_dict_sha256"]

@@ -61,7 +61,15 @@ _HEAD_KEYS = {
     "ifa": (("head.ifa_head.0.", "head.mix."), ("head.ifa_head.3.", "head.norm."), ("head.ifa_head.4.", "head.fc.")),
     "mpncov": (("head.mpncov.conv_dr_block.", "head.reduce."), ("head.head.1.", "head.fc.")),
     "vqt": (("head.head.", "head.fc."),),
+    "aggregator": (("head.", "head.fc."),),
 }
+#: A transformer block of the reference: an encoder block, or TransFG's/FFVT's aggregator block.
+_BLOCK = r"(encoder\.blocks\.\d+|aggregator\.blocks\.0)"
+
+
+def _block_name(ref: str) -> str:
+    """``encoder.blocks.3`` -> ``vit.blocks.3``; ``aggregator.blocks.0`` -> ``head.block``."""
+    return "head.block" if ref.startswith("aggregator") else "vit." + ref.removeprefix("encoder.")
 
 
 def read_upstream(path: str | Path) -> dict[str, Any]:
@@ -146,7 +154,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
     unmapped: list[str] = []
     ds_locs = list(getattr(c, "ila_ds_locs", []) or [])
     ila_locs = list(getattr(c, "ila_locs", []) or [])
-    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, t in sd.items():
         k = key.removeprefix("module.").removeprefix("model.")
         if k == "class_token":
@@ -157,6 +165,10 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
             out["vit.pos_embed"] = t
         elif k.startswith("encoder_norm."):
             out["vit.norm." + k.split(".", 1)[1]] = t
+        elif k.startswith("aggregator") and model.plan.head != "aggregator":
+            unmapped.append(key)
+        elif k.startswith("aggregator_norm."):
+            out["head.norm." + k.split(".", 1)[1]] = t
         elif model.head is not None and k.startswith("head."):
             for ref, ours in _HEAD_KEYS[model.plan.head]:
                 if k.startswith(ref):
@@ -171,8 +183,8 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
                 unmapped.append(key)
             else:
                 out["prompts"] = t.reshape(model.prompts.shape)
-        elif m := re.fullmatch(r"encoder\.blocks\.(\d+)\.attn\.proj_([qkv])\.(weight|bias)", k):
-            qkv.setdefault((int(m[1]), m[3]), {})[m[2]] = t
+        elif m := re.fullmatch(_BLOCK + r"\.attn\.proj_([qkv])\.(weight|bias)", k):
+            qkv.setdefault((_block_name(m[1]), m[3]), {})[m[2]] = t
         elif m := re.fullmatch(r"encoder\.blocks\.(\d+)\.adapter_(attn|pwffn)\.(\w+)\.(weight|bias)", k):
             which = "attn" if m[2] == "attn" else "mlp"
             sub = _ADAPTER_SUBKEYS.get(m[3])
@@ -180,12 +192,12 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
                 unmapped.append(key)
             else:
                 out[f"adapters.{m[1]}.{which}.{sub}.{m[4]}"] = t
-        elif m := re.fullmatch(r"encoder\.blocks\.(\d+)\.(.+)\.(weight|bias)", k):
+        elif m := re.fullmatch(_BLOCK + r"\.(.+)\.(weight|bias)", k):
             sub = _BLOCK_SUBKEYS.get(m[2])
             if sub is None:
                 unmapped.append(key)
             else:
-                out[f"vit.blocks.{m[1]}.{sub}.{m[3]}"] = t
+                out[f"{_block_name(m[1])}.{sub}.{m[3]}"] = t
         elif m := re.fullmatch(r"encoder\.(ila_ds|ila)\.(\d+)\.(.+)\.(\w+)", k):
             locs = ds_locs if m[1] == "ila_ds" else ila_locs
             j = int(m[2])
@@ -196,11 +208,11 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
                 out[f"ila.{locs[j]}.{sub}.{m[4]}"] = t
         else:
             unmapped.append(key)
-    for (i, kind), parts in qkv.items():
+    for (block, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
-            unmapped.append(f"encoder.blocks.{i}.attn.proj_[qkv].{kind} (incomplete: {sorted(parts)})")
+            unmapped.append(f"{block}: attn.proj_[qkv].{kind} (incomplete: {sorted(parts)})")
             continue
-        out[f"vit.blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+        out[f"{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     if unmapped:
         raise CheckpointError(f"reference checkpoint has keys that map to nothing in {model.method}: {unmapped[:8]}"
                               + (f" (+{len(unmapped) - 8} more)" if len(unmapped) > 8 else ""))

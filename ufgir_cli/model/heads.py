@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..methods import method_spec
+from .backbone import new_block_like
 from .ila import xavier_linear_
 from .precision import float32_region
 
@@ -106,19 +108,84 @@ class VQTHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
-def _ifa(depth: int, dim: int, num_classes: int, cfg) -> nn.Module:
-    return IFAHead(depth, dim, num_classes, eps=cfg.layer_norm_eps or 1e-6)
+class AggregatorHead(nn.Module):
+    """TransFG's and FFVT's head: one more transformer block (random init, never the backbone's last)
+    over the CLS token and the selected tokens, a LayerNorm, and a zero-initialised Linear on the CLS.
+
+    ``own_norm``: FFVT's LayerNorm is new and trains; TransFG's is the backbone's final norm (frozen),
+    passed to ``forward``."""
+
+    def __init__(self, block: nn.Module, dim: int, num_classes: int, eps: float, own_norm: bool):
+        super().__init__()
+        self.block = block
+        self.norm = nn.LayerNorm(dim, eps=eps) if own_norm else None
+        self.fc = nn.Linear(dim, num_classes)
+        for m in self.block.modules():
+            if isinstance(m, nn.Linear):
+                xavier_linear_(m)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, tokens: torch.Tensor, final_norm: nn.Module, drop: nn.Module,
+                pre_logits: bool = False) -> torch.Tensor:
+        """``tokens`` (B, 1 + K, D): the CLS token, then the K selected ones -> logits (B, C). The
+        block's dropout sits on its branch outputs, as in the backbone's blocks (``drop``)."""
+        blk = self.block
+        x = tokens + blk.drop_path1(drop(blk.ls1(blk.attn(blk.norm1(tokens)))))
+        x = x + blk.drop_path2(drop(blk.ls2(blk.mlp(blk.norm2(x)))))
+        cls = (self.norm or final_norm)(x)[:, 0]                             # (B, D)
+        return cls if pre_logits else self.fc(cls)
 
 
-def _mpncov(depth: int, dim: int, num_classes: int, cfg) -> nn.Module:
-    return MPNCovHead(dim, num_classes, proj=cfg.cov_dim)
+def psm_scores(maps: list[torch.Tensor], row0_chain: bool = False) -> torch.Tensor:
+    """TransFG's part selection: per head, row 0 (the CLS query) of the product of every block's
+    attention, A_L-1 ... A_0, with no identity and no renormalisation, over the patch columns.
+    (B, heads, S, S) maps -> (B, heads, S - 1) scores, in float32.
+
+    The full product is what the reference computes (L-1 products of S x S matrices: 58 GMACs for
+    ViT-B/16 at 448 px); ``row0_chain`` multiplies the CLS row through instead, S^2 per block, for the
+    same scores up to float rounding."""
+    maps = [a.float() for a in maps]
+    if row0_chain:
+        v = maps[-1][:, :, :1]                                               # (B, heads, 1, S)
+        for a in reversed(maps[:-1]):
+            v = v @ a
+        return v[:, :, 0, 1:]
+    m = maps[-1]
+    for a in reversed(maps[:-1]):
+        m = m @ a                                                            # (B, heads, S, S)
+    return m[:, :, 0, 1:]
 
 
-def _vqt(depth: int, dim: int, num_classes: int, cfg) -> nn.Module:
-    return VQTHead(depth, cfg.prompt_len, dim, num_classes)
+def maws_scores(probs: torch.Tensor, key0_logits: torch.Tensor) -> torch.Tensor:
+    """FFVT's mutual attention weight selection for one block: how much each token attends to the CLS
+    token (the pre-softmax key-0 column, softmaxed over the queries) times how much the CLS token
+    attends to it (the CLS row of the attention), both averaged over heads. (B, heads, S, S) and
+    (B, heads, S) -> (B, S), over every position, the CLS itself included; in float32."""
+    contribution = key0_logits.float().softmax(dim=-1).mean(dim=1)           # (B, S)
+    weight = probs[:, :, 0].float().mean(dim=1)                               # (B, S)
+    return contribution * weight
 
 
-#: Head kind of the method table -> builder(depth, dim, num_classes, model config).
-HEADS = {"ifa": _ifa, "mpncov": _mpncov, "vqt": _vqt}
+def _ifa(vit: nn.Module, num_classes: int, cfg) -> nn.Module:
+    return IFAHead(len(vit.blocks), vit.embed_dim, num_classes, eps=cfg.layer_norm_eps or 1e-6)
 
-__all__ = ["HEADS", "IFAHead", "MPNCovHead", "VQTHead", "isqrt_newton_schulz", "upper_triangle"]
+
+def _mpncov(vit: nn.Module, num_classes: int, cfg) -> nn.Module:
+    return MPNCovHead(vit.embed_dim, num_classes, proj=cfg.cov_dim)
+
+
+def _vqt(vit: nn.Module, num_classes: int, cfg) -> nn.Module:
+    return VQTHead(len(vit.blocks), cfg.prompt_len, vit.embed_dim, num_classes)
+
+
+def _aggregator(vit: nn.Module, num_classes: int, cfg) -> nn.Module:
+    eps = cfg.layer_norm_eps or 1e-6
+    return AggregatorHead(new_block_like(vit, eps), vit.embed_dim, num_classes, eps,
+                          own_norm=not method_spec(cfg.method).final_norm)
+
+
+#: Head kind of the method table -> builder(timm backbone, num_classes, model config).
+HEADS = {"ifa": _ifa, "mpncov": _mpncov, "vqt": _vqt, "aggregator": _aggregator}
+
+__all__ = ["HEADS", "AggregatorHead", "IFAHead", "maws_scores", "psm_scores", "MPNCovHead", "VQTHead", "isqrt_newton_schulz", "upper_triangle"]

@@ -28,6 +28,7 @@ class MethodPlan:
     ila_ds_locs: tuple[int, ...]  # down-sampling ILA after these blocks
     trains: tuple[Part, ...] = ("head", "cls")  # what trains (see methods.Part)
     head: str = "linear"  # "linear" (timm's head on the CLS token) or a head of model/heads.py
+    selector: str | None = None  # aggregator heads: "psm" (TransFG) or "maws" (FFVT)
 
     @property
     def train_backbone(self) -> bool:
@@ -54,4 +55,5 @@ def method_plan(cfg: ModelConfig) -> MethodPlan:
         ila_ds_locs=tuple(cfg.ila_ds_locs or ()),
         trains=("all",) if cfg.train_backbone else spec.trains,
         head=spec.head,
+        selector=spec.selector,
     )

@@ -23,9 +23,10 @@ from ..recipe import ModelConfig
 from .adapters import BlockAdapters
 from .attention import autocast_input, cls_attention, explicit_attention
 from .backbone import MICRO, create_backbone, embed_tokens, resize_input, state_dict_sha256
-from .heads import HEADS
+from .heads import HEADS, maws_scores, psm_scores
 from .ila import ILA, Dropout, prompt_init_bound, xavier_linear_
 from .methods import MethodPlan, method_plan
+from .precision import float32_region
 
 
 class BlockInfo(NamedTuple):
@@ -106,7 +107,7 @@ class UfgirViT(nn.Module):
             }
         )
         # A comparison method's own head (model/heads.py) replaces timm's, which is then headless.
-        self.head = HEADS[plan.head](depth, D, self.num_classes, cfg) if plan.head != "linear" else None
+        self.head = HEADS[plan.head](vit, self.num_classes, cfg) if plan.head != "linear" else None
         self.prompt_len = cfg.prompt_len if plan.prompts else 0
         self.prompts = None
         if plan.prompts:
@@ -118,6 +119,8 @@ class UfgirViT(nn.Module):
             xavier_linear_(vit.head)  # the reference's init for every Linear, the head included
         self.grad_checkpointing = False
         self._attn_probs: list[torch.Tensor] | None = None  # set by collect_attention()
+        # Per block (softmax maps, key-0 logits or None) while an aggregator head selects tokens.
+        self._selection: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
         #: ``forward`` may run the last block for the CLS row alone where that is exact (see
         #: `cls_only_last_block`); False runs every token, as cost counting does.
         self.last_block_cls_only = True
@@ -220,7 +223,7 @@ class UfgirViT(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if self.head is not None:  # a method's head: rebuilt whole, its own init
-            self.head = HEADS[self.plan.head](len(self.vit.blocks), self.embed_dim, num_classes, self.cfg)
+            self.head = HEADS[self.plan.head](self.vit, num_classes, self.cfg)
         else:
             self.vit.reset_classifier(num_classes, global_pool)
             if isinstance(self.vit.head, nn.Linear):
@@ -265,7 +268,7 @@ class UfgirViT(nn.Module):
             a = cls_attention(blk.attn, h)
             h, x = h[:, :1], x[:, :1]                                          # (B, 1, D) from here on
         else:
-            a = explicit_attention(blk.attn, h, self._attn_probs, query_only=L)
+            a = self._attention(blk.attn, h, L)
         a = self.drop(blk.ls1(a))
         if ad is not None:
             a = a + ad.attn(h, grid, P)
@@ -282,6 +285,21 @@ class UfgirViT(nn.Module):
             x = ila(x, grid, self.num_prefix_tokens)
         return x
 
+    def _attention(self, attn: nn.Module, h: torch.Tensor, query_only: int) -> torch.Tensor:
+        """A block's attention, handing its maps to whoever asked: `collect_attention` and, while an
+        aggregator head selects tokens, the selection (FFVT's also gets the key-0 logits)."""
+        sel = self._selection
+        if self._attn_probs is None and sel is None:
+            return explicit_attention(attn, h, None, query_only=query_only)
+        maps: list[torch.Tensor] = []
+        key0: list[torch.Tensor] | None = [] if sel is not None and self.plan.selector == "maws" else None
+        out = explicit_attention(attn, h, maps, query_only=query_only, key0=key0)
+        if self._attn_probs is not None:
+            self._attn_probs.extend(maps)
+        if sel is not None:
+            sel.append((maps[0], key0[0] if key0 else None))
+        return out
+
     def _encode(self, x: torch.Tensor, take: frozenset[int] = frozenset(), stop: int | None = None,
                 last_cls_only: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image -> (the last run block's tokens, the outputs of the blocks in ``take``). Runs blocks
@@ -297,7 +315,7 @@ class UfgirViT(nn.Module):
         for b in blocks:
             if last_cls_only and b.index == len(blocks) - 1:
                 return self._block(b.index, x, b.grid, cls_only=True), outputs  # (B, 1, D)
-            if self.grad_checkpointing and self.training and self._attn_probs is None \
+            if self.grad_checkpointing and self.training and self._attn_probs is None and self._selection is None \
                     and not torch.jit.is_scripting():
                 x = checkpoint(self._block, b.index, x, b.grid, use_reentrant=False)
             else:
@@ -359,6 +377,8 @@ class UfgirViT(nn.Module):
         kind = self.plan.head
         if kind == "linear":
             return self.vit.forward_head(x, pre_logits=pre_logits)
+        if kind == "aggregator":
+            raise ValueError(f"the {self.method} head selects tokens from every block's attention: call model(x)")
         if kind == "mpncov":
             return self.head(x[:, self.num_prefix_tokens:], self.feature_info[-1].out_grid, pre_logits)
         if intermediates is None:
@@ -382,6 +402,8 @@ class UfgirViT(nn.Module):
         """Logits. Equal to ``forward_head(forward_features(x))``; when only the CLS token reaches the
         head (and no attention is being collected), the last block is computed for that token alone
         (`cls_only_last_block`)."""
+        if self.plan.head == "aggregator":
+            return self.head(self.select_tokens(x)[0], self.vit.norm, self.drop)
         cls_only = self.last_block_cls_only and self._attn_probs is None and self.cls_only_last_block
         if self.plan.head in ("ifa", "vqt"):  # heads that read every block's output
             last, inter = self._encode(x, frozenset(range(len(self.vit.blocks))), last_cls_only=cls_only)
@@ -389,6 +411,32 @@ class UfgirViT(nn.Module):
         if not cls_only:
             return self.forward_head(self.forward_features(x))
         return self.forward_head(self.vit.norm(self._encode(x, last_cls_only=True)[0]))
+
+    def select_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TransFG's and FFVT's input to their aggregator block: the last block's CLS token followed by
+        the selected tokens, (B, 1 + K, D), and the selected indices into each block's tokens.
+
+        TransFG (``psm``): per head, the argmax of the CLS row of the attention product over the patch
+        tokens, gathered from the last block's output: K = heads, indices (B, heads).
+        FFVT (``maws``): per block, the 12 tokens with the largest mutual attention weight (the CLS
+        token may be one), gathered from that block's output: K = 12 x blocks, indices (blocks, B, 12).
+        Scores and selection run in float32 whatever the autocast (fp16 ties move a selection)."""
+        self._selection = sel = []
+        try:
+            last, outputs = self._encode(x, frozenset(range(len(self.vit.blocks))))
+        finally:
+            self._selection = None
+        D = last.shape[-1]
+        with float32_region(last):
+            if self.plan.selector == "psm":
+                scores = psm_scores([maps for maps, _ in sel], row0_chain=self.cfg.psm_row0_chain)
+                idx = scores.argmax(dim=-1) + 1                                    # (B, heads): past the CLS
+                parts = [last.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))]     # (B, heads, D)
+            else:
+                idx = torch.stack([maws_scores(maps, key0).topk(self.cfg.maws_tokens, dim=-1).indices
+                                   for maps, key0 in sel])                        # (blocks, B, K)
+                parts = [out.gather(1, i.unsqueeze(-1).expand(-1, -1, D)) for out, i in zip(outputs, idx, strict=True)]
+        return torch.cat([last[:, :1], *parts], dim=1), idx                       # (B, 1 + K, D)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor, criterion: nn.Module) -> torch.Tensor:
         """The training loss of what ``forward`` returned in train mode. The training loop asks the
