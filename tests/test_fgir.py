@@ -1,4 +1,4 @@
-"""The single-pass comparison methods (IFA, MPN-COV, VQT, TransFG, FFVT): the reference's checkpoints reproduce through
+"""The comparison methods (IFA, MPN-COV, VQT, TransFG, FFVT, GLSim, RAMS): the reference's checkpoints reproduce through
 `load_upstream_checkpoint`, every stored intermediate within the fixture README's tolerance, the counts
 and MACs of FGIR.md §10 for ViT-B/16, and each head fed the very tensors the reference handed its own.
 """
@@ -23,9 +23,12 @@ from ufgir_cli.model.checkpoint import read_checkpoint
 from ufgir_cli.model.heads import (
     IFAHead,
     MPNCovHead,
+    crop_boxes,
+    glsim_scores,
     isqrt_newton_schulz,
     maws_scores,
     psm_scores,
+    rollout_scores,
     upper_triangle,
 )
 from ufgir_cli.recipe import load_recipe
@@ -184,7 +187,7 @@ def test_transfg_checkpoint_reproduces(fixture_dir):
     assert _counts(model) == (ex["trainable_params"], ex["total_params"])
     # The row-0 chain: the same scores, so the same parts, for ~1000x fewer multiply-adds at 448 px.
     assert (psm_scores(maps, row0_chain=True) - ex["psm_scores"]).abs().max() <= 1e-6
-    model.cfg = model.cfg.model_copy(update={"psm_row0_chain": True})
+    model.cfg = model.cfg.model_copy(update={"row0_chain": True})
     with torch.no_grad():
         assert torch.equal(model.select_tokens(x)[1], idx)
 
@@ -216,10 +219,68 @@ def test_maws_scores_from_the_stored_maps(fixture_dir):
         assert (got - ex["maws_scores"][block]).abs().max() <= 1e-6 * ex["maws_scores"][block].abs().max() + 1e-12
 
 
+@pytest.mark.parametrize("name", ["glsim_t16_224", "rams_t16_112"])
+def test_crop_methods_reproduce(fixture_dir, name):
+    """GLSim and RAMS: the same patches, boxes and crops as the reference, then both passes and the head."""
+    model, recipe, ex = _upstream(fixture_dir, name)
+    x = ex["input"]
+    with torch.no_grad():
+        logits = model(x)
+        first = model.crop(x)
+    for ours, theirs in zip(first["indices"].tolist(), ex["indices"].tolist(), strict=True):
+        assert set(ours) == set(theirs)
+    assert torch.equal(first["boxes"], ex["boxes"])
+    assert (first["crops"] - ex["crops"]).abs().max() <= 1e-5
+    assert (first["tokens"] - ex["tokens_pass1"]).abs().max() <= 1e-4
+    assert (logits - ex["logits"]).abs().max() <= 1e-4
+    assert model.tokens_per_block == list(ex["tokens_per_block"])
+    assert _counts(model) == (ex["trainable_params"], ex["total_params"])
+    if name.startswith("glsim"):
+        assert recipe.model.train_backbone  # the reference fixture trains every weight
+        sim, largest = glsim_scores(ex["tokens_pass1"])
+        assert largest and (sim - ex["similarity"]).abs().max() <= 1e-5
+    else:
+        maps = [a.unsqueeze(1) for a in ex["attention_pass1_head_mean"]]      # (B, 1, S, S): heads already fused
+        assert (rollout_scores(maps) - ex["rollout_scores"]).abs().max() <= 1e-6
+        assert (rollout_scores(maps, row0_chain=True) - ex["rollout_scores"]).abs().max() <= 1e-6
+
+
+def test_glsim_crafted_boxes_and_metrics(fixture_dir):
+    """The reference's box edge cases (one row, the last column, a corner block, the four corners)
+    and its l1 / l2 selections."""
+    _, _, ex = _upstream(fixture_dir, "glsim_t16_224")
+    cases = ex["box_cases"]
+    sim, _ = glsim_scores(cases["tokens"])
+    idx = sim.topk(8, dim=-1).indices
+    assert [sorted(i) for i in idx.tolist()] == [sorted(c) for c in cases["chosen"]]
+    assert torch.equal(crop_boxes(idx, (14, 14), 16, 224), cases["boxes"])
+    for metric in ("l1", "l2"):
+        scores, largest = glsim_scores(ex["tokens_pass1"], metric)
+        got = scores.topk(8, dim=-1, largest=largest).indices
+        for ours, theirs in zip(got.tolist(), ex["indices_by_metric"][metric].tolist(), strict=True):
+            assert set(ours) == set(theirs)
+
+
+def test_glsim_ft_recipe_is_the_readme_command():
+    """`ufgir train --recipe glsim_ft --dataset cub200 --set model.image_size=448` resolves to the
+    reference README's GLSim command (FGIR.md §1.5)."""
+    r = load_recipe("glsim_ft", {"data": {"dataset": "cub200"}, "model": {"image_size": 448}})
+    m, o, sch, t = r.model, r.optim, r.schedule, r.train
+    assert (m.method, m.train_backbone, m.image_size, m.crop_tokens or 16) == ("glsim", True, 448, 16)
+    assert (o.name, o.lr, o.nesterov, o.momentum, o.weight_decay, o.clip_grad) == ("sgd", 0.01, True, 0.9, 0.0, 1.0)
+    assert (sch.name, sch.warmup_steps, sch.warmup_lr, sch.min_lr) == ("cosine", 500, 1e-6, 1e-5)
+    assert (t.epochs, t.batch_size, t.precision, t.split, r.eval.split) == (50, 8, "fp16", "train_val", "test")
+    assert (r.data.augment, o.label_smoothing, m.drop_path, m.drop_path_schedule) == ("medium", 0.1, 0.1, "uniform")
+    with torch.device("meta"):
+        model = build_model(r.model.model_copy(update={"weights": "none"}), 200)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 # ViT-B/16, 200 classes: trainable counts of the issues' tables and FGIR.md §10's GMACs (224, 448).
 B16 = {"ifa": (2_317 + 769 * 200, (17.567, 78.509)), "mpncov": (49_280 + 2_081 * 200, (17.484, 78.434)),
        "vqt": (46_848 + 46_849 * 200, None), "transfg": (7_088_640 + 769 * 200, (17.122, 130.146)),
-       "ffvt": (7_090_176 + 769 * 200, (17.081, 72.974))}
+       "ffvt": (7_090_176 + 769 * 200, (17.081, 72.974)), "glsim": (7_090_944 + 769 * 200, (35.149, 157.036)),
+       "rams": (1_536 + 769 * 200, (35.219, 162.350))}
 
 
 @pytest.mark.parametrize("method", sorted(B16))
@@ -280,7 +341,8 @@ def _comparable(rec: dict) -> dict:
 # ---- the other tools: import-upstream, export with parity, the analysis pass ---------------------
 
 
-@pytest.mark.parametrize("name", ["ifa_t16_224", "mpncov_t16_160", "vqt_t16_112", "transfg_t16_224", "ffvt_t16_224"])
+@pytest.mark.parametrize("name", ["ifa_t16_224", "mpncov_t16_160", "vqt_t16_112", "transfg_t16_224", "ffvt_t16_224",
+                                  "glsim_t16_224", "rams_t16_112"])
 def test_import_export_and_analysis(fixture_dir, tmp_path, name):
     from ufgir_cli.analysis.features import forward_collect
     from ufgir_cli.ship import export_model, import_upstream

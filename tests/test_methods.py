@@ -14,7 +14,7 @@ from ufgir_cli.model import build_model
 from ufgir_cli.recipe import load_recipe, packaged_recipe_names
 
 #: Parameter-name prefixes of each trainable part (the model's module names).
-PART_PREFIX = {"head": ("vit.head.", "head."), "cls": ("vit.cls_token",), "adapters": ("adapters.",), "ila": ("ila.",),
+PART_PREFIX = {"head": ("vit.head.", "head."), "cls": ("vit.cls_token",), "anchor": ("anchor_cls",), "adapters": ("adapters.",), "ila": ("ila.",),
                "prompts": ("prompts",)}
 
 

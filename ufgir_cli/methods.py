@@ -19,13 +19,13 @@ from typing import Literal
 
 Family = Literal["petl", "ila", "fgir", "full"]
 #: Parts of a model that can train. "all" means every parameter (full fine-tuning).
-Part = Literal["head", "cls", "adapters", "ila", "prompts", "all"]
+Part = Literal["head", "cls", "anchor", "adapters", "ila", "prompts", "all"]
 #: A reference-config flag test: True = set (truthy), False = unset or falsy, a string = the flag's
 #: lower-cased text contains it.
 FlagTest = bool | str
 #: What turns the backbone's output into logits: a Linear on the CLS token (timm's head), or one of the
 #: comparison methods' heads in ``model/heads.py``.
-Head = Literal["linear", "ifa", "mpncov", "vqt", "aggregator"]
+Head = Literal["linear", "ifa", "mpncov", "vqt", "aggregator", "avg_cls"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,10 @@ class MethodSpec:
     head: Head = "linear"
     class_token: bool = True  # False: the backbone has no CLS token (MPN-COV pools the patch tokens)
     final_norm: bool = True  # False: no LayerNorm after the last block (IFA reads pre-norm CLS tokens)
-    selector: Literal["psm", "maws"] | None = None  # aggregator heads: how tokens are picked from attention
+    #: How tokens are picked: from attention (TransFG "psm", FFVT "maws"), or the patches whose box is
+    #: cropped for a second pass (GLSim "glsim": similar to the CLS token; RAMS "rollout": attention rollout).
+    selector: Literal["psm", "maws", "glsim", "rollout"] | None = None
+    aggregator_norm: bool = False  # the aggregator block has a LayerNorm of its own (FFVT, GLSim)
     ila_ds_locs: tuple[int, ...] = ()  # default down-sampling ILA positions (a 12-block ViT's)
     ila_rest: bool = False  # default: a same-resolution ILA after every block without a DS-ILA
     upstream: tuple[tuple[str, FlagTest], ...] = ()  # how import-upstream recognises it
@@ -93,8 +96,15 @@ TABLE: tuple[MethodSpec, ...] = (
                "more block", _PETL, head="aggregator", selector="psm",
                upstream=(("selector", "psm"), *_NO_EXTRAS), title="TransFG"),
     MethodSpec("ffvt", "fgir", "FFVT: 12 tokens per block by mutual attention weights, into one more block",
-               _PETL, head="aggregator", selector="maws", final_norm=False,
+               _PETL, head="aggregator", selector="maws", final_norm=False, aggregator_norm=True,
                upstream=(("selector", "maws"), *_NO_EXTRAS), title="FFVT"),
+    MethodSpec("glsim", "fgir", "GLSim: the box of the patches most similar to the CLS token, cropped for a second "
+               "pass with its own CLS token; both CLS tokens into one more block", (*_PETL, "anchor"),
+               head="aggregator", selector="glsim", aggregator_norm=True,
+               upstream=(("selector", "glsim"), *_NO_EXTRAS), title="GLSim"),
+    MethodSpec("rams", "fgir", "RAMS (as the reference implements it): GLSim's crop and second pass from attention "
+               "rollout; the head on both CLS tokens, averaged", (*_PETL, "anchor"), head="avg_cls",
+               selector="rollout", upstream=(("selector", "rollout"), *_NO_EXTRAS), title="RAMS"),
     MethodSpec("ila", "ila", "Down-sampling ILA only, after blocks 3 and 7",
                (*_PETL, "ila"), ila_ds_locs=(3, 7),
                upstream=(("ila", True), ("adapter", False), ("ila_locs", False)), title="ILA (DS only)"),

@@ -86,8 +86,11 @@ class ModelConfig(Section):
     prompt_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     cov_dim: int = Field(64, ge=2, description="MPN-COV: channels of the pooled covariance.")
     maws_tokens: int = Field(12, ge=1, description="FFVT: tokens selected from every block.")
-    psm_row0_chain: bool = Field(False, description="TransFG: select by the CLS row carried through the maps "
-                                 "(same tokens, ~1000x cheaper) instead of the reference's full product")
+    row0_chain: bool = Field(False, description="TransFG, RAMS: select by the CLS row carried through the maps "
+                             "(same tokens, far cheaper) instead of the reference's full product of the maps")
+    crop_tokens: int | None = Field(None, ge=1, description="GLSim, RAMS: patches whose box is cropped; "
+                                    "None: 8, and 16 at image_size >= 448 (the reference's rule)")
+    sim_metric: Literal["cos", "l1", "l2"] = Field("cos", description="GLSim: similarity of CLS and patches")
     # Backbone numerics.
     drop: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on attention/MLP branch outputs.")
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)

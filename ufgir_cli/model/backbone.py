@@ -210,13 +210,18 @@ def new_block_like(vit: VisionTransformer, eps: float) -> nn.Module:
                  qkv_bias=last.attn.qkv.bias is not None, norm_layer=partial(nn.LayerNorm, eps=eps))
 
 
-def embed_tokens(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+def embed_tokens(vit: VisionTransformer, x: torch.Tensor, cls_token: torch.Tensor | None = None) -> torch.Tensor:
     """Images (B, 3, S, S) -> the tokens entering block 0, as timm's ``forward_features`` makes them:
-    patch embedding, prefix tokens and position embedding, patch dropout, pre-norm.
+    patch embedding, prefix tokens and position embedding, patch dropout, pre-norm. ``cls_token``
+    (1, 1, D) stands in for the model's own (GLSim's second pass), at the CLS position.
 
     The one call into timm's private API (``_pos_embed``); see the module docstring."""
     x = vit.patch_embed(x)                                                 # (B, HW, D)
     x = vit._pos_embed(x)                                                  # (B, prefix + HW, D)
+    if cls_token is not None:
+        if vit.no_embed_class or vit.num_prefix_tokens != 1:
+            raise ValueError("a stand-in CLS token needs a ViT with one CLS token inside its position embedding")
+        x = torch.cat([(cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
     return vit.norm_pre(vit.patch_drop(x))
 
 

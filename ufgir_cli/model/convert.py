@@ -62,6 +62,7 @@ _HEAD_KEYS = {
     "mpncov": (("head.mpncov.conv_dr_block.", "head.reduce."), ("head.head.1.", "head.fc.")),
     "vqt": (("head.head.", "head.fc."),),
     "aggregator": (("head.", "head.fc."),),
+    "avg_cls": (("head.", "head.fc."),),
 }
 #: A transformer block of the reference: an encoder block, or TransFG's/FFVT's aggregator block.
 _BLOCK = r"(encoder\.blocks\.\d+|aggregator\.blocks\.0)"
@@ -126,6 +127,11 @@ def recipe_from_upstream(c: argparse.Namespace) -> Recipe:
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
     }
+    if spec.name != "full" and getattr(c, "freeze_backbone", True) is False:
+        model["train_backbone"] = True  # the reference trained every weight of this method (GLSim's README)
+    if spec.selector in ("glsim", "rollout"):
+        model["crop_tokens"] = int(getattr(c, "selector_num_tokens", 8))  # already doubled at 448 in the config
+        model["sim_metric"] = getattr(c, "sim_metric", None) or "cos"
     depth = getattr(c, "num_hidden_layers", None)
     if depth and depth != backbone_depth(model["backbone"]):
         model["depth"] = int(depth)
@@ -159,6 +165,12 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
         k = key.removeprefix("module.").removeprefix("model.")
         if k == "class_token":
             out["vit.cls_token"] = t.reshape(1, 1, -1)
+        elif k == "anchor_class_token" and model.anchor_cls is not None:
+            out["anchor_cls"] = t.reshape(1, 1, -1)
+        elif k.startswith("head_reducer.0.") and model.plan.head == "avg_cls":
+            # RAMS stores its head twice (head_reducer = Sequential(head, mean)): the same tensor
+            if not torch.equal(t, sd.get(key.replace("head_reducer.0.", "head."), torch.empty(0))):
+                unmapped.append(f"{key} (differs from the head it should repeat)")
         elif k.startswith("patch_embedding."):
             out["vit.patch_embed.proj." + k.split(".", 1)[1]] = t
         elif k == "positional_embedding.pos_embedding":

@@ -157,6 +157,75 @@ def psm_scores(maps: list[torch.Tensor], row0_chain: bool = False) -> torch.Tens
     return m[:, :, 0, 1:]
 
 
+class AvgClsHead(nn.Module):
+    """RAMS's head as the reference runs it: one zero-initialised Linear on each CLS token (the image's
+    and the crop's), the two logit vectors averaged."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, cls_tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``cls_tokens`` (B, passes, D) -> logits (B, C)."""
+        return cls_tokens if pre_logits else self.fc(cls_tokens).mean(dim=1)
+
+
+def rollout_scores(maps: list[torch.Tensor], row0_chain: bool = False) -> torch.Tensor:
+    """RAMS's selection scores: attention rollout (heads averaged, identity added, rows renormalised,
+    blocks multiplied last to first), the CLS row over the patch columns. (B, heads, S, S) maps ->
+    (B, S - 1), in float32. ``row0_chain`` carries the CLS row through instead of multiplying the
+    matrices (the same scores up to rounding, S^2 instead of S^3 per block)."""
+    eye = torch.eye(maps[0].shape[-1], device=maps[0].device)
+    hats = []
+    for a in maps:
+        a = a.float().mean(dim=1) + eye                                      # (B, S, S)
+        hats.append(a / a.sum(dim=-1, keepdim=True))
+    if row0_chain:
+        v = hats[-1][:, :1]                                                  # (B, 1, S)
+        for a in reversed(hats[:-1]):
+            v = v @ a
+        return v[:, 0, 1:]
+    m = hats[-1]
+    for a in reversed(hats[:-1]):
+        m = m @ a
+    return m[:, 0, 1:]
+
+
+def glsim_scores(tokens: torch.Tensor, metric: str = "cos") -> tuple[torch.Tensor, bool]:
+    """GLSim's global-local similarity of the CLS token to every patch token of the final normed
+    tokens (B, 1 + N, D) -> ((B, N) scores, whether the largest are the most similar), in float32.
+    ``cos``: cosine similarity; ``l1`` / ``l2``: mean absolute / squared difference (smallest wins)."""
+    t = tokens.float()
+    g, patches = t[:, :1], t[:, 1:]
+    if metric == "cos":
+        return F.cosine_similarity(g, patches, dim=-1), True
+    diff = (g - patches).abs() if metric == "l1" else (g - patches) ** 2
+    return diff.mean(dim=-1).abs(), False
+
+
+def crop_boxes(indices: torch.Tensor, grid: tuple[int, int], patch: int, size: int) -> torch.Tensor:
+    """The box around the selected patches, (B, K) patch indices -> (B, 4) pixels [top, bottom, left,
+    right], with the reference's quirk kept for parity: the far edge is the top-left corner of the last
+    selected row or column (that row or column is cut off), a degenerate box grows to one patch."""
+    rows, cols = indices // grid[1], indices % grid[1]
+    top, left = rows.min(dim=1).values * patch, cols.min(dim=1).values * patch
+    bottom = torch.clamp(torch.maximum(rows.max(dim=1).values * patch, top + patch), max=size)
+    right = torch.clamp(torch.maximum(cols.max(dim=1).values * patch, left + patch), max=size)
+    return torch.stack([top, bottom, left, right], dim=1)
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Each image's box resized back to the full size: bilinear with aligned corners, one image at a
+    time. Why per sample: a batched resampler (roi_align) differs from the reference in the last bits,
+    and the crops must be the reference's exactly."""
+    size = images.shape[-2:]
+    out = [F.interpolate(img[None, :, top:bottom, left:right], size=size, mode="bilinear", align_corners=True)
+           for img, (top, bottom, left, right) in zip(images, boxes.tolist(), strict=True)]
+    return torch.cat(out)                                                    # (B, 3, S, S)
+
+
 def maws_scores(probs: torch.Tensor, key0_logits: torch.Tensor) -> torch.Tensor:
     """FFVT's mutual attention weight selection for one block: how much each token attends to the CLS
     token (the pre-softmax key-0 column, softmaxed over the queries) times how much the CLS token
@@ -182,10 +251,15 @@ def _vqt(vit: nn.Module, num_classes: int, cfg) -> nn.Module:
 def _aggregator(vit: nn.Module, num_classes: int, cfg) -> nn.Module:
     eps = cfg.layer_norm_eps or 1e-6
     return AggregatorHead(new_block_like(vit, eps), vit.embed_dim, num_classes, eps,
-                          own_norm=not method_spec(cfg.method).final_norm)
+                          own_norm=method_spec(cfg.method).aggregator_norm)
+
+
+def _avg_cls(vit: nn.Module, num_classes: int, cfg) -> nn.Module:
+    return AvgClsHead(vit.embed_dim, num_classes)
 
 
 #: Head kind of the method table -> builder(timm backbone, num_classes, model config).
-HEADS = {"ifa": _ifa, "mpncov": _mpncov, "vqt": _vqt, "aggregator": _aggregator}
+HEADS = {"ifa": _ifa, "mpncov": _mpncov, "vqt": _vqt, "aggregator": _aggregator, "avg_cls": _avg_cls}
 
-__all__ = ["HEADS", "AggregatorHead", "IFAHead", "maws_scores", "psm_scores", "MPNCovHead", "VQTHead", "isqrt_newton_schulz", "upper_triangle"]
+__all__ = ["HEADS", "AggregatorHead", "AvgClsHead", "IFAHead", "crop_boxes", "crop_resize", "glsim_scores", "maws_scores",
+           "psm_scores", "rollout_scores", "MPNCovHead", "VQTHead", "isqrt_newton_schulz", "upper_triangle"]

@@ -23,7 +23,7 @@ from ..recipe import ModelConfig
 from .adapters import BlockAdapters
 from .attention import autocast_input, cls_attention, explicit_attention
 from .backbone import MICRO, create_backbone, embed_tokens, resize_input, state_dict_sha256
-from .heads import HEADS, maws_scores, psm_scores
+from .heads import HEADS, crop_boxes, crop_resize, glsim_scores, maws_scores, psm_scores, rollout_scores
 from .ila import ILA, Dropout, prompt_init_bound, xavier_linear_
 from .methods import MethodPlan, method_plan
 from .precision import float32_region
@@ -115,6 +115,8 @@ class UfgirViT(nn.Module):
             bound = prompt_init_bound(patch, D)
             self.prompts = nn.Parameter(torch.empty(n, cfg.prompt_len, D).uniform_(-bound, bound))
         self.prompt_drop = Dropout(cfg.prompt_dropout)
+        # GLSim and RAMS: the crop's pass has a CLS token of its own, starting as a copy of the image's.
+        self.anchor_cls = nn.Parameter(vit.cls_token.detach().clone()) if self.crops_second_pass else None
         if isinstance(vit.head, nn.Linear):
             xavier_linear_(vit.head)  # the reference's init for every Linear, the head included
         self.grad_checkpointing = False
@@ -183,7 +185,7 @@ class UfgirViT(nn.Module):
         """The explicit list of what trains for this method (never chosen by name matching)."""
         if self.plan.train_backbone:
             return [self]
-        parts = {"head": self.get_classifier(), "cls": self.vit.cls_token, "adapters": self.adapters,
+        parts = {"head": self.get_classifier(), "cls": self.vit.cls_token, "anchor": self.anchor_cls, "adapters": self.adapters,
                  "ila": self.ila, "prompts": self.prompts}
         return [parts[p] for p in self.plan.trains if parts[p] is not None]
 
@@ -301,11 +303,13 @@ class UfgirViT(nn.Module):
         return out
 
     def _encode(self, x: torch.Tensor, take: frozenset[int] = frozenset(), stop: int | None = None,
-                last_cls_only: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                last_cls_only: bool = False, cls_token: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image -> (the last run block's tokens, the outputs of the blocks in ``take``). Runs blocks
-        0..``stop`` (default: all); with ``last_cls_only`` the last block yields its CLS row alone."""
+        0..``stop`` (default: all); with ``last_cls_only`` the last block yields its CLS row alone;
+        ``cls_token`` replaces the model's CLS token (the crop pass of GLSim and RAMS)."""
         vit = self.vit
-        x = embed_tokens(vit, x)                                               # (B, 1 + HW, D)
+        x = embed_tokens(vit, x, cls_token)                                    # (B, 1 + HW, D)
         if self.plan.prompts == "shallow":
             n = vit.num_prefix_tokens
             p = self.prompt_drop(self.prompts[0]).expand(x.shape[0], -1, -1).to(x.dtype)
@@ -377,8 +381,9 @@ class UfgirViT(nn.Module):
         kind = self.plan.head
         if kind == "linear":
             return self.vit.forward_head(x, pre_logits=pre_logits)
-        if kind == "aggregator":
-            raise ValueError(f"the {self.method} head selects tokens from every block's attention: call model(x)")
+        if kind in ("aggregator", "avg_cls"):
+            raise ValueError(f"the {self.method} head reads what it selects from attention or a second pass: "
+                             "call model(x)")
         if kind == "mpncov":
             return self.head(x[:, self.num_prefix_tokens:], self.feature_info[-1].out_grid, pre_logits)
         if intermediates is None:
@@ -402,6 +407,8 @@ class UfgirViT(nn.Module):
         """Logits. Equal to ``forward_head(forward_features(x))``; when only the CLS token reaches the
         head (and no attention is being collected), the last block is computed for that token alone
         (`cls_only_last_block`)."""
+        if self.crops_second_pass:
+            return self._two_passes(x)
         if self.plan.head == "aggregator":
             return self.head(self.select_tokens(x)[0], self.vit.norm, self.drop)
         cls_only = self.last_block_cls_only and self._attn_probs is None and self.cls_only_last_block
@@ -429,7 +436,7 @@ class UfgirViT(nn.Module):
         D = last.shape[-1]
         with float32_region(last):
             if self.plan.selector == "psm":
-                scores = psm_scores([maps for maps, _ in sel], row0_chain=self.cfg.psm_row0_chain)
+                scores = psm_scores([maps for maps, _ in sel], row0_chain=self.cfg.row0_chain)
                 idx = scores.argmax(dim=-1) + 1                                    # (B, heads): past the CLS
                 parts = [last.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))]     # (B, heads, D)
             else:
@@ -437,6 +444,46 @@ class UfgirViT(nn.Module):
                                    for maps, key0 in sel])                        # (blocks, B, K)
                 parts = [out.gather(1, i.unsqueeze(-1).expand(-1, -1, D)) for out, i in zip(outputs, idx, strict=True)]
         return torch.cat([last[:, :1], *parts], dim=1), idx                       # (B, 1 + K, D)
+
+    @property
+    def crops_second_pass(self) -> bool:
+        """GLSim and RAMS: a box chosen on the first pass is cropped and run through the backbone again."""
+        return self.plan.selector in ("glsim", "rollout")
+
+    def crop(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The first pass of GLSim or RAMS and what it chooses: ``tokens`` (B, 1 + N, D) after the final
+        norm, the ``indices`` (B, k) of the selected patches, their ``boxes`` (B, 4) in pixels [top,
+        bottom, left, right] and the ``crops`` (B, 3, S, S) resized from the input. Selection and boxes
+        run in float32 and without gradient; on the meta device (cost counting) the crop is the whole
+        image, which costs the second pass the same."""
+        rollout = self.plan.selector == "rollout"
+        self._selection = sel = [] if rollout else None
+        try:
+            tokens = self.vit.norm(self._encode(x)[0])                          # (B, 1 + N, D)
+        finally:
+            self._selection = None
+        S = x.shape[-1]
+        k = self.cfg.crop_tokens or (16 if S >= 448 else 8)
+        with torch.no_grad(), float32_region(tokens):
+            if rollout:
+                scores, largest = rollout_scores([maps for maps, _ in sel], self.cfg.row0_chain), True
+            else:
+                scores, largest = glsim_scores(tokens, self.cfg.sim_metric)
+            indices = scores.topk(k, dim=-1, largest=largest).indices           # (B, k)
+            boxes = crop_boxes(indices, self.feature_info[0].grid, self.vit.patch_embed.patch_size[0], S)
+            crops = x if x.is_meta else crop_resize(x, boxes)
+        return {"tokens": tokens, "indices": indices, "boxes": boxes, "crops": crops}
+
+    def _two_passes(self, x: torch.Tensor) -> torch.Tensor:
+        """GLSim / RAMS logits: the image's pass, the crop's pass with the anchor CLS token, then the
+        two CLS tokens into the aggregator (GLSim) or each through the head, averaged (RAMS)."""
+        first = self.crop(x)
+        cls_only = self.last_block_cls_only and self._attn_probs is None
+        second = self._encode(first["crops"], last_cls_only=cls_only, cls_token=self.anchor_cls)[0]
+        cls = torch.stack([first["tokens"][:, 0], self.vit.norm(second)[:, 0]], dim=1)  # (B, 2, D)
+        if self.plan.head == "avg_cls":
+            return self.head(cls)
+        return self.head(cls, self.vit.norm, self.drop)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor, criterion: nn.Module) -> torch.Tensor:
         """The training loss of what ``forward`` returned in train mode. The training loop asks the
