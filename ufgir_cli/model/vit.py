@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -23,45 +22,14 @@ from ..recipe import ModelConfig
 from .adapters import BlockAdapters
 from .attention import autocast_input, cls_attention, explicit_attention
 from .backbone import MICRO, create_backbone, embed_tokens, resize_input, state_dict_sha256
-from .heads import HEADS, crop_boxes, crop_resize, glsim_scores, maws_scores, psm_scores, rollout_scores
+from .feature_info import BlockInfo, take_indices
+from .heads import HEADS
 from .ila import ILA, Dropout, prompt_init_bound, xavier_linear_
 from .methods import MethodPlan, method_plan
-from .precision import float32_region
+from .selection import SelectionMixin
 
 
-class BlockInfo(NamedTuple):
-    """One block's geometry (timm's ``feature_info`` entry plus what ILA and prompts change)."""
-
-    index: int
-    module: str  # its module name in the model
-    num_chs: int  # channels of its output tokens
-    reduction: int  # input pixels per patch-grid step (the patch size; a valid conv keeps it)
-    grid: tuple[int, int]  # patch grid it attends over
-    num_prefix_tokens: int  # CLS/register tokens + shallow prompts, before the patches
-    num_prompts: int  # deep prompts attended over by this block only
-    tokens_attended: int  # sequence length of its attention: prefix + prompts + grid
-    ila: str | None  # the ILA after it: None, "same" (same resolution) or "down" (down-sampling)
-    ila_kernel: int | None
-    out_grid: tuple[int, int]  # patch grid of its output, after the ILA
-    tokens_out: int  # sequence length of its output, after the ILA
-
-
-def _take_indices(n: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
-    """timm's ``indices`` convention: None = all blocks, an int = the last n, a sequence = those
-    (negative from the end)."""
-    if indices is None:
-        return list(range(n))
-    if isinstance(indices, int):
-        if not 0 < indices <= n:
-            raise ValueError(f"indices={indices}: take the last 1 to {n} blocks")
-        return list(range(n - indices, n))
-    out = [i + n if i < 0 else i for i in indices]
-    if any(not 0 <= i < n for i in out):
-        raise ValueError(f"indices {list(indices)} name a block outside 0-{n - 1}")
-    return sorted(out)
-
-
-class UfgirViT(nn.Module):
+class UfgirViT(SelectionMixin, nn.Module):
     """A timm ViT plus the PETL modules of one method, with timm's model contract: ``forward``,
     ``forward_features``, ``forward_head``, ``forward_intermediates``, ``reset_classifier``,
     ``no_weight_decay``, ``set_grad_checkpointing``, ``set_input_size``, ``pretrained_cfg``, plus
@@ -355,7 +323,7 @@ class UfgirViT(nn.Module):
         if output_fmt not in ("NLC", "NCHW"):
             raise ValueError(f"output_fmt {output_fmt!r} is not one of NLC, NCHW")
         info = self.feature_info
-        take = _take_indices(len(info), indices)
+        take = take_indices(len(info), indices)
         stop = take[-1] if (stop_early or intermediates_only) and take else None
         x, inter = self._encode(x, frozenset(take), stop)
         if norm:
@@ -418,72 +386,6 @@ class UfgirViT(nn.Module):
         if not cls_only:
             return self.forward_head(self.forward_features(x))
         return self.forward_head(self.vit.norm(self._encode(x, last_cls_only=True)[0]))
-
-    def select_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """TransFG's and FFVT's input to their aggregator block: the last block's CLS token followed by
-        the selected tokens, (B, 1 + K, D), and the selected indices into each block's tokens.
-
-        TransFG (``psm``): per head, the argmax of the CLS row of the attention product over the patch
-        tokens, gathered from the last block's output: K = heads, indices (B, heads).
-        FFVT (``maws``): per block, the 12 tokens with the largest mutual attention weight (the CLS
-        token may be one), gathered from that block's output: K = 12 x blocks, indices (blocks, B, 12).
-        Scores and selection run in float32 whatever the autocast (fp16 ties move a selection)."""
-        self._selection = sel = []
-        try:
-            last, outputs = self._encode(x, frozenset(range(len(self.vit.blocks))))
-        finally:
-            self._selection = None
-        D = last.shape[-1]
-        with float32_region(last):
-            if self.plan.selector == "psm":
-                scores = psm_scores([maps for maps, _ in sel], row0_chain=self.cfg.row0_chain)
-                idx = scores.argmax(dim=-1) + 1                                    # (B, heads): past the CLS
-                parts = [last.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))]     # (B, heads, D)
-            else:
-                idx = torch.stack([maws_scores(maps, key0).topk(self.cfg.maws_tokens, dim=-1).indices
-                                   for maps, key0 in sel])                        # (blocks, B, K)
-                parts = [out.gather(1, i.unsqueeze(-1).expand(-1, -1, D)) for out, i in zip(outputs, idx, strict=True)]
-        return torch.cat([last[:, :1], *parts], dim=1), idx                       # (B, 1 + K, D)
-
-    @property
-    def crops_second_pass(self) -> bool:
-        """GLSim and RAMS: a box chosen on the first pass is cropped and run through the backbone again."""
-        return self.plan.selector in ("glsim", "rollout")
-
-    def crop(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The first pass of GLSim or RAMS and what it chooses: ``tokens`` (B, 1 + N, D) after the final
-        norm, the ``indices`` (B, k) of the selected patches, their ``boxes`` (B, 4) in pixels [top,
-        bottom, left, right] and the ``crops`` (B, 3, S, S) resized from the input. Selection and boxes
-        run in float32 and without gradient; on the meta device (cost counting) the crop is the whole
-        image, which costs the second pass the same."""
-        rollout = self.plan.selector == "rollout"
-        self._selection = sel = [] if rollout else None
-        try:
-            tokens = self.vit.norm(self._encode(x)[0])                          # (B, 1 + N, D)
-        finally:
-            self._selection = None
-        S = x.shape[-1]
-        k = self.cfg.crop_tokens or (16 if S >= 448 else 8)
-        with torch.no_grad(), float32_region(tokens):
-            if rollout:
-                scores, largest = rollout_scores([maps for maps, _ in sel], self.cfg.row0_chain), True
-            else:
-                scores, largest = glsim_scores(tokens, self.cfg.sim_metric)
-            indices = scores.topk(k, dim=-1, largest=largest).indices           # (B, k)
-            boxes = crop_boxes(indices, self.feature_info[0].grid, self.vit.patch_embed.patch_size[0], S)
-            crops = x if x.is_meta else crop_resize(x, boxes)
-        return {"tokens": tokens, "indices": indices, "boxes": boxes, "crops": crops}
-
-    def _two_passes(self, x: torch.Tensor) -> torch.Tensor:
-        """GLSim / RAMS logits: the image's pass, the crop's pass with the anchor CLS token, then the
-        two CLS tokens into the aggregator (GLSim) or each through the head, averaged (RAMS)."""
-        first = self.crop(x)
-        cls_only = self.last_block_cls_only and self._attn_probs is None
-        second = self._encode(first["crops"], last_cls_only=cls_only, cls_token=self.anchor_cls)[0]
-        cls = torch.stack([first["tokens"][:, 0], self.vit.norm(second)[:, 0]], dim=1)  # (B, 2, D)
-        if self.plan.head == "avg_cls":
-            return self.head(cls)
-        return self.head(cls, self.vit.norm, self.drop)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor, criterion: nn.Module) -> torch.Tensor:
         """The training loss of what ``forward`` returned in train mode. The training loop asks the
