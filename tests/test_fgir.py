@@ -359,3 +359,34 @@ def test_import_export_and_analysis(fixture_dir, tmp_path, name):
     assert torch.allclose(got.logits, logits, atol=1e-5)
     assert [t.shape[1] for t in got.tokens] == model.tokens_per_block
     assert [a.shape[-1] for a in got.attention] == [b.tokens_attended for b in model.feature_info]
+
+
+@pytest.mark.parametrize("method", ["glsim", "ffvt"])
+def test_visualize_crops(method, small_synthetic, tmp_path, one_thread):
+    from typer.testing import CliRunner
+
+    from ufgir_cli.cli import app
+
+    run = tmp_path / method
+    fit(_recipe(method, small_synthetic, epochs=1), run)
+    res = CliRunner().invoke(app, ["visualize", "crops", str(run), "-b", "4", "--dpi", "60"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    grid = run / "analysis" / "visualize" / "crops_test" / "grid.png"
+    assert grid.is_file() and str(grid) in res.output.replace("\n", "")
+    panels = 2 if method == "glsim" else 1  # GLSim: the image with its box, and the crop
+    from ufgir_cli.analysis.report import selections
+
+    sel = selections(run, count=4)
+    assert len(sel.panels) == panels and len(sel.captions) == 4
+    assert all(len(rects) >= 1 for rects in sel.panels[0][2])  # every image has its box or patches drawn
+
+
+def test_visualize_crops_refuses_a_method_that_selects_nothing(small_synthetic, tmp_path, one_thread):
+    from typer.testing import CliRunner
+
+    from ufgir_cli.cli import app
+
+    run = tmp_path / "ifa"
+    fit(_recipe("ifa", small_synthetic, epochs=1), run)
+    res = CliRunner().invoke(app, ["visualize", "crops", str(run)])
+    assert res.exit_code == 2 and "ifa selects nothing" in res.output

@@ -205,6 +205,73 @@ def visualize(path: Path, make_maps: MakeMaps, *, split: str = "test", images: S
     return Shown(x.permute(0, 2, 3, 1).numpy(), maps, captions, stems, run_title(recipe))  # images (B, S, S, 3)
 
 
+@dataclass
+class Selected:
+    """What `ufgir visualize crops` draws: per image, panels of images with rectangles on them."""
+
+    panels: list[tuple[str, np.ndarray, list[list[tuple[int, int, int, int]]]]]  # (label, (B, S, S, 3) uint8,
+    #                                       per image its rectangles (top, left, height, width) in pixels)
+    captions: list[tuple[str, str | None]]  # per image: predicted and true class (None for files)
+    stems: list[str]
+    title: str
+    what: str                               # what is selected, for the figure's title
+
+
+def _to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
+    """Normalised images (B, 3, S, S) -> (B, S, S, 3) uint8 for display."""
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return ((x.float().cpu() * s + m).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _patch_rects(indices: torch.Tensor, grid: tuple[int, int], patch: int) -> list[tuple[int, int, int, int]]:
+    """Patch indices (into the patch grid, row-major) -> one rectangle per distinct patch."""
+    return [(int(j) // grid[1] * patch, int(j) % grid[1] * patch, patch, patch) for j in sorted(set(indices.tolist()))]
+
+
+@torch.no_grad()
+def selections(path: Path, *, split: str = "test", images: Sequence[Path] | None = None, count: int = 8,
+               per_class: int = 1, checkpoint: str = "auto", device: str = "auto") -> Selected:
+    """What a fine-grained method looks at: GLSim's and RAMS's box on the image and the crop its second
+    pass sees, or the patches TransFG and FFVT hand to their aggregator block."""
+    model, recipe, _, device = load_model(path, checkpoint, device)
+    selector = getattr(model.plan, "selector", None)
+    if selector is None:
+        raise OptionError(f"visualize crops shows what GLSim, RAMS, TransFG and FFVT select; "
+                          f"{recipe.model.method} selects nothing (try `ufgir visualize rollout`)")
+    x, targets, stems, class_names = load_images(recipe, split, images, count, per_class)
+    cfg = model.data_config()
+    xn = normalize(x.to(device), cfg["mean"], cfg["std"])
+    preds = model(xn).argmax(dim=1).tolist()
+    shown = x.permute(0, 2, 3, 1).numpy()
+    patch = model.vit.patch_embed.patch_size[0]
+    grid = model.feature_info[-1].out_grid
+    if model.crops_second_pass:
+        first = model.crop(xn)
+        boxes = [[(t, left, b - t, r - left)] for t, b, left, r in first["boxes"].tolist()]
+        crops = _to_uint8(first["crops"], cfg["mean"], cfg["std"])
+        panels = [("image and box", shown, boxes), ("crop (second pass)", crops, [[] for _ in stems])]
+        what = f"{len(first['indices'][0])} selected patches, their box and the crop"
+    else:
+        _, idx = model.select_tokens(xn)
+        if selector == "psm":  # (B, heads) token indices, 1 = the first patch
+            rects = [_patch_rects(i - 1, grid, patch) for i in idx]
+            what = "one token per head (attention product)"
+        else:  # (blocks, B, K) indices into each block's tokens, 0 = the CLS token
+            P = model.num_prefix_tokens
+            rects = [_patch_rects(idx[:, b][idx[:, b] >= P] - P, grid, patch) for b in range(idx.shape[1])]
+            what = f"{idx.shape[-1]} tokens from each of {idx.shape[0]} blocks (mutual attention)"
+        panels = [("selected patches", shown, rects)]
+
+    def name(c: int | None) -> str | None:
+        if c is None:
+            return None
+        return class_names[c] if class_names and c < len(class_names) else f"class {c}"
+
+    captions = [(name(p), name(t)) for t, p in zip(targets, preds, strict=True)]
+    return Selected(panels, captions, stems, run_title(recipe), what)
+
+
 def _group_blocks(text: str, grids: list[tuple[int, int]]) -> tuple[int, int]:
     """``--group a-b`` (blocks a to b, inclusive, as the figures name them) -> (a, b + 1), checked to lie
     inside one encoder group."""

@@ -1,4 +1,4 @@
-"""`ufgir visualize rollout|attention`: attention drawn over images, written under
+"""`ufgir visualize rollout|attention|crops`: attention (or what a method selects) drawn over images, written under
 ``<run>/analysis/visualize/<name>/`` (a grid and one figure per image; one image per class by default).
 
 The maps come from ``ufgir_cli.analysis.report`` and the figures from ``ufgir_cli.viz``. Every command
@@ -127,3 +127,22 @@ def attention(
     kind = f"attention_{'last' if layer is None else f'l{layer}'}_{fusion}"
     what = "CLS attention" + (f", {fusion} of heads" if fusion != "mean" else "")
     _draw(kind, what, partial(block_attention, layer=layer, fusion=fusion), **shown)
+
+
+@app.command("crops", cls=PlainCommand)
+@_with_shown_options
+def crops(**shown) -> None:
+    """What GLSim and RAMS crop (the box and the crop beside the image) or which patches TransFG and FFVT
+    select, over the images; prints the grid path."""
+    from ..analysis.report import selections
+    from ..paths import run_dir_of
+    from ..viz.figures import draw_selection, save
+
+    shown.pop("fusion")
+    formats = figure_formats(shown.pop("vector"))
+    run, cols, dpi = resolve_run(shown.pop("run")), shown.pop("cols"), shown.pop("dpi")
+    split, images = shown.pop("split"), shown.pop("images")
+    sel = selections(run, split=split, images=images, count=shown.pop("batch_size"), **shown)
+    folder = run_dir_of(run) / "analysis" / "visualize" / f"crops_{'images' if images else split}"
+    fig = draw_selection(sel.panels, sel.captions, title=f"{sel.what} · {sel.title}", cols=cols)
+    console.print(str(save(fig, folder / "grid.png", dpi, formats)), soft_wrap=True, markup=False)

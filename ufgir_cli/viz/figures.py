@@ -26,6 +26,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from ..io import atomic_open
@@ -299,6 +300,46 @@ def draw_overlays(images: np.ndarray, maps: Sequence[tuple[str, np.ndarray]], ca
     return fig
 
 
+@_styled
+def draw_selection(panels: Sequence[tuple[str, np.ndarray, Sequence[Sequence[tuple[int, int, int, int]]]]],
+                   captions: Sequence[tuple[str, str | None]], *, title: str = "", cols: int | None = None) -> Figure:
+    """What a fine-grained method selects, per image: its panels side by side (GLSim/RAMS: the image
+    with the box, then the crop; TransFG/FFVT: the image with the selected patches outlined), captioned
+    with the true and predicted class (red when they differ), panel names over the top row.
+
+    ``panels``: (label, images (B, H, W, 3) uint8, per image its rectangles (top, left, height, width)
+    in pixels); ``captions`` as :func:`draw_overlays`; the grid is as near 16:9 as it gets."""
+    per_image, count = len(panels), len(panels[0][1])
+    k, rows = overlay_layout(count, per_image, cols)
+    group = per_image * _PANEL_IN + (per_image - 1) * _PANEL_GAP_IN
+    width0, _ = _overlay_size(k, rows, per_image, 1)
+    title = _wrap(title, width0 - _BAR_IN - 2 * _MARGIN_IN, STYLE["figure.titlesize"])
+    width, height = _overlay_size(k, rows, per_image, _lines(title))
+    width -= _BAR_IN - _MARGIN_IN  # no colour bar
+    fig = _figure(width, height)
+    _suptitle(fig, title, _MARGIN_IN)
+    top = height - _MARGIN_IN - 0.22 * _lines(title) - 0.1 - (_HEADER_IN if per_image > 1 else 0.0)
+    for i in range(count):
+        r, c = divmod(i, k)
+        x0 = _MARGIN_IN + c * (group + _IMAGE_GAP_IN)
+        y0 = top - r * (_PANEL_IN + _CAPTION_IN) - _PANEL_IN
+        for j, (label, imgs, rects) in enumerate(panels):
+            ax = _axes(fig, x0 + j * (_PANEL_IN + _PANEL_GAP_IN), y0, _PANEL_IN, _PANEL_IN)
+            ax.imshow(imgs[i])
+            for t, left, h, w in rects[i]:
+                ax.add_patch(Rectangle((left - 0.5, t - 0.5), w, h, fill=False, edgecolor="#ff2a2a", linewidth=1.5))
+            ax.set_axis_off()
+            if r == 0 and per_image > 1:
+                ax.set_title(_fit(label, _PANEL_IN + _PANEL_GAP_IN, 9), fontsize=9, pad=4)
+        pred, true = captions[i]
+        cx = (x0 + group / 2) / width
+        if true is not None:
+            fig.text(cx, (y0 - 0.05) / height, _fit(f"true {true}", group, 9), ha="center", va="top", fontsize=9)
+        fig.text(cx, (y0 - 0.05 - (0.17 if true is not None else 0.0)) / height, _fit(f"pred {pred}", group, 9),
+                 ha="center", va="top", fontsize=9, color="black" if true in (None, pred) else "#c00000")
+    return fig
+
+
 def save_overlay_folder(images: np.ndarray, maps: Sequence[tuple[str, np.ndarray]],
                         captions: Sequence[tuple[str, str | None]], names: Sequence[str], folder: Path, *,
                         title: str = "", colorbar_label: str = "attention (min-max per map)", cols: int | None = None,
@@ -440,5 +481,5 @@ def draw_compare(points: Sequence[dict], *, title: str = "") -> Figure:
 
 
 __all__ = ["DPI", "FAMILY_COLOURS", "FORMATS", "MAX_ASPECT", "MIN_FONT_PT", "STYLE", "blend",
-           "draw_cka", "draw_compare", "draw_features", "draw_overlays", "ds_positions", "marker_area",
+           "draw_cka", "draw_compare", "draw_features", "draw_overlays", "draw_selection", "ds_positions", "marker_area",
            "overlay_layout", "save", "save_overlay_folder"]
