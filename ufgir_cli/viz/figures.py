@@ -258,6 +258,42 @@ def overlay_layout(count: int, per_image: int, cols: int | None = None) -> tuple
     return k, math.ceil(count / k)
 
 
+def _panel_grid(labels: Sequence[str], captions: Sequence[tuple[str, str | None]], draw, *, title: str,
+                cols: int | None, colour_bar: bool) -> tuple[Figure, float, float, int]:
+    """The grid both image figures share: per image its panels side by side (``draw(ax, image, panel)``
+    fills one), captioned under them with the true and predicted class (red when they differ), panel
+    names over the top row, room on the right for a colour bar if asked. Returns (figure, width,
+    top of the first row, rows), in inches."""
+    per_image, count = len(labels), len(captions)
+    k, rows = overlay_layout(count, per_image, cols)
+    group = per_image * _PANEL_IN + (per_image - 1) * _PANEL_GAP_IN
+    bar = 0.0 if colour_bar else _BAR_IN - _MARGIN_IN
+    width0, _ = _overlay_size(k, rows, per_image, 1)
+    title = _wrap(title, width0 - bar - 2 * _MARGIN_IN, STYLE["figure.titlesize"])
+    width, height = _overlay_size(k, rows, per_image, _lines(title))
+    width -= bar
+    fig = _figure(width, height)
+    _suptitle(fig, title, _MARGIN_IN)
+    top = height - _MARGIN_IN - 0.22 * _lines(title) - 0.1 - (_HEADER_IN if per_image > 1 else 0.0)
+    for i in range(count):
+        r, c = divmod(i, k)
+        x0 = _MARGIN_IN + c * (group + _IMAGE_GAP_IN)
+        y0 = top - r * (_PANEL_IN + _CAPTION_IN) - _PANEL_IN
+        for j, label in enumerate(labels):
+            ax = _axes(fig, x0 + j * (_PANEL_IN + _PANEL_GAP_IN), y0, _PANEL_IN, _PANEL_IN)
+            draw(ax, i, j)
+            ax.set_axis_off()
+            if r == 0 and per_image > 1:  # one panel per image: the caller names it in the title
+                ax.set_title(_fit(label, _PANEL_IN + _PANEL_GAP_IN, 9), fontsize=9, pad=4)
+        pred, true = captions[i]
+        cx = (x0 + group / 2) / width
+        if true is not None:
+            fig.text(cx, (y0 - 0.05) / height, _fit(f"true {true}", group, 9), ha="center", va="top", fontsize=9)
+        fig.text(cx, (y0 - 0.05 - (0.17 if true is not None else 0.0)) / height, _fit(f"pred {pred}", group, 9),
+                 ha="center", va="top", fontsize=9, color="black" if true in (None, pred) else "#c00000")
+    return fig, width, top, rows
+
+
 @_styled
 def draw_overlays(images: np.ndarray, maps: Sequence[tuple[str, np.ndarray]], captions: Sequence[tuple[str, str | None]],
                   *, title: str = "", colorbar_label: str = "attention (min-max per map)",
@@ -269,31 +305,9 @@ def draw_overlays(images: np.ndarray, maps: Sequence[tuple[str, np.ndarray]], ca
     bar serves all panels), ``captions`` (predicted, true or None) per image. ``cols`` is panels per row
     (whole images only); by default the grid is as near 16:9 as it gets.
     """
-    per_image, count = len(maps), len(images)
-    k, rows = overlay_layout(count, per_image, cols)
-    group = per_image * _PANEL_IN + (per_image - 1) * _PANEL_GAP_IN
-    width0, _ = _overlay_size(k, rows, per_image, 1)
-    title = _wrap(title, width0 - 2 * _MARGIN_IN, STYLE["figure.titlesize"])
-    width, height = _overlay_size(k, rows, per_image, _lines(title))
-    fig = _figure(width, height)
-    _suptitle(fig, title, _MARGIN_IN)
-    top = height - _MARGIN_IN - 0.22 * _lines(title) - 0.1 - (_HEADER_IN if per_image > 1 else 0.0)
-    for i in range(count):
-        r, c = divmod(i, k)
-        x0 = _MARGIN_IN + c * (group + _IMAGE_GAP_IN)
-        y0 = top - r * (_PANEL_IN + _CAPTION_IN) - _PANEL_IN
-        for j, (label, m) in enumerate(maps):
-            ax = _axes(fig, x0 + j * (_PANEL_IN + _PANEL_GAP_IN), y0, _PANEL_IN, _PANEL_IN)
-            ax.imshow(blend(images[i], m[i]))
-            ax.set_axis_off()
-            if r == 0 and per_image > 1:  # one map per image: the caller names it in the title
-                ax.set_title(_fit(label, _PANEL_IN + _PANEL_GAP_IN, 9), fontsize=9, pad=4)
-        pred, true = captions[i]
-        cx = (x0 + group / 2) / width
-        if true is not None:
-            fig.text(cx, (y0 - 0.05) / height, _fit(f"true {true}", group, 9), ha="center", va="top", fontsize=9)
-        fig.text(cx, (y0 - 0.05 - (0.17 if true is not None else 0.0)) / height, _fit(f"pred {pred}", group, 9),
-                 ha="center", va="top", fontsize=9, color="black" if true in (None, pred) else "#c00000")
+    fig, width, top, rows = _panel_grid(
+        [label for label, _ in maps], captions, lambda ax, i, j: ax.imshow(blend(images[i], maps[j][1][i])),
+        title=title, cols=cols, colour_bar=True)
     bar_h = min(2.2, rows * (_PANEL_IN + _CAPTION_IN) - _CAPTION_IN)
     cax = _axes(fig, width - _BAR_IN + 0.12, top - bar_h, 0.13, bar_h)
     _colorbar(fig, cax, Normalize(0.0, 1.0), "jet", colorbar_label, ticks=(0, 0.5, 1))
@@ -305,39 +319,19 @@ def draw_selection(panels: Sequence[tuple[str, np.ndarray, Sequence[Sequence[tup
                    captions: Sequence[tuple[str, str | None]], *, title: str = "", cols: int | None = None) -> Figure:
     """What a fine-grained method selects, per image: its panels side by side (GLSim/RAMS: the image
     with the box, then the crop; TransFG/FFVT: the image with the selected patches outlined), captioned
-    with the true and predicted class (red when they differ), panel names over the top row.
+    as :func:`draw_overlays` captions.
 
     ``panels``: (label, images (B, H, W, 3) uint8, per image its rectangles (top, left, height, width)
-    in pixels); ``captions`` as :func:`draw_overlays`; the grid is as near 16:9 as it gets."""
-    per_image, count = len(panels), len(panels[0][1])
-    k, rows = overlay_layout(count, per_image, cols)
-    group = per_image * _PANEL_IN + (per_image - 1) * _PANEL_GAP_IN
-    width0, _ = _overlay_size(k, rows, per_image, 1)
-    title = _wrap(title, width0 - _BAR_IN - 2 * _MARGIN_IN, STYLE["figure.titlesize"])
-    width, height = _overlay_size(k, rows, per_image, _lines(title))
-    width -= _BAR_IN - _MARGIN_IN  # no colour bar
-    fig = _figure(width, height)
-    _suptitle(fig, title, _MARGIN_IN)
-    top = height - _MARGIN_IN - 0.22 * _lines(title) - 0.1 - (_HEADER_IN if per_image > 1 else 0.0)
-    for i in range(count):
-        r, c = divmod(i, k)
-        x0 = _MARGIN_IN + c * (group + _IMAGE_GAP_IN)
-        y0 = top - r * (_PANEL_IN + _CAPTION_IN) - _PANEL_IN
-        for j, (label, imgs, rects) in enumerate(panels):
-            ax = _axes(fig, x0 + j * (_PANEL_IN + _PANEL_GAP_IN), y0, _PANEL_IN, _PANEL_IN)
-            ax.imshow(imgs[i])
-            for t, left, h, w in rects[i]:
-                ax.add_patch(Rectangle((left - 0.5, t - 0.5), w, h, fill=False, edgecolor="#ff2a2a", linewidth=1.5))
-            ax.set_axis_off()
-            if r == 0 and per_image > 1:
-                ax.set_title(_fit(label, _PANEL_IN + _PANEL_GAP_IN, 9), fontsize=9, pad=4)
-        pred, true = captions[i]
-        cx = (x0 + group / 2) / width
-        if true is not None:
-            fig.text(cx, (y0 - 0.05) / height, _fit(f"true {true}", group, 9), ha="center", va="top", fontsize=9)
-        fig.text(cx, (y0 - 0.05 - (0.17 if true is not None else 0.0)) / height, _fit(f"pred {pred}", group, 9),
-                 ha="center", va="top", fontsize=9, color="black" if true in (None, pred) else "#c00000")
-    return fig
+    in pixels); the grid is as near 16:9 as it gets."""
+
+    def draw(ax, i: int, j: int) -> None:
+        _, imgs, rects = panels[j]
+        ax.imshow(imgs[i])
+        for t, left, h, w in rects[i]:
+            ax.add_patch(Rectangle((left - 0.5, t - 0.5), w, h, fill=False, edgecolor="#ff2a2a", linewidth=1.5))
+
+    return _panel_grid([label for label, _, _ in panels], captions, draw, title=title, cols=cols,
+                       colour_bar=False)[0]
 
 
 def save_overlay_folder(images: np.ndarray, maps: Sequence[tuple[str, np.ndarray]],
