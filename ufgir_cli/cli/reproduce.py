@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import PlainGroup, QuietOpt, SetOpt, console, fmt, parse_sets
+from ._common import PlainCommand, PlainGroup, QuietOpt, SetOpt, console, fmt, parse_sets
 
 app = typer.Typer(cls=PlainGroup, invoke_without_command=True, add_completion=False, rich_markup_mode="rich")
 
@@ -150,7 +150,7 @@ def _print_plan(grid, step_seconds: float | None, bench: Path) -> None:
         console.print(f"step times: {bench} (this machine's `make bench`), scaled to each recipe's batch", soft_wrap=True)
 
 
-@app.command("status")
+@app.command("status", cls=PlainCommand)
 def status(
     name: Annotated[str | None, typer.Argument(help="Reproduction name (default: the only one under --out).")] = None,
     out: OutOpt = Path("reproduce"),
