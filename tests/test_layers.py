@@ -8,6 +8,7 @@ sees what the code says, not what one run happened to load.
 Layers, top to bottom; a module may import its own package and anything strictly lower:
 
     cli (+ __main__, and the package root's lazy API)
+    reproduce (a grid of sweeps)
     ship, sweep
     engine
     analysis, viz
@@ -40,6 +41,7 @@ ROOT_API = "ufgir_cli (lazy API)"  # the root's function bodies: a node of its o
 
 LEVELS: tuple[tuple[str, ...], ...] = (
     ("cli", "api"),
+    ("reproduce",),
     ("ship", "sweep"),
     ("engine",),
     ("analysis", "viz"),

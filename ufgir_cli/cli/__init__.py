@@ -60,6 +60,7 @@ from . import eval as _eval  # noqa: E402
 from . import inspect as _inspect  # noqa: E402
 from . import metrics as _metrics  # noqa: E402
 from . import recipes as _recipes  # noqa: E402
+from . import reproduce as _reproduce  # noqa: E402
 from . import ship as _ship  # noqa: E402
 from . import sweep as _sweep  # noqa: E402
 from . import train as _train  # noqa: E402
@@ -72,6 +73,7 @@ app.command("datasets", cls=PlainCommand)(_download.datasets)
 app.command("train", cls=PlainCommand)(_train.train)
 app.command("eval", cls=PlainCommand)(_eval.eval_cmd)
 app.command("sweep", cls=PlainCommand)(_sweep.sweep)
+app.add_typer(_reproduce.app, name="reproduce", help="The paper's Table 1: every method x dataset swept, mean ± std over seeds.")
 app.command("export", cls=PlainCommand)(_ship.export)
 app.command("import-upstream", cls=PlainCommand)(_ship.import_upstream)
 app.command("predict", cls=PlainCommand)(_ship.predict)

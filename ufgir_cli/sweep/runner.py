@@ -5,7 +5,7 @@ run, the run's own progress display (the callbacks the caller hands in) shows li
 signal reaches `fit`, which saves its checkpoint. With ``gpus`` each GPU is a slot that runs one
 ``ufgir train`` (or ``ufgir eval``) subprocess at a time with ``CUDA_VISIBLE_DEVICES`` set to it,
 its output in ``logs/<run>.log``: the very command a user would type, so a slot needs no code of
-its own. The children run in their own session; a signal to the sweep is passed on to each once.
+its own. A slot of several GPUs ("0,1") trains through torchrun, one process per GPU. The children run in their own session; a signal to the sweep is passed on to each once.
 """
 
 from __future__ import annotations
@@ -78,11 +78,14 @@ def run_in_process(sweep: Sweep, runs: list[Run], on_event: OnEvent,
         on_event("finished", run, {"time_s": time.time() - t0})
 
 
-def child_command(sweep: Sweep, run: Run, action: str) -> list[str]:
-    """The ``ufgir`` command line that does ``action`` for ``run`` in a subprocess."""
+def child_command(sweep: Sweep, run: Run, action: str, nproc: int = 1) -> list[str]:
+    """The ``ufgir`` command line that does ``action`` for ``run`` in a subprocess; training on
+    ``nproc`` > 1 GPUs starts through torchrun."""
     ufgir = [sys.executable, "-m", "ufgir_cli"]
     if action == "evaluate":
         return [*ufgir, "eval", str(run.run_dir), "--split", run.split, "--checkpoint", "last"]
+    if nproc > 1:
+        ufgir = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "ufgir_cli"]
     if action == "resume":
         return [*ufgir, "train", "--resume", str(run.run_dir), "--quiet"]
     recipe_file = sweep.root / "recipes" / f"{run.run_dir.name}.toml"
@@ -115,7 +118,7 @@ def run_on_gpus(sweep: Sweep, runs: list[Run], gpus: list[str], on_event: OnEven
                 log = sweep.root / "logs" / f"{run.run_dir.name}.log"
                 log.parent.mkdir(parents=True, exist_ok=True)
                 with open(log, "a", encoding="utf-8") as f:
-                    child = subprocess.Popen(child_command(sweep, run, action), stdout=f, stderr=subprocess.STDOUT,
+                    child = subprocess.Popen(child_command(sweep, run, action, nproc=len(gpu.split(","))), stdout=f, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, start_new_session=True,
                                              env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
                 running[gpu] = (run, child, time.time(), log)
