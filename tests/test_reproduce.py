@@ -218,5 +218,5 @@ def test_bad_grids_fail_before_anything_is_written(tmp_path, kwargs, match):
 def test_default_rows_are_the_papers_methods():
     from ufgir_cli.reproduce import PAPER_METHODS
 
-    assert set(PAPER_METHODS) == {"linear", "vpt_shallow", "vpt_deep", "adapter", "convpass", "ifa", "mpncov",
+    assert set(PAPER_METHODS) == {"linear", "vpt_shallow", "vpt_deep", "adapter", "convpass", "ifa", "mpncov", "glsim", "rams",
                                   "transfg", "ffvt", "ila_plus", "ila_pp"}

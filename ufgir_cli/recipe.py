@@ -11,8 +11,11 @@ mostly just pick a method. This module imports no torch so that ``ufgir recipes`
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 import sys
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -330,15 +333,34 @@ def _field_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
     return out
 
 
+def _is_sequence(ann: Any) -> bool:
+    """A list/tuple/dict annotation (possibly optional): pydantic-settings reads those as JSON."""
+    if typing.get_origin(ann) in (tuple, list, dict):
+        return True
+    return any(_is_sequence(a) for a in typing.get_args(ann)) if typing.get_origin(ann) in (typing.Union, types.UnionType) else False
+
+
 def _check_env() -> None:
-    """pydantic-settings ignores UFGIR_* variables that name no key; we refuse them."""
-    known = {p.replace(".", "__").upper() for p in _field_paths(Recipe)}
-    for var in os.environ:
-        if var.startswith("UFGIR_") and var not in NON_RECIPE_ENV and var[6:].upper() not in known:
+    """pydantic-settings ignores UFGIR_* variables that name no key, and names only the section when a
+    list value is not JSON; we refuse both, naming the variable and the key."""
+    known = {p.replace(".", "__").upper(): p for p in _field_paths(Recipe)}
+    for var, value in os.environ.items():
+        if not var.startswith("UFGIR_") or var in NON_RECIPE_ENV:
+            continue
+        key = known.get(var[6:].upper())
+        if key is None:
             raise RecipeError(
                 f"environment variable {var} names no recipe key; unset it or use "
                 "UFGIR_<SECTION>__<KEY> (e.g. UFGIR_TRAIN__EPOCHS=5)"
             )
+        section, _, leaf = key.rpartition(".")
+        field = (Recipe.model_fields[section].annotation.model_fields if section else Recipe.model_fields)[leaf]
+        if _is_sequence(field.annotation):
+            try:
+                json.loads(value)
+            except ValueError:
+                raise RecipeError(f"environment variable {var}: recipe key '{key}' takes a JSON list, "
+                                  f"e.g. {var}='[1, 2]' (got {value!r})") from None
 
 
 def _format_validation(e: ValidationError) -> str:
