@@ -9,14 +9,14 @@ import json
 import re
 import sys
 import tarfile
-import threading
 import types
 import zipfile
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from conftest import loopback_server
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -85,13 +85,8 @@ def server():
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.base_url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+    with loopback_server(Handler) as state.base_url:
+        yield state
 
 
 # ------------------------------------------------------------------------- archives and layouts

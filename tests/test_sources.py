@@ -7,16 +7,16 @@ import hashlib
 import io
 import json
 import re
-import threading
 import zipfile
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import huggingface_hub.constants
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import loopback_server
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -145,17 +145,12 @@ def hub(tmp_path, monkeypatch):
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.endpoint = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    monkeypatch.setenv("HF_ENDPOINT", state.endpoint)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite runs offline
-    monkeypatch.setitem(CATALOG, "cotton80", COTTON)
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+    with loopback_server(Handler) as state.endpoint:
+        monkeypatch.setenv("HF_ENDPOINT", state.endpoint)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite runs offline
+        monkeypatch.setitem(CATALOG, "cotton80", COTTON)
+        yield state
 
 
 def splits(root: Path) -> dict[str, list[str]]:
