@@ -5,7 +5,8 @@ Resolution order (later wins): field defaults -> recipe TOML -> ``UFGIR_*`` envi
 ``UFGIR_*`` variable that names no key, are errors: a typo must never silently train the wrong model.
 
 The defaults are the paper's ILA++ recipe (reference/ILA.md sections 3-4) at 224 px; packaged recipes
-mostly just pick a method. This module imports no torch so that ``ufgir recipes`` stays instant.
+mostly just pick a method. This module imports no torch so that ``ufgir recipes`` stays instant. It
+is one piece (about 460 lines): the types, their resolution and their error messages belong together.
 """
 
 from __future__ import annotations

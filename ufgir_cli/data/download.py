@@ -10,7 +10,8 @@ dir (an archive unpacked, a parquet copy written out as image files), labels and
 the layout the copy has, counts are checked against the catalog, the images are moved under
 ``images/`` and the split files written, and only then is the folder renamed into place. An error
 or an interruption leaves what was there before (nothing, or the old dataset) plus at most a
-resumable ``downloads/<archive>.part``.
+resumable ``downloads/<archive>.part``. (Unpacking and the published layouts live in ``archive.py``
+and ``layouts.py``; this module, a little over 450 lines, is the one sequence from source to folder.)
 
 Stdlib only at import (PIL, huggingface_hub and pyarrow are imported where used): `ufgir datasets`
 stays instant.

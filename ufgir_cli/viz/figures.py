@@ -8,7 +8,8 @@ publishers ask for) and SVG on request, without time stamps so that equal figure
 
 Figures are drawn on a ``Figure`` with an Agg canvas, never through pyplot, so nothing global
 (backend, current figure) changes and no display is needed; ``draw_*`` return the figure (tests read
-it), :func:`save` writes it atomically.
+it), :func:`save` writes it atomically. One module (a little over 450 lines) because every figure
+shares the style, the inch-based layout helpers and :func:`save`; splitting it would scatter those.
 """
 
 from __future__ import annotations
