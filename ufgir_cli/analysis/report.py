@@ -186,6 +186,17 @@ def load_images(recipe: Recipe, split: str, images: Sequence[Path] | None, count
     return x, [t for _, t in rows], [Path(path).stem for path, _ in rows], sf.class_names
 
 
+def _captions(preds: list[int], targets: list[int | None], class_names: list[str] | None) -> list[tuple[str, str | None]]:
+    """(predicted, true or None) class names per image, for the figures' captions."""
+
+    def name(c: int | None) -> str | None:
+        if c is None:
+            return None
+        return class_names[c] if class_names and c < len(class_names) else f"class {c}"
+
+    return [(name(p), name(t)) for t, p in zip(targets, preds, strict=True)]
+
+
 def visualize(path: Path, make_maps: MakeMaps, *, split: str = "test", images: Sequence[Path] | None = None,
               count: int = 8, per_class: int = 1, checkpoint: str = "auto", device: str = "auto") -> Shown:
     """Run the model once over the images and turn its attention into maps at image resolution."""
@@ -195,13 +206,7 @@ def visualize(path: Path, make_maps: MakeMaps, *, split: str = "test", images: S
     out = forward_collect(model, normalize(x.to(device), data_cfg["mean"], data_cfg["std"]))
     preds = out.logits.argmax(dim=1).tolist()
     maps = [(label, ro.upsample(m, tuple(x.shape[-2:])).cpu().numpy()) for label, m in make_maps(model, out.attention)]
-
-    def name(c: int | None) -> str | None:
-        if c is None:
-            return None
-        return class_names[c] if class_names and c < len(class_names) else f"class {c}"
-
-    captions = [(name(p), name(t)) for t, p in zip(targets, preds, strict=True)]
+    captions = _captions(preds, targets, class_names)
     return Shown(x.permute(0, 2, 3, 1).numpy(), maps, captions, stems, run_title(recipe))  # images (B, S, S, 3)
 
 
@@ -262,13 +267,7 @@ def selections(path: Path, *, split: str = "test", images: Sequence[Path] | None
             rects = [_patch_rects(idx[:, b][idx[:, b] >= P] - P, grid, patch) for b in range(idx.shape[1])]
             what = f"{idx.shape[-1]} tokens from each of {idx.shape[0]} blocks (mutual attention)"
         panels = [("selected patches", shown, rects)]
-
-    def name(c: int | None) -> str | None:
-        if c is None:
-            return None
-        return class_names[c] if class_names and c < len(class_names) else f"class {c}"
-
-    captions = [(name(p), name(t)) for t, p in zip(targets, preds, strict=True)]
+    captions = _captions(preds, targets, class_names)
     return Selected(panels, captions, stems, run_title(recipe), what)
 
 

@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..model.heads import rollout_factor
+
 Fusion = Literal["mean", "max", "min"]
 FUSIONS: tuple[str, ...] = ("mean", "max", "min")
 
@@ -61,9 +63,7 @@ def discard_lowest(a: torch.Tensor, ratio: float, keep: int = 0) -> torch.Tensor
 
 def residual_attention(attn: torch.Tensor, fusion: Fusion = "mean", discard: float = 0.0) -> torch.Tensor:
     """One block's rollout factor: fuse heads, discard, add identity, renormalise rows -> (B, S, S) float64."""
-    a = discard_lowest(fuse_heads(attn, fusion).to(torch.float64), discard)
-    a = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    return a / a.sum(dim=-1, keepdim=True)
+    return rollout_factor(discard_lowest(fuse_heads(attn, fusion).to(torch.float64), discard))
 
 
 def encoder_groups(grids: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

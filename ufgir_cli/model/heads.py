@@ -137,24 +137,29 @@ class AggregatorHead(nn.Module):
         return cls if pre_logits else self.fc(cls)
 
 
-def psm_scores(maps: list[torch.Tensor], row0_chain: bool = False) -> torch.Tensor:
-    """TransFG's part selection: per head, row 0 (the CLS query) of the product of every block's
-    attention, A_L-1 ... A_0, with no identity and no renormalisation, over the patch columns.
-    (B, heads, S, S) maps -> (B, heads, S - 1) scores, in float32.
+def rollout_factor(attn: torch.Tensor) -> torch.Tensor:
+    """A head-fused attention map (..., S, S) -> its factor in attention rollout: identity added (the
+    residual path), rows renormalised."""
+    attn = attn + torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
+    return attn / attn.sum(dim=-1, keepdim=True)
 
-    The full product is what the reference computes (L-1 products of S x S matrices: 58 GMACs for
-    ViT-B/16 at 448 px); ``row0_chain`` multiplies the CLS row through instead, S^2 per block, for the
-    same scores up to float rounding."""
-    maps = [a.float() for a in maps]
-    if row0_chain:
-        v = maps[-1][:, :, :1]                                               # (B, heads, 1, S)
-        for a in reversed(maps[:-1]):
-            v = v @ a
-        return v[:, :, 0, 1:]
-    m = maps[-1]
-    for a in reversed(maps[:-1]):
-        m = m @ a                                                            # (B, heads, S, S)
-    return m[:, :, 0, 1:]
+
+def _cls_row_through(mats: list[torch.Tensor], row0_chain: bool) -> torch.Tensor:
+    """Row 0 (the CLS query) of mats[-1] @ ... @ mats[0], over the patch columns: (..., S, S) -> (..., S - 1).
+    ``row0_chain`` carries that row through the matrices (S^2 per block) instead of multiplying them
+    (S^3 per block, what the reference computes): the same values up to float rounding."""
+    m = mats[-1][..., :1, :] if row0_chain else mats[-1]
+    for a in reversed(mats[:-1]):
+        m = m @ a
+    return m[..., 0, 1:]
+
+
+def psm_scores(maps: list[torch.Tensor], row0_chain: bool = False) -> torch.Tensor:
+    """TransFG's part selection: per head, the CLS row of the product of every block's attention,
+    A_L-1 ... A_0, with no identity and no renormalisation, over the patch columns.
+    (B, heads, S, S) maps -> (B, heads, S - 1) scores, in float32. The full product costs 58 GMACs for
+    ViT-B/16 at 448 px; ``row0_chain`` (see `_cls_row_through`) a fraction of that."""
+    return _cls_row_through([a.float() for a in maps], row0_chain)
 
 
 class AvgClsHead(nn.Module):
@@ -173,24 +178,10 @@ class AvgClsHead(nn.Module):
 
 
 def rollout_scores(maps: list[torch.Tensor], row0_chain: bool = False) -> torch.Tensor:
-    """RAMS's selection scores: attention rollout (heads averaged, identity added, rows renormalised,
-    blocks multiplied last to first), the CLS row over the patch columns. (B, heads, S, S) maps ->
-    (B, S - 1), in float32. ``row0_chain`` carries the CLS row through instead of multiplying the
-    matrices (the same scores up to rounding, S^2 instead of S^3 per block)."""
-    eye = torch.eye(maps[0].shape[-1], device=maps[0].device)
-    hats = []
-    for a in maps:
-        a = a.float().mean(dim=1) + eye                                      # (B, S, S)
-        hats.append(a / a.sum(dim=-1, keepdim=True))
-    if row0_chain:
-        v = hats[-1][:, :1]                                                  # (B, 1, S)
-        for a in reversed(hats[:-1]):
-            v = v @ a
-        return v[:, 0, 1:]
-    m = hats[-1]
-    for a in reversed(hats[:-1]):
-        m = m @ a
-    return m[:, 0, 1:]
+    """RAMS's selection scores: attention rollout (heads averaged, `rollout_factor` per block, blocks
+    multiplied last to first), the CLS row over the patch columns. (B, heads, S, S) maps -> (B, S - 1),
+    in float32; ``row0_chain`` as in `psm_scores`."""
+    return _cls_row_through([rollout_factor(a.float().mean(dim=1)) for a in maps], row0_chain)
 
 
 def glsim_scores(tokens: torch.Tensor, metric: str = "cos") -> tuple[torch.Tensor, bool]:
@@ -226,13 +217,13 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)                                                    # (B, 3, S, S)
 
 
-def maws_scores(probs: torch.Tensor, key0_logits: torch.Tensor) -> torch.Tensor:
+def maws_scores(cls_rows: torch.Tensor, key0_logits: torch.Tensor) -> torch.Tensor:
     """FFVT's mutual attention weight selection for one block: how much each token attends to the CLS
     token (the pre-softmax key-0 column, softmaxed over the queries) times how much the CLS token
-    attends to it (the CLS row of the attention), both averaged over heads. (B, heads, S, S) and
-    (B, heads, S) -> (B, S), over every position, the CLS itself included; in float32."""
+    attends to it (the CLS row of the attention), both averaged over heads. (B, heads, S) CLS rows and
+    (B, heads, S) key-0 logits -> (B, S), over every position, the CLS itself included; in float32."""
     contribution = key0_logits.float().softmax(dim=-1).mean(dim=1)           # (B, S)
-    weight = probs[:, :, 0].float().mean(dim=1)                               # (B, S)
+    weight = cls_rows.float().mean(dim=1)                                     # (B, S)
     return contribution * weight
 
 
@@ -262,4 +253,4 @@ def _avg_cls(vit: nn.Module, num_classes: int, cfg) -> nn.Module:
 HEADS = {"ifa": _ifa, "mpncov": _mpncov, "vqt": _vqt, "aggregator": _aggregator, "avg_cls": _avg_cls}
 
 __all__ = ["HEADS", "AggregatorHead", "AvgClsHead", "IFAHead", "crop_boxes", "crop_resize", "glsim_scores", "maws_scores",
-           "psm_scores", "rollout_scores", "MPNCovHead", "VQTHead", "isqrt_newton_schulz", "upper_triangle"]
+           "psm_scores", "rollout_factor", "rollout_scores", "MPNCovHead", "VQTHead", "isqrt_newton_schulz", "upper_triangle"]

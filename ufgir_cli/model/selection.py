@@ -28,20 +28,21 @@ class SelectionMixin:
         FFVT (``maws``): per block, the 12 tokens with the largest mutual attention weight (the CLS
         token may be one), gathered from that block's output: K = 12 x blocks, indices (blocks, B, 12).
         Scores and selection run in float32 whatever the autocast (fp16 ties move a selection)."""
+        maws = self.plan.selector == "maws"  # FFVT gathers from every block's output, TransFG from the last
         self._selection = sel = []
         try:
-            last, outputs = self._encode(x, frozenset(range(len(self.vit.blocks))))
+            last, outputs = self._encode(x, frozenset(range(len(self.vit.blocks))) if maws else frozenset())
         finally:
             self._selection = None
         D = last.shape[-1]
         with float32_region(last):
-            if self.plan.selector == "psm":
+            if not maws:
                 scores = psm_scores([maps for maps, _ in sel], row0_chain=self.cfg.row0_chain)
                 idx = scores.argmax(dim=-1) + 1                                    # (B, heads): past the CLS
                 parts = [last.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))]     # (B, heads, D)
             else:
-                idx = torch.stack([maws_scores(maps, key0).topk(self.cfg.maws_tokens, dim=-1).indices
-                                   for maps, key0 in sel])                        # (blocks, B, K)
+                idx = torch.stack([maws_scores(rows, key0).topk(self.cfg.maws_tokens, dim=-1).indices
+                                   for rows, key0 in sel])                        # (blocks, B, K)
                 parts = [out.gather(1, i.unsqueeze(-1).expand(-1, -1, D)) for out, i in zip(outputs, idx, strict=True)]
         return torch.cat([last[:, :1], *parts], dim=1), idx                       # (B, 1 + K, D)
 

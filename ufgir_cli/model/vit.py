@@ -89,7 +89,7 @@ class UfgirViT(SelectionMixin, nn.Module):
             xavier_linear_(vit.head)  # the reference's init for every Linear, the head included
         self.grad_checkpointing = False
         self._attn_probs: list[torch.Tensor] | None = None  # set by collect_attention()
-        # Per block (softmax maps, key-0 logits or None) while an aggregator head selects tokens.
+        # Per block, while a head selects: (softmax maps, None), or FFVT's (CLS rows, key-0 logits).
         self._selection: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
         #: ``forward`` may run the last block for the CLS row alone where that is exact (see
         #: `cls_only_last_block`); False runs every token, as cost counting does.
@@ -266,8 +266,8 @@ class UfgirViT(SelectionMixin, nn.Module):
         out = explicit_attention(attn, h, maps, query_only=query_only, key0=key0)
         if self._attn_probs is not None:
             self._attn_probs.extend(maps)
-        if sel is not None:
-            sel.append((maps[0], key0[0] if key0 else None))
+        if sel is not None:  # FFVT needs the CLS rows and key-0 logits only; the others, whole maps
+            sel.append((maps[0][:, :, 0], key0[0]) if key0 is not None else (maps[0], None))
         return out
 
     def _encode(self, x: torch.Tensor, take: frozenset[int] = frozenset(), stop: int | None = None,
