@@ -125,10 +125,20 @@ def read_sidecar(artifact: Path) -> dict[str, Any]:
     return meta
 
 
+def _traceable(model: UfgirViT, fmt: str) -> None:
+    """Refuse, in one line, a model no traced graph can hold: GLSim and RAMS crop a box that the first
+    pass computes (its size depends on the image) and resize it image by image."""
+    if getattr(model, "crops_second_pass", False):
+        raise ExportError(f"--format {fmt}: {model.method} crops a box chosen by its first pass (a size that "
+                          "depends on the image), which a traced graph cannot hold; export --format safetensors "
+                          "and run it with PyTorch (ufgir predict reads it)")
+
+
 def export_onnx(model: UfgirViT, recipe: Recipe, out: str | os.PathLike, *, image_size: int | None = None,
                 opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
                 tolerance: float = DEFAULT_TOLERANCE) -> ExportResult:
     """ONNX via the torch.export-based exporter (``dynamo=True``), checked with onnxruntime."""
+    _traceable(model, "onnx")
     require(("onnx", "onnxscript", "onnxruntime"), "ONNX export")
     import onnxruntime as ort
 
@@ -163,6 +173,7 @@ def export_onnx(model: UfgirViT, recipe: Recipe, out: str | os.PathLike, *, imag
 def export_pt2(model: UfgirViT, recipe: Recipe, out: str | os.PathLike, *, image_size: int | None = None,
                dynamic_batch: bool = True, tolerance: float = DEFAULT_TOLERANCE) -> ExportResult:
     """A ``torch.export`` ExportedProgram (TorchScript's successor), reloaded and checked."""
+    _traceable(model, "pt2")
     out = Path(out)
     t0 = time.perf_counter()
     model, recipe = at_image_size(model, recipe, image_size)
