@@ -30,7 +30,7 @@ test: venv
 bench: venv
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.paired
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run
-	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run --methods linear,ifa,mpncov,vqt,transfg,ffvt,glsim,rams --sizes 224 --precisions bf16 --name cpu_fgir
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run --methods linear,ifa,mpncov,vqt,transfg,ffvt,glsim,rams,cal --sizes 224 --precisions bf16 --name cpu_fgir
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.data
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.threads
 

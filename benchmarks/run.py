@@ -30,11 +30,15 @@ def bench_step(model, run, x, y, mode: str, precision: str, device: str, opt=Non
     import torch
 
     from ufgir_cli.model.precision import autocast
+    from ufgir_cli.model.vit import UfgirViT
 
     if mode == "train":
         model.train()
         with autocast(device, precision):
-            loss = torch.nn.functional.cross_entropy(run(x).float(), y)
+            out = run(x)
+        # our models own their training loss (CAL's has several outputs and terms); the baselines: CE
+        loss = model.loss(out, y, torch.nn.CrossEntropyLoss()) if isinstance(model, UfgirViT) else \
+            torch.nn.functional.cross_entropy(out.float(), y)
         loss.backward()
         if opt is not None:
             opt.step()
@@ -96,6 +100,9 @@ def _measure(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     # block's non-CLS rows where that is exact.
     fwd = count_flops(counted, args.size, batch=args.batch, executed=method not in ("timm", "reference"))
     step_flops = fwd * (3 if method == "full" else 2)
+    if method == "cal" and args.mode == "train":  # 3 passes, not the 8 of evaluation; backward reaches the head only
+        fwd = count_flops(counted, args.size, batch=args.batch, mode={"cal_single_crop": True}) * 3 // 2
+        step_flops = fwd
     run = torch.compile(model) if args.compile else model
     cuda = device.startswith("cuda")
     if cuda:

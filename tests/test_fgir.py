@@ -1,4 +1,4 @@
-"""The comparison methods (IFA, MPN-COV, VQT, TransFG, FFVT, GLSim, RAMS): the reference's checkpoints reproduce through
+"""The comparison methods (IFA, MPN-COV, VQT, TransFG, FFVT, GLSim, RAMS, CAL): the reference's checkpoints reproduce through
 `load_upstream_checkpoint`, every stored intermediate within the fixture README's tolerance, the counts
 and MACs of FGIR.md §10 for ViT-B/16, and each head fed the very tensors the reference handed its own.
 """
@@ -278,7 +278,7 @@ def test_glsim_ft_recipe_is_the_readme_command():
 B16 = {"ifa": (2_317 + 769 * 200, (17.567, 78.509)), "mpncov": (49_280 + 2_081 * 200, (17.484, 78.434)),
        "vqt": (46_848 + 46_849 * 200, None), "transfg": (7_088_640 + 769 * 200, (17.122, 130.146)),
        "ffvt": (7_090_176 + 769 * 200, (17.081, 72.974)), "glsim": (7_090_944 + 769 * 200, (35.149, 157.036)),
-       "rams": (1_536 + 769 * 200, (35.219, 162.350))}
+       "rams": (1_536 + 769 * 200, (35.219, 162.350)), "cal": (24_640 + 24_576 * 200, (139.894, 627.504))}
 
 
 @pytest.mark.parametrize("method", sorted(B16))
@@ -291,6 +291,9 @@ def test_vit_b16_counts_and_macs(method):
         assert _counts(model)[0] == trainable
         if gmacs is not None:
             assert count_flops(model, size) / 2e9 == pytest.approx(gmacs[i], rel=5e-3)
+        if method == "cal":  # its single-crop evaluation: 2 passes
+            single = count_flops(model, size, mode=model.eval_modes["2 passes (single crop)"]) / 2e9
+            assert single == pytest.approx((34.973, 156.875)[i], rel=5e-3)
 
 
 # ---- training: the loss falls, and a run stopped by a signal resumes bit-exactly ------------------
@@ -340,7 +343,7 @@ def _comparable(rec: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", ["ifa_t16_224", "mpncov_t16_160", "vqt_t16_112", "transfg_t16_224", "ffvt_t16_224",
-                                  "glsim_t16_224", "rams_t16_112"])
+                                  "glsim_t16_224", "rams_t16_112", "cal_t16_160"])
 def test_import_export_and_analysis(fixture_dir, tmp_path, name):
     from ufgir_cli.analysis.features import forward_collect
     from ufgir_cli.ship import export_model, import_upstream
@@ -351,7 +354,7 @@ def test_import_export_and_analysis(fixture_dir, tmp_path, name):
         assert export_model(run, "onnx").max_abs_diff <= 1e-4
     elif name.startswith(("transfg", "ffvt")):  # selection by argmax / top-k traces
         assert export_model(run, "pt2").max_abs_diff <= 1e-4
-    elif name.startswith(("glsim", "rams")):  # a crop whose size depends on the image does not
+    elif name.startswith(("glsim", "rams", "cal")):  # a crop whose size depends on the image does not
         with pytest.raises(ExportError, match="traced graph cannot hold"):
             export_model(run, "pt2")
     assert export_model(run, "safetensors").max_abs_diff <= 1e-4
@@ -364,7 +367,7 @@ def test_import_export_and_analysis(fixture_dir, tmp_path, name):
     assert [a.shape[-1] for a in got.attention] == [b.tokens_attended for b in model.feature_info]
 
 
-@pytest.mark.parametrize("method", ["glsim", "ffvt"])
+@pytest.mark.parametrize("method", ["glsim", "ffvt", "cal"])
 def test_visualize_crops(method, small_synthetic, tmp_path, one_thread):
     from typer.testing import CliRunner
 
@@ -376,7 +379,8 @@ def test_visualize_crops(method, small_synthetic, tmp_path, one_thread):
     assert res.exit_code == 0, res.output
     grid = run / "analysis" / "visualize" / "crops_test" / "grid.png"
     assert grid.is_file() and str(grid) in res.output.replace("\n", "")
-    panels = 2 if method == "glsim" else 1  # GLSim: the image with its box, and the crop
+    # GLSim: the image with its box, and the crop; CAL: the image with its three boxes, and the crops
+    panels = {"glsim": 2, "ffvt": 1, "cal": 4}[method]
     from ufgir_cli.analysis.report import selections
 
     sel = selections(run, count=4)

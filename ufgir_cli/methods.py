@@ -25,7 +25,7 @@ Part = Literal["head", "cls", "anchor", "adapters", "ila", "prompts", "all"]
 FlagTest = bool | str
 #: What turns the backbone's output into logits: a Linear on the CLS token (timm's head), or one of the
 #: comparison methods' heads in ``model/heads.py``.
-Head = Literal["linear", "ifa", "mpncov", "vqt", "aggregator", "avg_cls"]
+Head = Literal["linear", "ifa", "mpncov", "vqt", "aggregator", "avg_cls", "cal"]
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,9 @@ class MethodSpec:
     class_token: bool = True  # False: the backbone has no CLS token (MPN-COV pools the patch tokens)
     final_norm: bool = True  # False: no LayerNorm after the last block (IFA reads pre-norm CLS tokens)
     #: How tokens are picked: from attention (TransFG "psm", FFVT "maws"), or the patches whose box is
-    #: cropped for a second pass (GLSim "glsim": similar to the CLS token; RAMS "rollout": attention rollout).
-    selector: Literal["psm", "maws", "glsim", "rollout"] | None = None
+    #: cropped for a second pass (GLSim "glsim": similar to the CLS token; RAMS "rollout": attention rollout;
+    #: CAL "cal": where its WS-DAN attention maps fire).
+    selector: Literal["psm", "maws", "glsim", "rollout", "cal"] | None = None
     aggregator_norm: bool = False  # the aggregator block has a LayerNorm of its own (FFVT, GLSim)
     ila_ds_locs: tuple[int, ...] = ()  # default down-sampling ILA positions (a 12-block ViT's)
     ila_rest: bool = False  # default: a same-resolution ILA after every block without a DS-ILA
@@ -105,6 +106,10 @@ TABLE: tuple[MethodSpec, ...] = (
     MethodSpec("rams", "fgir", "RAMS (as the reference implements it): GLSim's crop and second pass from attention "
                "rollout; the head on both CLS tokens, averaged", (*_PETL, "anchor"), head="avg_cls",
                selector="rollout", upstream=(("selector", "rollout"), *_NO_EXTRAS), title="RAMS"),
+    MethodSpec("cal", "fgir", "CAL: 32 WS-DAN attention maps pool the patch tokens (no CLS token); trained with "
+               "counterfactual maps, attention crops and drops; evaluated on 3 crops of the image and its mirror",
+               ("head",), head="cal", selector="cal", class_token=False,
+               upstream=(("selector", "cal"), *_NO_EXTRAS), title="CAL"),
     MethodSpec("ila", "ila", "Down-sampling ILA only, after blocks 3 and 7",
                (*_PETL, "ila"), ila_ds_locs=(3, 7),
                upstream=(("ila", True), ("adapter", False), ("ila_locs", False)), title="ILA (DS only)"),

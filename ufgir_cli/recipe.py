@@ -95,6 +95,9 @@ class ModelConfig(Section):
     crop_tokens: int | None = Field(None, ge=1, description="GLSim, RAMS: patches whose box is cropped; "
                                     "None: 8, and 16 at image_size >= 448 (the reference's rule)")
     sim_metric: Literal["cos", "l1", "l2"] = Field("cos", description="GLSim: similarity of CLS and patches")
+    cal_maps: int = Field(32, ge=1, description="CAL: WS-DAN attention maps.")
+    cal_single_crop: bool = Field(False, description="CAL: evaluate on the image and one crop (2 passes) instead "
+                                  "of the image, its mirror and three crops of each (8 passes)")
     # Backbone numerics.
     drop: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on attention/MLP branch outputs.")
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)

@@ -41,13 +41,17 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def count_flops(model: nn.Module, image_size: int, batch: int = 1, executed: bool = False) -> int:
+def count_flops(model: nn.Module, image_size: int, batch: int = 1, executed: bool = False,
+                mode: dict | None = None) -> int:
     """Forward FLOPs for ``batch`` images, counted on a meta-device copy.
 
     By default the whole network, every block on every token (the number papers report).
     ``executed=True`` counts what ``model(x)`` runs, the denominator of an honest FLOPs utilisation:
-    `UfgirViT.forward` computes the last block for the CLS token alone where that is exact."""
+    `UfgirViT.forward` computes the last block for the CLS token alone where that is exact.
+    ``mode``: one of the model's ``eval_modes`` (recipe overrides), counted instead of the recipe's."""
     meta = meta_copy(model).eval()
+    if mode:
+        meta.cfg = meta.cfg.model_copy(update=mode)
     x = torch.empty(batch, 3, image_size, image_size, device="meta")
     if hasattr(meta, "last_block_cls_only"):  # UfgirViT: every token through the last block unless executed
         meta.last_block_cls_only = executed
@@ -98,7 +102,11 @@ def cost_summary(model: nn.Module, image_size: int) -> dict:
     """Parameters and per-image MACs/FLOPs as plain numbers (what `inspect` and `metrics` print)."""
     flops = count_flops(model, image_size)
     pc = count_params(model)
-    return {"params_total": pc.total, "params_trainable": pc.trainable, "flops": flops, "macs": flops // 2}
+    out = {"params_total": pc.total, "params_trainable": pc.trainable, "flops": flops, "macs": flops // 2}
+    modes = getattr(model, "eval_modes", {})
+    if modes:  # CAL: what each of its evaluation modes costs, the recipe's included
+        out["macs_by_eval_mode"] = {name: count_flops(model, image_size, mode=m) // 2 for name, m in modes.items()}
+    return out
 
 
 __all__ = ["ParamCount", "Throughput", "cost_summary", "count_flops", "count_params", "measure_inference", "meta_copy"]

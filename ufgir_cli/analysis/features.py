@@ -50,7 +50,7 @@ def forward_collect(model: nn.Module, x: torch.Tensor) -> Collected:
     with model.collect_attention() as probs:
         final, inter = model.forward_intermediates(x, return_prefix_tokens=True)
     tokens = [torch.cat([prefix, patches], dim=1) for patches, prefix in inter]  # (B, T_i, D) each
-    if model.plan.head in ("aggregator", "avg_cls"):  # heads that select or crop by themselves: one more pass
+    if model.plan.head in ("aggregator", "avg_cls", "cal"):  # heads that select or crop by themselves: more passes
         return Collected(model(x), probs, tokens)
     return Collected(model.forward_head(final, intermediates=tokens), probs, tokens)
 

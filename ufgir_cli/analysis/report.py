@@ -229,6 +229,10 @@ def _to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
     return ((x.float().cpu() * s + m).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+#: CAL's boxes, tightest first (colour-blind safe, visible on leaves), and their names in panel labels.
+BOX_COLOURS, BOX_COLOUR_NAMES = ("#ff2a2a", "#0072b2", "#f0e442"), ("red", "blue", "yellow")
+
+
 def _patch_rects(indices: torch.Tensor, grid: tuple[int, int], patch: int) -> list[tuple[int, int, int, int]]:
     """Patch indices (into the patch grid, row-major) -> one rectangle per distinct patch."""
     return [(int(j) // grid[1] * patch, int(j) % grid[1] * patch, patch, patch) for j in sorted(set(indices.tolist()))]
@@ -238,11 +242,12 @@ def _patch_rects(indices: torch.Tensor, grid: tuple[int, int], patch: int) -> li
 def selections(path: Path, *, split: str = "test", images: Sequence[Path] | None = None, count: int = 8,
                per_class: int = 1, checkpoint: str = "auto", device: str = "auto") -> Selected:
     """What a fine-grained method looks at: GLSim's and RAMS's box on the image and the crop its second
-    pass sees, or the patches TransFG and FFVT hand to their aggregator block."""
+    pass sees, CAL's evaluation boxes (from the mean of its attention maps) and their crops, or the
+    patches TransFG and FFVT hand to their aggregator block."""
     model, recipe, _, device = load_model(path, checkpoint, device)
     selector = getattr(model.plan, "selector", None)
     if selector is None:
-        raise OptionError(f"visualize crops shows what GLSim, RAMS, TransFG and FFVT select; "
+        raise OptionError(f"visualize crops shows what GLSim, RAMS, CAL, TransFG and FFVT select; "
                           f"{recipe.model.method} selects nothing (try `ufgir visualize rollout`)")
     x, targets, stems, class_names = load_images(recipe, split, images, count, per_class)
     cfg = model.data_config()
@@ -251,7 +256,17 @@ def selections(path: Path, *, split: str = "test", images: Sequence[Path] | None
     shown = x.permute(0, 2, 3, 1).numpy()
     patch = model.vit.patch_embed.patch_size[0]
     grid = model.feature_info[-1].out_grid
-    if model.crops_second_pass:
+    if selector == "cal":  # the image's crops; its mirror's are the same idea, mirrored
+        first = model.attention_crops(xn)
+        colours = BOX_COLOURS[-len(first["settings"]):]  # the single crop is the loosest: the last colour
+        boxes = [[(t, left, b - t, r - left, colours[k]) for k, (t, b, left, r) in enumerate(per_image)]
+                 for per_image in first["boxes"].transpose(0, 1).tolist()]
+        panels = [("image and boxes", shown, boxes)]
+        panels += [(f"{theta:g} × max ({name})", _to_uint8(c, cfg["mean"], cfg["std"]), [[] for _ in stems])
+                   for (theta, _), c, name in zip(first["settings"], first["crops"], BOX_COLOUR_NAMES[-len(colours):],
+                                                  strict=True)]
+        what = "crops where the mean attention map reaches a share of its max"
+    elif model.crops_second_pass:
         first = model.crop(xn)
         boxes = [[(t, left, b - t, r - left)] for t, b, left, r in first["boxes"].tolist()]
         crops = _to_uint8(first["crops"], cfg["mean"], cfg["std"])

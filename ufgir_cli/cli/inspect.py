@@ -90,3 +90,7 @@ def inspect(
         f"(head {head:,} for {classes} classes, {source}; CLS {model.embed_dim if model.vit.cls_token is not None else 0:,})\n"
         f"per image: {flops / 2e9:.2f} GMACs (multiply-adds) · {flops / 1e9:.2f} GFLOPs"
     )
+    if model.eval_modes:  # CAL: its evaluation modes cost 8 or 2 backbone passes
+        console.print("evaluation modes: " + " · ".join(
+            f"{name} {count_flops(model, r.model.image_size, mode=m) / 2e9:.2f} GMACs"
+            for name, m in model.eval_modes.items()), soft_wrap=True)

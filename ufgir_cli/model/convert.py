@@ -63,6 +63,7 @@ _HEAD_KEYS = {
     "vqt": (("head.head.", "head.fc."),),
     "aggregator": (("head.", "head.fc."),),
     "avg_cls": (("head.", "head.fc."),),
+    "cal": (("dfsm.attentions.conv.", "head.conv."), ("dfsm.attentions.bn.", "head.bn."), ("dfsm.fc.", "head.fc.")),
 }
 #: A transformer block of the reference: an encoder block, or TransFG's/FFVT's aggregator block.
 _BLOCK = r"(encoder\.blocks\.\d+|aggregator\.blocks\.0)"
@@ -99,9 +100,16 @@ def _method(c: argparse.Namespace) -> MethodSpec:
     return spec
 
 
+def _flag(c: argparse.Namespace, name: str, default: Any) -> Any:
+    """A reference config value, or ``default`` when it is absent or None (CAL's wrapper never writes
+    its model config back: ``hidden_dropout_prob``, ``layer_norm_eps`` ... stay None, FGIR.md §4)."""
+    value = getattr(c, name, None)
+    return default if value is None else value
+
+
 def recipe_from_upstream(c: argparse.Namespace) -> Recipe:
     """Our recipe for a reference config: the architecture exactly, the training settings mapped."""
-    name = getattr(c, "model_name", "vit_b16")
+    name = _flag(c, "model_name", "vit_b16")
     if name not in UPSTREAM_BACKBONES:
         raise CheckpointError(
             f"reference model_name {name!r} is not supported; known: {', '.join(UPSTREAM_BACKBONES)}"
@@ -114,16 +122,16 @@ def recipe_from_upstream(c: argparse.Namespace) -> Recipe:
         "image_size": int(c.image_size),
         "num_classes": int(c.num_classes),
         "method": method,
-        "adapter_dim": int(getattr(c, "adapter_dim", 8)),
-        "adapter_kernel": int(getattr(c, "adapter_kernel_size", 3)),
-        "ila_dim": int(getattr(c, "adapter_dim", 8)),
-        "ila_kernel": int(getattr(c, "ila_ds_kernel_size", 3)),
+        "adapter_dim": int(_flag(c, "adapter_dim", 8)),
+        "adapter_kernel": int(_flag(c, "adapter_kernel_size", 3)),
+        "ila_dim": int(_flag(c, "adapter_dim", 8)),
+        "ila_kernel": int(_flag(c, "ila_ds_kernel_size", 3)),
         "ila_norm": getattr(c, "ila_norm1", "bn") or "none",
-        "ila_cls_conv": bool(getattr(c, "ila_cls_conv", True)),
-        "ila_dws_mult": int(getattr(c, "ila_dws_conv_groups", 1)),
-        "prompt_len": int(getattr(c, "prompt_len", 100)),
-        "drop": float(getattr(c, "hidden_dropout_prob", 0.1)),
-        "layer_norm_eps": float(getattr(c, "layer_norm_eps", 1e-12)),
+        "ila_cls_conv": bool(_flag(c, "ila_cls_conv", True)),
+        "ila_dws_mult": int(_flag(c, "ila_dws_conv_groups", 1)),
+        "prompt_len": int(_flag(c, "prompt_len", 100)),
+        "drop": float(_flag(c, "hidden_dropout_prob", 0.1)),
+        "layer_norm_eps": float(_flag(c, "layer_norm_eps", 1e-12)),
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
     }
@@ -137,6 +145,9 @@ def recipe_from_upstream(c: argparse.Namespace) -> Recipe:
         model["depth"] = int(depth)
     if spec.head == "mpncov":
         model["cov_dim"] = int(getattr(c, "class_proj_size", 64))
+    if spec.head == "cal":  # the reference builds CAL's 12 blocks whatever the flags say
+        model["cal_single_crop"] = bool(getattr(c, "cal_single_crop", False))
+        model.pop("depth", None)
     if spec.has_ila:
         model["ila_ds_locs"] = list(getattr(c, "ila_ds_locs", spec.ila_ds_locs) or [])
         model["ila_locs"] = list(getattr(c, "ila_locs", []) or []) if spec.ila_rest else []
@@ -163,6 +174,8 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, t in sd.items():
         k = key.removeprefix("module.").removeprefix("model.")
+        if model.plan.head == "cal":  # CAL wraps the ViT: encoder = Sequential(ViT, Rearrange)
+            k = k.removeprefix("encoder.0.")
         if k == "class_token":
             out["vit.cls_token"] = t.reshape(1, 1, -1)
         elif k == "anchor_class_token" and model.anchor_cls is not None:
@@ -181,7 +194,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
             unmapped.append(key)
         elif k.startswith("aggregator_norm."):
             out["head.norm." + k.split(".", 1)[1]] = t
-        elif model.head is not None and k.startswith("head."):
+        elif model.head is not None and k.startswith(("head.", "dfsm.")):
             for ref, ours in _HEAD_KEYS[model.plan.head]:
                 if k.startswith(ref):
                     out[ours + k[len(ref):]] = t
@@ -225,6 +238,8 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
             unmapped.append(f"{block}: attn.proj_[qkv].{kind} (incomplete: {sorted(parts)})")
             continue
         out[f"{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    if model.plan.head == "cal":  # the reference never saves its feature centres: they start again at zero
+        out["head.feature_center"] = torch.zeros_like(model.head.feature_center)
     if unmapped:
         raise CheckpointError(f"reference checkpoint has keys that map to nothing in {model.method}: {unmapped[:8]}"
                               + (f" (+{len(unmapped) - 8} more)" if len(unmapped) > 8 else ""))

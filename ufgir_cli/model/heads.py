@@ -4,7 +4,8 @@ Each head reads a different part of the backbone, which is why they are not one 
 
 - :class:`IFAHead` mixes the CLS token of every block (no final LayerNorm anywhere);
 - :class:`MPNCovHead` pools the patch tokens by their covariance, square-rooted by Newton-Schulz (no CLS);
-- :class:`VQTHead` reads every block's query-only prompt rows (UfgirViT runs them) plus the normed CLS.
+- :class:`VQTHead` reads every block's query-only prompt rows (UfgirViT runs them) plus the normed CLS;
+- CAL's :class:`~.cal.WSDANHead` pools the patch tokens under its attention maps (``model/cal.py``).
 
 Inits follow the reference: every Linear xavier-uniform with a tiny normal bias, the conv kaiming
 (fan_out). Numerics that the reference runs in float32 (covariance, matrix square root) run in float32
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..methods import method_spec
 from .backbone import new_block_like
+from .cal import WSDANHead
 from .ila import xavier_linear_
 from .precision import float32_region
 
@@ -249,8 +251,12 @@ def _avg_cls(vit: nn.Module, num_classes: int, cfg) -> nn.Module:
     return AvgClsHead(vit.embed_dim, num_classes)
 
 
+def _cal(vit: nn.Module, num_classes: int, cfg) -> nn.Module:
+    return WSDANHead(vit.embed_dim, num_classes, maps=cfg.cal_maps)
+
+
 #: Head kind of the method table -> builder(timm backbone, num_classes, model config).
-HEADS = {"ifa": _ifa, "mpncov": _mpncov, "vqt": _vqt, "aggregator": _aggregator, "avg_cls": _avg_cls}
+HEADS = {"ifa": _ifa, "mpncov": _mpncov, "vqt": _vqt, "aggregator": _aggregator, "avg_cls": _avg_cls, "cal": _cal}
 
 __all__ = ["HEADS", "AggregatorHead", "AvgClsHead", "IFAHead", "crop_boxes", "crop_resize", "glsim_scores", "maws_scores",
            "psm_scores", "rollout_factor", "rollout_scores", "MPNCovHead", "VQTHead", "isqrt_newton_schulz", "upper_triangle"]

@@ -354,6 +354,8 @@ class UfgirViT(SelectionMixin, nn.Module):
                              "call model(x)")
         if kind == "mpncov":
             return self.head(x[:, self.num_prefix_tokens:], self.feature_info[-1].out_grid, pre_logits)
+        if kind == "cal":  # one pass's logits (or BAP features); model(x) averages them with its crops'
+            return self.head(x[:, self.num_prefix_tokens:], self.feature_info[-1].out_grid, pre_logits=pre_logits)[0]
         if intermediates is None:
             raise ValueError(f"the {self.method} head reads every block's output: call model(x), or pass "
                              "forward_head(x, intermediates=[each block's output tokens])")
@@ -375,6 +377,8 @@ class UfgirViT(SelectionMixin, nn.Module):
         """Logits. Equal to ``forward_head(forward_features(x))``; when only the CLS token reaches the
         head (and no attention is being collected), the last block is computed for that token alone
         (`cls_only_last_block`)."""
+        if self.plan.head == "cal":
+            return self._cal_train(x) if self.training else self._cal_eval(x)
         if self.crops_second_pass:
             return self._two_passes(x)
         if self.plan.head == "aggregator":
@@ -391,7 +395,9 @@ class UfgirViT(SelectionMixin, nn.Module):
         """The training loss of what ``forward`` returned in train mode. The training loop asks the
         model, not the criterion, so that a method with its own objective (several outputs, its own
         terms, a loss that ignores label smoothing) says it here; by default it is ``criterion`` (the
-        recipe's cross-entropy) on the logits, in float32."""
+        recipe's cross-entropy) on the logits, in float32. CAL's is its own (`WSDANHead.loss`)."""
+        if self.plan.head == "cal":
+            return self.head.loss(output, target)
         return criterion(output.float(), target)
 
     @torch.no_grad()

@@ -323,13 +323,14 @@ def draw_selection(panels: Sequence[tuple[str, np.ndarray, Sequence[Sequence[tup
     as :func:`draw_overlays` captions.
 
     ``panels``: (label, images (B, H, W, 3) uint8, per image its rectangles (top, left, height, width)
-    in pixels); the grid is as near 16:9 as it gets."""
+    in pixels, red, or (top, left, height, width, colour)); the grid is as near 16:9 as it gets."""
 
     def draw(ax, i: int, j: int) -> None:
         _, imgs, rects = panels[j]
         ax.imshow(imgs[i])
-        for t, left, h, w in rects[i]:
-            ax.add_patch(Rectangle((left - 0.5, t - 0.5), w, h, fill=False, edgecolor="#ff2a2a", linewidth=1.5))
+        for t, left, h, w, *colour in rects[i]:
+            ax.add_patch(Rectangle((left - 0.5, t - 0.5), w, h, fill=False, edgecolor=colour[0] if colour else "#ff2a2a",
+                                   linewidth=1.5))
 
     return _panel_grid([label for label, _, _ in panels], captions, draw, title=title, cols=cols,
                        colour_bar=False)[0]
