@@ -5,6 +5,7 @@ Training, resume and the other tools run in test_fgir.py with the other comparis
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from ufgir_cli.model.cal import (
     bilinear_pool,
     choose_maps,
 )
+from ufgir_cli.model.vit import UfgirViT
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +118,10 @@ def test_cal_loss_is_the_formula():
                 + sum(((f - c) ** 2).sum() for f, c in zip(out.features, centres, strict=True)) / B)
     loss = head.loss(out, y)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    head.feature_center.copy_(start)                                             # CAL ignores label smoothing
+    vit = SimpleNamespace(plan=SimpleNamespace(head="cal"), head=head)
+    smoothed = UfgirViT.loss(vit, out, y, torch.nn.CrossEntropyLoss(label_smoothing=0.1))
+    assert smoothed.item() == pytest.approx(expected.item(), rel=1e-6)
 
     after = start.clone()
     for i in (1, 2, 3):  # class 1 appears at 0 and 2: sample 2 writes

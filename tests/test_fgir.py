@@ -328,6 +328,8 @@ def test_trains_and_resumes_bit_exactly(method, small_synthetic, tmp_path, one_t
     ref = read_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")["state_dict"]
     resumed = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")["state_dict"]
     assert ref.keys() == resumed.keys() and all(torch.equal(ref[k], resumed[k]) for k in ref)
+    if method == "cal":  # its class feature centres are saved, and resume where they were
+        assert ref["head.feature_center"].abs().sum() > 0
     assert [_comparable(r) for r in _records(tmp_path / "ref")] == [_comparable(r) for r in _records(tmp_path / "stopped")]
 
 
