@@ -258,13 +258,13 @@ def selections(path: Path, *, split: str = "test", images: Sequence[Path] | None
     grid = model.feature_info[-1].out_grid
     if selector == "cal":  # the image's crops; its mirror's are the same idea, mirrored
         first = model.attention_crops(xn)
-        colours = BOX_COLOURS[-len(first["settings"]):]  # the single crop is the loosest: the last colour
+        K = len(first["settings"])
+        colours, names = BOX_COLOURS[-K:], BOX_COLOUR_NAMES[-K:]  # a single crop is the loosest: the last colour
         boxes = [[(t, left, b - t, r - left, colours[k]) for k, (t, b, left, r) in enumerate(per_image)]
-                 for per_image in first["boxes"].transpose(0, 1).tolist()]
+                 for per_image in first["boxes"].transpose(0, 1).tolist()]               # per image, K boxes
         panels = [("image and boxes", shown, boxes)]
         panels += [(f"{theta:g} × max ({name})", _to_uint8(c, cfg["mean"], cfg["std"]), [[] for _ in stems])
-                   for (theta, _), c, name in zip(first["settings"], first["crops"], BOX_COLOUR_NAMES[-len(colours):],
-                                                  strict=True)]
+                   for (theta, _), c, name in zip(first["settings"], first["crops"], names, strict=True)]
         what = "crops where the mean attention map reaches a share of its max"
     elif model.crops_second_pass:
         first = model.crop(xn)

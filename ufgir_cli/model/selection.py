@@ -3,8 +3,9 @@
 TransFG and FFVT pick tokens from the backbone's attention (`select_tokens`); GLSim and RAMS pick
 patches on a first pass, crop their box from the image and run the crop through the backbone again
 (`crop`, `_two_passes`); CAL crops the image to where its attention maps fire and, in training,
-drops what they cover (`attention_crops`, `_cal_train`, `_cal_eval`). Kept apart from `vit.py`, which runs the blocks, because these are a method's
-use of the blocks' outputs, not the blocks themselves. Selection runs in float32 whatever the
+also drops what one map covers (`attention_crops`, `_cal_train`, `_cal_eval`). Kept apart from
+`vit.py`, which runs the blocks, because these are a method's use of the blocks' outputs, not the
+blocks themselves. Selection runs in float32 whatever the
 autocast (fp16 ties move a selection) and, for boxes, without gradient.
 """
 
@@ -115,7 +116,7 @@ class SelectionMixin:
         return self.head(cls, self.vit.norm, self.drop)
 
     # ---- CAL ------------------------------------------------------------------------------
-    def _cal_head(self, x: torch.Tensor, counterfactual: bool = False):
+    def _cal_head(self, x: torch.Tensor, counterfactual: bool = False) -> tuple:
         """One backbone pass of images (B, 3, S, S) into CAL's head: (logits, counterfactual effect or
         None, BAP features, attention maps); see `WSDANHead.forward`."""
         tokens = self.vit.norm(self._encode(x)[0])[:, self.num_prefix_tokens:]  # (B, N, D): no CLS token

@@ -374,9 +374,10 @@ class UfgirViT(SelectionMixin, nn.Module):
                 and self.plan.adapters != "convpass" and self.plan.prompts != "deep")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits. Equal to ``forward_head(forward_features(x))``; when only the CLS token reaches the
-        head (and no attention is being collected), the last block is computed for that token alone
-        (`cls_only_last_block`)."""
+        """Logits. Equal to ``forward_head(forward_features(x))`` for single-pass methods; when only the
+        CLS token reaches the head (and no attention is being collected), the last block is computed
+        for that token alone (`cls_only_last_block`). The selecting and cropping methods run their own
+        passes (`selection.SelectionMixin`); CAL in train mode returns a `CALOutput` for its loss."""
         if self.plan.head == "cal":
             return self._cal_train(x) if self.training else self._cal_eval(x)
         if self.crops_second_pass:
