@@ -128,6 +128,14 @@ def fmt(v: float | None, spec: str = ".3f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def print_eval_modes(cost: dict) -> None:
+    """The cost of each evaluation mode, for a method with several (CAL: 8 passes or a single crop's 2)."""
+    modes = cost.get("macs_by_eval_mode")
+    if modes:
+        console.print("evaluation modes: " + " · ".join(f"{name} {macs / 1e9:.2f} GMACs" for name, macs in modes.items()),
+                      soft_wrap=True)
+
+
 @contextmanager
 def image_progress() -> Iterator[Callable[[str, int, int], None]]:
     """Transient bars of images on a terminal (silent in logs and tests); yields the ``progress(description,

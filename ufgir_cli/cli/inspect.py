@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import RecipeOpt, SetOpt, console, parse_sets
+from ._common import RecipeOpt, SetOpt, console, parse_sets, print_eval_modes
 
 
 def _class_count(r, given: int | None) -> tuple[int, str]:
@@ -53,7 +53,7 @@ def inspect(
 
     import torch
 
-    from ..analysis.cost import count_flops, count_params
+    from ..analysis.cost import cost_summary
     from ..analysis.rollout import encoder_groups
     from ..methods import method_spec
     from ..model import build_model
@@ -82,15 +82,11 @@ def inspect(
         table.add_row(str(b.index), group_of[b.index], grid, str(b.tokens_attended), str(b.tokens_out),
                       ", ".join(parts) or "-", f"{n:,}")
     console.print(table)
-    pc = count_params(model)
-    flops = count_flops(model, r.model.image_size)
+    c = cost_summary(model, r.model.image_size)
     head = sum(p.numel() for p in model.get_classifier().parameters())
     console.print(
-        f"parameters: total {pc.total:,} · trainable {pc.trainable:,} "
+        f"parameters: total {c['params_total']:,} · trainable {c['params_trainable']:,} "
         f"(head {head:,} for {classes} classes, {source}; CLS {model.embed_dim if model.vit.cls_token is not None else 0:,})\n"
-        f"per image: {flops / 2e9:.2f} GMACs (multiply-adds) · {flops / 1e9:.2f} GFLOPs"
+        f"per image: {c['macs'] / 1e9:.2f} GMACs (multiply-adds) · {c['flops'] / 1e9:.2f} GFLOPs"
     )
-    if model.eval_modes:  # CAL: its evaluation modes cost 8 or 2 backbone passes
-        console.print("evaluation modes: " + " · ".join(
-            f"{name} {count_flops(model, r.model.image_size, mode=m) / 2e9:.2f} GMACs"
-            for name, m in model.eval_modes.items()), soft_wrap=True)
+    print_eval_modes(c)

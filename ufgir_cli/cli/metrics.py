@@ -24,6 +24,7 @@ from ._common import (
     figure_formats,
     fmt,
     image_progress,
+    print_eval_modes,
     resolve_run,
 )
 
@@ -64,10 +65,7 @@ def _print_metrics(res: dict, title: str) -> None:
         peak = f" · peak memory {c['peak_memory_mb']:.0f} MiB" if c.get("peak_memory_mb") else ""
         console.print(f"parameters: total {c['params_total']:,} · trainable {c['params_trainable']:,} · per image "
                       f"{c['macs'] / 1e9:.2f} GMACs / {c['flops'] / 1e9:.2f} GFLOPs{speed}{peak}", soft_wrap=True)
-        if "macs_by_eval_mode" in c:
-            console.print("evaluation modes: " + " · ".join(f"{name} {macs / 1e9:.2f} GMACs"
-                                                            for name, macs in c["macs_by_eval_mode"].items()),
-                          soft_wrap=True)
+        print_eval_modes(c)
 
 
 def metrics(

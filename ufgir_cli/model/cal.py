@@ -64,7 +64,6 @@ class WSDANHead(nn.Module):
         self.conv = nn.Conv2d(dim, maps, 1, bias=False)
         self.bn = nn.BatchNorm2d(maps, eps=1e-3)
         self.fc = nn.Linear(maps * dim, num_classes, bias=False)
-        self.num_maps = maps
         self.register_buffer("feature_center", torch.zeros(num_classes, maps * dim))
 
     def attention(self, features: torch.Tensor) -> torch.Tensor:
@@ -118,6 +117,17 @@ class WSDANHead(nn.Module):
                 + ((feats - centre) ** 2).sum() / len(target))
 
 
+def _fires(maps: torch.Tensor, theta: torch.Tensor | float, size: int) -> torch.Tensor:
+    """Where each map, upsampled to the image (bilinear, aligned corners), reaches ``theta`` (a number,
+    or one per sample) times the map's own maximum: (B, 1, h, w) -> (B, 1, S, S) bool, in float32."""
+    B = maps.shape[0]
+    with float32_region(maps):
+        m = maps.float()
+        up = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=True)   # (B, 1, S, S)
+        theta = torch.as_tensor(theta, dtype=torch.float32, device=m.device).expand(B)
+        return up >= (theta * m.flatten(1).amax(dim=1)).view(B, 1, 1, 1)
+
+
 @torch.no_grad()
 def attention_boxes(maps: torch.Tensor, theta: torch.Tensor | float, padding: float, size: int) -> torch.Tensor:
     """Where each map fires, as the reference's crop boxes: (B, 1, h, w) maps -> (B, 4) int64 pixels
@@ -127,12 +137,7 @@ def attention_boxes(maps: torch.Tensor, theta: torch.Tensor | float, padding: fl
     ``theta`` times the map's own maximum; the box spans the mask's rows and columns, widened by
     ``padding * size`` on each side, with the edges truncated toward zero (``int``) and clamped to
     the image. An all-zero map (threshold 0) gives the whole image."""
-    B = maps.shape[0]
-    with float32_region(maps):
-        m = maps.float()
-        up = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=True)[:, 0]  # (B, S, S)
-        theta = torch.as_tensor(theta, dtype=torch.float32, device=m.device).expand(B)
-        mask = up >= (theta * m.flatten(1).amax(dim=1)).view(B, 1, 1)
+    mask = _fires(maps, theta, size)[:, 0]                                          # (B, S, S)
     pad = padding * size
     boxes = []
     for rows, cols in zip(mask.any(dim=2).tolist(), mask.any(dim=1).tolist(), strict=True):
@@ -150,12 +155,7 @@ def attention_boxes(maps: torch.Tensor, theta: torch.Tensor | float, padding: fl
 def attention_drop(images: torch.Tensor, maps: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """The images with every pixel where the (upsampled) map reaches ``theta`` of its max set to zero;
     (B, 3, S, S) images, (B, 1, h, w) maps, (B,) thresholds."""
-    B, S = images.shape[0], images.shape[-1]
-    with float32_region(maps):
-        m = maps.float()
-        up = F.interpolate(m, size=(S, S), mode="bilinear", align_corners=True)         # (B, 1, S, S)
-        keep = up < (theta.to(m.device) * m.flatten(1).amax(dim=1)).view(B, 1, 1, 1)
-    return images * keep.to(images.dtype)
+    return images * (~_fires(maps, theta, images.shape[-1])).to(images.dtype)
 
 
 @torch.no_grad()
