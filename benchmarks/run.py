@@ -35,10 +35,11 @@ def bench_step(model, run, x, y, mode: str, precision: str, device: str, opt=Non
     if mode == "train":
         model.train()
         with autocast(device, precision):
-            out = run(x)
-        # our models own their training loss (CAL's has several outputs and terms); the baselines: CE
-        loss = model.loss(out, y, torch.nn.CrossEntropyLoss()) if isinstance(model, UfgirViT) else \
-            torch.nn.functional.cross_entropy(out.float(), y)
+            # our models own their training loss (CAL's has several outputs and terms); the baselines: CE
+            if isinstance(model, UfgirViT):
+                loss = run(x, y, torch.nn.CrossEntropyLoss()).loss
+            else:
+                loss = torch.nn.functional.cross_entropy(run(x).float(), y)
         loss.backward()
         if opt is not None:
             opt.step()
@@ -85,7 +86,7 @@ def _measure(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     else:
         overrides = {"model": {"weights": "none", "image_size": args.size, "backbone": args.backbone}}
         model = build_model(load_recipe(args.method, overrides).model, 200).to(device)
-        method = model.method
+        method = model.method.name
     if args.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
@@ -100,9 +101,11 @@ def _measure(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     # block's non-CLS rows where that is exact.
     fwd = count_flops(counted, args.size, batch=args.batch, executed=method not in ("timm", "reference"))
     step_flops = fwd * (3 if method == "full" else 2)
-    if method == "cal" and args.mode == "train":  # 3 passes, not the 8 of evaluation; backward reaches the head only
-        fwd = count_flops(counted, args.size, batch=args.batch, mode={"cal_single_crop": True}) * 3 // 2
-        step_flops = fwd
+    ours = getattr(counted, "method", None)
+    if args.mode == "train" and ours is not None and ours.train_passes != ours.passes():
+        # training runs other passes than evaluation (CAL: 3, not 8); a head-only method's backward stops there
+        fwd = count_flops(counted, args.size, batch=args.batch) // ours.passes() * ours.train_passes
+        step_flops = fwd if ours.spec.trains == ("head",) else 2 * fwd
     run = torch.compile(model) if args.compile else model
     cuda = device.startswith("cuda")
     if cuda:

@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ufgir_cli.methods import METHODS
 from ufgir_cli.model import load_upstream_checkpoint
-from ufgir_cli.model.cal import (
+from ufgir_cli.model.methods.cal import (
+    CAL,
     CALOutput,
     WSDANHead,
     attention_boxes,
@@ -20,7 +22,7 @@ from ufgir_cli.model.cal import (
     bilinear_pool,
     choose_maps,
 )
-from ufgir_cli.model.vit import UfgirViT
+from ufgir_cli.recipe import load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +39,8 @@ def test_cal_checkpoint_reproduces_in_both_modes(cal):
     B = x.shape[0]
     with torch.no_grad():
         logits = model(x)
-        first = model.attention_crops(torch.cat([x, x.flip(3)]))              # the image, then its mirror
-        tokens = model.vit.norm(model._encode(x)[0])                           # (B, N, D): no CLS token
+        first = model.method.attention_crops(model, torch.cat([x, x.flip(3)]))  # the image, then its mirror
+        tokens = model.vit.norm(model.encode(x)[0])                             # (B, N, D): no CLS token
         p, aux, bap, maps = model.head(tokens, model.feature_info[-1].out_grid, counterfactual=True)
     assert (logits - ex["logits"]).abs().max() <= 1e-4
     # (K crops, 2B views, 4) -> the fixture's order: the image's three crops, then the mirror's
@@ -57,14 +59,11 @@ def test_cal_checkpoint_reproduces_in_both_modes(cal):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert (trainable, sum(p.numel() for p in model.parameters())) == (ex["trainable_params"], ex["total_params"])
 
-    single = model.cfg.model_copy(update={"cal_single_crop": True})
-    model.cfg, default = single, model.cfg
-    try:
-        with torch.no_grad():
-            logits1 = model(x)
-            first1 = model.attention_crops(x)
-    finally:
-        model.cfg = default
+    single = "2 passes (single crop)"
+    assert model.method.eval_mode == "8 passes" and model.method.passes(single) == 2
+    with torch.no_grad():
+        logits1 = model(x, eval_mode=single)
+        first1 = model.method.attention_crops(model, x, single)
     assert (logits1 - ex["logits_single_crop"]).abs().max() <= 1e-4
     assert torch.equal(first1["boxes"], ex["crop_boxes_single_crop"])
 
@@ -119,9 +118,10 @@ def test_cal_loss_is_the_formula():
     loss = head.loss(out, y)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     head.feature_center.copy_(start)                                             # CAL ignores label smoothing
-    vit = SimpleNamespace(plan=SimpleNamespace(head="cal"), head=head)
-    smoothed = UfgirViT.loss(vit, out, y, torch.nn.CrossEntropyLoss(label_smoothing=0.1))
-    assert smoothed.item() == pytest.approx(expected.item(), rel=1e-6)
+    method = CAL(METHODS["cal"], load_recipe("cal").model)
+    method.train_outputs = lambda model, x: out                                  # the passes are tested below
+    step = method.forward_train(SimpleNamespace(head=head), None, y, torch.nn.CrossEntropyLoss(label_smoothing=0.1))
+    assert step.loss.item() == pytest.approx(expected.item(), rel=1e-6) and step.logits is out.logits
 
     after = start.clone()
     for i in (1, 2, 3):  # class 1 appears at 0 and 2: sample 2 writes
@@ -147,7 +147,7 @@ def test_cal_training_forward_shapes_and_grad_reaches_the_head_only(cal):
     model, _, ex = cal
     model = copy.deepcopy(model).train()                                         # train mode moves BN statistics
     torch.manual_seed(0)
-    out = model(ex["input"])
+    out = model.method.train_outputs(model, ex["input"])
     loss = model.head.loss(out, torch.tensor([1, 7]))
     loss.backward()
     B, C = 2, 10

@@ -20,17 +20,9 @@ from ufgir_cli.engine.train import fit
 from ufgir_cli.errors import ExportError, TrainingError
 from ufgir_cli.model import build_model, load_upstream_checkpoint
 from ufgir_cli.model.checkpoint import read_checkpoint
-from ufgir_cli.model.heads import (
-    IFAHead,
-    MPNCovHead,
-    crop_boxes,
-    glsim_scores,
-    isqrt_newton_schulz,
-    maws_scores,
-    psm_scores,
-    rollout_scores,
-    upper_triangle,
-)
+from ufgir_cli.model.methods.aggregator import maws_scores, psm_scores
+from ufgir_cli.model.methods.pooling import IFAHead, MPNCovHead, isqrt_newton_schulz, upper_triangle
+from ufgir_cli.model.methods.two_pass import crop_boxes, glsim_scores, rollout_scores
 from ufgir_cli.recipe import load_recipe
 
 
@@ -177,7 +169,7 @@ def test_transfg_checkpoint_reproduces(fixture_dir):
     x = ex["input"]
     with torch.no_grad():
         logits = model(x)
-        tokens, idx = model.select_tokens(x)
+        tokens, idx = model.method.select_tokens(model, x)
         maps = model.attention_maps(x)
     assert torch.equal(idx, ex["token_indices"])  # one part per head, in head order
     assert (tokens - ex["aggregator_input"]).abs().max() <= 1e-5
@@ -187,9 +179,9 @@ def test_transfg_checkpoint_reproduces(fixture_dir):
     assert _counts(model) == (ex["trainable_params"], ex["total_params"])
     # The row-0 chain: the same scores, so the same parts, for ~1000x fewer multiply-adds at 448 px.
     assert (psm_scores(maps, row0_chain=True) - ex["psm_scores"]).abs().max() <= 1e-6
-    model.cfg = model.cfg.model_copy(update={"row0_chain": True})
+    model.method.row0_chain = True
     with torch.no_grad():
-        assert torch.equal(model.select_tokens(x)[1], idx)
+        assert torch.equal(model.method.select_tokens(model, x)[1], idx)
 
 
 def test_ffvt_checkpoint_reproduces(fixture_dir):
@@ -198,7 +190,7 @@ def test_ffvt_checkpoint_reproduces(fixture_dir):
     x = ex["input"]
     with torch.no_grad():
         logits = model(x)
-        tokens, idx = model.select_tokens(x)
+        tokens, idx = model.method.select_tokens(model, x)
     for block in range(idx.shape[0]):  # compared as sets: the order inside the 12 has near-ties
         for b in range(idx.shape[1]):
             assert set(idx[block, b].tolist()) == set(ex["token_indices"][block, b].tolist())
@@ -224,7 +216,7 @@ def test_crop_methods_reproduce(fixture_dir, name):
     x = ex["input"]
     with torch.no_grad():
         logits = model(x)
-        first = model.crop(x)
+        first = model.method.crop(model, x)
     for ours, theirs in zip(first["indices"].tolist(), ex["indices"].tolist(), strict=True):
         assert set(ours) == set(theirs)
     assert torch.equal(first["boxes"], ex["boxes"])
@@ -292,7 +284,7 @@ def test_vit_b16_counts_and_macs(method):
         if gmacs is not None:
             assert count_flops(model, size) / 2e9 == pytest.approx(gmacs[i], rel=5e-3)
         if method == "cal":  # its single-crop evaluation: 2 passes
-            single = count_flops(model, size, mode=model.eval_modes["2 passes (single crop)"]) / 2e9
+            single = count_flops(model, size, mode="2 passes (single crop)") / 2e9
             assert single == pytest.approx((34.973, 156.875)[i], rel=5e-3)
 
 

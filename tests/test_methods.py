@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +22,45 @@ PART_PREFIX = {"head": ("vit.head.", "head."), "cls": ("vit.cls_token",), "ancho
 
 def test_the_table_is_the_only_list_of_names():
     assert recipe.METHODS == METHOD_NAMES == tuple(m.name for m in TABLE)
-    assert recipe.ModelConfig.model_fields["method"].annotation.__args__ == METHOD_NAMES
     assert len(set(METHOD_NAMES)) == len(TABLE)
+    for name in METHOD_NAMES:
+        assert recipe.ModelConfig(method=name, ila_locs=None, ila_ds_locs=None).method == name
+    with pytest.raises(ValueError, match="unknown method 'nope'; known: linear, full"):
+        recipe.ModelConfig(method="nope")
+
+
+#: Names that a module might dispatch on: the methods, their method objects' keys, and the head and
+#: selector kinds that code used to compare with.
+_DISPATCH_NAMES = set(METHOD_NAMES) | {m.impl for m in TABLE} | {
+    "aggregator", "avg_cls", "psm", "maws", "rollout", "shallow", "deep"}
+_DISPATCH_HOME = ("methods.py", "model/methods/", "model/prompts.py")
+
+
+def _string_comparisons(path) -> list[tuple[int, str]]:
+    """(line, name) of every ``==``/``!=``/``in`` comparison against one of `_DISPATCH_NAMES`."""
+    tree = ast.parse(path.read_text())
+    hits = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        for side in (node.left, *node.comparators):
+            consts = side.elts if isinstance(side, ast.Tuple | ast.List | ast.Set) else [side]
+            hits += [(node.lineno, c.value) for c in consts
+                     if isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value in _DISPATCH_NAMES]
+    return hits
+
+
+def test_no_module_outside_the_methods_dispatches_on_a_name():
+    """A method's behaviour lives in its object: no other module compares method, head or selector names."""
+    pkg = Path(recipe.__file__).parent
+    found = {}
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg).as_posix()
+        if rel.startswith(_DISPATCH_HOME) or rel == "methods.py":
+            continue
+        if hits := _string_comparisons(path):
+            found[rel] = hits
+    assert found == {}
 
 
 @pytest.mark.parametrize("spec", TABLE, ids=lambda s: s.name)
@@ -55,7 +94,7 @@ def test_model_builds_what_the_row_says():
         cfg = load_recipe(spec.recipe_name, {"model": {"weights": "none"}}).model
         with torch.device("meta"):
             m = build_model(cfg, 10)
-        assert m.plan.adapters == spec.adapter and m.plan.prompts == spec.prompts
+        assert m.plan.adapters == spec.adapter and (m.plan.prompts and m.plan.prompts.name) == spec.prompts
         assert cfg.ila_ds_locs == spec.ila_ds_locs
         assert bool(cfg.ila_locs) == spec.ila_rest
         kinds = ({"down"} | ({"same"} if spec.ila_rest else set())) if spec.has_ila else set()
@@ -108,3 +147,14 @@ def test_the_readme_lists_every_method_of_the_table():
     rows = {line.split("|")[1].strip().strip("`") for line in readme.splitlines() if line.startswith("| `")}
     missing = [m.recipe_name for m in TABLE if m.recipe_name not in rows]
     assert not missing, f"README.md's methods table lacks {missing}"
+
+
+def test_a_method_that_needs_a_cls_token_refuses_a_backbone_without_one():
+    """Methods declare what they need of the backbone (``MethodSpec.needs``); SigLIP has no CLS token."""
+    from ufgir_cli.errors import RecipeError
+
+    assert "cls_token" in METHODS["linear"].needs and "patch_grid" in METHODS["ila_pp"].needs
+    assert "cls_token" not in METHODS["mpncov"].needs  # it pools the patch tokens
+    r = load_recipe("linear", {"model": {"backbone": "vit_base_patch16_siglip_224", "weights": "none"}})
+    with torch.device("meta"), pytest.raises(RecipeError, match="'linear' needs cls token of its backbone"):
+        build_model(r.model, 10)

@@ -135,8 +135,9 @@ def test_every_method_forward_and_maps(method):
     info = m.feature_info
     # A block attends over what the one before it output, plus its deep prompts, minus the query-only
     # (VQT) prompt rows that the previous block passed on.
-    deep = m.prompt_len if m.plan.prompts == "deep" else 0
-    dropped = m.prompt_len if m.plan.prompts == "vqt" else 0
+    kind = m.plan.prompts
+    deep = m.prompt_len if kind and kind.replaced else 0
+    dropped = m.prompt_len if kind and kind.query_only else 0
     entering = [m.num_prefix_tokens - dropped + 36] + [b.tokens_out - dropped for b in info[:-1]]
     for a, b, n in zip(maps, info, entering, strict=True):
         assert b.tokens_attended == n + deep
@@ -249,17 +250,53 @@ def test_unknown_backbone_names_the_key():
         build_model(r.model, 5)
 
 
-def test_timm_contract():
-    m = tiny("ila_pp").eval()
-    x = torch.randn(1, 3, 96, 96)
+def _contract_model(method: str):
+    extra = {"prompt_len": 4} if method in ("vpt_shallow", "vpt_deep", "vqt") else {}
+    return tiny(method, **extra)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_timm_contract(method):
+    """timm's model contract, for every method of the table (as timm's tests run over list_models())."""
+    m = _contract_model(method).eval()
+    x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
+        logits = m(x)
         feats = m.forward_features(x)
-        assert feats.shape == (1, 5, 192)
-        assert torch.allclose(m.forward_head(feats), m(x))
-        assert m.forward_head(feats, pre_logits=True).shape == (1, 192)
+        final, inter = m.forward_intermediates(x, return_prefix_tokens=True)
+    assert logits.shape == (2, 5) and feats.shape == (2, m.tokens_per_block[-1], 192)
+    assert torch.equal(final, feats) and len(inter) == len(m.vit.blocks)
+    assert [p.shape[1] + c.shape[1] for p, c in inter] == m.tokens_per_block
+    if m.method.single_pass:  # forward_head(forward_features(x)) is the logits; heads that read every block need them
+        tokens = [torch.cat([c, p], dim=1) for p, c in inter]
+        with torch.no_grad():
+            again = m.forward_head(feats, intermediates=tokens)
+            pre = m.forward_head(feats, pre_logits=True, intermediates=tokens)
+        assert torch.allclose(again, logits, atol=1e-5) and pre.dim() == 2 and pre.shape[0] == 2
+    else:  # the head reads more than this one pass: refused, or (CAL) one pass's logits
+        try:
+            with torch.no_grad():
+                assert m.forward_head(feats).shape == (2, 5)
+        except ValueError as e:
+            assert "model(x)" in str(e)
+    info = m.feature_info
+    assert [(b["num_chs"], b["reduction"], b["module"]) for b in info] == \
+        [(192, 16, f"vit.blocks.{i}") for i in range(len(info))]
+    cfg = m.data_config()
+    assert cfg["input_size"] == (3, 96, 96) and len(cfg["mean"]) == len(cfg["std"]) == 3
+    m.train()
+    step = m(x, torch.tensor([0, 1]), torch.nn.CrossEntropyLoss())
+    assert step.loss.dim() == 0 and torch.isfinite(step.loss) and step.logits.shape == (2, 5)
+    m.eval()
     m.reset_classifier(11)
-    assert m(x).shape == (1, 11) and m.get_classifier().weight.requires_grad
-    assert "vit.pos_embed" in m.no_weight_decay() and "vit.cls_token" in m.no_weight_decay()
+    with torch.no_grad():
+        assert m(x).shape == (2, 11)
+    assert all(p.requires_grad for p in m.get_classifier().parameters())
+    assert "vit.pos_embed" in m.no_weight_decay()
+    m.set_input_size(img_size=112)
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, 112, 112)).shape == (1, 11)
+    assert m.data_config()["input_size"] == (3, 112, 112)
 
 
 def test_cpu_dropout_rate_and_scale():
@@ -352,23 +389,23 @@ def test_forward_intermediates_timm_convention():
         m.forward_intermediates(x, indices=[12])
 
 
-def test_collect_attention_is_the_one_hook():
+def test_attention_tap_is_an_explicit_argument():
+    """Attention maps come through the ``tap`` argument of one pass, never through hidden state."""
     m = tiny("ila").eval()
     x = torch.randn(1, 3, 96, 96)
+    before = set(vars(m))
     with torch.no_grad():
-        with m.collect_attention() as probs:
-            y = m(x)  # the hook also turns off the CLS-only last block
+        probs: list[torch.Tensor] = []
+        final, _ = m.forward_intermediates(x, tap=lambda a, _: probs.append(a))
         assert len(probs) == 12 and probs[-1].shape == (1, 3, 5, 5)
-        assert torch.allclose(y, m(x), atol=1e-5)
+        assert torch.allclose(m.forward_head(final), m(x), atol=1e-5)
         assert all(torch.equal(a, b) for a, b in zip(probs, m.attention_maps(x), strict=True))
-    with pytest.raises(RuntimeError, match="already active"), m.collect_attention(), m.collect_attention():
-        pass
-    assert m._attn_probs is None
+    assert set(vars(m)) == before
 
 
 def test_set_input_size_in_place():
     m = tiny("ila_pp").eval()
-    m.set_input_size(128)
+    m.set_input_size(128)  # timm's positional img_size
     assert m.cfg.image_size == 128 and m.data_config()["input_size"] == (3, 128, 128)
     assert m.tokens_per_block == [65, 37, 37, 17] + [17] * 8
     with torch.no_grad():

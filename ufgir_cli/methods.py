@@ -3,10 +3,12 @@
 A row names a method and says, as data, everything the rest of the package needs to know about it:
 its family, a one-line description, which parts of the model train, which modules it adds (parallel
 adapter kind, prompt kind, where its inter-layer adapters go by default), how a reference-code
-checkpoint's config is recognised as this method, and its packaged recipe. Recipe validation,
-``ufgir recipes list``, ``ufgir inspect``, ``import-upstream`` and ``model/methods.py`` (which maps the
-row to the modules it builds) all read this table, so adding a method is one row here, its module(s)
-under ``model/`` and a recipe under ``recipes/``.
+checkpoint's config is recognised as this method, its packaged recipe, what it needs of a backbone,
+and which method object runs it (``impl``). Recipe validation, ``ufgir recipes list``, ``ufgir inspect``
+and ``import-upstream`` read this table; ``model/methods/`` holds the method objects (one module per
+family), so adding a method is one row here, one module (or a class in its family's), a recipe under
+``recipes/`` and its tests. Methods of other installed packages join through the ``ufgir.methods``
+entry point group (`plugins`).
 
 It sits at the bottom layer beside ``recipe.py`` and imports neither torch nor pydantic: the recipe
 types validate against it without importing the model.
@@ -14,7 +16,7 @@ types validate against it without importing the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 Family = Literal["petl", "ila", "fgir", "full"]
@@ -23,9 +25,10 @@ Part = Literal["head", "cls", "anchor", "adapters", "ila", "prompts", "all"]
 #: A reference-config flag test: True = set (truthy), False = unset or falsy, a string = the flag's
 #: lower-cased text contains it.
 FlagTest = bool | str
-#: What turns the backbone's output into logits: a Linear on the CLS token (timm's head), or one of the
-#: comparison methods' heads in ``model/heads.py``.
-Head = Literal["linear", "ifa", "mpncov", "vqt", "aggregator", "avg_cls", "cal"]
+#: What a method needs of its backbone, so that an impossible combination is refused when the recipe
+#: loads, not at the first forward: a CLS token to read, a patch grid up to its last block (convolutions,
+#: boxes, maps on the grid), an absolute position embedding (resampled to the input size).
+Need = Literal["cls_token", "patch_grid", "abs_pos_embed"]
 
 
 @dataclass(frozen=True)
@@ -36,19 +39,23 @@ class MethodSpec:
     trains: tuple[Part, ...]
     adapter: Literal["adapter", "convpass"] | None = None  # parallel adapters in every block
     prompts: Literal["shallow", "deep", "vqt"] | None = None  # vqt: per-block query-only prompts
-    head: Head = "linear"
+    #: The method object that runs it: a key of ``model.methods.REGISTRY`` (built-in methods), or
+    #: ``"package.module:Class"`` (a plugin's, imported only when a model is built). The object owns the
+    #: head, what it selects or crops, its passes, loss and evaluation modes.
+    impl: str = "linear"
+    needs: tuple[Need, ...] = ("cls_token",)
     class_token: bool = True  # False: the backbone has no CLS token (MPN-COV pools the patch tokens)
     final_norm: bool = True  # False: no LayerNorm after the last block (IFA reads pre-norm CLS tokens)
-    #: How tokens are picked: from attention (TransFG "psm", FFVT "maws"), or the patches whose box is
-    #: cropped for a second pass (GLSim "glsim": similar to the CLS token; RAMS "rollout": attention rollout;
-    #: CAL "cal": where its WS-DAN attention maps fire).
-    selector: Literal["psm", "maws", "glsim", "rollout", "cal"] | None = None
-    aggregator_norm: bool = False  # the aggregator block has a LayerNorm of its own (FFVT, GLSim)
     ila_ds_locs: tuple[int, ...] = ()  # default down-sampling ILA positions (a 12-block ViT's)
     ila_rest: bool = False  # default: a same-resolution ILA after every block without a DS-ILA
     upstream: tuple[tuple[str, FlagTest], ...] = ()  # how import-upstream recognises it
     recipe: str = ""  # packaged recipe name; the method's name when empty
     title: str = ""  # as the paper and figures name it ("ILA++"); the name when empty
+    #: A plugin's own settings: a pydantic model that validates the recipe's ``[model.options]`` table.
+    #: Built-in methods read today's flat ``model.*`` keys instead and take no options.
+    settings: type | None = None
+    #: Where a plugin came from ("entry point NAME of DIST"); empty for the built-in rows.
+    origin: str = ""
 
     @property
     def has_ila(self) -> bool:
@@ -69,6 +76,7 @@ class MethodSpec:
 
 _PETL = ("head", "cls")
 _NO_EXTRAS = (("ila", False), ("adapter", False), ("prompt", False))
+_GRID: tuple[Need, ...] = ("cls_token", "patch_grid")
 
 TABLE: tuple[MethodSpec, ...] = (
     MethodSpec("linear", "petl", "Linear probe: frozen ViT, only the head and the CLS token train",
@@ -84,40 +92,40 @@ TABLE: tuple[MethodSpec, ...] = (
     MethodSpec("adapter", "petl", "Parallel bottleneck adapters beside attention and MLP in every block",
                (*_PETL, "adapters"), adapter="adapter", upstream=(("adapter", True), ("ila", False)), title="Adapter"),
     MethodSpec("convpass", "petl", "ConvPass: parallel adapters with a convolution on the patch grid",
-               (*_PETL, "adapters"), adapter="convpass", upstream=(("adapter", "convpass"), ("ila", False)), title="ConvPass"),
+               (*_PETL, "adapters"), adapter="convpass", needs=_GRID, upstream=(("adapter", "convpass"), ("ila", False)), title="ConvPass"),
     MethodSpec("vqt", "petl", "VQT: per-block query-only prompts whose outputs, with the CLS token, feed the head",
-               (*_PETL, "prompts"), prompts="vqt", head="vqt",
+               (*_PETL, "prompts"), prompts="vqt", impl="vqt",
                upstream=(("prompt", "vqt"), ("ila", False), ("adapter", False)), title="VQT"),
     MethodSpec("ifa", "fgir", "IFA: a learned mix of every block's CLS token into the head; no final LayerNorm",
-               _PETL, head="ifa", final_norm=False, upstream=(("classifier", "ifa"), *_NO_EXTRAS), title="IFA"),
+               _PETL, impl="ifa", final_norm=False, upstream=(("classifier", "ifa"), *_NO_EXTRAS), title="IFA"),
     MethodSpec("mpncov", "fgir", "MPN-COV: iSQRT covariance pooling of the patch tokens (no CLS token)",
-               ("head",), head="mpncov", class_token=False, upstream=(("classifier", "mpncov"), *_NO_EXTRAS),
+               ("head",), impl="mpncov", class_token=False, needs=("patch_grid",), upstream=(("classifier", "mpncov"), *_NO_EXTRAS),
                title="MPN-COV"),
     MethodSpec("transfg", "fgir", "TransFG: one token per head by the product of attention maps, into one "
-               "more block", _PETL, head="aggregator", selector="psm",
+               "more block", _PETL, impl="transfg", needs=("cls_token", "patch_grid"),
                upstream=(("selector", "psm"), *_NO_EXTRAS), title="TransFG"),
     MethodSpec("ffvt", "fgir", "FFVT: 12 tokens per block by mutual attention weights, into one more block",
-               _PETL, head="aggregator", selector="maws", final_norm=False, aggregator_norm=True,
+               _PETL, impl="ffvt", final_norm=False,
                upstream=(("selector", "maws"), *_NO_EXTRAS), title="FFVT"),
     MethodSpec("glsim", "fgir", "GLSim: the box of the patches most similar to the CLS token, cropped for a second "
                "pass with its own CLS token; both CLS tokens into one more block", (*_PETL, "anchor"),
-               head="aggregator", selector="glsim", aggregator_norm=True,
+               impl="glsim", needs=("cls_token", "patch_grid", "abs_pos_embed"),
                upstream=(("selector", "glsim"), *_NO_EXTRAS), title="GLSim"),
     MethodSpec("rams", "fgir", "RAMS (as the reference implements it): GLSim's crop and second pass from attention "
-               "rollout; the head on both CLS tokens, averaged", (*_PETL, "anchor"), head="avg_cls",
-               selector="rollout", upstream=(("selector", "rollout"), *_NO_EXTRAS), title="RAMS"),
+               "rollout; the head on both CLS tokens, averaged", (*_PETL, "anchor"), impl="rams",
+               needs=("cls_token", "patch_grid", "abs_pos_embed"), upstream=(("selector", "rollout"), *_NO_EXTRAS), title="RAMS"),
     MethodSpec("cal", "fgir", "CAL: 32 WS-DAN attention maps pool the patch tokens (no CLS token); trained with "
                "counterfactual maps, attention crops and drops; evaluated on 3 crops of the image and its mirror",
-               ("head",), head="cal", selector="cal", class_token=False,
+               ("head",), impl="cal", class_token=False, needs=("patch_grid",),
                upstream=(("selector", "cal"), *_NO_EXTRAS), title="CAL"),
     MethodSpec("ila", "ila", "Down-sampling ILA only, after blocks 3 and 7",
-               (*_PETL, "ila"), ila_ds_locs=(3, 7),
+               (*_PETL, "ila"), ila_ds_locs=(3, 7), needs=_GRID,
                upstream=(("ila", True), ("adapter", False), ("ila_locs", False)), title="ILA (DS only)"),
     MethodSpec("ila_plus", "ila", "ILA+: down-sampling ILA after blocks 3 and 7, same-resolution ILA after the rest",
-               (*_PETL, "ila"), ila_ds_locs=(3, 7), ila_rest=True,
+               (*_PETL, "ila"), ila_ds_locs=(3, 7), ila_rest=True, needs=_GRID,
                upstream=(("ila", True), ("adapter", False), ("ila_locs", True)), title="ILA+"),
     MethodSpec("ila_pp", "ila", "ILA++: down-sampling ILA after blocks 3 and 7 + parallel adapters in every block",
-               (*_PETL, "adapters", "ila"), adapter="adapter", ila_ds_locs=(3, 7),
+               (*_PETL, "adapters", "ila"), adapter="adapter", ila_ds_locs=(3, 7), needs=_GRID,
                upstream=(("ila", True), ("adapter", True)), title="ILA++"),
 )
 
@@ -129,11 +137,72 @@ METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 ILA_METHODS: tuple[str, ...] = tuple(m.name for m in TABLE if m.has_ila)
 
 
-def method_spec(name: str) -> MethodSpec:
+#: The entry point group through which another installed package adds methods. An entry point names a
+#: torch-free `MethodSpec` (``impl`` = ``"package.module:Class"``, the method object, imported only when a
+#: model is built), e.g. in the plugin's pyproject.toml:
+#: ``[project.entry-points."ufgir.methods"] mean_probe = "ufgir_mean_probe.spec:SPEC"``.
+ENTRY_POINT_GROUP = "ufgir.methods"
+
+
+class PluginError(ValueError):
+    """A plugin method that breaks a rule; the message names its entry point and distribution."""
+
+
+_plugins: dict[str, MethodSpec] | None = None
+
+
+def _load_plugin(ep) -> MethodSpec:
+    dist = getattr(ep.dist, "name", None) or "an unknown distribution"
+    where = f"entry point {ep.name!r} ({ep.value}) of {dist}"
     try:
+        spec = ep.load()
+    except Exception as e:  # noqa: BLE001 - any import failure of someone else's package
+        raise PluginError(f"method plugin {where} cannot be imported: {type(e).__name__}: {e}") from None
+    if not isinstance(spec, MethodSpec):
+        raise PluginError(f"method plugin {where} must name a ufgir_cli.methods.MethodSpec, not a {type(spec).__name__}")
+    if spec.name != ep.name:
+        raise PluginError(f"method plugin {where} names the method {spec.name!r}; the entry point's name must be the same")
+    if spec.name in METHODS:
+        raise PluginError(f"method plugin {where} takes the name {spec.name!r} of a built-in method; rename it")
+    if ":" not in spec.impl:
+        raise PluginError(f"method plugin {where}: impl {spec.impl!r} must be 'package.module:Class'")
+    if not spec.trains:
+        raise PluginError(f"method plugin {where}: trains is empty; a method must train something")
+    return replace(spec, origin=where)
+
+
+def plugins() -> dict[str, MethodSpec]:
+    """Methods that other installed packages add through the ``ufgir.methods`` entry point group (read
+    once per process; their specs are torch-free, their method objects are imported only at build)."""
+    global _plugins
+    if _plugins is None:
+        from importlib.metadata import entry_points
+
+        found = {}
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            found[ep.name] = _load_plugin(ep)
+        _plugins = found
+    return _plugins
+
+
+def refresh_plugins() -> None:
+    """Forget the plugins read so far (a package was installed or put on ``sys.path`` meanwhile)."""
+    global _plugins
+    _plugins = None
+
+
+def all_methods() -> dict[str, MethodSpec]:
+    """The table's methods, then the plugins'."""
+    return {**METHODS, **plugins()}
+
+
+def method_spec(name: str) -> MethodSpec:
+    if name in METHODS:
         return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}") from None
+    found = plugins().get(name)
+    if found is None:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(all_methods())}")
+    return found
 
 
 def _flag_holds(value: object, test: FlagTest) -> bool:
@@ -154,4 +223,5 @@ def detect_upstream(flags: dict[str, object]) -> MethodSpec | None:
     return max(hits, key=_specificity, default=None)
 
 
-__all__ = ["FAMILY_TITLES", "ILA_METHODS", "METHODS", "METHOD_NAMES", "TABLE", "MethodSpec", "detect_upstream", "method_spec"]
+__all__ = ["ENTRY_POINT_GROUP", "FAMILY_TITLES", "ILA_METHODS", "METHODS", "METHOD_NAMES", "TABLE", "MethodSpec",
+           "PluginError", "all_methods", "detect_upstream", "method_spec", "plugins", "refresh_plugins"]

@@ -66,7 +66,7 @@ class ModelConfig(Section):
     weights: str = Field("timm", description='"timm" (pretrained), "none" (random) or a weights file.')
     image_size: int = Field(224, ge=16, le=4096)
     num_classes: int | None = Field(None, ge=2, description="Taken from the dataset when unset.")
-    method: Method = "ila_pp"
+    method: str = Field("ila_pp", description="A method of the table (`ufgir recipes list`) or of an installed plugin.")
     train_backbone: bool = Field(False, description="Every backbone weight trains too, whatever the method.")
     depth: int | None = Field(None, ge=1, description="Blocks of the backbone; None keeps the timm model's.")
     # Parallel adapters (adapter, convpass, ila_pp).
@@ -98,6 +98,8 @@ class ModelConfig(Section):
     cal_maps: int = Field(32, ge=1, description="CAL: WS-DAN attention maps.")
     cal_single_crop: bool = Field(False, description="CAL: evaluate on the image and one crop (2 passes) instead "
                                   "of the image, its mirror and three crops of each (8 passes)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="A plugin method's own settings, validated by its settings model.")
     # Backbone numerics.
     drop: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on attention/MLP branch outputs.")
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
@@ -130,6 +132,29 @@ class ModelConfig(Section):
             ds = tuple(raw) if ok else ()  # a malformed value is reported by field validation
             data["ila_locs"] = spec.default_ila_locs(depth, ds) if spec else ()
         return data
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        method_spec(v)  # ValueError names the known methods, plugins included
+        return v
+
+    @model_validator(mode="after")
+    def _options(self) -> ModelConfig:
+        """``[model.options]`` belongs to a plugin method with a settings model, which validates it."""
+        spec = method_spec(self.method)
+        if spec.settings is None:
+            if self.options:
+                raise ValueError(f"model.options is for a plugin method's own settings; {self.method!r} takes none "
+                                 f"(its settings are plain model.* keys), so remove {sorted(self.options)}")
+            return self
+        try:
+            spec.settings.model_validate(self.options)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"model.options{'.' + where if where else ''} for method {self.method!r}: {first['msg']}") from None
+        return self
 
     @field_validator("ila_locs", "ila_ds_locs")
     @classmethod
@@ -459,6 +484,10 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def dump_resolved(recipe: Recipe) -> str:
-    """The resolved recipe as TOML; loading it back gives an equal recipe."""
-    return to_toml(recipe.model_dump(mode="python"))
+    """The resolved recipe as TOML; loading it back gives an equal recipe. An empty ``model.options``
+    (every built-in method) is left out, so recipes saved before that key existed read the same."""
+    data = recipe.model_dump(mode="python")
+    if not data["model"]["options"]:
+        del data["model"]["options"]
+    return to_toml(data)
 

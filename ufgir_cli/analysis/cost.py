@@ -42,21 +42,19 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 
 def count_flops(model: nn.Module, image_size: int, batch: int = 1, executed: bool = False,
-                mode: dict | None = None) -> int:
+                mode: str | None = None) -> int:
     """Forward FLOPs for ``batch`` images, counted on a meta-device copy.
 
     By default the whole network, every block on every token (the number papers report).
     ``executed=True`` counts what ``model(x)`` runs, the denominator of an honest FLOPs utilisation:
     `UfgirViT.forward` computes the last block for the CLS token alone where that is exact.
-    ``mode``: one of the model's ``eval_modes`` (recipe overrides), counted instead of the recipe's."""
+    ``mode``: one of the method's ``eval_modes``, counted instead of the recipe's."""
     meta = meta_copy(model).eval()
-    if mode:
-        meta.cfg = meta.cfg.model_copy(update=mode)
     x = torch.empty(batch, 3, image_size, image_size, device="meta")
     if hasattr(meta, "last_block_cls_only"):  # UfgirViT: every token through the last block unless executed
         meta.last_block_cls_only = executed
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        meta(x)
+        meta(x, eval_mode=mode) if mode else meta(x)
     return int(counter.get_total_flops())
 
 
@@ -103,12 +101,11 @@ def cost_summary(model: nn.Module, image_size: int) -> dict:
     flops = count_flops(model, image_size)
     pc = count_params(model)
     out = {"params_total": pc.total, "params_trainable": pc.trainable, "flops": flops, "macs": flops // 2}
-    modes = getattr(model, "eval_modes", {})
-    if modes:  # CAL: what each of its evaluation modes costs; the recipe's own is the count above
-        current = model.cfg.model_dump()
+    method = getattr(model, "method", None)
+    if method is not None and method.eval_modes:  # CAL: what each mode costs; the recipe's own is counted above
         out["macs_by_eval_mode"] = {
-            name: (flops if all(current[k] == v for k, v in m.items()) else count_flops(model, image_size, mode=m)) // 2
-            for name, m in modes.items()}
+            name: (flops if name == method.eval_mode else count_flops(model, image_size, mode=name)) // 2
+            for name in method.eval_modes}
     return out
 
 

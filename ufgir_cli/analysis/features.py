@@ -15,7 +15,7 @@
 
 A block's output is the sequence that the next block receives (after any ILA that follows it) and,
 for the last block, the sequence entering the final LayerNorm: the lengths in ``model.tokens_per_block``.
-It comes from ``forward_intermediates`` in the same pass as the attention maps (``collect_attention``).
+It comes from ``forward_intermediates`` in the same pass as the attention maps (its ``tap``).
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ def forward_collect(model: nn.Module, x: torch.Tensor) -> Collected:
     """Run a :class:`~ufgir_cli.model.vit.UfgirViT` (eval mode) once, keeping logits, attention and block outputs."""
     if model.training:
         raise RuntimeError("forward_collect() needs eval mode: call model.eval() first")
-    with model.collect_attention() as probs:
-        final, inter = model.forward_intermediates(x, return_prefix_tokens=True)
+    probs: list[torch.Tensor] = []
+    final, inter = model.forward_intermediates(x, return_prefix_tokens=True, tap=lambda a, _: probs.append(a))
     tokens = [torch.cat([prefix, patches], dim=1) for patches, prefix in inter]  # (B, T_i, D) each
-    if model.plan.head in ("aggregator", "avg_cls", "cal"):  # heads that select or crop by themselves: more passes
+    if not model.method.single_pass:  # it selects or crops by itself: more passes than this one
         return Collected(model(x), probs, tokens)
     return Collected(model.forward_head(final, intermediates=tokens), probs, tokens)
 

@@ -21,7 +21,7 @@ from ..data.datasets import load_image, normalize, preprocess_for
 from ..data.folder import read_classes
 from ..data.loaders import make_loader, open_split
 from ..errors import DatasetError, OptionError
-from ..methods import FAMILY_TITLES, METHODS
+from ..methods import FAMILY_TITLES, all_methods
 from ..model import build_model
 from ..model.checkpoint import checkpoint_tag, load_run, read_checkpoint, resolve_checkpoint
 from ..model.precision import resolve_device, resolve_precision
@@ -58,12 +58,14 @@ def run_label(path: Path, recipe: Recipe) -> str:
 
 def method_title(method: str) -> str:
     """A method as the paper names it ("ILA++", "VPT-deep"); unknown names as they are."""
-    return METHODS[method].display_name if method in METHODS else method
+    known = all_methods()
+    return known[method].display_name if method in known else method
 
 
 def method_family(method: str) -> str:
     """ILA, PETL, FGIR, full fine-tuning or other: the colour of a method in the compare plot."""
-    return FAMILY_TITLES[METHODS[method].family] if method in METHODS else "other"
+    known = all_methods()
+    return FAMILY_TITLES.get(known[method].family, "other") if method in known else "other"
 
 
 def dataset_title(dataset: str) -> str:
@@ -245,45 +247,30 @@ def selections(path: Path, *, split: str = "test", images: Sequence[Path] | None
     pass sees, CAL's evaluation boxes (from the mean of its attention maps) and their crops, or the
     patches TransFG and FFVT hand to their aggregator block."""
     model, recipe, _, device = load_model(path, checkpoint, device)
-    selector = getattr(model.plan, "selector", None)
-    if selector is None:
-        raise OptionError(f"visualize crops shows what GLSim, RAMS, CAL, TransFG and FFVT select; "
-                          f"{recipe.model.method} selects nothing (try `ufgir visualize rollout`)")
     x, targets, stems, class_names = load_images(recipe, split, images, count, per_class)
     cfg = model.data_config()
     xn = normalize(x.to(device), cfg["mean"], cfg["std"])
+    sel = model.method.select(model, xn)
+    if sel is None:
+        raise OptionError(f"visualize crops shows what GLSim, RAMS, CAL, TransFG and FFVT select; "
+                          f"{recipe.model.method} selects nothing (try `ufgir visualize rollout`)")
     preds = model(xn).argmax(dim=1).tolist()
     shown = x.permute(0, 2, 3, 1).numpy()
     patch = model.vit.patch_embed.patch_size[0]
-    grid = model.feature_info[-1].out_grid
-    if selector == "cal":  # the image's crops; its mirror's are the same idea, mirrored
-        first = model.attention_crops(xn)
-        K = len(first["settings"])
-        colours, names = BOX_COLOURS[-K:], BOX_COLOUR_NAMES[-K:]  # a single crop is the loosest: the last colour
-        boxes = [[(t, left, b - t, r - left, colours[k]) for k, (t, b, left, r) in enumerate(per_image)]
-                 for per_image in first["boxes"].transpose(0, 1).tolist()]               # per image, K boxes
-        panels = [("image and boxes", shown, boxes)]
-        panels += [(f"{theta:g} × max ({name})", _to_uint8(c, cfg["mean"], cfg["std"]), [[] for _ in stems])
-                   for (theta, _), c, name in zip(first["settings"], first["crops"], names, strict=True)]
-        what = "crops where the mean attention map reaches a share of its max"
-    elif model.crops_second_pass:
-        first = model.crop(xn)
-        boxes = [[(t, left, b - t, r - left)] for t, b, left, r in first["boxes"].tolist()]
-        crops = _to_uint8(first["crops"], cfg["mean"], cfg["std"])
-        panels = [("image and box", shown, boxes), ("crop (second pass)", crops, [[] for _ in stems])]
-        what = f"{len(first['indices'][0])} selected patches, their box and the crop"
+    if sel.boxes is not None:
+        K = sel.boxes.shape[0]
+        # several boxes: a colour each, named in the crop panels (a single one is the loosest: the last colour)
+        colours, names = (BOX_COLOURS[-K:], BOX_COLOUR_NAMES[-K:]) if K > 1 else ((None,), ("",))
+        boxes = [[(t, left, b - t, r - left, *([colours[k]] if colours[k] else []))
+                  for k, (t, b, left, r) in enumerate(per_image)]
+                 for per_image in sel.boxes.transpose(0, 1).tolist()]                  # per image, K boxes
+        panels = [("image and boxes" if K > 1 else "image and box", shown, boxes)]
+        panels += [(f"{label} ({name})" if name else label, _to_uint8(c, cfg["mean"], cfg["std"]), [[] for _ in stems])
+                   for label, c, name in zip(sel.labels, sel.crops, names, strict=True)]
     else:
-        _, idx = model.select_tokens(xn)
-        if selector == "psm":  # (B, heads) token indices, 1 = the first patch
-            rects = [_patch_rects(i - 1, grid, patch) for i in idx]
-            what = "one token per head (attention product)"
-        else:  # (blocks, B, K) indices into each block's tokens, 0 = the CLS token
-            P = model.num_prefix_tokens
-            rects = [_patch_rects(idx[:, b][idx[:, b] >= P] - P, grid, patch) for b in range(idx.shape[1])]
-            what = f"{idx.shape[-1]} tokens from each of {idx.shape[0]} blocks (mutual attention)"
-        panels = [("selected patches", shown, rects)]
+        panels = [("selected patches", shown, [_patch_rects(p, sel.grid, patch) for p in sel.patches])]
     captions = _captions(preds, targets, class_names)
-    return Selected(panels, captions, stems, run_title(recipe), what)
+    return Selected(panels, captions, stems, run_title(recipe), sel.what)
 
 
 def _group_blocks(text: str, grids: list[tuple[int, int]]) -> tuple[int, int]:

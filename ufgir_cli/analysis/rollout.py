@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..model.heads import rollout_factor
+from ..model.attention import rollout_factor
 
 Fusion = Literal["mean", "max", "min"]
 FUSIONS: tuple[str, ...] = ("mean", "max", "min")

@@ -72,8 +72,9 @@ def inspect(
         if model.adapters is not None:
             parts.append(model.plan.adapters)
             n += sum(p.numel() for p in model.adapters[b.index].parameters())
-        if b.num_prompts or (model.plan.prompts == "shallow" and b.index == 0) or model.plan.prompts == "vqt":
-            parts.append(f"{'query-only ' if model.plan.prompts == 'vqt' else ''}prompts x{model.prompt_len}")
+        kind = model.plan.prompts
+        if kind is not None and kind.shown_at(b.index):
+            parts.append(f"{kind.label} x{model.prompt_len}")
             n += model.prompt_len * model.embed_dim
         if b.ila is not None:
             parts.append(f"{'DS-ILA' if b.ila == 'down' else 'ILA'} {b.ila_kernel}x{b.ila_kernel}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 
@@ -16,7 +17,7 @@ app = typer.Typer(cls=PlainGroup, no_args_is_help=True)
 @app.command("list", cls=PlainCommand)
 def list_recipes() -> None:
     """Packaged recipes: name, method, the method's family and a one-line description."""
-    from ..methods import METHODS
+    from ..methods import method_spec, plugins
     from ..recipe import load_recipe, packaged_recipe_names
 
     table = Table(title="packaged recipes", title_justify="left")
@@ -26,8 +27,11 @@ def list_recipes() -> None:
     table.add_column("description")
     for name in packaged_recipe_names():
         r = load_recipe(name, env=False)  # packaged recipes are valid; the environment is not theirs
-        spec = METHODS[r.model.method]
+        spec = method_spec(r.model.method)
         table.add_row(name, spec.name, spec.family, r.description or spec.description)
+    for spec in plugins().values():  # no recipe of their own: any recipe with --set model.method=NAME
+        table.add_row(f"(--set model.method={spec.name})", spec.name, spec.family,
+                      escape(f"{spec.description} (plugin: {spec.origin})"))
     console.print(table)
 
 

@@ -294,8 +294,7 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
                 lr = lr_at(state.step, total_steps, recipe.optim.lr, recipe.schedule)
                 set_lr(opt, lr)
                 with autocast(device, precision):
-                    logits = fwd_model(x)
-                loss = model.loss(logits, y, loss_f)  # the method's own training loss (CE by default)
+                    loss = fwd_model(x, y, loss_f).loss  # the method's own training loss (CE by default)
                 loss_ok = bool(torch.isfinite(loss))
                 if not loss_ok and not may_skip:
                     raise nonfinite_error("loss", loss.item(), state, lr, ckpt.last, fp16_scaling)

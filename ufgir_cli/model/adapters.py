@@ -19,6 +19,9 @@ class Adapter(nn.Module):
     as an identity of the frozen backbone (a small backbone is easily swamped by random adapters).
     """
 
+    #: Whether one token's output depends on other tokens (a conv over the grid does).
+    mixes_tokens = False
+
     def __init__(self, dim: int, r: int = 8, scale: float = 1.0, init: str = "xavier"):
         super().__init__()
         self.down = nn.Linear(dim, r)
@@ -40,6 +43,8 @@ class Adapter(nn.Module):
 
 class ConvPass(Adapter):
     """An adapter whose bottleneck also runs a k x k conv over the patch grid (prefix tokens as 1x1 maps)."""
+
+    mixes_tokens = True
 
     def __init__(self, dim: int, r: int = 8, scale: float = 1.0, kernel_size: int = 3, init: str = "xavier"):
         super().__init__(dim, r, scale, init)
@@ -79,3 +84,7 @@ class BlockAdapters(nn.Module):
         make = ADAPTERS[kind]
         self.attn = make(dim, r, scale, kernel_size, init)
         self.mlp = make(dim, r, scale, kernel_size, init)
+
+    @property
+    def mixes_tokens(self) -> bool:
+        return self.attn.mixes_tokens or self.mlp.mixes_tokens

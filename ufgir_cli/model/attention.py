@@ -14,7 +14,7 @@ from torch import nn
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             probs: list[torch.Tensor] | None, key0: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Softmax attention over (B, heads, N, hd) tensors: fused SDPA, or the explicit path when
-    ``probs`` asks for the maps (the one place they are taken; see ``UfgirViT.collect_attention``).
+    ``probs`` asks for the maps (the one place they are taken; see the ``tap`` of ``UfgirViT.encode``).
     On a CPU, bf16 training also takes the explicit path: the CPU flash-attention backward is about
     2.7x slower than two bf16 matmuls there (ViT-B/16, batch 8, measured); the forward and every
     other device/precision use SDPA. ``key0`` receives the pre-softmax logits of every query against
@@ -87,3 +87,20 @@ def cls_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["autocast_input", "cls_attention", "explicit_attention"]
+
+
+def rollout_factor(attn: torch.Tensor) -> torch.Tensor:
+    """A head-fused attention map (..., S, S) -> its factor in attention rollout: identity added (the
+    residual path), rows renormalised."""
+    attn = attn + torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
+    return attn / attn.sum(dim=-1, keepdim=True)
+
+
+def cls_row_through(mats: list[torch.Tensor], row0_chain: bool) -> torch.Tensor:
+    """Row 0 (the CLS query) of mats[-1] @ ... @ mats[0], over the patch columns: (..., S, S) -> (..., S - 1).
+    ``row0_chain`` carries that row through the matrices (S^2 per block) instead of multiplying them
+    (S^3 per block, what the reference computes): the same values up to float rounding."""
+    m = mats[-1][..., :1, :] if row0_chain else mats[-1]
+    for a in reversed(mats[:-1]):
+        m = m @ a
+    return m[..., 0, 1:]

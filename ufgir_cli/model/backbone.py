@@ -68,11 +68,9 @@ def ufgir_vit_micro_patch8_64(pretrained: bool = False, **kwargs) -> VisionTrans
 
 def _timm_kwargs(cfg: ModelConfig, num_classes: int) -> dict:
     # Dropout is applied by UfgirViT on branch outputs only (the reference's placement); timm's own
-    # dropouts (incl. the MLP hidden one, costly on CPU) stay off. A method with its own head (IFA,
-    # MPN-COV, VQT) gets a headless timm model (MPN-COV's loses its CLS token in `_drop_class_token`).
-    spec = method_spec(cfg.method)
-    kwargs = dict(num_classes=num_classes if spec.head == "linear" else 0, drop_rate=0.0, proj_drop_rate=0.0,
-                  attn_drop_rate=0.0, drop_path_rate=cfg.drop_path)
+    # dropouts (incl. the MLP hidden one, costly on CPU) stay off.
+    kwargs = dict(num_classes=num_classes, drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0,
+                  drop_path_rate=cfg.drop_path)
     if cfg.depth is not None:
         kwargs["depth"] = cfg.depth
     return kwargs
@@ -92,7 +90,9 @@ def _drop_class_token(vit: VisionTransformer, name: str, kwargs: dict) -> Vision
 
 
 def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
-    """A timm ViT with the recipe's weights, LayerNorm eps and input size."""
+    """A timm ViT with the recipe's weights, LayerNorm eps and input size; ``num_classes`` for timm's
+    own head (0 for a headless backbone, when the method brings its own head; MPN-COV's and CAL's
+    also lose the CLS token in `_drop_class_token`)."""
     kwargs = _timm_kwargs(cfg, num_classes)
     weights = cfg.weights
     try:

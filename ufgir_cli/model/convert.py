@@ -21,6 +21,7 @@ from ..geometry import backbone_depth
 from ..methods import METHOD_NAMES, MethodSpec, detect_upstream
 from ..recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe, recipe_from_dict
 from .checkpoint import torch_load_failure
+from .methods import method_class
 from .state import load_strict
 from .vit import UfgirViT, build_model
 
@@ -56,15 +57,6 @@ _BLOCK_SUBKEYS = {
     "pwff.fc2": "mlp.fc2",
 }
 _ADAPTER_SUBKEYS = {"adapter_down": "down", "adapter_up": "up", "adapter_conv": "conv"}
-#: The comparison methods' heads (model/heads.py): reference key prefix -> ours.
-_HEAD_KEYS = {
-    "ifa": (("head.ifa_head.0.", "head.mix."), ("head.ifa_head.3.", "head.norm."), ("head.ifa_head.4.", "head.fc.")),
-    "mpncov": (("head.mpncov.conv_dr_block.", "head.reduce."), ("head.head.1.", "head.fc.")),
-    "vqt": (("head.head.", "head.fc."),),
-    "aggregator": (("head.", "head.fc."),),
-    "avg_cls": (("head.", "head.fc."),),
-    "cal": (("dfsm.attentions.conv.", "head.conv."), ("dfsm.attentions.bn.", "head.bn."), ("dfsm.fc.", "head.fc.")),
-}
 #: A transformer block of the reference: an encoder block, or TransFG's/FFVT's aggregator block.
 _BLOCK = r"(encoder\.blocks\.\d+|aggregator\.blocks\.0)"
 
@@ -135,19 +127,12 @@ def recipe_from_upstream(c: argparse.Namespace) -> Recipe:
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
     }
-    if spec.name != "full" and getattr(c, "freeze_backbone", True) is False:
+    if "all" not in spec.trains and getattr(c, "freeze_backbone", True) is False:
         model["train_backbone"] = True  # the reference trained every weight of this method (GLSim's README)
-    if spec.selector in ("glsim", "rollout"):
-        model["crop_tokens"] = int(getattr(c, "selector_num_tokens", 8))  # already doubled at 448 in the config
-        model["sim_metric"] = getattr(c, "sim_metric", None) or "cos"
     depth = getattr(c, "num_hidden_layers", None)
     if depth and depth != backbone_depth(model["backbone"]):
         model["depth"] = int(depth)
-    if spec.head == "mpncov":
-        model["cov_dim"] = int(getattr(c, "class_proj_size", 64))
-    if spec.head == "cal":  # the reference builds CAL's 12 blocks whatever the flags say
-        model["cal_single_crop"] = bool(getattr(c, "cal_single_crop", False))
-        model.pop("depth", None)
+    model.update(method_class(spec).upstream_settings(c))  # the method's own keys
     if spec.has_ila:
         model["ila_ds_locs"] = list(getattr(c, "ila_ds_locs", spec.ila_ds_locs) or [])
         model["ila_locs"] = list(getattr(c, "ila_locs", []) or []) if spec.ila_rest else []
@@ -172,35 +157,30 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
     ds_locs = list(getattr(c, "ila_ds_locs", []) or [])
     ila_locs = list(getattr(c, "ila_locs", []) or [])
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, t in sd.items():
-        k = key.removeprefix("module.").removeprefix("model.")
-        if model.plan.head == "cal":  # CAL wraps the ViT: encoder = Sequential(ViT, Rearrange)
-            k = k.removeprefix("encoder.0.")
-        if k == "class_token":
+    method = model.method
+    state = {method.upstream_normalise(k.removeprefix("module.").removeprefix("model.")): t for k, t in sd.items()}
+    for k, t in state.items():
+        key = k
+        ours = method.map_upstream_key(k, state)
+        if ours is not None:
+            if ours:  # "": a key that only repeats another, checked by the method
+                out[ours] = t
+        elif k == "class_token":
             out["vit.cls_token"] = t.reshape(1, 1, -1)
         elif k == "anchor_class_token" and model.anchor_cls is not None:
             out["anchor_cls"] = t.reshape(1, 1, -1)
-        elif k.startswith("head_reducer.0.") and model.plan.head == "avg_cls":
-            # RAMS stores its head twice (head_reducer = Sequential(head, mean)): the same tensor
-            if not torch.equal(t, sd.get(key.replace("head_reducer.0.", "head."), torch.empty(0))):
-                unmapped.append(f"{key} (differs from the head it should repeat)")
         elif k.startswith("patch_embedding."):
             out["vit.patch_embed.proj." + k.split(".", 1)[1]] = t
         elif k == "positional_embedding.pos_embedding":
             out["vit.pos_embed"] = t
         elif k.startswith("encoder_norm."):
             out["vit.norm." + k.split(".", 1)[1]] = t
-        elif k.startswith("aggregator") and model.plan.head != "aggregator":
-            unmapped.append(key)
+        elif k.startswith("aggregator") and not hasattr(model.head, "block"):
+            unmapped.append(key)  # an aggregator block, and the model has none
         elif k.startswith("aggregator_norm."):
             out["head.norm." + k.split(".", 1)[1]] = t
         elif model.head is not None and k.startswith(("head.", "dfsm.")):
-            for ref, ours in _HEAD_KEYS[model.plan.head]:
-                if k.startswith(ref):
-                    out[ours + k[len(ref):]] = t
-                    break
-            else:
-                unmapped.append(key)
+            unmapped.append(key)  # the method's head did not claim it
         elif k.startswith("head.head."):
             out["vit.head." + k.rsplit(".", 1)[1]] = t
         elif k.startswith("encoder.prompt"):
@@ -238,10 +218,9 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
             unmapped.append(f"{block}: attn.proj_[qkv].{kind} (incomplete: {sorted(parts)})")
             continue
         out[f"{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    if model.plan.head == "cal":  # the reference never saves its feature centres: they start again at zero
-        out["head.feature_center"] = torch.zeros_like(model.head.feature_center)
+    out.update(method.upstream_missing(model))
     if unmapped:
-        raise CheckpointError(f"reference checkpoint has keys that map to nothing in {model.method}: {unmapped[:8]}"
+        raise CheckpointError(f"reference checkpoint has keys that map to nothing in {method.name}: {unmapped[:8]}"
                               + (f" (+{len(unmapped) - 8} more)" if len(unmapped) > 8 else ""))
     return out
 

@@ -25,6 +25,12 @@ class BlockInfo(NamedTuple):
     out_grid: tuple[int, int]  # patch grid of its output, after the ILA
     tokens_out: int  # sequence length of its output, after the ILA
 
+    def __getitem__(self, key):  # timm's feature_info entries are dicts: info[i]["num_chs"]
+        return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
+
+    def get(self, key: str, default=None):
+        return getattr(self, key, default)
+
 
 def take_indices(n: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
     """timm's ``indices`` convention: None = all blocks, an int = the last n, a sequence = those

@@ -2,14 +2,15 @@
 
 :class:`UfgirViT` keeps a timm ``VisionTransformer`` as ``self.vit`` (so its weights load and hash
 exactly as timm defines them) and runs the blocks itself, inserting parallel adapters, prompts and
-inter-layer adapters around them as the method's :class:`~.methods.MethodPlan` says. Its geometry
-(what each block attends over and outputs) has one source, :attr:`UfgirViT.feature_info`.
+inter-layer adapters around them as the method's :class:`~.methods.MethodPlan` says. Everything else
+that makes a method (its head, passes, selection, loss, evaluation modes) belongs to its method object,
+``self.method`` (``model/methods/``), to which ``forward`` hands over. Its geometry (what each block
+attends over and outputs) has one source, :attr:`UfgirViT.feature_info`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -23,32 +24,37 @@ from .adapters import BlockAdapters
 from .attention import autocast_input, cls_attention, explicit_attention
 from .backbone import MICRO, create_backbone, embed_tokens, resize_input, state_dict_sha256
 from .feature_info import BlockInfo, take_indices
-from .heads import HEADS
 from .ila import ILA, Dropout, prompt_init_bound, xavier_linear_
-from .methods import MethodPlan, method_plan
-from .selection import SelectionMixin
+from .methods import Method, MethodPlan, TrainStep, build_method, check_plugin, method_plan
+
+#: Receives each block's post-softmax attention (B, heads, S, S) and, when asked, its key-0 logits
+#: (B, heads, S) (see `UfgirViT.encode`).
+AttentionTap = Callable[[torch.Tensor, "torch.Tensor | None"], None]
 
 
-class UfgirViT(SelectionMixin, nn.Module):
+class UfgirViT(nn.Module):
     """A timm ViT plus the PETL modules of one method, with timm's model contract: ``forward``,
     ``forward_features``, ``forward_head``, ``forward_intermediates``, ``reset_classifier``,
     ``no_weight_decay``, ``set_grad_checkpointing``, ``set_input_size``, ``pretrained_cfg``, plus
     ``feature_info`` (the block geometry) and ``data_config()``."""
 
-    def __init__(self, vit: VisionTransformer, cfg: ModelConfig, num_classes: int | None = None):
+    def __init__(self, vit: VisionTransformer, cfg: ModelConfig, num_classes: int | None = None,
+                 method: Method | None = None):
         super().__init__()
         for blk in vit.blocks:
             if not all(hasattr(blk, a) for a in ("norm1", "attn", "norm2", "mlp")) or not hasattr(blk.attn, "qkv"):
                 raise RecipeError(f"model.backbone {cfg.backbone!r}: blocks are not pre-norm ViT blocks")
         self.vit = vit
         self.cfg = cfg
-        self.method = cfg.method
+        #: The method object: head, passes, selection, loss, evaluation modes (``model/methods/``).
+        self.method: Method = method or build_method(cfg)
         self.plan: MethodPlan = method_plan(cfg)
         depth, D = len(vit.blocks), vit.embed_dim
         self.embed_dim = D
         self.num_features = vit.num_features
         self.num_classes = vit.num_classes if num_classes is None else num_classes
         patch = vit.patch_embed.patch_size[0]
+        self._check_needs(vit, cfg)
         try:
             check_geometry(cfg, depth=depth, patch=patch)
         except ValueError as e:
@@ -74,34 +80,44 @@ class UfgirViT(SelectionMixin, nn.Module):
                 for i in plan.ila_positions
             }
         )
-        # A comparison method's own head (model/heads.py) replaces timm's, which is then headless.
-        self.head = HEADS[plan.head](vit, self.num_classes, cfg) if plan.head != "linear" else None
+        # A method's own head replaces timm's, which is then headless.
+        self.head = self.method.build_head(vit, self.num_classes)
         self.prompt_len = cfg.prompt_len if plan.prompts else 0
         self.prompts = None
         if plan.prompts:
-            n = 1 if plan.prompts == "shallow" else depth  # deep and vqt: one set per block
+            n = depth if plan.prompts.per_block else 1
             bound = prompt_init_bound(patch, D)
             self.prompts = nn.Parameter(torch.empty(n, cfg.prompt_len, D).uniform_(-bound, bound))
         self.prompt_drop = Dropout(cfg.prompt_dropout)
-        # GLSim and RAMS: the crop's pass has a CLS token of its own, starting as a copy of the image's.
-        self.anchor_cls = nn.Parameter(vit.cls_token.detach().clone()) if self.crops_second_pass else None
+        self.anchor_cls = None  # GLSim and RAMS: the crop pass's own CLS token (`Method.extra_parameters`)
+        for name, p in self.method.extra_parameters(vit).items():
+            setattr(self, name, p)
         if isinstance(vit.head, nn.Linear):
             xavier_linear_(vit.head)  # the reference's init for every Linear, the head included
         self.grad_checkpointing = False
-        self._attn_probs: list[torch.Tensor] | None = None  # set by collect_attention()
-        # Per block, while a head selects: (softmax maps, None), or FFVT's (CLS rows, key-0 logits).
-        self._selection: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
         #: ``forward`` may run the last block for the CLS row alone where that is exact (see
         #: `cls_only_last_block`); False runs every token, as cost counting does.
         self.last_block_cls_only = True
         self.freeze()
+
+    def _check_needs(self, vit: VisionTransformer, cfg: ModelConfig) -> None:
+        """What the method declares it needs of the backbone (``MethodSpec.needs``), checked on the
+        built backbone: one line naming the method, the backbone and the missing part."""
+        spec = self.method.spec
+        missing = {"cls_token": spec.class_token and getattr(vit, "cls_token", None) is None,
+                   "abs_pos_embed": getattr(vit, "pos_embed", None) is None,
+                   "patch_grid": not hasattr(vit.patch_embed, "grid_size")}
+        for need in spec.needs:
+            if missing.get(need, False):
+                raise RecipeError(f"method {spec.name!r} needs {need.replace('_', ' ')} of its backbone, and "
+                                  f"model.backbone {cfg.backbone!r} has none; choose another backbone or method")
 
     # ---- geometry -------------------------------------------------------------------------
     @property
     def num_prefix_tokens(self) -> int:
         """Prefix tokens of every block's output (CLS/registers + shallow prompts, or VQT's query-only
         prompt rows, which a block passes on in front of the CLS token and the next block drops)."""
-        stays = self.prompt_len if self.plan.prompts in ("shallow", "vqt") else 0
+        stays = self.prompt_len if self.plan.prompts and self.plan.prompts.stays else 0
         return self.vit.num_prefix_tokens + stays
 
     @property
@@ -109,8 +125,9 @@ class UfgirViT(SelectionMixin, nn.Module):
         """Per block: what it attends over and what it outputs. The one source of the model's
         geometry; ``grids``, ``tokens_per_block``, the analysis and ``ufgir inspect`` read it."""
         P, D = self.num_prefix_tokens, self.embed_dim
-        deep = self.prompt_len if self.plan.prompts == "deep" else 0
-        keys = P - self.prompt_len if self.plan.prompts == "vqt" else P  # VQT's prompts are never attended to
+        kind = self.plan.prompts
+        deep = self.prompt_len if kind and kind.replaced else 0
+        keys = P - self.prompt_len if kind and kind.query_only else P  # VQT's prompts are never attended to
         patch = self.vit.patch_embed.patch_size[0]
         g = tuple(self.vit.patch_embed.grid_size)
         out = []
@@ -136,10 +153,21 @@ class UfgirViT(SelectionMixin, nn.Module):
         """Sequence length each block outputs, after any ILA that follows it."""
         return [b.tokens_out for b in self.feature_info]
 
-    def set_input_size(self, image_size: int) -> None:
-        """Change the input size in place: the position grid is resampled the way the recipe says
-        (``model.pos_embed_resize``), ``self.cfg`` gets the new ``image_size``, and the geometry
-        follows. A layout whose down-sampling ILAs no longer fit is a RecipeError, nothing changed."""
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: int | None = None) -> None:
+        """timm's ``set_input_size``: change the input size in place. The position grid is resampled
+        the way the recipe says (``model.pos_embed_resize``), ``self.cfg`` gets the new ``image_size``,
+        and the geometry follows. A layout whose down-sampling ILAs no longer fit is a RecipeError,
+        nothing changed. Square inputs only; the patch size stays the backbone's."""
+        if patch_size is not None and patch_size != self.vit.patch_embed.patch_size[0]:
+            raise ValueError("set_input_size: ufgir keeps the backbone's patch size")
+        if img_size is None:
+            return
+        size = img_size if isinstance(img_size, int) else tuple(img_size)
+        if not isinstance(size, int):
+            if size[0] != size[1]:
+                raise ValueError(f"set_input_size: img_size {size} is not square")
+            size = size[0]
+        image_size = int(size)
         cfg = self.cfg.model_copy(update={"image_size": image_size})
         try:
             check_geometry(cfg, depth=len(self.vit.blocks), patch=self.vit.patch_embed.patch_size[0])
@@ -153,8 +181,8 @@ class UfgirViT(SelectionMixin, nn.Module):
         """The explicit list of what trains for this method (never chosen by name matching)."""
         if self.plan.train_backbone:
             return [self]
-        parts = {"head": self.get_classifier(), "cls": self.vit.cls_token, "anchor": self.anchor_cls, "adapters": self.adapters,
-                 "ila": self.ila, "prompts": self.prompts}
+        parts = {"head": self.get_classifier(), "cls": self.vit.cls_token, "anchor": getattr(self, "anchor_cls", None),
+                 "adapters": self.adapters, "ila": self.ila, "prompts": self.prompts}
         return [parts[p] for p in self.plan.trains if parts[p] is not None]
 
     def freeze(self) -> None:
@@ -193,41 +221,27 @@ class UfgirViT(SelectionMixin, nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if self.head is not None:  # a method's head: rebuilt whole, its own init
-            self.head = HEADS[self.plan.head](self.vit, num_classes, self.cfg)
+            self.head = self.method.build_head(self.vit, num_classes)
         else:
             self.vit.reset_classifier(num_classes, global_pool)
             if isinstance(self.vit.head, nn.Linear):
                 xavier_linear_(self.vit.head)
         self.get_classifier().requires_grad_(True)
 
-    @contextmanager
-    def collect_attention(self) -> Iterator[list[torch.Tensor]]:
-        """The one hook point for attention maps. Inside the block, every block's post-softmax
-        attention, (B, heads, S, S), is appended to the yielded list in block order; attention takes
-        the explicit path (fused attention keeps no maps) and ``forward`` computes every token of
-        the last block. Gradient checkpointing is off meanwhile (a recomputed block would append twice)."""
-        if self._attn_probs is not None:
-            raise RuntimeError("collect_attention() is already active on this model")
-        probs: list[torch.Tensor] = []
-        self._attn_probs = probs
-        try:
-            yield probs
-        finally:
-            self._attn_probs = None
-
-    def _block(self, i: int, x: torch.Tensor, grid: tuple[int, int], cls_only: bool = False) -> torch.Tensor:
+    def _block(self, i: int, x: torch.Tensor, grid: tuple[int, int], cls_only: bool = False,
+               tap: AttentionTap | None = None, tap_key0: bool = False) -> torch.Tensor:
         """Block ``i`` with its method's modules. ``cls_only`` (see `cls_only_last_block`) returns the
         CLS row alone, (B, 1, D): keys and values still come from every token, and everything after
-        attention is token-wise, so it runs on that one row."""
+        attention is token-wise, so it runs on that one row. ``tap``: see `encode`."""
         blk = self.vit.blocks[i]
         P = self.num_prefix_tokens
-        deep = self.plan.prompts == "deep"
-        vqt = self.plan.prompts == "vqt"
-        L = self.prompt_len if vqt else 0
-        if vqt:  # the previous block's prompt rows out, this block's prompts in: they only ask (queries)
+        kind = self.plan.prompts
+        L = self.prompt_len if kind and kind.query_only else 0
+        if L:  # the previous block's prompt rows out, this block's prompts in: they only ask (queries)
             P -= L
             p = self.prompt_drop(self.prompts[i].expand(x.shape[0], -1, -1)).to(x.dtype)  # per-sample mask
             x = torch.cat([p, x[:, L:] if i else x], dim=1)                   # (B, L + P + HW, D)
+        deep = kind is not None and kind.replaced
         if deep:  # insert this block's prompts after the prefix tokens, remove them after the block
             p = self.prompt_drop(self.prompts[i]).expand(x.shape[0], -1, -1).to(x.dtype)
             x = torch.cat([x[:, :P], p, x[:, P:]], dim=1)                  # (B, P + L + HW, D)
@@ -238,7 +252,7 @@ class UfgirViT(SelectionMixin, nn.Module):
             a = cls_attention(blk.attn, h)
             h, x = h[:, :1], x[:, :1]                                          # (B, 1, D) from here on
         else:
-            a = self._attention(blk.attn, h, L)
+            a = self._attention(blk.attn, h, L, tap, tap_key0)
         a = self.drop(blk.ls1(a))
         if ad is not None:
             a = a + ad.attn(h, grid, P)
@@ -255,30 +269,31 @@ class UfgirViT(SelectionMixin, nn.Module):
             x = ila(x, grid, self.num_prefix_tokens)
         return x
 
-    def _attention(self, attn: nn.Module, h: torch.Tensor, query_only: int) -> torch.Tensor:
-        """A block's attention, handing its maps to whoever asked: `collect_attention` and, while an
-        aggregator head selects tokens, the selection (FFVT's also gets the key-0 logits)."""
-        sel = self._selection
-        if self._attn_probs is None and sel is None:
+    @staticmethod
+    def _attention(attn: nn.Module, h: torch.Tensor, query_only: int, tap: AttentionTap | None,
+                   tap_key0: bool) -> torch.Tensor:
+        """A block's attention; with a ``tap``, the explicit path, whose maps (and key-0 logits when
+        ``tap_key0``) the tap receives."""
+        if tap is None:
             return explicit_attention(attn, h, None, query_only=query_only)
         maps: list[torch.Tensor] = []
-        key0: list[torch.Tensor] | None = [] if sel is not None and self.plan.selector == "maws" else None
+        key0: list[torch.Tensor] | None = [] if tap_key0 else None
         out = explicit_attention(attn, h, maps, query_only=query_only, key0=key0)
-        if self._attn_probs is not None:
-            self._attn_probs.extend(maps)
-        if sel is not None:  # FFVT needs the CLS rows and key-0 logits only; the others, whole maps
-            sel.append((maps[0][:, :, 0], key0[0]) if key0 is not None else (maps[0], None))
+        tap(maps[0], key0[0] if key0 is not None else None)
         return out
 
-    def _encode(self, x: torch.Tensor, take: frozenset[int] = frozenset(), stop: int | None = None,
-                last_cls_only: bool = False, cls_token: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Image -> (the last run block's tokens, the outputs of the blocks in ``take``). Runs blocks
-        0..``stop`` (default: all); with ``last_cls_only`` the last block yields its CLS row alone;
-        ``cls_token`` replaces the model's CLS token (the crop pass of GLSim and RAMS)."""
+    def encode(self, x: torch.Tensor, take: frozenset[int] = frozenset(), stop: int | None = None, *,
+               last_cls_only: bool = False, cls_token: torch.Tensor | None = None,
+               tap: AttentionTap | None = None, tap_key0: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Image -> (the last run block's tokens, the outputs of the blocks in ``take``): the one pass
+        through the backbone that every method runs. Runs blocks 0..``stop`` (default: all); with
+        ``last_cls_only`` the last block yields its CLS row alone; ``cls_token`` replaces the model's
+        CLS token (the crop pass of GLSim and RAMS); ``tap`` receives every block's post-softmax
+        attention (B, heads, S, S), in block order, and with ``tap_key0`` its key-0 logits (B, heads, S)
+        too (FFVT). Gradient checkpointing is off while tapping (a recomputed block would tap twice)."""
         vit = self.vit
         x = embed_tokens(vit, x, cls_token)                                    # (B, 1 + HW, D)
-        if self.plan.prompts == "shallow":
+        if self.plan.prompts is not None and self.plan.prompts.at_embedding:
             n = vit.num_prefix_tokens
             p = self.prompt_drop(self.prompts[0]).expand(x.shape[0], -1, -1).to(x.dtype)
             x = torch.cat([x[:, :n], p, x[:, n:]], dim=1)                      # (B, 1 + L + HW, D)
@@ -287,18 +302,17 @@ class UfgirViT(SelectionMixin, nn.Module):
         for b in blocks:
             if last_cls_only and b.index == len(blocks) - 1:
                 return self._block(b.index, x, b.grid, cls_only=True), outputs  # (B, 1, D)
-            if self.grad_checkpointing and self.training and self._attn_probs is None and self._selection is None \
-                    and not torch.jit.is_scripting():
+            if self.grad_checkpointing and self.training and tap is None and not torch.jit.is_scripting():
                 x = checkpoint(self._block, b.index, x, b.grid, use_reentrant=False)
             else:
-                x = self._block(b.index, x, b.grid)
+                x = self._block(b.index, x, b.grid, tap=tap, tap_key0=tap_key0)
             if b.index in take:
                 outputs.append(x)
         return x, outputs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the final norm, (B, tokens_per_block[-1], D)."""
-        return self.vit.norm(self._encode(x)[0])
+        return self.vit.norm(self.encode(x)[0])
 
     def forward_intermediates(
         self,
@@ -309,6 +323,7 @@ class UfgirViT(SelectionMixin, nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NLC",
         intermediates_only: bool = False,
+        tap: AttentionTap | None = None,
     ) -> list | tuple[torch.Tensor, list]:
         """timm's ``forward_intermediates``: ``(final normed tokens, intermediates)``, or the
         intermediates alone with ``intermediates_only``.
@@ -319,13 +334,14 @@ class UfgirViT(SelectionMixin, nn.Module):
         ``return_prefix_tokens``, its prefix tokens (B, num_prefix_tokens, D) as ``(patches, prefix)``
         pairs. ``indices``: None = every block, n = the last n, a list = those blocks. ``norm``
         applies the final norm to each; ``stop_early`` (and ``intermediates_only``, whose caller
-        never sees the rest) stops after the last block asked for."""
+        never sees the rest) stops after the last block asked for. ``tap`` receives each block's attention maps
+        in the same pass (see `encode`; an addition to timm's signature)."""
         if output_fmt not in ("NLC", "NCHW"):
             raise ValueError(f"output_fmt {output_fmt!r} is not one of NLC, NCHW")
         info = self.feature_info
         take = take_indices(len(info), indices)
         stop = take[-1] if (stop_early or intermediates_only) and take else None
-        x, inter = self._encode(x, frozenset(take), stop)
+        x, inter = self.encode(x, frozenset(take), stop, tap=tap)
         if norm:
             inter = [self.vit.norm(y) for y in inter]
         P = self.num_prefix_tokens
@@ -345,70 +361,47 @@ class UfgirViT(SelectionMixin, nn.Module):
         """Logits (or the head's input with ``pre_logits``) from the final normed tokens ``x``.
 
         IFA's and VQT's heads also read every block's output (prefix tokens included, before the final
-        norm): pass them as ``intermediates`` (``model(x)`` does)."""
-        kind = self.plan.head
-        if kind == "linear":
-            return self.vit.forward_head(x, pre_logits=pre_logits)
-        if kind in ("aggregator", "avg_cls"):
-            raise ValueError(f"the {self.method} head reads what it selects from attention or a second pass: "
-                             "call model(x)")
-        if kind == "mpncov":
-            return self.head(x[:, self.num_prefix_tokens:], self.feature_info[-1].out_grid, pre_logits)
-        if kind == "cal":  # one pass's logits (or BAP features); model(x) averages them with its crops'
-            return self.head(x[:, self.num_prefix_tokens:], self.feature_info[-1].out_grid, pre_logits=pre_logits)[0]
-        if intermediates is None:
-            raise ValueError(f"the {self.method} head reads every block's output: call model(x), or pass "
-                             "forward_head(x, intermediates=[each block's output tokens])")
-        if kind == "ifa":
-            return self.head(torch.stack([t[:, 0] for t in intermediates], dim=1), pre_logits)  # (B, depth, D)
-        L = self.prompt_len  # vqt: the prompt rows of every block, then the normed CLS behind them
-        return self.head([t[:, :L] for t in intermediates], x[:, L], pre_logits)
+        norm): pass them as ``intermediates`` (``model(x)`` does). Methods whose logits need more than
+        one pass (``method.single_pass`` False) refuse: call ``model(x)``."""
+        return self.method.forward_head(self, x, pre_logits=pre_logits, intermediates=intermediates)
 
     @property
     def cls_only_last_block(self) -> bool:
-        """True when the logits depend on the last block's CLS row alone: CLS pooling, and nothing
-        after or inside the last block that mixes tokens (an ILA there, ConvPass, deep prompts)."""
+        """True when the logits depend on the last block's CLS row alone: the method pools the CLS
+        token, and nothing after or inside the last block mixes tokens (an ILA there, ConvPass, deep
+        prompts)."""
         last = str(len(self.vit.blocks) - 1)
-        pooled_cls = (self.vit.global_pool == "token" and self.plan.head == "linear") or self.plan.head == "ifa"
-        return (pooled_cls and getattr(self.vit, "attn_pool", None) is None and last not in self.ila
-                and self.plan.adapters != "convpass" and self.plan.prompts != "deep")
+        mixes = last in self.ila or (self.adapters is not None and self.adapters[-1].mixes_tokens) \
+            or (self.plan.prompts is not None and self.plan.prompts.replaced)
+        return self.method.pools_cls(self) and not mixes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits. Equal to ``forward_head(forward_features(x))`` for single-pass methods; when only the
-        CLS token reaches the head (and no attention is being collected), the last block is computed
-        for that token alone (`cls_only_last_block`). The selecting and cropping methods run their own
-        passes (`selection.SelectionMixin`); CAL in train mode returns a `CALOutput` for its loss."""
-        if self.plan.head == "cal":
-            return self._cal_train(x) if self.training else self._cal_eval(x)
-        if self.crops_second_pass:
-            return self._two_passes(x)
-        if self.plan.head == "aggregator":
-            return self.head(self.select_tokens(x)[0], self.vit.norm, self.drop)
-        cls_only = self.last_block_cls_only and self._attn_probs is None and self.cls_only_last_block
-        if self.plan.head in ("ifa", "vqt"):  # heads that read every block's output
-            last, inter = self._encode(x, frozenset(range(len(self.vit.blocks))), last_cls_only=cls_only)
-            return self.forward_head(self.vit.norm(last), intermediates=inter + [last] if cls_only else inter)
-        if not cls_only:
-            return self.forward_head(self.forward_features(x))
-        return self.forward_head(self.vit.norm(self._encode(x, last_cls_only=True)[0]))
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, criterion: nn.Module | None = None,
+                *, eval_mode: str | None = None) -> torch.Tensor | TrainStep:
+        """Logits (B, C) of images (B, 3, S, S), for every method in train and eval mode: the method
+        object runs its passes (``forward_head(forward_features(x))`` for single-pass methods, where the
+        last block runs for the CLS row alone when that is exact, `cls_only_last_block`).
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor, criterion: nn.Module) -> torch.Tensor:
-        """The training loss of what ``forward`` returned in train mode. The training loop asks the
-        model, not the criterion, so that a method with its own objective (several outputs, its own
-        terms, a loss that ignores label smoothing) says it here; by default it is ``criterion`` (the
-        recipe's cross-entropy) on the logits, in float32. CAL's is its own (`WSDANHead.loss`)."""
-        if self.plan.head == "cal":
-            return self.head.loss(output, target)
-        return criterion(output.float(), target)
+        With ``target`` (and the recipe's ``criterion``), the training entry point: a `TrainStep` of the
+        method's own loss (float32, outside autocast) and the logits. It goes through ``forward`` so
+        that DistributedDataParallel sees it. ``eval_mode``: one of ``method.eval_modes`` (CAL's)."""
+        if target is None:
+            return self.method.forward(self, x, eval_mode)
+        if criterion is None:
+            raise ValueError("model(x, target) needs the criterion too (the recipe's cross-entropy)")
+        return self.method.forward_train(self, x, target, criterion)
+
+    def forward_train(self, x: torch.Tensor, target: torch.Tensor, criterion: nn.Module) -> TrainStep:
+        """The training entry point by name: ``model(x, target, criterion)``."""
+        return self(x, target, criterion)
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Post-softmax attention of every block, (B, heads, S, S) each; eval mode only."""
         if self.training:
             raise RuntimeError("attention_maps() needs eval mode: call model.eval() first")
-        with self.collect_attention() as probs:
-            self.forward_features(x)
-        return probs
+        maps: list[torch.Tensor] = []
+        self.encode(x, tap=lambda a, _: maps.append(a))
+        return maps
 
     def data_config(self) -> dict:
         """What an input must look like, as timm's ``resolve_model_data_config`` says it: input size,
@@ -435,8 +428,12 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> UfgirViT:
     """The model of a recipe: timm backbone with the recipe's weights, plus the method's modules."""
     if num_classes is None or num_classes < 2:
         raise RecipeError("model.num_classes must be >= 2 (set it, or let training take it from the dataset)")
-    vit = create_backbone(model_cfg, num_classes)
-    return UfgirViT(vit, model_cfg, num_classes)
+    method = build_method(model_cfg)
+    vit = create_backbone(model_cfg, num_classes if method.timm_head else 0)
+    model = UfgirViT(vit, model_cfg, num_classes, method)
+    if method.spec.origin and not next(model.parameters()).is_meta:
+        check_plugin(model)
+    return model
 
 
 __all__ = ["MICRO", "BlockInfo", "UfgirViT", "build_model", "create_backbone", "explicit_attention", "resize_input",

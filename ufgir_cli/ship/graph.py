@@ -128,8 +128,8 @@ def read_sidecar(artifact: Path) -> dict[str, Any]:
 def _traceable(model: UfgirViT, fmt: str) -> None:
     """Refuse, in one line, a model no traced graph can hold: GLSim, RAMS and CAL crop a box that a first
     pass computes (its size depends on the image) and resize it image by image."""
-    if getattr(model, "crops_image", False):
-        raise ExportError(f"--format {fmt}: {model.method} crops a box chosen by its first pass (a size that "
+    if not model.method.traceable:
+        raise ExportError(f"--format {fmt}: {model.method.name} crops a box chosen by its first pass (a size that "
                           "depends on the image), which a traced graph cannot hold; export --format safetensors "
                           "and run it with PyTorch (ufgir predict reads it)")
 

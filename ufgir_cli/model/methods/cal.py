@@ -6,6 +6,7 @@ pooling, BAP). Training adds what makes CAL more than a head: a counterfactual b
 under random maps, whose logits are subtracted), class feature centres, and two more images per sample,
 cropped to and dropped from one of its own attention maps. Evaluation crops the image to where the
 mean map fires, at three thresholds, on the image and its mirror (or one crop, ``model.cal_single_crop``).
+The :class:`CAL` method object runs these passes; `UfgirViT` only runs the backbone for it.
 
 Everything that decides a box or a drop runs in float32 without gradient, and every random draw
 (which maps, which thresholds, the counterfactual maps) comes from torch's seeded generators, which the
@@ -14,13 +15,18 @@ training checkpoint saves: a resumed run draws what the uninterrupted one would 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import argparse
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import float32_region
+from ...methods import MethodSpec
+from ...recipe import ModelConfig
+from ..precision import float32_region
+from .base import Method, Selection, TrainStep
+from .two_pass import crop_resize
 
 #: Added under the signed square root (and to the map sums that weight the choice of maps).
 EPS = 1e-6
@@ -172,5 +178,116 @@ def uniform(low: float, high: float, n: int) -> torch.Tensor:
     return low + (high - low) * torch.rand(n)
 
 
-__all__ = ["CALOutput", "EVAL_CROPS", "SINGLE_CROP", "WSDANHead", "attention_boxes", "attention_drop",
+class CAL(Method):
+    """CAL's passes: three per training step (the image; its crop and its drop together), and in
+    evaluation the image and its mirror with three crops each (8 passes), or the image and one crop."""
+
+    single_pass = False
+    traceable = False
+    timm_head = False
+    train_passes = 3
+    upstream_head_keys = (("dfsm.attentions.conv.", "head.conv."), ("dfsm.attentions.bn.", "head.bn."),
+                          ("dfsm.fc.", "head.fc."))
+    MODES = {"8 passes": 8, "2 passes (single crop)": 2}
+
+    def __init__(self, spec: MethodSpec, cfg: ModelConfig):
+        super().__init__(spec, cfg)
+        self.maps = cfg.cal_maps
+        self.single_crop = cfg.cal_single_crop
+
+    @property
+    def eval_modes(self) -> dict[str, int]:
+        return dict(self.MODES)
+
+    @property
+    def eval_mode(self) -> str:
+        return "2 passes (single crop)" if self.single_crop else "8 passes"
+
+    def build_head(self, vit, num_classes):
+        return WSDANHead(vit.embed_dim, num_classes, maps=self.maps)
+
+    def pools_cls(self, model) -> bool:
+        return False
+
+    def head_pass(self, model, x: torch.Tensor, counterfactual: bool = False) -> tuple:
+        """One backbone pass of images (B, 3, S, S) into the head: (logits, counterfactual effect or
+        None, BAP features, attention maps); see `WSDANHead.forward`."""
+        tokens = model.vit.norm(model.encode(x)[0])[:, model.num_prefix_tokens:]  # (B, N, D): no CLS token
+        return model.head(tokens, model.feature_info[-1].out_grid, counterfactual)
+
+    def forward_head(self, model, x, pre_logits=False, intermediates=None):
+        """One pass's logits (or BAP features) from the final normed tokens; ``model(x)`` averages
+        them with its crops'."""
+        return model.head(x[:, model.num_prefix_tokens:], model.feature_info[-1].out_grid, pre_logits=pre_logits)[0]
+
+    def attention_crops(self, model, x: torch.Tensor, eval_mode: str | None = None) -> dict:
+        """The first pass and the crops it chooses: the pass's ``logits`` (B, C) and attention ``maps``
+        (B, M, h, w), their ``mean_map`` (B, 1, h, w), and for each (threshold, padding) of the mode's
+        ``settings`` (returned too) the ``boxes`` (K, B, 4) [top, bottom, left, right) and the ``crops``
+        (K, B, 3, S, S). On the meta device (cost counting) each crop is the whole image."""
+        settings = EVAL_CROPS if self.passes(eval_mode) == 8 else SINGLE_CROP
+        logits, _, _, maps = self.head_pass(model, x)
+        mean_map = maps.mean(dim=1, keepdim=True)                                  # (B, 1, h, w)
+        S = x.shape[-1]
+        if x.is_meta:
+            boxes = torch.zeros(len(settings), x.shape[0], 4, dtype=torch.long)
+            crops = x.expand(len(settings), *x.shape)
+        else:
+            boxes = torch.stack([attention_boxes(mean_map, theta, pad, S) for theta, pad in settings])
+            crops = torch.stack([crop_resize(x, b) for b in boxes])                # (K, B, 3, S, S)
+        return {"logits": logits, "maps": maps, "mean_map": mean_map, "boxes": boxes, "crops": crops,
+                "settings": settings}
+
+    def forward(self, model, x, eval_mode=None):
+        """Evaluation logits: per view (the image and, with 8 passes, its mirror), the mean of the
+        view's pass and its crops' passes; then the mean over views. The views share one backbone
+        pass, and all their crops another (BatchNorm is in eval mode, so batching changes nothing)."""
+        mode = self._mode(eval_mode)
+        B = x.shape[0]
+        views = torch.cat([x, x.flip(3)]) if self.passes(mode) == 8 else x         # (V*B, 3, S, S)
+        first = self.attention_crops(model, views, mode)
+        K = first["boxes"].shape[0]
+        crop_logits = self.head_pass(model, first["crops"].flatten(0, 1))[0]       # (K*V*B, C)
+        per_view = (first["logits"] + crop_logits.view(K, views.shape[0], -1).sum(0)) / (K + 1)  # (V*B, C)
+        return per_view.view(-1, B, per_view.shape[-1]).mean(0)                   # (B, C)
+
+    def train_outputs(self, model, x: torch.Tensor) -> CALOutput:
+        """The three passes: the image; then, together, its crop to one attention map (threshold
+        U(0.4, 0.6) of the map's max, 10 % padding) and its drop of another (threshold U(0.2, 0.5)),
+        the two maps drawn per sample by `choose_maps`."""
+        B, S = x.shape[0], x.shape[-1]
+        raw, aux_raw, features, maps = self.head_pass(model, x, counterfactual=True)
+        with torch.no_grad():
+            chosen = choose_maps(maps.detach())                                     # (B, 2, h, w)
+            boxes = attention_boxes(chosen[:, :1], uniform(*TRAIN_CROP_THETA, B), TRAIN_CROP_PADDING, S)
+            crops = crop_resize(x, boxes)
+            drops = attention_drop(x, chosen[:, 1:], uniform(*TRAIN_DROP_THETA, B))
+        aug, aux_aug, _, _ = self.head_pass(model, torch.cat([crops, drops]), counterfactual=True)
+        return CALOutput((raw + aug[:B]) / 2, raw, aug, torch.cat([aux_raw, aux_aug]), features)
+
+    def forward_train(self, model, x, target, criterion):
+        """CAL's own loss (`WSDANHead.loss`; it ignores the recipe's label smoothing)."""
+        out = self.train_outputs(model, x)
+        with float32_region(out.logits):
+            return TrainStep(model.head.loss(out, target), out.logits)
+
+    def select(self, model, x):
+        first = self.attention_crops(model, x)  # the image's crops; its mirror's are the same idea, mirrored
+        labels = tuple(f"{theta:g} × max" for theta, _ in first["settings"])
+        return Selection("crops where the mean attention map reaches a share of its max", model.feature_info[-1].out_grid,
+                         boxes=first["boxes"], crops=first["crops"], labels=labels)
+
+    @classmethod
+    def upstream_settings(cls, config: argparse.Namespace) -> dict[str, Any]:
+        # the reference builds CAL's 12 blocks whatever the flags say
+        return {"cal_single_crop": bool(getattr(config, "cal_single_crop", False)), "depth": None}
+
+    def upstream_normalise(self, key: str) -> str:
+        return key.removeprefix("encoder.0.")  # CAL wraps the ViT: encoder = Sequential(ViT, Rearrange)
+
+    def upstream_missing(self, model):
+        return {"head.feature_center": torch.zeros_like(model.head.feature_center)}  # never saved: from zero
+
+
+__all__ = ["CAL", "CALOutput", "EVAL_CROPS", "SINGLE_CROP", "WSDANHead", "attention_boxes", "attention_drop",
            "bilinear_pool", "choose_maps", "uniform"]
