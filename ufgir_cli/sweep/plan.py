@@ -2,8 +2,11 @@
 
 Phase 1 trains every learning rate on ``train`` and evaluates the last epoch on ``val``; phase 2
 trains the chosen rate on ``train_val`` once per seed and evaluates the last epoch on ``test``.
-A run's folder name ends in a hash of its resolved recipe, so repeating a command finds its runs
-again and a changed recipe (file, ``--set`` or ``UFGIR_*`` environment) makes new ones beside them.
+A run's folder name ends in its run key, a hash of the canonical form of its resolved recipe
+(``runkey.py``), so repeating a command finds its runs again, a changed recipe (file, ``--set`` or
+``UFGIR_*`` environment) makes new ones beside them, and a recipe key added at its default later
+changes nothing. Run folders named by the key of before (the hash of the whole resolved TOML) are
+still found: see :func:`make_run`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 
 from ..errors import RecipeError
 from ..io import atomic_write_json
-from ..recipe import Recipe, dump_resolved, load_recipe
+from ..recipe import Recipe, load_recipe
+from .runkey import legacy_run_key, run_key
 
 PAPER_LRS = (0.3, 0.1, 0.03, 0.01, 0.003)
 DEFAULT_SEEDS = (1, 10, 100)
@@ -45,8 +49,8 @@ class Run:
     lr: float
     seed: int
     recipe: Recipe
-    key: str  # first 12 hex digits of the sha256 of the resolved recipe
-    run_dir: Path
+    key: str  # run_key(recipe): 12 hex digits of the sha256 of its canonical form
+    run_dir: Path  # <sweep>/runs/p<phase>_lr<lr>_seed<seed>_<key>, or a legacy key's folder (make_run)
 
     @property
     def split(self) -> str:
@@ -100,8 +104,20 @@ def make_run(sweep: Sweep, phase: int, lr: float, seed: int) -> Run:
                             ("eval", {"split": eval_split})):
         over[section] = {**(over.get(section) or {}), **values}
     recipe = load_recipe(sweep.recipe, over)
-    key = hashlib.sha256(dump_resolved(recipe).encode()).hexdigest()[:12]
-    return Run(phase, lr, seed, recipe, key, sweep.root / "runs" / f"p{phase}_lr{lr:g}_seed{seed}_{key}")
+    key = run_key(recipe)
+    return Run(phase, lr, seed, recipe, key, run_folder(sweep, phase, lr, seed, key, legacy_run_key(recipe)))
+
+
+def run_folder(sweep: Sweep, phase: int, lr: float, seed: int, key: str, legacy: str | None) -> Path:
+    """The run's folder under ``<sweep>/runs``: the one named by its key, unless only the one named
+    by its legacy key (a run made before canonical keys, same recipe) exists; that one is then
+    used as it is (skipped when finished, resumed or evaluated as its files say), not trained again."""
+    def named(k: str) -> Path:
+        return sweep.root / "runs" / f"p{phase}_lr{lr:g}_seed{seed}_{k}"
+
+    if not named(key).exists() and legacy is not None and legacy != key and named(legacy).is_dir():
+        return named(legacy)
+    return named(key)
 
 
 def phase1_runs(sweep: Sweep) -> list[Run]:
