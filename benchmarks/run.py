@@ -57,11 +57,10 @@ def _one(args: argparse.Namespace) -> dict:
 
 
 def _measure(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
-    import resource
 
     import torch
 
-    from ufgir_cli.analysis.cost import count_flops
+    from ufgir_cli.analysis.cost import count_flops, median_seconds, peak_memory_mb
     from ufgir_cli.model import build_model
     from ufgir_cli.model.precision import frozen_weights_cast
     from ufgir_cli.recipe import load_recipe
@@ -118,30 +117,18 @@ def _measure(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     def step() -> None:
         bench_step(model, run, x, y, args.mode, args.precision, device, opt)
 
-    times = []
-    for i in range(args.warmup + args.iters):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    t = sorted(times)[len(times) // 2]
+    t = median_seconds(step, device, args.warmup, args.iters)
     out = {
         "method": args.method, "backbone": args.backbone, "size": args.size, "batch": args.batch, "mode": args.mode,
         "precision": args.precision, "device": device, "compile": args.compile,
         "grad_checkpointing": args.grad_checkpointing, "s_per_batch": t, "images_per_s": args.batch / t,
         "fwd_gflops_per_batch": fwd / 1e9, "step_tflops_per_s": (step_flops if args.mode == "train" else fwd) / t / 1e12,
     }
+    out["peak_memory_mb"] = peak_memory_mb(device)  # CUDA: allocated since the reset above; CPU: peak RSS
     if cuda:
-        out["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["gpu"] = torch.cuda.get_device_name()
         if args.peak_tflops:
             out["mfu"] = out["step_tflops_per_s"] / args.peak_tflops
-    else:
-        out["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 

@@ -4,6 +4,7 @@ and a dead rank ends the job instead of hanging it."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -97,8 +98,11 @@ def test_ila_under_gloo_stays_finite(small_synthetic, tmp_path):
 
 
 def test_dead_rank_fails_the_job(small_synthetic, tmp_path):
+    """Rank 1 exits with code 3 at step 2: torchrun ends the job and names that rank and its code
+    (an import error or a crash elsewhere would name another code)."""
     res = _run(tmp_path, _cfg(small_synthetic, batch=4, epochs=3), tmp_path / "dead", 2, die_at=2, timeout=180)
     assert res.returncode != 0
+    assert re.search(r"rank\s*:\s*1\b", res.stderr) and re.search(r"exitcode\s*:\s*3\b", res.stderr), res.stderr[-2000:]
 
 
 def test_two_rank_resume_is_bit_exact_with_dropout(small_synthetic, tmp_path):

@@ -356,14 +356,15 @@ def patch_model(monkeypatch, on_build) -> dict:
 
 
 def nan_loss_at(step: int):
-    """The step-th training forward returns NaN logits."""
+    """The step-th training forward (the training entry point, ``model(x, target, criterion)``)
+    returns a NaN loss."""
     def on_build(model):
         calls = [0]
 
         def hook(module, args, out):
             if module.training:
                 calls[0] += 1
-                return out * float("nan") if calls[0] == step else out
+                return out._replace(loss=out.loss * float("nan")) if calls[0] == step else out
             return out
 
         model.register_forward_hook(hook)
@@ -454,7 +455,7 @@ def test_fp16_loss_scaling_skip_nonfinite_in_the_loop(small_synthetic, tmp_path,
     summary and checkpoint; without it training stops with the fp16 hint."""
     import ufgir_cli.engine.train as train_mod
 
-    monkeypatch.setattr(train_mod, "grad_scaler", lambda device, precision: torch.amp.GradScaler("cpu", init_scale=256.0))
+    monkeypatch.setattr(train_mod, "grad_scaler", lambda rt: torch.amp.GradScaler("cpu", init_scale=256.0))
     seen = patch_model(monkeypatch, inf_grad_at(2))
     weights = {}
 

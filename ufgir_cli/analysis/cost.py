@@ -68,6 +68,36 @@ class Throughput:
     precision: str
 
 
+def peak_memory_mb(device: str) -> float | None:
+    """Peak CUDA allocation since the last reset, or the process's peak resident size on a CPU (None
+    where unknown). The one place peak memory is read (training summary, inference, benchmarks)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except (ImportError, OSError):
+        return None
+
+
+def median_seconds(fn, device: str, warmup: int = 2, iters: int = 5) -> float:
+    """Median wall time of ``fn()`` over ``iters`` runs after ``warmup`` untimed ones, synchronising
+    CUDA around each (the one timing loop of inference measurement and the benchmarks)."""
+    cuda = device.startswith("cuda")
+    times = []
+    for i in range(warmup + iters):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 @torch.no_grad()
 def measure_inference(model: nn.Module, image_size: int, batch_size: int, device: str = "cpu",
                       precision: str = "fp32", warmup: int = 2, iters: int = 5) -> Throughput:
@@ -79,20 +109,14 @@ def measure_inference(model: nn.Module, image_size: int, batch_size: int, device
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
+
+    def batch() -> None:
+        with autocast(device, precision):
+            model(x)
+
     with frozen_weights_cast(model, precision):
-        for i in range(warmup + iters):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with autocast(device, precision):
-                model(x)
-            if cuda:
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    t = sorted(times)[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+        t = median_seconds(batch, device, warmup, iters)
+    peak = peak_memory_mb(device) if cuda else None  # a CPU's peak RSS is the process's, not this model's
     return Throughput(batch_size / t, 1000 * t, peak, batch_size, device, precision)
 
 
@@ -109,4 +133,5 @@ def cost_summary(model: nn.Module, image_size: int) -> dict:
     return out
 
 
-__all__ = ["ParamCount", "Throughput", "cost_summary", "count_flops", "count_params", "measure_inference", "meta_copy"]
+__all__ = ["ParamCount", "Throughput", "cost_summary", "count_flops", "count_params", "measure_inference",
+           "median_seconds", "meta_copy", "peak_memory_mb"]

@@ -125,7 +125,7 @@ def measure(path: Path, *, split: str = "test", data_recipe: Recipe | None = Non
         bs = batch_size or max(MIN_BATCH if cka else 1, recipe.eval.batch_size or recipe.train.batch_size)
         loader = make_loader(sf, recipe, train=False, batch_size=bs)
         data_cfg = model.data_config()
-        stream = (normalize(x.to(device), data_cfg["mean"], data_cfg["std"]) for x, _, _ in loader if len(x))
+        stream = (normalize(x.to(device), data_cfg) for x, _, _ in loader if len(x))
         total = len(sf.samples) if batches is None else min(len(sf.samples), batches * bs)
         what = f"analysing {run_dir_of(path).name}"
         report = progress or (lambda *_: None)
@@ -205,7 +205,7 @@ def visualize(path: Path, make_maps: MakeMaps, *, split: str = "test", images: S
     model, recipe, _, device = load_model(path, checkpoint, device)
     x, targets, stems, class_names = load_images(recipe, split, images, count, per_class)
     data_cfg = model.data_config()
-    out = forward_collect(model, normalize(x.to(device), data_cfg["mean"], data_cfg["std"]))
+    out = forward_collect(model, normalize(x.to(device), data_cfg))
     preds = out.logits.argmax(dim=1).tolist()
     maps = [(label, ro.upsample(m, tuple(x.shape[-2:])).cpu().numpy()) for label, m in make_maps(model, out.attention)]
     captions = _captions(preds, targets, class_names)
@@ -249,7 +249,7 @@ def selections(path: Path, *, split: str = "test", images: Sequence[Path] | None
     model, recipe, _, device = load_model(path, checkpoint, device)
     x, targets, stems, class_names = load_images(recipe, split, images, count, per_class)
     cfg = model.data_config()
-    xn = normalize(x.to(device), cfg["mean"], cfg["std"])
+    xn = normalize(x.to(device), cfg)
     sel = model.method.select(model, xn)
     if sel is None:
         raise OptionError(f"visualize crops shows what GLSim, RAMS, CAL, TransFG and FFVT select; "

@@ -147,10 +147,11 @@ def preprocess_for(recipe, train: bool) -> Preprocess:
                       d.augment, mean)
 
 
-def normalize(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> normalised float (B, 3, H, W), done on the device after transfer."""
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+def normalize(x: torch.Tensor, data_config: dict) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> normalised float (B, 3, H, W), done on the device after transfer, with the
+    mean and std of a model's ``data_config()`` (or an export's copy of it). The one place they are read."""
+    m = torch.tensor(data_config["mean"], device=x.device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(data_config["std"], device=x.device).view(1, 3, 1, 1) * 255
     return (x.float() - m) / s
 
 

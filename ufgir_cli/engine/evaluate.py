@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.datasets import normalize
-from ..model.precision import autocast, frozen_weights_cast
-from .dist import DistContext, all_gather_cat
+from .dist import all_gather_cat
+from .runtime import Runtime
 
 
 def compiled_for_inference(model: nn.Module) -> nn.Module:
@@ -34,14 +34,18 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device: str, precision: str, mean, std, num_classes: int,
-             dist: DistContext | None = None, on_batch=None) -> EvalResult:
+def evaluate(model: nn.Module, loader, runtime: Runtime, *, num_classes: int, on_batch=None,
+             data_config: dict | None = None) -> EvalResult:
+    """Every batch of ``loader`` through ``model`` (eval mode), normalised by its ``data_config()``
+    (pass ``data_config`` when ``model`` is a compiled wrapper); under torchrun the ranks' shards are
+    gathered, in dataset order, on every rank."""
     model.eval()
+    data_cfg = data_config or model.data_config()
     idx_l, tgt_l, logit_l = [], [], []
-    with frozen_weights_cast(model, precision):
+    with runtime.weights_cast(model):
         for x, y, i in loader:
-            x = normalize(x.to(device, non_blocking=True), mean, std)
-            with autocast(device, precision):
+            x = normalize(x.to(runtime.device, non_blocking=True), data_cfg)
+            with runtime.autocast():
                 logits = model(x)
             logit_l.append(logits.float().cpu())
             tgt_l.append(y)
@@ -51,8 +55,8 @@ def evaluate(model: nn.Module, loader, *, device: str, precision: str, mean, std
     logits = torch.cat(logit_l) if logit_l else torch.zeros(0, num_classes)
     targets = torch.cat(tgt_l) if tgt_l else torch.zeros(0, dtype=torch.long)
     indices = torch.cat(idx_l) if idx_l else torch.zeros(0, dtype=torch.long)
-    if dist is not None and dist.world > 1:
-        logits, targets, indices = (all_gather_cat(t, dist) for t in (logits, targets, indices))
+    if runtime.dist.world > 1:
+        logits, targets, indices = (all_gather_cat(t, runtime.dist) for t in (logits, targets, indices))
         order = torch.argsort(indices)  # canonical order: the union is the whole split
         logits, targets, indices = logits[order], targets[order], indices[order]
     return EvalResult(classification_metrics(logits, targets, num_classes), indices, targets,

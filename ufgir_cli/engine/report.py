@@ -18,6 +18,7 @@ from ..model.precision import resolve_device, resolve_precision
 from ..paths import run_dir_of
 from ..recipe import Recipe
 from .evaluate import EvalResult, compiled_for_inference, evaluate
+from .runtime import Runtime
 
 
 def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto", batch_size: int | None = None,
@@ -38,11 +39,9 @@ def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto
         raise CheckpointError(f"{ckpt_file} has {model.num_classes} classes but {sf.root} has {sf.num_classes}")
     loader = make_loader(sf, recipe, train=False, batch_size=batch_size or recipe.eval.batch_size or recipe.train.batch_size,
                          workers=num_workers)
-    data_cfg = model.data_config()
-    mean, std = data_cfg["mean"], data_cfg["std"]
     try:
-        res = evaluate(compiled_for_inference(model) if compile_model else model, loader, device=device,
-                       precision=prec, mean=mean, std=std, num_classes=model.num_classes, on_batch=on_batch)
+        res = evaluate(compiled_for_inference(model) if compile_model else model, loader, Runtime(device, prec),
+                       num_classes=model.num_classes, on_batch=on_batch, data_config=model.data_config())
     except torch._dynamo.exc.TorchDynamoException as e:  # only torch.compile raises these
         why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ModelError(f"ufgir eval --compile: torch.compile failed ({why}); on a CPU it needs a working C++ "

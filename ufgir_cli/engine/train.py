@@ -29,25 +29,28 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..data.datasets import EpochSampler, normalize
+from ..analysis.cost import peak_memory_mb
+from ..data.datasets import normalize
 from ..data.loaders import make_loader, read_splits, with_num_classes
 from ..errors import RunFolderError, TrainingError
 from ..io import atomic_write_text, remove_stale_temps
 from ..model.checkpoint import load_into
-from ..model.precision import autocast, frozen_weights_cast, resolve_device, resolve_precision
 from ..model.vit import UfgirViT, build_model
 from ..recipe import Recipe, dump_resolved
 from .callbacks import Callback, CallbackList, JsonlLogger, TensorBoardLogger
-from .dist import DistContext, barrier, broadcast_flag, cleanup, init_distributed
+from .dist import barrier, broadcast_flag, cleanup
 from .evaluate import EvalResult, evaluate
 from .optim import build_optimizer, lr_at, set_lr
 from .provenance import write_provenance
 from .report import write_eval
+from .runtime import Runtime
 from .state import (
     Checkpointer,
     Interrupted,
@@ -89,45 +92,36 @@ def loggers_for(run_dir: Path, recipe: Recipe, resume_step: int | None) -> list[
 
 
 # --------------------------------------------------------------------------------------------
-# Model and devices
+# Model
 
 
-def device_and_ranks(recipe: Recipe) -> tuple[str, DistContext, str]:
-    """Device, torchrun ranks and precision; under torchrun each rank takes its local GPU."""
-    device = resolve_device(recipe.train.device)
-    dist = init_distributed(device)
-    if device == "cuda" and dist.world > 1:
-        device = f"cuda:{dist.local_rank}"
-    return device, dist, resolve_precision(recipe.train.precision, device)
-
-
-def model_for_training(recipe: Recipe, dist: DistContext, device: str, resume_ckpt: dict | None,
-                       run_dir: Path) -> tuple[UfgirViT, str]:
+def model_for_training(recipe: Recipe, rt: Runtime, resume_ckpt: dict | None, run_dir: Path) -> tuple[UfgirViT, str]:
     """The model on its device (restored on resume) and its backbone's sha256. Every rank builds
     the same initial model; then each rank gets its own dropout stream."""
     model = build_model(recipe.model, recipe.model.num_classes)
-    if dist.rank:
-        torch.manual_seed(recipe.train.seed + dist.rank)
+    if rt.dist.rank:
+        torch.manual_seed(recipe.train.seed + rt.dist.rank)
     backbone_sha = model.backbone_sha256()
     if resume_ckpt is not None:
         load_into(model, resume_ckpt, str(run_dir / "checkpoints" / "last.pt"), backbone_sha)
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model.to(device)
+    model.to(rt.device)
     if recipe.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if recipe.train.sync_bn and dist.world > 1 and device.startswith("cuda"):
+    if recipe.train.sync_bn and rt.dist.world > 1 and rt.device.startswith("cuda"):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model, backbone_sha
 
 
-def forward_model(model: nn.Module, recipe: Recipe, dist: DistContext, device: str) -> nn.Module:
+def forward_model(model: nn.Module, recipe: Recipe, rt: Runtime) -> nn.Module:
     """What the loop runs forward: DDP across ranks, compiled (on CUDA by default). Checkpoints and
     evaluation use the plain ``model``, which shares its parameters."""
     fwd = model
-    if dist.world > 1:
-        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.startswith("cuda") else None)
-    if recipe.train.compile if recipe.train.compile is not None else device.startswith("cuda"):
+    if rt.dist.world > 1:
+        fwd = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.dist.local_rank] if rt.device.startswith("cuda") else None)
+    if recipe.train.compile if recipe.train.compile is not None else rt.device.startswith("cuda"):
         fwd = torch.compile(fwd)
     return fwd
 
@@ -136,9 +130,9 @@ def forward_model(model: nn.Module, recipe: Recipe, dist: DistContext, device: s
 # Steps and bad numbers
 
 
-def grad_scaler(device: str, precision: str) -> torch.amp.GradScaler:
+def grad_scaler(rt: Runtime) -> torch.amp.GradScaler:
     """Loss scaling for fp16 on CUDA; a disabled (pass-through) scaler everywhere else."""
-    return torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.startswith("cuda"))
+    return torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16" and rt.device.startswith("cuda"))
 
 
 def apply_update(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
@@ -169,6 +163,132 @@ def nonfinite_error(what: str, value: float, state: TrainState, lr: float, ckpt_
 # The loop
 
 
+@dataclass
+class Loop:
+    """What the epochs work with, built once by `fit`: the runtime, the model (``forward`` is what
+    runs forward: DDP, compiled; checkpoints and evaluation use ``model``), the optimiser and loss
+    scaler, the loaders and the step arithmetic, and where the run's records go."""
+
+    recipe: Recipe
+    rt: Runtime
+    model: UfgirViT
+    forward: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    train_loader: Any
+    eval_loader: Any
+    cbs: CallbackList
+    ckpt: Checkpointer | None = None
+    stop: StopFlag | None = None
+
+    def __post_init__(self) -> None:
+        bs, sampler = self.recipe.train.batch_size, self.train_loader.sampler
+        self.micro_per_epoch = math.ceil(sampler.epoch_size / bs)  # micro-batches per epoch
+        self.accum = self.recipe.train.grad_accum
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / self.accum)
+        self.total_steps = self.recipe.train.epochs * self.steps_per_epoch
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # fp16 loss scaling overflows by design (the scaler backs off and skips the step): skipping is the
+        # default there; train.skip_nonfinite=false stops at the first one instead.
+        self.fp16_scaling = self.scaler.is_enabled()
+        self.may_skip = self.fp16_scaling and self.recipe.train.skip_nonfinite is not False
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.recipe.optim.lr, self.recipe.schedule)
+
+
+def train_one_epoch(loop: Loop, state: TrainState) -> tuple[float, int]:
+    """The rest of epoch ``state.epoch`` (from ``state.consumed`` on a resume): forward, the method's
+    loss, backward, and every ``train.grad_accum`` micro-batches one clipped optimiser step with its
+    log line and checkpoint cadence. A stop signal saves and raises `Interrupted` after the step.
+    Returns (the time and the images since the last log line), for the epoch's record."""
+    recipe, rt, opt = loop.recipe, loop.rt, loop.opt
+    bs = recipe.train.batch_size
+    loop.train_loader.sampler.set_epoch(state.epoch, start=state.consumed)
+    micro = state.consumed // bs  # micro-batches of this epoch already done
+    loop.cbs.on_epoch_start(state.epoch, loop.steps_per_epoch, micro // loop.accum)
+    loop.forward.train()
+    data_cfg = loop.model.data_config()
+    t_log, img_log = time.time(), 0
+    step_loss, step_n = 0.0, 0  # this optimiser step's micro-batches, for train/loss_step
+    opt.zero_grad(set_to_none=True)
+    for x, y, _ in loop.train_loader:
+        x = normalize(x.to(rt.device, non_blocking=True), data_cfg)  # uint8 (B, 3, S, S) -> float
+        y = y.to(rt.device, non_blocking=True)
+        if recipe.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        lr = loop.lr(state.step)
+        set_lr(opt, lr)
+        with rt.autocast():
+            loss = loop.forward(x, y, loop.criterion).loss  # the method's own training loss (CE by default)
+        loss_ok = bool(torch.isfinite(loss))
+        if not loss_ok and not loop.may_skip:
+            raise nonfinite_error("loss", loss.item(), state, lr, loop.ckpt.last, loop.fp16_scaling)
+        loop.scaler.scale(loss / loop.accum).backward()  # a non-finite loss gives non-finite grads: skipped below
+        micro += 1
+        state.consumed = micro * bs  # sampler keys of this rank's shard used so far
+        if loss_ok:
+            state.add_loss(loss.item(), len(y))
+            step_loss, step_n = step_loss + loss.item() * len(y), step_n + len(y)
+        img_log += len(y) * rt.dist.world
+        if micro % loop.accum and micro < loop.micro_per_epoch:
+            continue  # accumulate train.grad_accum micro-batches per step
+
+        loop.scaler.unscale_(opt)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(loop.trainable, recipe.optim.clip_grad or float("inf")))
+        if not math.isfinite(gnorm) and not loop.may_skip:
+            raise nonfinite_error("gradient norm", gnorm, state, lr, loop.ckpt.last, loop.fp16_scaling)
+        state.nonfinite_skipped += apply_update(opt, loop.scaler)
+        state.step += 1
+        loop.cbs.on_step(state.step, {"train/loss_step": step_loss / step_n if step_n else float("nan"),
+                                      "train/lr": lr, "train/grad_norm": gnorm})
+        step_loss, step_n = 0.0, 0
+        # The epoch's last step is logged and saved with the epoch record (`end_epoch`); a stop
+        # asked for there is saved before evaluation (resume then evaluates).
+        end_of_epoch = micro >= loop.micro_per_epoch
+        if not end_of_epoch and state.step % recipe.logging.log_every == 0:
+            now = time.time()
+            loop.cbs.on_log({"step": state.step, "epoch": state.epoch + micro / loop.micro_per_epoch, "time": now,
+                             "train/loss": state.take_log_loss(), "train/lr": lr, "train/grad_norm": gnorm,
+                             "train/images_per_s": img_log / max(now - t_log, 1e-9)})
+            t_log, img_log = now, 0
+        stopping = broadcast_flag(loop.stop.signum is not None, rt.dist)
+        every = recipe.train.checkpoint_every
+        if stopping or (not end_of_epoch and every and state.step % every == 0):
+            loop.ckpt.save("last", state)
+        if stopping:
+            raise Interrupted.at(loop.stop.signum, state.step, loop.ckpt.run_dir)
+    return t_log, img_log
+
+
+def end_epoch(loop: Loop, state: TrainState, t_log: float, img_log: int) -> EvalResult | None:
+    """After an epoch: evaluate when due, log the epoch's record, then checkpoint. Logging first
+    means a kill in between loses nothing: the resume re-runs from the previous checkpoint and cuts
+    the log. Returns the evaluation, if one ran."""
+    recipe, done, now = loop.recipe, state.epoch + 1, time.time()
+    evals, result = {}, None
+    if done == recipe.train.epochs or (recipe.eval.every and done % recipe.eval.every == 0):
+        try:
+            evals, result = evaluate_epoch(loop)
+        except StopRequested:  # the state is still that of the epoch's last step: the resume evaluates
+            loop.ckpt.save("last", state)
+            raise Interrupted.at(loop.stop.signum, state.step, loop.ckpt.run_dir) from None
+        if state.add_eval(evals[f"{recipe.eval.split}/top1"], selecting=recipe.eval.split == "val"):
+            loop.ckpt.save("best", state, {"val/top1": state.best_top1, "epoch": done})
+    record = {"step": state.step, "epoch": float(done), "time": now, "train/loss": state.take_log_loss(),
+              "train/loss_epoch": state.loss_sum / max(state.loss_n, 1), "train/lr": loop.lr(state.step - 1),
+              "train/images_per_s": img_log / max(now - t_log, 1e-9), **evals}
+    state.next_epoch()
+    state.history.append({k: v for k, v in record.items() if k != "time"})
+    loop.cbs.on_log(record)
+    loop.ckpt.save("last", state, {k: v for k, v in record.items() if "/" in k})
+    loop.cbs.on_epoch_end(state.epoch, record)
+    if broadcast_flag(loop.stop.signum is not None, loop.rt.dist):  # under torchrun, a signal during evaluation
+        raise Interrupted.at(loop.stop.signum, state.step, loop.ckpt.run_dir)
+    return result
+
+
 @contextlib.contextmanager
 def _torch_flags_restored():
     """``train.deterministic`` and ``train.threads`` switch process-wide torch settings; a caller that trains from Python
@@ -197,7 +317,7 @@ def fit(
 
 
 def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, resume: bool, overwrite: bool) -> dict:
-    device, dist, precision = device_and_ranks(recipe)
+    rt = Runtime.for_training(recipe)
     threads = intra_op_threads(recipe.train.threads, recipe.data.num_workers,
                                int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
@@ -209,209 +329,116 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
         check_new_run_dir(run_dir, overwrite)
     train_split, eval_split, skipped = read_splits(recipe)
     recipe = with_num_classes(recipe, train_split.num_classes)
-
     seed_everything(recipe.train.seed, recipe.train.deterministic)
 
     # 2. Model, optimiser, scaler, counters (restored on resume; the RNG comes last, in 5).
-    model, backbone_sha = model_for_training(recipe, dist, device, resume_ckpt, run_dir)
-    data_cfg = model.data_config()
-    mean, std = data_cfg["mean"], data_cfg["std"]
-    opt = build_optimizer(model, recipe.optim)
-    scaler = grad_scaler(device, precision)
+    model, backbone_sha = model_for_training(recipe, rt, resume_ckpt, run_dir)
+    opt, scaler = build_optimizer(model, recipe.optim), grad_scaler(rt)
     state = restore_training(resume_ckpt, opt, scaler) if resume_ckpt is not None else TrainState()
-    fwd_model = forward_model(model, recipe, dist, device)
 
-    # 3. Run folder (rank 0 writes). A resumed run keeps its recipe and provenance, drops the temp
-    # files a killed writer left, and cuts its logs back to the checkpoint's step.
-    loggers: list[Callback] = []
-    if dist.is_main:
-        if resume:
-            remove_stale_temps(run_dir)
-            remove_stale_temps(run_dir / "checkpoints")
-        else:
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # --overwrite of an earlier run (checked above)
-            (run_dir / "checkpoints").mkdir(parents=True)
-            atomic_write_text(run_dir / "recipe.toml", dump_resolved(recipe))
-            write_provenance(run_dir, recipe, backbone_sha, device=device, precision=precision, threads=threads,
-                             split=train_split, skipped=skipped)
-        loggers = loggers_for(run_dir, recipe, state.step if resume else None)
-    cbs = CallbackList([*(callbacks or []), *loggers])
+    # 3. Run folder (rank 0 writes): new, or resumed (see `prepare_run_dir`).
+    loggers = prepare_run_dir(run_dir, recipe, rt, state, resume=resume, backbone_sha=backbone_sha, threads=threads,
+                              split=train_split, skipped=skipped)
 
     # 4. Loaders and schedule.
     bs = recipe.train.batch_size
-    train_loader = make_loader(train_split, recipe, train=True, batch_size=bs, rank=dist.rank, world=dist.world)
-    eval_loader = make_loader(eval_split, recipe, train=False, batch_size=recipe.eval.batch_size or bs,
-                              rank=dist.rank, world=dist.world)
-    sampler: EpochSampler = train_loader.sampler
-    micro_per_epoch = math.ceil(sampler.epoch_size / bs)
-    accum = recipe.train.grad_accum
-    steps_per_epoch = math.ceil(micro_per_epoch / accum)
-    total_steps = recipe.train.epochs * steps_per_epoch
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    loop = Loop(recipe, rt, model, forward_model(model, recipe, rt), opt, scaler,
+                torch.nn.CrossEntropyLoss(label_smoothing=recipe.optim.label_smoothing),
+                make_loader(train_split, recipe, train=True, batch_size=bs, rank=rt.dist.rank, world=rt.dist.world),
+                make_loader(eval_split, recipe, train=False, batch_size=recipe.eval.batch_size or bs,
+                            rank=rt.dist.rank, world=rt.dist.world),
+                CallbackList([*(callbacks or []), *loggers]))
     params = {"params_total": sum(p.numel() for p in model.parameters()),
-              "params_trainable": sum(p.numel() for p in trainable)}
-    # fp16 loss scaling overflows by design (the scaler backs off and skips the step): skipping is the
-    # default there; train.skip_nonfinite=false stops at the first one instead.
-    fp16_scaling = scaler.is_enabled()
-    may_skip = fp16_scaling and recipe.train.skip_nonfinite is not False
-    warnings = []
-    if recipe.schedule.warmup_steps >= total_steps:
-        warnings.append(f"schedule.warmup_steps={recipe.schedule.warmup_steps} is not shorter than the whole run "
-                        f"({total_steps} steps): the learning rate never reaches optim.lr; lower it with "
-                        f"--set schedule.warmup_steps=N")
-    cbs.on_train_start({
-        "run_dir": str(run_dir), "device": device, "precision": precision, "threads": threads,
-        "epochs": recipe.train.epochs,
-        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "start_step": state.step, **params,
-        "train_images": len(train_split.samples), "eval_images": len(eval_split.samples), "world": dist.world,
-        "skipped_images": len(skipped), "warnings": warnings})
+              "params_trainable": sum(p.numel() for p in loop.trainable)}
+    loop.cbs.on_train_start({
+        "run_dir": str(run_dir), "device": rt.device, "precision": rt.precision, "threads": threads,
+        "epochs": recipe.train.epochs, "steps_per_epoch": loop.steps_per_epoch, "total_steps": loop.total_steps,
+        "start_step": state.step, **params, "train_images": len(train_split.samples),
+        "eval_images": len(eval_split.samples), "world": rt.dist.world, "skipped_images": len(skipped),
+        "warnings": schedule_warnings(recipe, loop.total_steps)})
 
     # 5. Loop. The RNG is restored last, so that nothing above can shift it.
     if resume_ckpt is not None:
-        restore_rng(resume_ckpt, dist, recipe.train.seed)
-    loss_f = torch.nn.CrossEntropyLoss(label_smoothing=recipe.optim.label_smoothing)
+        restore_rng(resume_ckpt, rt.dist, recipe.train.seed)
+    final_eval: EvalResult | None = None
     with contextlib.ExitStack() as stack:
-        stop = stack.enter_context(StopFlag())
-        cast = stack.enter_context(frozen_weights_cast(model, precision))
+        loop.stop = stack.enter_context(StopFlag())
+        cast = stack.enter_context(rt.weights_cast(model))
         for lg in loggers:
             stack.callback(lg.close)
-        ckpt = Checkpointer(run_dir, model, recipe, opt, scaler, cast, dist, backbone_sha)
+        loop.ckpt = Checkpointer(run_dir, model, recipe, opt, scaler, cast, rt.dist, backbone_sha)
         while state.epoch < recipe.train.epochs:
-            epoch = state.epoch
-            sampler.set_epoch(epoch, start=state.consumed)
-            micro = state.consumed // bs  # micro-batches of this epoch already done
-            cbs.on_epoch_start(epoch, steps_per_epoch, micro // accum)
-            fwd_model.train()
-            t_log, img_log = time.time(), 0
-            step_loss, step_n = 0.0, 0  # this optimiser step's micro-batches, for train/loss_step
-            opt.zero_grad(set_to_none=True)
-            for x, y, _ in train_loader:
-                x = normalize(x.to(device, non_blocking=True), mean, std)  # uint8 (B, 3, S, S) -> float
-                y = y.to(device, non_blocking=True)
-                if recipe.train.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                lr = lr_at(state.step, total_steps, recipe.optim.lr, recipe.schedule)
-                set_lr(opt, lr)
-                with autocast(device, precision):
-                    loss = fwd_model(x, y, loss_f).loss  # the method's own training loss (CE by default)
-                loss_ok = bool(torch.isfinite(loss))
-                if not loss_ok and not may_skip:
-                    raise nonfinite_error("loss", loss.item(), state, lr, ckpt.last, fp16_scaling)
-                scaler.scale(loss / accum).backward()  # a non-finite loss gives non-finite grads: skipped below
-                micro += 1
-                state.consumed = micro * bs  # sampler keys of this rank's shard used so far
-                if loss_ok:
-                    state.add_loss(loss.item(), len(y))
-                    step_loss, step_n = step_loss + loss.item() * len(y), step_n + len(y)
-                img_log += len(y) * dist.world
-                if micro % accum and micro < micro_per_epoch:
-                    continue  # accumulate train.grad_accum micro-batches per step
+            t_log, img_log = train_one_epoch(loop, state)
+            final_eval = end_epoch(loop, state, t_log, img_log) or final_eval
 
-                scaler.unscale_(opt)
-                gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, recipe.optim.clip_grad or float("inf")))
-                if not math.isfinite(gnorm) and not may_skip:
-                    raise nonfinite_error("gradient norm", gnorm, state, lr, ckpt.last, fp16_scaling)
-                state.nonfinite_skipped += apply_update(opt, scaler)
-                state.step += 1
-                cbs.on_step(state.step, {"train/loss_step": step_loss / step_n if step_n else float("nan"),
-                                         "train/lr": lr, "train/grad_norm": gnorm})
-                step_loss, step_n = 0.0, 0
-
-                # The epoch's last step is logged and saved with the epoch record below; a stop
-                # asked for there is saved before evaluation (resume then evaluates).
-                end_of_epoch = micro >= micro_per_epoch
-                if not end_of_epoch and state.step % recipe.logging.log_every == 0:
-                    now = time.time()
-                    cbs.on_log({"step": state.step, "epoch": epoch + micro / micro_per_epoch, "time": now,
-                                "train/loss": state.take_log_loss(), "train/lr": lr, "train/grad_norm": gnorm,
-                                "train/images_per_s": img_log / max(now - t_log, 1e-9)})
-                    t_log, img_log = now, 0
-                stopping = broadcast_flag(stop.signum is not None, dist)
-                every = recipe.train.checkpoint_every
-                if stopping or (not end_of_epoch and every and state.step % every == 0):
-                    ckpt.save("last", state)
-                if stopping:
-                    raise Interrupted.at(stop.signum, state.step, run_dir)
-
-            # End of epoch: evaluate when due, log, then checkpoint. Logging first means a kill in
-            # between loses nothing: the resume re-runs from the previous checkpoint and cuts the log.
-            done, now, evals = epoch + 1, time.time(), {}
-            if done == recipe.train.epochs or (recipe.eval.every and done % recipe.eval.every == 0):
-                try:
-                    evals, final_eval = evaluate_epoch(model, eval_loader, recipe, data_cfg, device, precision, dist, cbs, stop)
-                except StopRequested:  # the state is still that of the epoch's last step: the resume evaluates
-                    ckpt.save("last", state)
-                    raise Interrupted.at(stop.signum, state.step, run_dir) from None
-                if state.add_eval(evals[f"{recipe.eval.split}/top1"], selecting=recipe.eval.split == "val"):
-                    ckpt.save("best", state, {"val/top1": state.best_top1, "epoch": done})
-            record = {"step": state.step, "epoch": float(done), "time": now, "train/loss": state.take_log_loss(),
-                      "train/loss_epoch": state.loss_sum / max(state.loss_n, 1),
-                      "train/lr": lr_at(state.step - 1, total_steps, recipe.optim.lr, recipe.schedule),
-                      "train/images_per_s": img_log / max(now - t_log, 1e-9), **evals}
-            state.next_epoch()
-            state.history.append({k: v for k, v in record.items() if k != "time"})
-            cbs.on_log(record)
-            ckpt.save("last", state, {k: v for k, v in record.items() if "/" in k})
-            cbs.on_epoch_end(state.epoch, record)
-            if broadcast_flag(stop.signum is not None, dist):  # under torchrun, a signal during evaluation
-                raise Interrupted.at(stop.signum, state.step, run_dir)
-
-    barrier(dist)
-    if dist.is_main:  # the last epoch's evaluation, written as `ufgir eval --checkpoint last` would
-        write_eval(run_dir, eval_split, final_eval, checkpoint="last", precision=precision)
-    summary = summarize(run_dir, recipe, model, state, params=params, skipped=skipped, device=device,
-                        precision=precision, time_s=time.time() - t_start)
-    cbs.on_train_end(summary)
-    cleanup(dist)
+    # 6. The last epoch's evaluation, written as `ufgir eval --checkpoint last` would; the summary.
+    barrier(rt.dist)
+    if rt.is_main and final_eval is not None:
+        write_eval(run_dir, eval_split, final_eval, checkpoint="last", precision=rt.precision)
+    summary = summarize(run_dir, recipe, model, state, rt, params=params, skipped=skipped, time_s=time.time() - t_start)
+    loop.cbs.on_train_end(summary)
+    cleanup(rt.dist)
     return summary
 
 
-def evaluate_epoch(model: UfgirViT, loader, recipe: Recipe, data_cfg: dict, device: str, precision: str,
-                   dist: DistContext, cbs: Callback, stop: StopFlag) -> tuple[dict, EvalResult]:
+def prepare_run_dir(run_dir: Path, recipe: Recipe, rt: Runtime, state: TrainState, *, resume: bool,
+                    backbone_sha: str, threads: int, split, skipped: list[str]) -> list[Callback]:
+    """Rank 0 makes the run folder (recipe, provenance) or, resuming, drops the temp files a killed
+    writer left; its loggers cut their history back to the checkpoint's step. Other ranks log nothing."""
+    if not rt.is_main:
+        return []
+    if resume:
+        remove_stale_temps(run_dir)
+        remove_stale_temps(run_dir / "checkpoints")
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # --overwrite of an earlier run (checked before anything was built)
+        (run_dir / "checkpoints").mkdir(parents=True)
+        atomic_write_text(run_dir / "recipe.toml", dump_resolved(recipe))
+        write_provenance(run_dir, recipe, backbone_sha, device=rt.device, precision=rt.precision, threads=threads,
+                         split=split, skipped=skipped)
+    return loggers_for(run_dir, recipe, state.step if resume else None)
+
+
+def schedule_warnings(recipe: Recipe, total_steps: int) -> list[str]:
+    if recipe.schedule.warmup_steps >= total_steps:
+        return [f"schedule.warmup_steps={recipe.schedule.warmup_steps} is not shorter than the whole run "
+                f"({total_steps} steps): the learning rate never reaches optim.lr; lower it with "
+                f"--set schedule.warmup_steps=N"]
+    return []
+
+
+def evaluate_epoch(loop: Loop) -> tuple[dict, EvalResult]:
     """The epoch's evaluation on eval.split (sharded across ranks): its record tags, and the full
     result (gathered on every rank) that the last epoch writes to ``eval/<split>/``.
 
     A stop signal breaks a single process's evaluation off after the current batch
     (`StopRequested`); ranks gather their results at the end, so under torchrun they finish it.
     """
-    split = recipe.eval.split
-    cbs.on_eval_start(split, len(loader))
+    split, cbs = loop.recipe.eval.split, loop.cbs
+    cbs.on_eval_start(split, len(loop.eval_loader))
 
     def on_batch(n: int) -> None:
         cbs.on_eval_batch(n)
-        if dist.world == 1:
-            stop.raise_if_set()
+        if loop.rt.dist.world == 1:
+            loop.stop.raise_if_set()
 
-    result = evaluate(model, loader, device=device, precision=precision, mean=data_cfg["mean"], std=data_cfg["std"],
-                      num_classes=recipe.model.num_classes, dist=dist, on_batch=on_batch)
+    result = evaluate(loop.model, loop.eval_loader, loop.rt, num_classes=loop.recipe.model.num_classes, on_batch=on_batch)
     return {f"{split}/{k}": result.metrics[k] for k in ("top1", "top5", "per_class_mean", "loss")}, result
 
 
-def summarize(run_dir: Path, recipe: Recipe, model: UfgirViT, state: TrainState, *, params: dict,
-              skipped: list[str], device: str, precision: str, time_s: float) -> dict:
+def summarize(run_dir: Path, recipe: Recipe, model: UfgirViT, state: TrainState, rt: Runtime, *, params: dict,
+              skipped: list[str], time_s: float) -> dict:
     """What fit() returns and the CLI prints: the last evaluation, the best one when selecting on
     val, and what the run cost."""
     return {
         "run_dir": str(run_dir), "split": recipe.eval.split, "final_top1": state.last_top1,
         # checkpoints written before best and last were kept apart hold the last result as best
         "best_top1": state.best_top1 if recipe.eval.split == "val" else None,
-        "time_s": time_s, "peak_memory_mb": peak_memory_mb(device), **params, "macs": macs_per_image(model, recipe),
+        "time_s": time_s, "peak_memory_mb": peak_memory_mb(rt.device), **params, "macs": macs_per_image(model, recipe),
         "steps": state.step, "nonfinite_skipped": state.nonfinite_skipped, "skipped_images": len(skipped),
-        "last": state.history[-1], "device": device, "precision": precision,
+        "last": state.history[-1], "device": rt.device, "precision": rt.precision,
     }
-
-
-def peak_memory_mb(device: str) -> float | None:
-    """Peak CUDA allocation, or the process's peak resident size on CPU (None where unknown)."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    except (ImportError, OSError):
-        return None
 
 
 def macs_per_image(model: UfgirViT, recipe: Recipe) -> int:

@@ -33,8 +33,7 @@ class Predictor:
     forward: Callable[[torch.Tensor], torch.Tensor]
     recipe: Recipe
     num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    data_config: dict  # the model's data_config(): input size and normalisation (an export's copy of it)
     batch_size: int | None = None
 
 
@@ -63,12 +62,10 @@ def load_predictor(source: str | os.PathLike) -> Predictor:
                 return torch.from_numpy(session.run([meta["output"]], {meta["input"]: x.numpy()})[0])
         else:
             forward = load_pt2(source)
-        return Predictor(forward, recipe, int(meta["num_classes"]), tuple(meta["mean"]), tuple(meta["std"]),
+        return Predictor(forward, recipe, int(meta["num_classes"]), {"mean": meta["mean"], "std": meta["std"]},
                          meta.get("batch_size"))
     model, recipe = load_run(source)
-    data_cfg = model.data_config()
-    mean, std = data_cfg["mean"], data_cfg["std"]
-    return Predictor(model, recipe, model.num_classes, mean, std)
+    return Predictor(model, recipe, model.num_classes, model.data_config())
 
 
 def class_names(recipe: Recipe, num_classes: int) -> tuple[list[str], Path | None]:
@@ -121,7 +118,7 @@ def predict_images(predictor: Predictor, images: list[Path], *, topk: int = 5, b
                 on_skip(p, "not a readable image")
         if not batch:
             continue
-        x = normalize(torch.stack(batch), predictor.mean, predictor.std)        # (B, 3, S, S) float
+        x = normalize(torch.stack(batch), predictor.data_config)        # (B, 3, S, S) float
         probs = predictor.forward(x).float().softmax(-1)                      # (B, C)
         p, idx = probs.topk(k, dim=-1)
         for path, pp, ii in zip(kept, p.tolist(), idx.tolist(), strict=True):
