@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..data.datasets import EpochSampler, normalize
+from ..data.integrity import dataset_notices
 from ..data.loaders import make_loader, read_splits, with_num_classes
 from ..errors import RunFolderError, TrainingError
 from ..io import atomic_write_text, remove_stale_temps
@@ -255,7 +256,7 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
     # default there; train.skip_nonfinite=false stops at the first one instead.
     fp16_scaling = scaler.is_enabled()
     may_skip = fp16_scaling and recipe.train.skip_nonfinite is not False
-    warnings = []
+    warnings = dataset_notices(train_split.root)  # e.g. test images also in train_val, allowed at download
     if recipe.schedule.warmup_steps >= total_steps:
         warnings.append(f"schedule.warmup_steps={recipe.schedule.warmup_steps} is not shorter than the whole run "
                         f"({total_steps} steps): the learning rate never reaches optim.lr; lower it with "
