@@ -21,7 +21,7 @@ import io
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,6 +44,18 @@ class ImageHash:
     pixels_sha256: str | None = None
     phash: int | None = None
     error: str | None = None
+    grey: bytes | None = field(default=None, repr=False, compare=False)  # the 32x32 grey image the DCT saw
+
+
+def grey_psnr(a: ImageHash, b: ImageHash) -> float:
+    """PSNR (dB) of two images' 32x32 grey thumbnails: a cheap first look before the pixels are compared."""
+    import numpy as np
+
+    if a.grey is None or b.grey is None:
+        return float("inf")
+    d = np.frombuffer(a.grey, np.uint8).astype(np.float32) - np.frombuffer(b.grey, np.uint8).astype(np.float32)
+    mse = float(np.mean(d * d))
+    return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
 
 
 def decode_rgb(src, draft: int | None = None):
@@ -88,7 +100,8 @@ def hash_bytes(data: bytes) -> ImageHash:
     rgb = np.ascontiguousarray(rgb)
     h = hashlib.sha256(f"{rgb.shape[0]}x{rgb.shape[1]}x3:".encode())
     h.update(memoryview(rgb).cast("B"))
-    return ImageHash(digest, h.hexdigest(), dct_hash(rgb))
+    grey = _grey(rgb)
+    return ImageHash(digest, h.hexdigest(), _dct_bits(grey), error=None, grey=grey.tobytes())
 
 
 def hash_file(path: str | os.PathLike) -> ImageHash:
@@ -125,10 +138,20 @@ def _dct_matrix():
 
 def dct_hash(rgb) -> int:
     """64-bit perceptual hash of an (H, W, 3) uint8 image (bit 63 is the lowest frequency)."""
+    return _dct_bits(_grey(rgb))
+
+
+def _grey(rgb):
+    """(32, 32) uint8 grey image, each pixel the mean of its box."""
     import numpy as np
     from PIL import Image
 
-    grey = Image.fromarray(rgb).convert("L").resize((_GREY, _GREY), Image.Resampling.BOX)
+    return np.asarray(Image.fromarray(rgb).convert("L").resize((_GREY, _GREY), Image.Resampling.BOX))
+
+
+def _dct_bits(grey) -> int:
+    import numpy as np
+
     d = _dct_matrix()
     coef = (d @ np.asarray(grey, dtype=np.float64) @ d.T)[:_LOW, :_LOW].ravel()  # (64,)
     bits = coef > np.median(coef[1:])  # the DC term would dominate the median

@@ -59,26 +59,34 @@ def pictures(items: list[Item]) -> list[int]:
                 parent[find(i)] = find(first.setdefault(key, i))
     reps = [i for i in range(len(items)) if find(i) == i and items[i].hash.phash is not None]
     load = lru_cache(maxsize=32)(lambda p: decode_rgb(p))
-    for a, b in _close_pairs([items[r].hash.phash for r in reps]):
+    for a, b in _close_pairs([items[r].hash for r in reps]):
         i, j = reps[a], reps[b]
         if find(i) != find(j) and psnr(load(items[i].path), load(items[j].path)) >= PSNR_DB:
             parent[find(j)] = find(i)
     return [find(i) for i in range(len(items))]
 
 
-def _close_pairs(hashes: list[int]) -> list[tuple[int, int]]:
-    """Index pairs ``(a, b)``, a < b, whose hashes differ in at most :data:`PHASH_BITS` bits."""
+def _close_pairs(hashes: list[ImageHash]) -> list[tuple[int, int]]:
+    """Index pairs ``(a, b)``, a < b, whose perceptual hashes differ in at most :data:`PHASH_BITS` bits
+    and whose 32x32 grey thumbnails are within :data:`PSNR_DB` already (a thumbnail averages away the
+    noise a re-save adds, so this drops no true near copy; it spares decoding look-alike leaves)."""
     import numpy as np
 
-    h = np.array(hashes, dtype=np.uint64)
+    h = np.array([x.phash for x in hashes], dtype=np.uint64)
+    grey = np.stack([np.frombuffer(x.grey, np.uint8) if x.grey else np.zeros(1024, np.uint8) for x in hashes]) \
+        if hashes else np.zeros((0, 1024), np.uint8)  # (n, 1024)
+    max_mse = 255.0**2 / 10 ** (PSNR_DB / 10)
     n, out = len(h), []
     step = max(1, (1 << 22) // max(n, 1))  # rows per block: a few million comparisons at a time
     for start in range(0, n, step):
         block = h[start : start + step, None] ^ h[None, :]  # (rows, n)
         a, b = np.nonzero(np.bitwise_count(block) <= PHASH_BITS)
         a += start
-        keep = a < b
-        out += list(zip(a[keep].tolist(), b[keep].tolist(), strict=True))
+        a, b = a[a < b], b[a < b]
+        for k in range(0, len(a), 4096):  # thumbnails' mean squared error, pair by pair in chunks
+            d = grey[a[k : k + 4096]].astype(np.float32) - grey[b[k : k + 4096]].astype(np.float32)
+            near = (d * d).mean(axis=1) <= max_mse
+            out += list(zip(a[k : k + 4096][near].tolist(), b[k : k + 4096][near].tolist(), strict=True))
     return out
 
 

@@ -3,8 +3,9 @@
 Three schemes: ``anno/{train,test}.txt`` lists (the UFG sets' current layout, per round for
 SoyAgeing), the label in the file name (the older layout of cotton80, soylocal and soyglobal,
 ``<label>_<idx>_<split>.png``) and CUB's index files. Which UFG layout a copy uses is read from its
-contents. Each gives rows of (0-based class id, source file, path under ``images/``); a UFG image
-lands at the same path in both layouts, so both give identical split files.
+contents. Each gives rows of (0-based class id, source file, path under ``images/``) per split of the
+copy (``train``, ``test``, and ``val`` where a copy has one); a UFG image lands at the same path in
+both layouts, so both give identical split files. Labels may start at 0 or 1 (:class:`Labels`).
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ class Labels:
     two names is an error naming both. Without names a class is called by its 1-based label.
     """
 
-    def __init__(self, dataset: str) -> None:
+    def __init__(self, dataset: str, folders: bool = False) -> None:
         self.dataset = dataset
+        self.folders = folders  # names are folders, which name classes only when no folder holds two
         self.rows: list[tuple[str, int, Path, str, str, str | None]] = []  # split, label, src, rel, where, name
 
     def add(self, split: str, label: str | int, src: Path, rel: str, where: str, name: str | None = None) -> None:
@@ -80,8 +82,13 @@ class Labels:
             )
         groups: Groups = {}
         named: dict[int, tuple[str, str]] = {}  # class id -> (name, where first seen)
+        ids_of: dict[str, set[int]] = {}
+        for _, n, _, _, _, name in self.rows:
+            ids_of.setdefault(name, set()).add(n)
+        shared = self.folders and any(len(ids) > 1 for name, ids in ids_of.items() if name is not None)
         for split, n, src, rel, where, name in self.rows:
             cid = n - low
+            name = None if shared else name  # folders shared by classes (train/, test/) name no class
             if cid < 0 or (names is not None and cid >= len(names)):
                 raise DatasetError(f"{where}: label {n} is not a class of this copy")
             if name is not None:
@@ -121,7 +128,7 @@ def _anno_labels(base: Path, spec: DatasetSpec) -> tuple[Groups, list[str]]:
     Pooled rounds keep the published label, so a cultivar has one class id in every round, and are
     read in the catalog's round order.
     """
-    labels = Labels(spec.name)
+    labels = Labels(spec.name, folders=True)
     for prefix in [f"R{r}/" for r in spec.rounds] or [""]:
         for split in ("train", "val", "test"):
             if split == "val" and not (base / prefix / "anno" / "val.txt").is_file():
@@ -154,7 +161,7 @@ def _cub_labels(base: Path, spec: DatasetSpec) -> tuple[Groups, list[str]]:
         )
     found = {i: (where, label) for where, i, label in _pairs(base, "image_class_labels.txt")}
     is_train = {i: flag == "1" for _, i, flag in _pairs(base, "train_test_split.txt")}
-    labels = Labels(spec.name)
+    labels = Labels(spec.name, folders=True)
     for where, i, rel in _pairs(base, "images.txt"):
         if i not in found or i not in is_train:
             raise DatasetError(
