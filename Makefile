@@ -33,6 +33,7 @@ bench: venv
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run --methods linear,ifa,mpncov,vqt,transfg,ffvt,glsim,rams,cal --sizes 224 --precisions bf16 --name cpu_fgir
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.data
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.threads
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.integrity
 
 backbone: venv
 	HF_HUB_OFFLINE=1 $(UFGIR) pretrain-backbone --out ufgir_cli/assets

@@ -37,6 +37,15 @@ PNG = _image("PNG")
 JPEG = _image("JPEG")
 
 
+def noise_png(seed: int) -> bytes:
+    """An 8x8 PNG of random pixels: every seed a different picture (content checks tell them apart)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 # ------------------------------------------------------------------------------- loopback server
 
 
@@ -120,7 +129,7 @@ def cotton_files(classes: int = 3, train: int = 3, test: int = 2) -> dict[str, b
     for label in range(1, classes + 1):
         for k in range(1, train + test + 1):
             split = "train" if k <= train else "test"
-            files[f"Cotton80/cotton_square_new/{label}_{k}_{split}.png"] = PNG
+            files[f"Cotton80/cotton_square_new/{label}_{k}_{split}.png"] = noise_png(label * 100 + k)
     return files
 
 
@@ -223,7 +232,7 @@ def test_cotton_file_name_layout_over_http(tmp_path, server):
     assert info["counts"] == {"train": 6, "val": 3, "train_val": 9, "test": 6}
     assert (info["num_classes"], info["name"], info["source"]) == (3, "cotton80", url)
     assert (info["archive_sha256"], info["archive_sha256_verified"]) == (sha(body), False)
-    assert (root / img / "3_5_test.png").read_bytes() == PNG
+    assert (root / img / "3_5_test.png").read_bytes() == noise_png(305)
     assert not (root / img / "Thumbs.db").exists()  # only labelled images are kept
     assert sorted(p.name for p in data.iterdir()) == ["cotton80", "downloads"]  # no scratch folder left
     assert sorted(p.name for p in (data / "downloads").iterdir()) == ["Cotton80.zip"]
@@ -238,7 +247,7 @@ def test_soygene_anno_layout_tar_gz(tmp_path, server):
         for k in range(1, 6):
             split = "train" if k <= 3 else "test"
             name = f"{100 + label}_{k}_{split}.png"
-            files[f"soybean_gene/images/{name}"] = PNG
+            files[f"soybean_gene/images/{name}"] = noise_png(label * 100 + k)
             anno[split].append(f"{name} {label}")
     for split, rows in anno.items():
         files[f"soybean_gene/anno/{split}.txt"] = ("\n".join(rows) + "\n\n").encode()
@@ -272,7 +281,7 @@ def soyageing_files(rounds=(1, 3, 4, 5, 6), cultivars=(1, 2)) -> dict[str, bytes
         for c in cultivars:
             for k, split in ((1, "train"), (2, "test")):
                 name = f"yd{c:03d}_R{r}_{k}_{split}.png"
-                files[f"SoyAgeing/R{r}/images/{name}"] = PNG
+                files[f"SoyAgeing/R{r}/images/{name}"] = noise_png(r * 1000 + c * 10 + k)
                 anno[split].append(f"{name} {c}")
         for split, rows in anno.items():
             files[f"SoyAgeing/R{r}/anno/{split}.txt"] = "\n".join(rows).encode()

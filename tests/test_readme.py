@@ -15,7 +15,7 @@ from ufgir_cli.cli import app
 README = Path(__file__).resolve().parent.parent / "README.md"
 #: Commands run as written: they read only packaged recipes and the catalog.
 RUNNABLE = {("recipes", "list"), ("recipes", "show"), ("inspect",), ("datasets",)}
-GROUPS = {"recipes", "visualize"}
+GROUPS = {"recipes", "visualize", "datasets"}
 
 
 def readme_commands() -> list[list[str]]:

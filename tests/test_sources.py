@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import huggingface_hub.constants
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -31,9 +32,10 @@ ZIP_PATH = "Cotton80/Cotton80.zip"
 PARQUET_PATH = "datasets/ufgvc/cotton80_dataset.parquet"
 
 
-def _png(shade: int) -> bytes:
+def _png(seed: int) -> bytes:
+    """An 8x8 PNG of random pixels: every seed a different picture, also to the content checks."""
     buf = io.BytesIO()
-    Image.new("RGB", (4, 4), (shade, 100, 50)).save(buf, format="PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -257,7 +259,7 @@ def test_pooled_rounds_from_one_parquet_file_per_round(tmp_path, hub):
     spec = replace(CATALOG["soyageing"], num_classes=2, train_val=10, test=10)
     for r in spec.rounds:
         rows = [
-            {"image": {"bytes": _png(c), "path": f"yd{c:03d}_R{r}_{k}_{s}.png"}, "label": c, "class_name": f"yd{c:03d}", "split": s}
+            {"image": {"bytes": _png(r * 100 + c * 10 + k), "path": f"yd{c:03d}_R{r}_{k}_{s}.png"}, "label": c, "class_name": f"yd{c:03d}", "split": s}
             for c in (1, 2)
             for k, s in ((1, "train"), (2, "test"))
         ]

@@ -55,6 +55,7 @@ def _main(
 # Command modules hold the command bodies; they import torch only inside those bodies.
 from . import backbone as _backbone  # noqa: E402
 from . import compare as _compare  # noqa: E402
+from . import datasets as _datasets  # noqa: E402
 from . import download as _download  # noqa: E402
 from . import eval as _eval  # noqa: E402
 from . import inspect as _inspect  # noqa: E402
@@ -69,7 +70,7 @@ from . import visualize as _visualize  # noqa: E402
 app.add_typer(_recipes.app, name="recipes", help="List and show the packaged recipes.")
 app.command("inspect", cls=PlainCommand)(_inspect.inspect)
 app.command("download", cls=PlainCommand)(_download.download)
-app.command("datasets", cls=PlainCommand)(_download.datasets)
+app.add_typer(_datasets.app, name="datasets", help="The catalog of datasets; `verify NAME` checks a downloaded one.")
 app.command("train", cls=PlainCommand)(_train.train)
 app.command("eval", cls=PlainCommand)(_eval.eval_cmd)
 app.command("sweep", cls=PlainCommand)(_sweep.sweep)

@@ -1,5 +1,5 @@
-"""`ufgir download` and `ufgir datasets`: get a catalog dataset, and see which ones are on disk and
-where each comes from."""
+"""`ufgir download`: get a catalog dataset into the dataset folder format (`ufgir datasets` lists
+and verifies them)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import typer
 from rich import filesize
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from ._common import console, err_console
 
@@ -34,7 +33,7 @@ class _Bars:
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=total, amount="")
-        fmt = str if stage in ("convert", "verify") else filesize.decimal  # images there, bytes elsewhere
+        fmt = str if stage in ("convert", "hash", "verify") else filesize.decimal  # images there, bytes elsewhere
         amount = fmt(done) + (f"/{fmt(total)}" if total else "")
         self.progress.update(self.tasks[stage], completed=done, total=total, amount=amount)
 
@@ -68,6 +67,10 @@ def download(
     verify: Annotated[
         bool, typer.Option("--verify", help="Decode every image and fail on unreadable ones.")
     ] = False,
+    allow_overlap: Annotated[
+        bool, typer.Option("--allow-overlap", help="Keep a mirror whose test images are also in its train_val "
+                           "(recorded in dataset.json; every `ufgir train` on it says so).")
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON line (name, status, path, source, counts) on stdout.")
     ] = False,
@@ -92,12 +95,13 @@ def download(
             source=source.value if source else None,
             force=force,
             verify=verify,
+            allow_overlap=allow_overlap,
             progress=_Bars(bars),
             notify=lambda line: bars.console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True),
         )
     counts = result.info.get("counts", {})
     if as_json:
-        keys = ("source", "origin", "archive_sha256", "num_classes", "counts")
+        keys = ("source", "origin", "archive_sha256", "num_classes", "counts", "integrity")
         summary = {"name": name, "status": result.status, "path": str(result.path)}
         print(json.dumps({**summary, **{k: result.info.get(k) for k in keys}, "verified": verify}))
         return
@@ -111,6 +115,12 @@ def download(
             soft_wrap=True,
         )
         console.print(f"from {result.info.get('source')}", soft_wrap=True, highlight=False)
+        integ = result.info.get("integrity")
+        if integ:
+            dups = sum(d["images"] for d in integ["duplicates"].values())
+            console.print(
+                f"content: {integ['images']} images hashed ({integ['hashes']}); {dups} repeated within a split; "
+                f"{integ['overlap']['test_images']} test images also in train_val", soft_wrap=True, highlight=False)
         sha = result.info.get("archive_sha256")
         if isinstance(sha, str) and not result.info.get("archive_sha256_verified"):
             console.print(
@@ -124,40 +134,3 @@ def download(
             )
     if verify:
         console.print(f"verified: all {counts.get('train_val', 0) + counts.get('test', 0)} images decode")
-
-
-def datasets(data_dir: DataDirOpt = None) -> None:
-    """The catalog: classes, images per split, whether each dataset is on disk, and where it comes from."""
-    from ..data.catalog import CATALOG
-    from ..data.download import dataset_status
-    from ..data.folder import read_info
-    from ..paths import dataset_dir
-
-    styles = {"ready": "green", "incomplete": "yellow", "missing": "dim"}
-    table = Table(title="datasets", title_justify="left")
-    table.add_column("name", style="bold cyan")
-    for col in ("classes", "train_val", "test"):
-        table.add_column(col, justify="right")
-    table.add_column("status")
-    table.add_column("path")
-    for spec in CATALOG.values():
-        root = dataset_dir(spec.name, data_dir)
-        status = dataset_status(spec, root)
-        sizes = (spec.num_classes, spec.train_val, spec.test)
-        if spec.kind == "generated":  # its size is whatever the generator made
-            info = read_info(root) if status == "ready" else {}
-            counts = info.get("counts", {})
-            sizes = (info.get("num_classes"), counts.get("train_val"), counts.get("test"))
-        cells = ["generated" if n is None else f"{n:,}" for n in sizes]
-        table.add_row(spec.name, *cells, f"[{styles[status]}]{status}[/]", str(root))
-    console.print(table)
-    console.print("\nsources, in the order `ufgir download` tries them (by hand: get the file, then --archive):")
-    about: dict[str, str] = {}
-    for spec in CATALOG.values():
-        for src in spec.sources:
-            how = "by hand" if src.fetch == "manual" else "fetched"
-            console.print(f"  {spec.name:<13} {src.origin:<8} {how:<7} {escape(src.where)}", soft_wrap=True, highlight=False)
-            about[src.provenance] = src.terms
-    console.print("\nwhere they are published, and their terms:")
-    for provenance, terms in about.items():
-        console.print(f"  {escape(provenance)}; terms: {escape(terms)}", soft_wrap=True, highlight=False)

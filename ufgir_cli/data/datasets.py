@@ -18,20 +18,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import DatasetError
+from .content import decode_rgb as _decode_rgb
 from .folder import SplitFile
-
-
-def _decode_rgb(path: str, draft: int | None = None):
-    """(H, W, 3) uint8 array. ``draft`` lets JPEG decode at a reduced scale (>= draft px a side):
-    enough to prove the file decodes, at a fraction of the cost."""
-    with Image.open(path) as im:
-        im.seek(0)
-        if draft is not None:
-            im.draft(im.mode, (draft, draft))
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8), mode="L")
-        return np.asarray(im.convert("RGB"))
-
 
 # Truncated or garbled files raise any of these (PIL's UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)

@@ -7,11 +7,14 @@ and the next is tried, and when none is left the error says how to get the offic
 
 Every source ends the same way: the published files are found in a scratch folder inside the data
 dir (an archive unpacked, a parquet copy written out as image files), labels and splits are read by
-the layout the copy has, counts are checked against the catalog, the images are moved under
-``images/`` and the split files written, and only then is the folder renamed into place. An error
-or an interruption leaves what was there before (nothing, or the old dataset) plus at most a
-resumable ``downloads/<archive>.part``. (Unpacking and the published layouts live in ``archive.py``
-and ``layouts.py``; this module, a little over 450 lines, is the one sequence from source to folder.)
+the layout the copy has, every image is hashed by content and a split that copies another is
+dropped (``integrity.py``), counts are checked against the catalog and train_val / test overlap
+against the source's origin, the images are moved under ``images/``, the split files and
+``hashes.csv`` written, and only then is the folder renamed into place. An error or an interruption
+leaves what was there before (nothing, or the old dataset) plus at most a resumable
+``downloads/<archive>.part``. (Unpacking, the published layouts and the content checks live in
+``archive.py``, ``layouts.py`` and ``integrity.py``; this module is the one sequence from source to
+folder.)
 
 Stdlib only at import (PIL, huggingface_hub and pyarrow are imported where used): `ufgir datasets`
 stays instant.
@@ -39,11 +42,14 @@ from ..io import file_sha256
 from ..paths import data_dir as default_data_dir
 from .archive import extract_archive
 from .catalog import DatasetSpec, Source, get_spec
-from .folder import SPLITS, natural_key, read_info, read_split, write_dataset_folder
-from .layouts import Row, check_counts, link_or_copy, place, read_labels
+from .content import HASHES_FILE, write_hashes
+from .folder import SPLITS, read_info, write_dataset_folder
+from .integrity import OverlapError, settle
+from .layouts import Groups, link_or_copy, place, read_labels
+from .verify import check_images
 
 #: ``progress(stage, done, total)``; stages "download", "checksum" and "extract" count bytes,
-#: "convert" and "verify" count images; ``total`` is None when unknown.
+#: "convert", "hash" and "verify" count images; ``total`` is None when unknown.
 Progress = Callable[[str, int, int | None], None]
 #: ``notify(line)``: a one-line note for the user (a source that failed, a mirror being used).
 Notify = Callable[[str], None]
@@ -69,13 +75,22 @@ class DownloadResult:
 class _Copy:
     """A source made ready in the scratch folder: its rows, how to move them, what to record."""
 
-    train_val: list[Row]
-    test: list[Row]
+    groups: Groups  # rows by the copy's own split names
     names: list[str]
     top: Path  # every image lies under it
     transfer: Callable[[Path, Path], object]
     meta: dict = field(default_factory=dict)
     archive: Path | None = None
+    by_counts: bool = False  # split values mapped onto train_val / test by the catalog's counts (parquet)
+
+
+@dataclass(frozen=True)
+class _Checks:
+    """What `_build` checks besides counts: decoding (``verify``), content hashes, leakage."""
+
+    verify: bool = False
+    hashing: bool = True
+    allow_overlap: bool = False
 
 
 def _no_progress(stage: str, done: int, total: int | None) -> None:
@@ -119,6 +134,8 @@ def download_dataset(
     source: Literal["official", "mirror"] | None = None,
     force: bool = False,
     verify: bool = False,
+    allow_overlap: bool = False,
+    hash_images: bool = True,
     progress: Progress | None = None,
     notify: Notify | None = None,
 ) -> DownloadResult:
@@ -127,8 +144,10 @@ def download_dataset(
     Without ``url`` / ``archive`` / ``from_folder`` the catalog's sources are tried in order,
     ``source`` keeping only the official ones or only the mirrors. ``url`` is an archive URL of your
     own, ``archive`` a local copy of the archive, ``from_folder`` an already-extracted copy (left
-    untouched). ``force`` fetches and rebuilds even a complete folder; ``verify`` decodes every image
-    and fails on any that cannot be read.
+    untouched). ``force`` fetches and rebuilds even a complete folder; ``verify`` fails on any image
+    that cannot be decoded. Every image is hashed by content (``hash_images=False`` skips it: the
+    folder is then like one made before content checks, as the benchmark's baseline); a mirror whose
+    test images are also in its train_val is refused unless ``allow_overlap``.
     """
     spec = get_spec(spec) if isinstance(spec, str) else spec
     progress = progress or _no_progress
@@ -147,7 +166,7 @@ def download_dataset(
     state = dataset_status(spec, root)
     if state == "ready" and not force:
         if verify:
-            _check_images(spec.name, root, progress)
+            check_images(spec.name, root, progress)
         return DownloadResult(spec.name, root, "present", read_info(root))
     if state == "incomplete" and not force:
         raise DatasetError(
@@ -157,9 +176,10 @@ def download_dataset(
     if spec.kind == "generated":
         result = _generate(spec, root)
         if verify:
-            _check_images(spec.name, result.path, progress)
+            check_images(spec.name, result.path, progress)
         return result
     base.mkdir(parents=True, exist_ok=True)
+    checks = _Checks(verify, hash_images, allow_overlap)
     if from_folder is not None:
         folder = Path(from_folder).expanduser()
         obtain = lambda tmp: _from_folder(spec, folder)  # noqa: E731
@@ -168,8 +188,8 @@ def download_dataset(
     elif url is not None:
         obtain = lambda tmp: _from_url(spec, url, base, tmp, force, progress)  # noqa: E731
     else:
-        return _from_catalog(spec, base, root, source, force, verify, progress, notify)
-    return _build(spec, base, root, obtain, verify, progress)
+        return _from_catalog(spec, base, root, source, force, checks, progress, notify)
+    return _build(spec, base, root, obtain, checks, progress, notify)
 
 
 def _from_catalog(
@@ -178,13 +198,14 @@ def _from_catalog(
     root: Path,
     only: str | None,
     force: bool,
-    verify: bool,
+    checks: _Checks,
     progress: Progress,
     notify: Notify,
 ) -> DownloadResult:
-    """Try the entry's fetchable sources in order; when all fail, say how to get the official copy."""
+    """Try the entry's fetchable sources in order; when all fail, say how to get the official copy
+    (or, when a mirror was refused only for its overlap, say that: --allow-overlap accepts it)."""
     official = next((s for s in spec.sources if s.origin == "official"), None)
-    tried = []
+    tried, overlap = [], None
     for src in spec.sources:
         if src.fetch == "manual" or (only and src.origin != only):
             continue
@@ -193,10 +214,15 @@ def _from_catalog(
             notify(f"{spec.name}: trying {src.where}, a community copy, not the authors'{where}")
         obtain = lambda tmp, src=src: _from_source(spec, src, base, tmp, force, progress)  # noqa: E731
         try:
-            return _build(spec, base, root, obtain, verify, progress)
+            return _build(spec, base, root, obtain, checks, progress, notify)
+        except OverlapError as e:
+            overlap = e
+            tried.append(src.repo or src.url)
         except DatasetError as e:
             tried.append(src.repo or src.url)
             notify(f"{spec.name}: {src.where} failed: {e}")
+    if overlap is not None:
+        raise overlap
     raise DatasetError(_by_hand(spec, only, tried))
 
 
@@ -229,20 +255,27 @@ def _build(
     base: Path,
     root: Path,
     obtain: Callable[[Path], _Copy],
-    verify: bool,
+    checks: _Checks,
     progress: Progress,
+    notify: Notify,
 ) -> DownloadResult:
     """Turn what ``obtain`` makes ready in a scratch folder into ``root``, checked, or leave nothing."""
     with _scratch(base, spec.name) as tmp:
         copy = obtain(tmp)
-        check_counts(spec, copy.names, copy.train_val, copy.test, copy.meta["source"])
+        got = settle(spec, copy.groups, copy.names, copy.meta, by_counts=copy.by_counts,
+                     allow_overlap=checks.allow_overlap, hashing=checks.hashing, verify=checks.verify,
+                     progress=progress, notify=notify)
         ds = tmp / "dataset"
-        placed = place(copy.train_val + copy.test, copy.top, ds, copy.transfer)
+        placed = place(got.train_val + got.test, copy.top, ds, copy.transfer)
         meta = {"name": spec.name, "title": spec.title, **copy.meta, "terms": spec.terms}
-        n = len(copy.train_val)
+        n = len(got.train_val)
+        if got.record is not None:
+            sides = ["train_val"] * n + ["test"] * len(got.test)
+            rows = [(p, side, cid, h) for (cid, p), side, h in zip(placed, sides, got.hashes, strict=True)]
+            meta["integrity"] = {**got.record, "hashes_sha256": write_hashes(ds / HASHES_FILE, rows)}
         info = write_dataset_folder(ds, placed[:n], placed[n:], copy.names, meta)
-        if verify:
-            _check_images(spec.name, ds, progress)
+        if checks.verify and not checks.hashing:
+            check_images(spec.name, ds, progress)
         if root.exists():  # --force: keep the old folder until the new one is complete
             os.replace(root, tmp / "previous")
         os.replace(ds, root)
@@ -261,8 +294,8 @@ def _from_folder(spec: DatasetSpec, folder: Path) -> _Copy:
         raise DatasetError(
             f"--from-folder {folder} is not a folder; pass the folder the {spec.title} archive was extracted into"
         )
-    train_val, test, names = read_labels(folder, spec)
-    return _Copy(train_val, test, names, folder, link_or_copy, _meta(str(folder.resolve()), "user", None))
+    groups, names = read_labels(folder, spec)
+    return _Copy(groups, names, folder, link_or_copy, _meta(str(folder.resolve()), "user", None))
 
 
 def _unpacked(
@@ -270,8 +303,8 @@ def _unpacked(
 ) -> _Copy:
     top = tmp / "archive"
     extract_archive(path, top, progress)
-    train_val, test, names = read_labels(top, spec)
-    return _Copy(train_val, test, names, top, os.replace, meta, kept)
+    groups, names = read_labels(top, spec)
+    return _Copy(groups, names, top, os.replace, meta, kept)
 
 
 def _from_archive(spec: DatasetSpec, path: Path, tmp: Path, progress: Progress) -> _Copy:
@@ -323,12 +356,27 @@ def _from_source(
         return _unpacked(spec, got[0][0], tmp, progress, meta, None)
     from .parquet import read_parquet
 
-    prefixes = [f"R{r}/" for r in spec.rounds] if spec.rounds else [""]
     top = tmp / "parquet"
-    train_val, test, names = read_parquet(
-        [(prefix, path) for prefix, (path, _) in zip(prefixes, got, strict=True)], spec, top, progress
-    )
-    return _Copy(train_val, test, names, top, os.replace, meta)
+    groups, names = read_parquet(_by_round(spec, [path for path, _ in got]), spec, top, progress)
+    return _Copy(groups, names, top, os.replace, meta, by_counts=True)
+
+
+def _by_round(spec: DatasetSpec, paths: list[Path]) -> list[tuple[str, Path]]:
+    """Per-round files with the folder each goes to (``R<r>/``), pooled in the catalog's round order
+    (the round is read from the file name: ``..._R<r>_...``); one file without rounds goes to ""."""
+    if not spec.rounds:
+        return [("", p) for p in paths]
+    found = {}
+    for p in paths:
+        m = re.search(r"(?:^|[^A-Za-z0-9])R(\d+)(?:[^0-9]|$)", p.name)
+        if m is None or int(m[1]) not in spec.rounds or int(m[1]) in found:
+            raise DatasetError(f"{spec.name}: cannot tell which round {p.name} holds; expected one file per round "
+                               f"{', '.join(f'R{r}' for r in spec.rounds)}")
+        found[int(m[1])] = p
+    missing = [f"R{r}" for r in spec.rounds if r not in found]
+    if missing:
+        raise DatasetError(f"{spec.name}: no file for round {', '.join(missing)}; the copy is incomplete")
+    return [(f"R{r}/", found[r]) for r in spec.rounds]
 
 
 @contextlib.contextmanager
@@ -433,39 +481,3 @@ def _range_start(resp: http.client.HTTPResponse) -> int | None:
     """The first byte of a 206 body from ``Content-Range: bytes <start>-<end>/<size>``."""
     m = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
     return int(m.group(1)) if m else None
-
-
-# -------------------------------------------------------------------------------------- verifying
-
-
-def verify_images(root: Path, progress: Progress | None = None) -> list[str]:
-    """Decode every image of the train_val and test splits; return the unreadable ones, relative to ``root``."""
-    from PIL import Image
-
-    progress = progress or _no_progress
-    files = sorted(
-        {
-            Path(p)
-            for split in ("train_val", "test")
-            for p, _ in read_split(root, split, check_files=False).samples
-        },
-        key=lambda p: natural_key(p.as_posix()),
-    )
-    bad = []
-    for n, path in enumerate(files, start=1):
-        try:
-            with Image.open(path) as im:
-                im.load()
-        except Exception:  # any decoder failure (OSError, SyntaxError, ValueError, ...) means unreadable
-            bad.append(path.relative_to(root).as_posix())
-        progress("verify", n, len(files))
-    return bad
-
-
-def _check_images(name: str, root: Path, progress: Progress) -> None:
-    bad = verify_images(root, progress)
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise DatasetError(
-            f"{name}: {len(bad)} images cannot be decoded: {shown}; fetch a fresh copy with `ufgir download {name} --force`"
-        )

@@ -17,7 +17,8 @@ from ..errors import DatasetError, RecipeError
 from ..paths import dataset_dir
 from ..recipe import Recipe
 from .datasets import EpochSampler, ImageFolderSplit, collate, find_unreadable, init_worker, preprocess_for
-from .folder import SplitFile, read_split
+from .folder import SplitFile, read_info, read_split
+from .integrity import check_recorded
 
 
 def dataset_root(recipe: Recipe) -> Path:
@@ -42,13 +43,16 @@ def read_splits(recipe: Recipe) -> tuple[SplitFile, SplitFile, list[str]]:
 
     Returns ``(train split, eval split, skipped)``: with ``data.skip_corrupt`` missing or unreadable
     images are left out and listed in ``skipped`` (paths relative to the dataset folder); without
-    it the first one is a one-line DatasetError.
+    it the first one is a one-line DatasetError. The split sizes and the verdict recorded in
+    dataset.json are checked first (:func:`~.integrity.check_recorded`).
     """
     root = dataset_root(recipe)
     skip = recipe.data.skip_corrupt
+    names = (recipe.train.split, recipe.eval.split)
+    files = [read_split(root, name, check_files=not skip) for name in names]
+    check_recorded(root, read_info(root), {name: len(sf.samples) for name, sf in zip(names, files, strict=True)})
     splits, skipped = [], []
-    for name in (recipe.train.split, recipe.eval.split):
-        sf = read_split(root, name, check_files=not skip)
+    for name, sf in zip(names, files, strict=True):
         bad = find_unreadable([p for p, _ in sf.samples])
         if bad and not skip:
             path, why = bad[0]

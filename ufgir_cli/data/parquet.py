@@ -4,8 +4,10 @@ the same rows an archive gives, with the images written out as files.
 Such copies are community mirrors whose ``split`` values and label base are not documented, so both
 are read from the data: the split values are mapped onto the catalog's train_val / test by their
 counts (a ``val`` carved out of ``train`` belongs to train_val; a value named like a split must land
-there), labels may start at 0 or 1. A copy that fits no mapping is refused before one image is
-written, naming the numbers. Val is carved anew by the official rule, whatever the copy's ``val``.
+there), labels may start at 0 or 1. The mapping is made once the images are hashed and a split that
+copies another is dropped (`integrity`); a copy that fits no mapping is refused, naming the numbers,
+before anything reaches the data dir. Val is carved anew by the official rule, whatever the copy's
+``val``.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from pathlib import Path, PurePosixPath
 from ..errors import DatasetError
 from .archive import unsafe_name
 from .catalog import DatasetSpec
-from .layouts import Row
+from .layouts import Groups, Labels
 
 Progress = Callable[[str, int, int | None], None]
 
-_NAMED = {
+SPLIT_NAMES = {
     "train": "train_val", "training": "train_val", "val": "train_val", "valid": "train_val",
     "validation": "train_val", "train_val": "train_val", "trainval": "train_val",
     "test": "test", "testing": "test",
@@ -33,32 +35,30 @@ _BATCH = 64
 
 def read_parquet(
     files: list[tuple[str, Path]], spec: DatasetSpec, out: Path, progress: Progress
-) -> tuple[list[Row], list[Row], list[str]]:
-    """Train_val rows, test rows and class names of parquet ``files``, images written under ``out``.
+) -> tuple[Groups, list[str]]:
+    """The copy's splits (rows by its own ``split`` values) and class names, images written under ``out``.
 
-    ``files`` pairs each file with the folder its images go to under ``images/`` ("" or ``R<r>/``).
+    ``files`` pairs each file with the folder its images go to under ``images/`` ("" or ``R<r>/``),
+    in the catalog's round order. Which values make train_val and which test is decided by the
+    caller, once copied splits are dropped (:func:`map_splits`).
     """
     import pyarrow.parquet as pq
 
-    tables = [(prefix, path, pq.read_table(path, columns=_columns(path, pq))) for prefix, path in files]
-    splits = [str(s) for _, _, t in tables for s in t.column("split").to_pylist()]
-    labels = [int(x) for _, _, t in tables for x in t.column("label").to_pylist()]
-    to_split = map_splits(Counter(splits), spec)
-    low = min(labels, default=0)
-    if low not in (0, 1):
-        raise DatasetError(f"{spec.name}: labels start at {low}, neither 0 nor 1; the copy is not the benchmark")
-    names = _class_names(tables, low, spec)
-
-    rows: dict[str, list[Row]] = {"train_val": [], "test": []}
-    k = 0  # row index over all files, into splits and labels
-    for prefix, path, _ in tables:
+    labels = Labels(spec.name)
+    total = sum(pq.read_metadata(path).num_rows for _, path in files)
+    k = 0  # row index over all files
+    for prefix, path in files:
+        table = pq.read_table(path, columns=_columns(path, pq))
+        splits = [str(v) for v in table.column("split").to_pylist()]
+        values = table.column("label").to_pylist()
+        names = table.column("class_name").to_pylist() if "class_name" in table.column_names else [None] * len(values)
         j = 0  # row index in this file, for the names a copy does not give
         for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH, columns=["image"]):
             for image in batch.column("image").to_pylist():
                 data, stored = (image.get("bytes"), image.get("path")) if isinstance(image, dict) else (image, None)
                 if not data:
                     raise DatasetError(f"{path.name}: row {j} holds no image bytes; the copy is damaged")
-                rel = prefix + _file_name(stored, data, f"{splits[k]}_{j:06d}", spec)
+                rel = prefix + _file_name(stored, data, f"{splits[j]}_{j:06d}", spec)
                 target = out / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 try:
@@ -66,10 +66,11 @@ def read_parquet(
                         f.write(data)
                 except FileExistsError:
                     raise DatasetError(f"{spec.name}: two rows hold the image {rel}; the copy is damaged") from None
-                rows[to_split[splits[k]]].append((labels[k] - low, target, rel))
+                name = None if names[j] is None else str(names[j])
+                labels.add(splits[j], int(values[j]), target, rel, f"{path.name} row {j}", name)
                 j, k = j + 1, k + 1
-            progress("convert", k, len(labels))
-    return rows["train_val"], rows["test"], names
+            progress("convert", k, total)
+    return labels.result()
 
 
 def _columns(path: Path, pq) -> list[str]:
@@ -84,13 +85,16 @@ def _columns(path: Path, pq) -> list[str]:
 
 
 def map_splits(counts: Counter, spec: DatasetSpec) -> dict[str, str]:
-    """Each ``split`` value -> "train_val" or "test": the one assignment whose sums are the catalog's."""
+    """Each ``split`` value -> "train_val" or "test": the one assignment whose sums are the catalog's.
+
+    Runs after a split that copies another is dropped (``val`` = a copy of ``test`` in a mirror).
+    """
     values = sorted(counts)
     fits = []
     for choice in itertools.product(("train_val", "test"), repeat=len(values)):
         pick = dict(zip(values, choice, strict=True))
         sums = {s: sum(counts[v] for v in values if pick[v] == s) for s in ("train_val", "test")}
-        named = all(_NAMED.get(v.lower(), pick[v]) == pick[v] for v in values)
+        named = all(SPLIT_NAMES.get(v.lower(), pick[v]) == pick[v] for v in values)
         if named and sums == {"train_val": spec.train_val, "test": spec.test}:
             fits.append(pick)
     if len(fits) != 1:
@@ -100,22 +104,6 @@ def map_splits(counts: Counter, spec: DatasetSpec) -> dict[str, str]:
             f"train_val {spec.train_val} / test {spec.test}; refusing it"
         )
     return fits[0]
-
-
-def _class_names(tables: list, low: int, spec: DatasetSpec) -> list[str]:
-    """Names by class id from ``class_name`` (the published label when the column is absent)."""
-    seen: dict[int, str] = {}
-    for _, _, t in tables:
-        names = t.column("class_name").to_pylist() if "class_name" in t.column_names else [None] * t.num_rows
-        for label, name in zip(t.column("label").to_pylist(), names, strict=True):
-            cid = int(label) - low
-            name = str(cid + 1) if name is None else str(name)
-            if seen.setdefault(cid, name) != name:
-                raise DatasetError(
-                    f"{spec.name}: class {cid} is named both {seen[cid]!r} and {name!r}; the copy is damaged"
-                )
-    top = max(seen, default=-1)
-    return [seen.get(cid, str(cid + 1)) for cid in range(top + 1)]
 
 
 def _file_name(stored: str | None, data: bytes, fallback: str, spec: DatasetSpec) -> str:

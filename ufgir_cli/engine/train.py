@@ -38,6 +38,7 @@ from torch import nn
 
 from ..analysis.cost import peak_memory_mb
 from ..data.datasets import normalize
+from ..data.integrity import dataset_notices
 from ..data.loaders import make_loader, read_splits, with_num_classes
 from ..errors import RunFolderError, TrainingError
 from ..io import atomic_write_text, remove_stale_temps
@@ -355,7 +356,8 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
         "epochs": recipe.train.epochs, "steps_per_epoch": loop.steps_per_epoch, "total_steps": loop.total_steps,
         "start_step": state.step, **params, "train_images": len(train_split.samples),
         "eval_images": len(eval_split.samples), "world": rt.dist.world, "skipped_images": len(skipped),
-        "warnings": schedule_warnings(recipe, loop.total_steps)})
+        # e.g. test images also in train_val, allowed at download
+        "warnings": dataset_notices(train_split.root) + schedule_warnings(recipe, loop.total_steps)})
 
     # 5. Loop. The RNG is restored last, so that nothing above can shift it.
     if resume_ckpt is not None:

@@ -1,0 +1,198 @@
+"""What an image is, not what it is called: three content hashes per image and the file that keeps them.
+
+* ``bytes_sha256``: sha256 of the file's bytes; the same file under another name.
+* ``pixels_sha256``: sha256 of the decoded RGB pixels (with their shape), decoded by
+  :func:`decode_rgb`, the training loader's own decoder; the same picture re-encoded losslessly.
+* ``phash``: a 64-bit DCT perceptual hash (the sign of the 8x8 lowest frequencies of the 32x32
+  grey image against their median); a near copy such as a JPEG re-save is within a few bits, and is
+  then confirmed by the pixels themselves (:func:`psnr`), since a hash alone can collide.
+
+The hashes of a dataset folder go to ``hashes.csv`` beside ``dataset.json`` (one row per image:
+``path,split,class_id,bytes_sha256,pixels_sha256,phash``). Decoding is what costs, so
+:func:`hash_files` spreads it over threads: Pillow and hashlib release the GIL.
+No torch here; numpy and PIL are imported where used.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import DatasetError
+from ..io import atomic_open
+
+HASHES_FILE = "hashes.csv"
+HASH_COLUMNS = ("path", "split", "class_id", "bytes_sha256", "pixels_sha256", "phash")
+_GREY = 32  # the DCT is taken over a 32x32 grey image
+_LOW = 8  # of which the 8x8 lowest frequencies make the 64 bits
+
+Progress = Callable[[str, int, int | None], None]
+
+
+@dataclass(frozen=True)
+class ImageHash:
+    """The content hashes of one image; ``error`` (and no pixel hashes) when it does not decode."""
+
+    bytes_sha256: str
+    pixels_sha256: str | None = None
+    phash: int | None = None
+    error: str | None = None
+    grey: bytes | None = field(default=None, repr=False, compare=False)  # the 32x32 grey image the DCT saw
+
+
+def grey_psnr(a: ImageHash, b: ImageHash) -> float:
+    """PSNR (dB) of two images' 32x32 grey thumbnails: a cheap first look before the pixels are compared."""
+    import numpy as np
+
+    if a.grey is None or b.grey is None:
+        return float("inf")
+    d = np.frombuffer(a.grey, np.uint8).astype(np.float32) - np.frombuffer(b.grey, np.uint8).astype(np.float32)
+    mse = float(np.mean(d * d))
+    return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
+
+
+def decode_rgb(src, draft: int | None = None):
+    """(H, W, 3) uint8 array of a file (path or binary file object), as the training loader decodes it.
+
+    ``draft`` lets JPEG decode at a reduced scale (>= draft px a side): enough to prove the file
+    decodes, at a fraction of the cost. Greyscale, palette, CMYK, 16-bit and animated files (first
+    frame) are converted.
+    """
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(src) as im:
+        im.seek(0)
+        if draft is not None:
+            im.draft(im.mode, (draft, draft))
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8), mode="L")
+        return np.asarray(im.convert("RGB"))
+
+
+def decode_errors() -> tuple[type[BaseException], ...]:
+    """What a truncated or garbled file raises (PIL's UnidentifiedImageError is an OSError)."""
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _reason(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def hash_bytes(data: bytes) -> ImageHash:
+    """The three hashes of one image file's bytes."""
+    import numpy as np
+
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        rgb = decode_rgb(io.BytesIO(data))
+    except decode_errors() as e:
+        return ImageHash(digest, error=_reason(e))
+    rgb = np.ascontiguousarray(rgb)
+    h = hashlib.sha256(f"{rgb.shape[0]}x{rgb.shape[1]}x3:".encode())
+    h.update(memoryview(rgb).cast("B"))
+    grey = _grey(rgb)
+    return ImageHash(digest, h.hexdigest(), _dct_bits(grey), error=None, grey=grey.tobytes())
+
+
+def hash_file(path: str | os.PathLike) -> ImageHash:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return ImageHash("", error=e.strerror or type(e).__name__)
+    return hash_bytes(data)
+
+
+def hash_files(paths: list[Path], progress: Progress | None = None, threads: int | None = None) -> list[ImageHash]:
+    """:func:`hash_file` of each path, in order, on ``threads`` threads (default: every core)."""
+    workers = threads or os.cpu_count() or 1
+    out = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for n, h in enumerate(pool.map(hash_file, paths), start=1):
+            out.append(h)
+            if progress is not None and (n % 64 == 0 or n == len(paths)):
+                progress("hash", n, len(paths))
+    return out
+
+
+@lru_cache(maxsize=1)
+def _dct_matrix():
+    """The orthonormal DCT-II matrix for 32 samples: ``D @ x`` transforms a column."""
+    import numpy as np
+
+    k = np.arange(_GREY)[:, None]
+    n = np.arange(_GREY)[None, :]
+    d = np.cos(np.pi * (2 * n + 1) * k / (2 * _GREY)) * np.sqrt(2 / _GREY)
+    d[0] /= np.sqrt(2)
+    return d
+
+
+def dct_hash(rgb) -> int:
+    """64-bit perceptual hash of an (H, W, 3) uint8 image (bit 63 is the lowest frequency)."""
+    return _dct_bits(_grey(rgb))
+
+
+def _grey(rgb):
+    """(32, 32) uint8 grey image, each pixel the mean of its box."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(rgb).convert("L").resize((_GREY, _GREY), Image.Resampling.BOX))
+
+
+def _dct_bits(grey) -> int:
+    import numpy as np
+
+    d = _dct_matrix()
+    coef = (d @ np.asarray(grey, dtype=np.float64) @ d.T)[:_LOW, :_LOW].ravel()  # (64,)
+    bits = coef > np.median(coef[1:])  # the DC term would dominate the median
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio (dB) of two uint8 RGB images; ``b`` is resized to ``a`` when they differ."""
+    import numpy as np
+    from PIL import Image
+
+    if a.shape != b.shape:
+        b = np.asarray(Image.fromarray(b).resize((a.shape[1], a.shape[0]), Image.Resampling.BILINEAR))
+    mse = float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2))
+    return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
+
+
+# ------------------------------------------------------------------------------------ hashes.csv
+
+
+def write_hashes(path: Path, rows: list[tuple[str, str, int, ImageHash]]) -> str:
+    """Write ``hashes.csv`` (rows: path, split, class id, hashes) atomically; return the file's sha256."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(HASH_COLUMNS)
+    for rel, split, cid, h in rows:
+        phash = "" if h.phash is None else f"{h.phash:016x}"
+        w.writerow((rel, split, cid, h.bytes_sha256, h.pixels_sha256 or "", phash))
+    data = buf.getvalue().encode("utf-8")
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_hashes(path: Path) -> dict[str, str]:
+    """``path -> bytes_sha256`` recorded in a ``hashes.csv``; only the byte hash is ever compared."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except FileNotFoundError:
+        raise DatasetError(f"{path} is missing; record it again with `ufgir datasets verify {path.parent.name} --record`") from None
+    if not rows or tuple(rows[0]) != HASH_COLUMNS:
+        raise DatasetError(f"{path}:1: expected header {','.join(HASH_COLUMNS)}; record it again with --record")
+    return {row[0]: row[3] for row in rows[1:] if len(row) == len(HASH_COLUMNS)}
