@@ -4,8 +4,8 @@ and a dead rank ends the job instead of hanging it."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import textwrap
