@@ -118,6 +118,7 @@ def measure(path: Path, *, split: str = "test", data_recipe: Recipe | None = Non
         "tokens_per_block": model.tokens_per_block,
         "tokens_attended": [b.tokens_attended for b in model.feature_info],
         "encoder_groups": [list(g) for g in ro.encoder_groups(model.grids)],
+        "dataset": (data_recipe or recipe).data.dataset,
     }
     if cka or features:
         data = data_recipe or recipe

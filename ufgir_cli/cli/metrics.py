@@ -1,7 +1,7 @@
 """`ufgir metrics`: attention CKA, feature statistics and cost of a run, optionally beside another run.
 
-The numbers come from ``ufgir_cli.analysis.report`` and the figures from ``ufgir_cli.viz``; this module
-parses the options, writes ``<run>/analysis/metrics.json`` and the figures, and prints the tables.
+The library call `ufgir_cli.engine.analyze.write_metrics` computes and writes ``<run>/analysis/metrics.json``
+and the figures; this module parses the options and prints the tables.
 """
 
 from __future__ import annotations
@@ -91,43 +91,14 @@ def metrics(
     if attention_cka and batch_size is not None and batch_size < 4:
         raise typer.BadParameter(f"{batch_size} is too small for attention CKA (needs >= 4 images per minibatch)",
                                  param_hint="--batch-size")
-    from ..analysis.report import dataset_title, measure, method_title, run_label
-    from ..io import atomic_write_json
-    from ..paths import run_dir_of
-    from ..viz.figures import draw_cka, draw_features, save
+    from ..engine.analyze import write_metrics
 
-    kw = dict(checkpoint=checkpoint, device=device, split=split, batches=batches, batch_size=batch_size,
-              cka=attention_cka, features=features, cost=cost)
     with image_progress() as progress:
-        res, recipe = measure(run, progress=progress, **kw)
-        results, recipes, labels = [res], [recipe], [run_label(run, recipe)]
-        if vs is not None:
-            other, other_recipe = measure(vs, data_recipe=recipe, progress=progress, **kw)
-            results.append(other)
-            recipes.append(other_recipe)
-            labels.append(run_label(vs, other_recipe))
-    out = run_dir_of(run) / "analysis"
-    suffix = f"_vs_{run_dir_of(vs).name}" if vs is not None else ""
-    names = [method_title(r.model.method) for r in recipes]
-    if len(set(names)) < len(names):  # two runs of one method: only their folders tell them apart
-        names = labels
-    seen = f"{dataset_title(recipe.data.dataset)} · {split}"
-    groups = [r["encoder_groups"] for r in results]
-    figures = {}
-    if attention_cka:
-        fig = draw_cka([r["attention_cka"]["matrix"] for r in results], names, groups=groups,
-                       title=f"Attention CKA between blocks · {seen}")
-        figures["cka"] = save(fig, out / f"cka{suffix}.png", dpi, formats).name
-    if features:
-        fig = draw_features([r["features"] for r in results], names, groups=groups,
-                            title=f"Features per block · {seen}")
-        figures["features"] = save(fig, out / f"features{suffix}.png", dpi, formats).name
-    doc = {**res, "figures": figures}
-    if vs is not None:
-        doc["vs"] = results[1]
-    atomic_write_json(out / "metrics.json", doc)
-    for r, label in zip(results, labels, strict=True):
-        _print_metrics(r, f"{label} · {r.get('dataset', recipe.data.dataset)} {split}")
+        rep = write_metrics(run, split=split, batches=batches, batch_size=batch_size, cka=attention_cka,
+                            features=features, cost=cost, vs=vs, checkpoint=checkpoint, device=device, dpi=dpi,
+                            formats=formats, progress=progress)
+    for r, label in zip(rep.results, rep.labels, strict=True):
+        _print_metrics(r, f"{label} · {r['dataset']} {split}")
     also = "".join(f" (+ .{f})" for f in formats)
-    console.print(f"results: {out / 'metrics.json'}" + "".join(f"\nfigure: {out / f}{also}" for f in figures.values()),
+    console.print(f"results: {rep.json_path}" + "".join(f"\nfigure: {p}{also}" for p in rep.figures.values()),
                   soft_wrap=True, markup=False)

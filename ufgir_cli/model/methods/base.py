@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -26,8 +26,8 @@ from ...methods import MethodSpec
 from ...recipe import ModelConfig
 from ..precision import float32_region
 
-if TYPE_CHECKING:
-    from ..vit import UfgirViT
+#: The model a method runs on (`model.vit.UfgirViT`); named, not imported: the model imports the methods.
+UfgirViT = nn.Module
 
 
 class TrainStep(NamedTuple):

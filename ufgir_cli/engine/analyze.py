@@ -1,0 +1,163 @@
+"""What `ufgir metrics`, `ufgir visualize` and `ufgir compare` write, as library calls.
+
+Each function computes (``analysis``), draws (``viz``) and writes the files of one command, and returns
+what it wrote; the commands only parse options, call one of these and print. From Python (a notebook)
+the same call writes the same files::
+
+    from ufgir_cli.engine.analyze import write_metrics, write_rollout
+    report = write_metrics("runs/demo_quickstart")
+    grid = write_rollout("runs/demo_quickstart")
+
+It sits in ``engine`` because it joins two siblings below it (``analysis`` for the numbers, ``viz`` for
+the figures), which may not import each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from ..analysis import report as ar
+from ..io import atomic_write_json
+from ..paths import run_dir_of, runs_dir
+from ..viz import figures as vf
+
+
+@dataclass
+class MetricsReport:
+    """What `write_metrics` wrote: ``metrics.json`` (its content is ``doc``), the figures by name, and
+    per analysed run its results and label (the run, then ``vs``)."""
+
+    json_path: Path
+    doc: dict
+    figures: dict[str, Path]
+    results: list[dict]
+    labels: list[str]
+
+
+def write_metrics(run: str | Path, *, split: str = "test", batches: int | None = None, batch_size: int | None = None,
+                  cka: bool = True, features: bool = True, cost: bool = True, vs: str | Path | None = None,
+                  checkpoint: str = "auto", device: str = "auto", dpi: int = 200, formats: Sequence[str] = (),
+                  progress=None) -> MetricsReport:
+    """Attention CKA, feature statistics and cost of ``run`` on ``split`` (and of ``vs`` on the same
+    images): ``<run>/analysis/metrics.json`` and the CKA and feature figures."""
+    run = Path(run)
+    kw = dict(checkpoint=checkpoint, device=device, split=split, batches=batches, batch_size=batch_size,
+              cka=cka, features=features, cost=cost)
+    res, recipe = ar.measure(run, progress=progress, **kw)
+    results, recipes, labels = [res], [recipe], [ar.run_label(run, recipe)]
+    if vs is not None:
+        other, other_recipe = ar.measure(Path(vs), data_recipe=recipe, progress=progress, **kw)
+        results.append(other)
+        recipes.append(other_recipe)
+        labels.append(ar.run_label(Path(vs), other_recipe))
+    out = run_dir_of(run) / "analysis"
+    suffix = f"_vs_{run_dir_of(vs).name}" if vs is not None else ""
+    names = [ar.method_title(r.model.method) for r in recipes]
+    if len(set(names)) < len(names):  # two runs of one method: only their folders tell them apart
+        names = labels
+    seen = f"{ar.dataset_title(recipe.data.dataset)} · {split}"
+    groups = [r["encoder_groups"] for r in results]
+    figures: dict[str, Path] = {}
+    if cka:
+        fig = vf.draw_cka([r["attention_cka"]["matrix"] for r in results], names, groups=groups,
+                          title=f"Attention CKA between blocks · {seen}")
+        figures["cka"] = vf.save(fig, out / f"cka{suffix}.png", dpi, formats)
+    if features:
+        fig = vf.draw_features([r["features"] for r in results], names, groups=groups,
+                               title=f"Features per block · {seen}")
+        figures["features"] = vf.save(fig, out / f"features{suffix}.png", dpi, formats)
+    doc = {**res, "figures": {k: p.name for k, p in figures.items()}}
+    if vs is not None:
+        doc["vs"] = results[1]
+    atomic_write_json(out / "metrics.json", doc)
+    return MetricsReport(out / "metrics.json", doc, figures, results, labels)
+
+
+def visualize_folder(run: str | Path, kind: str, split: str, images: Sequence[Path] | None) -> Path:
+    """Where a `visualize` figure of ``kind`` goes: ``<run>/analysis/visualize/<kind>_<split or images>/``."""
+    return run_dir_of(run) / "analysis" / "visualize" / f"{kind}_{'images' if images else split}"
+
+
+def _write_maps(run: str | Path, kind: str, what: str, make_maps: Callable, *, split: str = "test",
+                images: Sequence[Path] | None = None, per_class: int = 1, count: int = 8, cols: int | None = None,
+                checkpoint: str = "auto", device: str = "auto", dpi: int = 200, formats: Sequence[str] = ()) -> Path:
+    """Maps over the images into `visualize_folder` (a grid and one figure per image); the grid's path."""
+    shown = ar.visualize(Path(run), make_maps, split=split, images=images, count=count, per_class=per_class,
+                         checkpoint=checkpoint, device=device)
+    if len(shown.maps) == 1:  # one map per image: its blocks go in the title rather than over every panel
+        what = f"{what}, {shown.maps[0][0]}"
+    return vf.save_overlay_folder(shown.images, shown.maps, shown.captions, shown.stems,
+                                  visualize_folder(run, kind, split, images), title=f"{what} · {shown.title}",
+                                  cols=cols, dpi=dpi, formats=formats)
+
+
+def write_rollout(run: str | Path, *, group: str | None = None, across: bool = False, fusion: str = "mean",
+                  discard: float = 0.0, **shown) -> Path:
+    """Attention rollout per encoder group (or ``across`` the whole network); the grid's path. ``shown``:
+    the image and figure options of `_write_maps`."""
+    kind = f"rollout_{'across' if across else (group or 'groups')}_{fusion}" + (f"_discard{discard:g}" if discard else "")
+    what = "Attention rollout" + (" across down-sampling ILAs" if across else "") + \
+        (f", {fusion} of heads" if fusion != "mean" else "")
+    return _write_maps(run, kind, what, partial(ar.rollout_maps, group=group, across=across, fusion=fusion,
+                                                discard=discard), **shown)
+
+
+def write_attention(run: str | Path, *, layer: int | None = None, fusion: str = "mean", **shown) -> Path:
+    """The head-fused CLS attention of one block (default: the last); the grid's path."""
+    kind = f"attention_{'last' if layer is None else f'l{layer}'}_{fusion}"
+    what = "CLS attention" + (f", {fusion} of heads" if fusion != "mean" else "")
+    return _write_maps(run, kind, what, partial(ar.block_attention, layer=layer, fusion=fusion), **shown)
+
+
+def write_crops(run: str | Path, *, split: str = "test", images: Sequence[Path] | None = None, per_class: int = 1,
+                count: int = 8, cols: int | None = None, checkpoint: str = "auto", device: str = "auto",
+                dpi: int = 200, formats: Sequence[str] = ()) -> Path:
+    """What the method selects or crops (`Method.select`) over the images; the grid's path."""
+    sel = ar.selections(Path(run), split=split, images=images, count=count, per_class=per_class,
+                        checkpoint=checkpoint, device=device)
+    fig = vf.draw_selection(sel.panels, sel.captions, title=f"{sel.what} · {sel.title}", cols=cols)
+    return vf.save(fig, visualize_folder(run, "crops", split, images) / "grid.png", dpi, formats)
+
+
+@dataclass
+class Comparison:
+    """What `write_comparison` found and wrote: the runs' rows, the paper's points drawn beside them,
+    the runs left out (and why), and the figure and its JSON table (None when nothing was compared)."""
+
+    rows: list[dict]
+    paper: list[dict] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    figure: Path | None = None
+    table: Path | None = None
+
+
+def write_comparison(runs: Sequence[str | Path], *, split: str = "test", out: Path | None = None, paper: bool = False,
+                     dpi: int = 200, formats: Sequence[str] = ()) -> Comparison:
+    """Top-1 on ``split`` against multiply-adds and trainable parameters of evaluated runs (with the
+    paper's Table 1 numbers when ``paper``): the figure at ``out`` (default ``runs/compare_<split>.png``)
+    and its ``.json`` table beside it."""
+    rows, missing = ar.compare_rows([Path(r) for r in runs], split)
+    if not rows:
+        return Comparison(rows, missing=missing)
+    out = Path(out or runs_dir() / f"compare_{split}").with_suffix(".png")
+    cited = ar.paper_points([r["dataset"] for r in rows]) if paper else []
+    datasets = list(dict.fromkeys(r["dataset_title"] for r in rows + cited))
+
+    def point(r: dict, from_paper: bool) -> dict:
+        label = r["method_title"] if len(datasets) == 1 else f"{r['method_title']} · {r['dataset_title']}"
+        return {"label": label, "gmacs": r["gmacs"], "top1": r["top1"], "trainable": r["trainable"],
+                "family": r["family"], "paper": from_paper}
+
+    seen = f"{datasets[0]} · " if len(datasets) == 1 else ""
+    fig = vf.draw_compare([point(r, False) for r in rows] + [point(r, True) for r in cited],
+                          title=f"Top-1 against cost · {seen}{split}")
+    figure = vf.save(fig, out, dpi, formats)
+    atomic_write_json(out.with_suffix(".json"), {"split": split, "runs": rows, "paper": cited, "skipped": missing})
+    return Comparison(rows, cited, missing, figure, out.with_suffix(".json"))
+
+
+__all__ = ["Comparison", "MetricsReport", "visualize_folder", "write_attention", "write_comparison", "write_crops",
+           "write_metrics", "write_rollout"]
