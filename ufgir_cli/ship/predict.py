@@ -16,7 +16,7 @@ import torch
 from ..data.datasets import load_image, normalize, preprocess_for
 from ..data.folder import natural_key, read_classes
 from ..errors import CheckpointError, DatasetError
-from ..model.checkpoint import load_run
+from ..model.checkpoint import load_model
 from ..paths import dataset_dir
 from ..recipe import Recipe, recipe_from_dict
 from .graph import load_pt2, read_sidecar, require
@@ -65,7 +65,8 @@ def load_predictor(source: str | os.PathLike) -> Predictor:
             forward = load_pt2(source)
         return Predictor(forward, recipe, int(meta["num_classes"]), tuple(meta["mean"]), tuple(meta["std"]),
                          meta.get("batch_size"))
-    model, recipe = load_run(source)
+    loaded = load_model(source)
+    model, recipe = loaded.model, loaded.recipe
     data_cfg = model.data_config()
     mean, std = data_cfg["mean"], data_cfg["std"]
     return Predictor(model, recipe, model.num_classes, mean, std)
