@@ -72,7 +72,7 @@ def train(
     try:
         shown = [progress] if main_rank else []
         summary = resume_run(run_dir, callbacks=shown) if r is None else \
-            fit(r, run_dir, callbacks=shown, overwrite=overwrite)
+            fit(r, run_dir, callbacks=shown, resume=False, overwrite=overwrite)
     except Interrupted as stop:
         # The live display redraws until stopped: stop it first, so that the resume command is the last
         # line on the screen (or in a log), on its own line.
