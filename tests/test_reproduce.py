@@ -116,7 +116,8 @@ def test_killed_grid_continues_here(killed, data_root):
     before = {p: p.stat().st_mtime_ns for p in grid.root.glob("sweeps/*/runs/*/eval/*/metrics.json")}
     assert len(before) == 3 * 3 + 2  # three sweeps of 3 runs, then phase 1 and seed 1 of the last
     status = {(r["method"], r["task"], r["phase"], r["seed"]): r["status"] for r in run_status(grid)}
-    assert status[("adapter", "soygene", 2, 10)] == "pending" and status[("linear", "soygene", 2, 10)] == "done"
+    # the in-process stand-in for a kill raised an exception, which the run records as its failure
+    assert status[("adapter", "soygene", 2, 10)] == "failed" and status[("linear", "soygene", 2, 10)] == "done"
     assert list(status.values()).count("done") == 11 and len(status) == 12
     res = runner.invoke(app, grid_args(data_root, grid.root.parent))
     assert res.exit_code == 0, res.output
@@ -125,7 +126,57 @@ def test_killed_grid_continues_here(killed, data_root):
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert_table_is_the_runs_own(grid)
     res = runner.invoke(app, ["reproduce", "status", "tiny", "--out", str(grid.root.parent)])
-    assert res.exit_code == 0 and "12 done · 0 running · 0 failed · 0 pending" in res.output
+    assert res.exit_code == 0 and "12 done · 0 running · 0 resumable · 0 failed · 0 pending" in res.output
+
+
+def test_status_tells_a_live_run_from_a_killed_one(killed, tmp_path):
+    """`reproduce status` on a copy of the killed grid: the interrupted run's status.json as a live owner
+    (a running process's pid on this host) leaves it, then as SIGKILL leaves it (the pid gone)."""
+    import os
+    import subprocess
+
+    from ufgir_cli.model.checkpoint import read_checkpoint
+    from ufgir_cli.paths import RunDir, this_host
+    from ufgir_cli.reproduce import load_grid
+
+    _, snapshot = killed
+    shutil.copytree(snapshot, tmp_path / "tiny")
+    grid = load_grid("tiny", tmp_path)
+    row = next(r for r in run_status(grid) if (r["method"], r["task"], r["phase"], r["seed"]) == ("adapter", "soygene", 2, 10))
+    run = RunDir(row["run"])
+    saved = read_checkpoint(run.last)["train_state"]["step"]
+    record = {**run.read_status(), "state": "running", "host": this_host(), "heartbeat": 0.0, "reason": None}
+    assert record["saved_step"] == saved == 1
+
+    def shown() -> tuple[dict, str]:
+        rows = {(r["method"], r["task"], r["phase"], r["seed"]): r for r in run_status(grid)}
+        res = runner.invoke(app, ["reproduce", "status", "tiny", "--out", str(tmp_path)])
+        assert res.exit_code == 0, res.output
+        return rows, res.output
+
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        run.status_file.write_text(json.dumps({**record, "pid": live.pid}))
+        rows, out = shown()
+        r = rows[("adapter", "soygene", 2, 10)]
+        assert (r["status"], r["owner"], r["step"]) == ("running", f"{live.pid}@{this_host()}", record["step"])
+        line = f"running   adapter      soygene        phase 2 lr 0.1 seed 10  running (pid {live.pid}@{this_host()}"
+        assert line in out and "11 done · 1 running · 0 resumable · 0 failed · 0 pending" in out
+    finally:
+        live.kill()
+        live.wait()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert dead.pid != os.getpid()
+    run.status_file.write_text(json.dumps({**record, "pid": dead.pid}))
+    rows, out = shown()
+    r = rows[("adapter", "soygene", 2, 10)]
+    assert (r["status"], r["step"], r["reason"]) == ("resumable", saved, "owner gone")
+    assert f"resumable adapter      soygene        phase 2 lr 0.1 seed 10  resumable (step {saved}, owner gone)" in out
+    assert "11 done · 0 running · 1 resumable · 0 failed · 0 pending" in out
+    finished = rows[("linear", "soygene", 2, 10)]
+    assert (finished["status"], finished["detail"]) == ("done", "done")
+    assert RunDir(finished["run"]).read_status()["state"] == "done"
 
 
 def test_killed_grid_continues_through_submitit(killed):

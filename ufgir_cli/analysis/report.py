@@ -23,9 +23,10 @@ from ..data.loaders import make_loader, open_split
 from ..errors import DatasetError, OptionError
 from ..methods import FAMILY_TITLES, all_methods
 from ..model import build_model
-from ..model.checkpoint import checkpoint_tag, load_run, read_checkpoint, resolve_checkpoint
-from ..model.precision import resolve_device, resolve_precision
-from ..paths import dataset_dir, run_dir_of
+from ..model.checkpoint import checkpoint_tag, read_checkpoint, resolve_checkpoint
+from ..model.checkpoint import load_model as load_any
+from ..model.precision import resolve_precision
+from ..paths import RunDir, dataset_dir, run_dir_of
 from ..recipe import Recipe, load_recipe, load_saved_recipe, recipe_from_dict
 from . import rollout as ro
 from .cka import MIN_BATCH
@@ -41,11 +42,10 @@ MakeMaps = Callable[[nn.Module, list[torch.Tensor]], list[tuple[str, torch.Tenso
 
 
 def load_model(path: Path, checkpoint: str = "auto", device: str = "auto") -> tuple[nn.Module, Recipe, Path, str]:
-    """(model in eval mode, recipe, checkpoint file, resolved device) of a run folder or checkpoint file."""
-    device = resolve_device(device)
-    ckpt = resolve_checkpoint(path, checkpoint)
-    model, recipe = load_run(ckpt, device=device)
-    return model.eval(), recipe, ckpt, device
+    """(model in eval mode, recipe, checkpoint file, resolved device) of a run folder or checkpoint file,
+    through the one loader (`model.checkpoint.load_model`)."""
+    loaded = load_any(path, checkpoint, device)
+    return loaded.model, loaded.recipe, loaded.file, loaded.device
 
 
 def run_label(path: Path, recipe: Recipe) -> str:
@@ -318,7 +318,7 @@ def block_attention(model: nn.Module, attention: list[torch.Tensor], *, layer: i
 
 def saved_recipe(path: Path) -> Recipe:
     """The saved recipe of a run folder, or the one stored in a checkpoint file."""
-    saved = run_dir_of(path) / "recipe.toml"
+    saved = RunDir.of(path).recipe_file
     if saved.is_file():
         return load_saved_recipe(saved)
     return recipe_from_dict(read_checkpoint(resolve_checkpoint(path))["recipe"])
@@ -343,20 +343,20 @@ def compare_rows(runs: Sequence[Path], split: str = "test") -> tuple[list[dict],
         if not run.exists():
             missing.append(f"{run}: does not exist")
             continue
-        run_dir = run_dir_of(run)
-        if not (run.suffix in (".pt", ".pth") if run.is_file() else (run / "recipe.toml").is_file()):
+        run_dir = RunDir.of(run)
+        if not (run.suffix in (".pt", ".pth") if run.is_file() else RunDir(run).is_run()):
             missing.append(f"{run}: not a run folder or checkpoint")
             continue
-        result = run_dir / "eval" / split / "metrics.json"
+        result = run_dir.eval_metrics(split)
         if not result.is_file():
             missing.append(f"{run}: not evaluated on {split} yet; `ufgir eval {run} --split {split}` writes "
-                           f"{result.relative_to(run_dir)}")
+                           f"{result.relative_to(run_dir.root)}")
             continue
         m = json.loads(result.read_text(encoding="utf-8"))
         recipe = saved_recipe(run)
         c = static_cost(recipe, m["num_classes"])
         rows.append({
-            "run": str(run_dir), "label": run_dir.name, "method": recipe.model.method, "dataset": recipe.data.dataset,
+            "run": str(run_dir.root), "label": run_dir.name, "method": recipe.model.method, "dataset": recipe.data.dataset,
             "method_title": method_title(recipe.model.method), "family": method_family(recipe.model.method),
             "dataset_title": dataset_title(recipe.data.dataset),
             "image_size": recipe.model.image_size, "checkpoint": m.get("checkpoint"), "top1": m["top1"],

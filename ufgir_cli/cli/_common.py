@@ -84,12 +84,11 @@ def debug_enabled() -> bool:
 
 def latest_run(runs: Path) -> Path | None:
     """The run folder under ``runs`` that changed last (its newest checkpoint, metrics or recipe)."""
-    def changed(run: Path) -> float:
-        files = [*run.glob("checkpoints/*.pt"), run / "metrics.jsonl", run / "recipe.toml"]
-        return max(f.stat().st_mtime for f in files if f.is_file())
+    from ..paths import RunDir
 
-    found = [d for d in runs.iterdir() if (d / "recipe.toml").is_file()] if runs.is_dir() else []
-    return max(found, key=changed, default=None)
+    found = [RunDir(d) for d in runs.iterdir()] if runs.is_dir() else []
+    latest = max((r for r in found if r.is_run()), key=RunDir.changed_at, default=None)
+    return latest.root if latest is not None else None
 
 
 def resolve_run(run: Path | None) -> Path:

@@ -61,7 +61,7 @@ def reproduce(
     reproduce/<name>/table1.{md,csv,tex}: test top-1 mean ± sample std over seeds beside the paper's number.
 
     The same command again skips finished runs and resumes killed ones. `ufgir reproduce status [NAME]`
-    lists every run as done, running, failed or pending.
+    lists every run as done, running, resumable, failed or pending.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -156,8 +156,10 @@ def status(
     out: OutOpt = Path("reproduce"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the runs as JSON.")] = False,
 ) -> None:
-    """Every run of a reproduction: done, running, failed or pending."""
+    """Every run of a reproduction: done, running (pid@host, step), resumable (step, why it stopped),
+    failed (reason) or pending; one line per run, the status first."""
     from ..errors import RecipeError
+    from ..paths import STATUS_KINDS
     from ..reproduce import load_grid, run_status
 
     if name is None:
@@ -171,6 +173,7 @@ def status(
         return
     for r in rows:
         what = f"phase {r['phase']} " + (f"lr {r['lr']:g} " if r["lr"] is not None else "") + f"seed {r['seed']}"
-        console.print(f"{r['status']:8} {r['method']:12} {r['task']:14} {what}", markup=False, soft_wrap=True)
+        detail = f"  {r['detail']}" if r["detail"] != r["status"] else ""
+        console.print(f"{r['status']:9} {r['method']:12} {r['task']:14} {what}{detail}", markup=False, soft_wrap=True)
     counts = Counter(r["status"] for r in rows)
-    console.print(" · ".join(f"{counts[k]} {k}" for k in ("done", "running", "failed", "pending")), soft_wrap=True)
+    console.print(" · ".join(f"{counts[k]} {k}" for k in STATUS_KINDS), soft_wrap=True)

@@ -59,7 +59,8 @@ def sweep(
         where = f" on gpu {info['gpu']} · log {info['log']}" if "gpu" in info else ""
         if kind == "started":
             what = {"train": "training", "resume": "resuming", "evaluate": "evaluating"}[info["action"]]
-            console.print(f"started  {run.label}: {what} {run.run_dir}{where}", soft_wrap=True)
+            was = f" (was {info['status']})" if info.get("status") not in (None, "pending") else ""
+            console.print(f"started  {run.label}: {what} {run.run_dir}{was}{where}", soft_wrap=True, markup=False)
         elif kind == "skipped":
             console.print(f"skipped  {run.label}: {run.metrics_file} exists", soft_wrap=True)
         elif kind == "finished":

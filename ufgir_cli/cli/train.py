@@ -34,8 +34,8 @@ def train(
     Ctrl-C or SIGTERM finish the current step, save a checkpoint and print the command that resumes it.
     """
     from ..errors import RecipeError
-    from ..paths import runs_dir
-    from ..recipe import load_recipe, load_saved_recipe
+    from ..paths import RunDir, runs_dir
+    from ..recipe import load_recipe
 
     if resume is not None:
         given = [flag for flag, v in (("--recipe", recipe), ("--dataset", dataset), ("--set", sets), ("--out", out),
@@ -43,12 +43,7 @@ def train(
                                       ("--device", device), ("--threads", threads is not None)) if v]
         if given:
             raise RecipeError(f"--resume continues a run in place with its saved recipe; drop {', '.join(given)}")
-        if not resume.is_dir():
-            raise RecipeError(f"--resume {resume}: no such run folder; give the folder that holds recipe.toml")
-        if not (resume / "recipe.toml").is_file():
-            raise RecipeError(f"--resume {resume}: not a run folder (no recipe.toml); give the folder `ufgir train` made")
-        r = load_saved_recipe(resume / "recipe.toml")
-        run_dir = resume
+        r, run_dir = None, resume
     else:
         if recipe is None:
             raise RecipeError("--recipe is required: a packaged name (see `ufgir recipes list`) or a TOML path")
@@ -69,13 +64,15 @@ def train(
         run_dir = (out or runs_dir()) / (name or default_run_name(r))
 
     from ..engine.train import Interrupted, fit
+    from ..engine.train import resume as resume_run
     from .progress import RichProgress
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 shows progress
     progress = RichProgress(quiet)
     try:
-        summary = fit(r, run_dir, callbacks=[progress] if main_rank else [], resume=resume is not None,
-                      overwrite=overwrite)
+        shown = [progress] if main_rank else []
+        summary = resume_run(run_dir, callbacks=shown) if r is None else \
+            fit(r, run_dir, callbacks=shown, resume=False, overwrite=overwrite)
     except Interrupted as stop:
         # The live display redraws until stopped: stop it first, so that the resume command is the last
         # line on the screen (or in a log), on its own line.
@@ -86,6 +83,6 @@ def train(
         progress.close()  # after an error too: the terminal gets its cursor back
     if summary["skipped_images"]:
         console.print(f"skipped {summary['skipped_images']} unreadable images (listed in "
-                      f"{Path(summary['run_dir']) / 'provenance.json'} under dataset.skipped_images)", soft_wrap=True)
+                      f"{RunDir(summary['run_dir']).provenance_file} under dataset.skipped_images)", soft_wrap=True)
     console.print(f"next: ufgir eval {summary['run_dir']}   ·   tensorboard --logdir {summary['run_dir']}",
                   soft_wrap=True, markup=False)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..analysis import report as ar
 from ..io import atomic_write_json
-from ..paths import run_dir_of, runs_dir
+from ..paths import RunDir, run_dir_of, runs_dir
 from ..viz import figures as vf
 
 
@@ -53,7 +53,7 @@ def write_metrics(run: str | Path, *, split: str = "test", batches: int | None =
         results.append(other)
         recipes.append(other_recipe)
         labels.append(ar.run_label(Path(vs), other_recipe))
-    out = run_dir_of(run) / "analysis"
+    out = RunDir.of(run).analysis_dir
     suffix = f"_vs_{run_dir_of(vs).name}" if vs is not None else ""
     names = [ar.method_title(r.model.method) for r in recipes]
     if len(set(names)) < len(names):  # two runs of one method: only their folders tell them apart
@@ -78,7 +78,7 @@ def write_metrics(run: str | Path, *, split: str = "test", batches: int | None =
 
 def visualize_folder(run: str | Path, kind: str, split: str, images: Sequence[Path] | None) -> Path:
     """Where a `visualize` figure of ``kind`` goes: ``<run>/analysis/visualize/<kind>_<split or images>/``."""
-    return run_dir_of(run) / "analysis" / "visualize" / f"{kind}_{'images' if images else split}"
+    return RunDir.of(run).analysis("visualize", f"{kind}_{'images' if images else split}")
 
 
 def _write_maps(run: str | Path, kind: str, what: str, make_maps: Callable, *, split: str = "test",

@@ -23,6 +23,7 @@ import torch
 from .. import __version__
 from ..data.folder import SplitFile, read_info
 from ..io import atomic_write_json, file_sha256
+from ..paths import RunDir
 from ..recipe import Recipe
 from .threads import available_cores
 
@@ -75,4 +76,4 @@ def provenance(recipe: Recipe, backbone_sha256: str, *, device: str | None = Non
 
 def write_provenance(run_dir: Path, recipe: Recipe, backbone_sha256: str, **sections: Any) -> None:
     """Write ``run_dir/provenance.json`` atomically; ``sections`` as for :func:`provenance`."""
-    atomic_write_json(run_dir / "provenance.json", provenance(recipe, backbone_sha256, **sections))
+    atomic_write_json(RunDir(run_dir).provenance_file, provenance(recipe, backbone_sha256, **sections))

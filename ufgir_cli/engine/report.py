@@ -1,5 +1,6 @@
 """`ufgir eval` as a library call: rebuild the model from its checkpoint, evaluate a split, write
-``eval/<split>/{metrics.json,per_class.csv,predictions.csv}`` atomically."""
+``eval/<split>/{metrics.json,per_class.csv,predictions.csv}`` atomically (for a checkpoint that is not
+the run's own, the folder `RunDir.eval_dir_for` names, so the run's own results stay)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import torch._dynamo.exc
 from ..data.folder import SplitFile
 from ..errors import ModelError
 from ..io import atomic_write_json, atomic_write_text
-from ..model.checkpoint import checkpoint_tag, load_run, resolve_checkpoint
-from ..model.precision import resolve_device, resolve_precision
-from ..paths import run_dir_of
+from ..model.checkpoint import load_model
+from ..model.precision import resolve_precision
+from ..paths import RunDir
 from ..recipe import Recipe
 from .evaluate import EvalResult, compiled_for_inference, evaluate
 from .runtime import Runtime
@@ -26,10 +27,8 @@ def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto
              on_batch=None, compile_model: bool = False) -> tuple[dict, Path, Recipe]:
     from ..data.loaders import make_loader, open_split
 
-    path = Path(path)
-    ckpt_file = resolve_checkpoint(path, checkpoint) if path.suffix != ".safetensors" else path
-    device = resolve_device(device)
-    model, recipe = load_run(ckpt_file, device=device)
+    loaded = load_model(path, checkpoint, device=device)
+    model, recipe, ckpt_file, device = loaded.model, loaded.recipe, loaded.file, loaded.device
     split = split or recipe.eval.split
     prec = resolve_precision(precision or recipe.train.precision, device)
     sf = open_split(recipe, split)
@@ -46,18 +45,20 @@ def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto
         why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ModelError(f"ufgir eval --compile: torch.compile failed ({why}); on a CPU it needs a working C++ "
                          "compiler (install gcc or set CXX), or evaluate without --compile") from None
-    m = write_eval(run_dir_of(path), sf, res, checkpoint=checkpoint_tag(ckpt_file), precision=prec)
-    return m, run_dir_of(path) / "eval" / split, recipe
+    out = loaded.run.eval_dir_for(split, ckpt_file)
+    m = write_eval(loaded.run.root, sf, res, checkpoint=loaded.tag, precision=prec, out=out)
+    return m, out, recipe
 
 
-def write_eval(run_dir: Path, sf: SplitFile, res: EvalResult, *, checkpoint: str, precision: str) -> dict:
-    """Write ``eval/<split>/{metrics.json,per_class.csv,predictions.csv}`` for one evaluation of
-    ``sf``; returns the metrics as saved. `eval_run` and the end of training share it, so a run's
-    own final evaluation and a later ``ufgir eval`` leave the same files."""
+def write_eval(run_dir: Path, sf: SplitFile, res: EvalResult, *, checkpoint: str, precision: str,
+               out: Path | None = None) -> dict:
+    """Write ``{metrics.json,per_class.csv,predictions.csv}`` of one evaluation of ``sf`` into the run's
+    ``eval/<split>/`` (or ``out``: `RunDir.eval_dir_for` names it); returns the metrics as saved.
+    `eval_run` and the end of training share it, so a run's own final evaluation and a later ``ufgir eval`` leave the same files."""
     m = dict(res.metrics)
     per_class = m.pop("per_class")
     m.update({"split": sf.split, "checkpoint": checkpoint, "precision": precision})
-    out = run_dir / "eval" / sf.split
+    out = out or RunDir(run_dir).eval_dir(sf.split)
     atomic_write_json(out / "metrics.json", m)
     counts = [0] * sf.num_classes
     for _, t in sf.samples:

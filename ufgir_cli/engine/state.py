@@ -25,8 +25,10 @@ from ..errors import CheckpointError, TrainingError
 from ..model.checkpoint import check_identity, checkpoint_payload, read_checkpoint, save_checkpoint
 from ..model.precision import FrozenCast
 from ..model.vit import UfgirViT
+from ..paths import RunDir
 from ..recipe import Recipe
 from .dist import DistContext, all_gather_object
+from .owner import checkpoint_saved
 
 
 @dataclass
@@ -128,7 +130,7 @@ class Interrupted(TrainingError):
 
     def __init__(self, msg: str, signum: int):
         super().__init__(msg)
-        self.exit_code = 128 + signum
+        self.signum, self.exit_code = signum, 128 + signum
 
     @classmethod
     def at(cls, signum: int | None, step: int, run_dir: Path) -> Interrupted:
@@ -176,8 +178,14 @@ class StopFlag:
 
 
 def read_resume_checkpoint(run_dir: Path, recipe: Recipe) -> dict:
-    """The run's ``last.pt``, checked to hold training state for this recipe and work left to do."""
-    path = run_dir / "checkpoints" / "last.pt"
+    """The run's ``last.pt``, checked to hold training state for this recipe and work left to do, in a
+    run that no live process is training (the one place that says whether a run folder can be resumed)."""
+    run = RunDir(run_dir)
+    status = run.status()
+    if status.kind == "running":
+        raise CheckpointError(f"run {run_dir} is {status}; wait for it to end or stop it (SIGTERM saves a checkpoint) "
+                              "before resuming it here")
+    path = run.last
     if not path.is_file():
         raise CheckpointError(
             f"run {run_dir} has no checkpoints/last.pt to resume (it stopped before its first checkpoint); "
@@ -226,7 +234,7 @@ class Checkpointer:
                  scaler: torch.amp.GradScaler, cast: FrozenCast, dist: DistContext, backbone_sha: str):
         self.run_dir, self.model, self.recipe, self.opt, self.scaler = run_dir, model, recipe, opt, scaler
         self.cast, self.dist, self.backbone_sha = cast, dist, backbone_sha
-        self.last = run_dir / "checkpoints" / "last.pt"
+        self.last = RunDir(run_dir).last
 
     def save(self, tag: str, state: TrainState, metrics: dict | None = None) -> None:
         """Non-finite weights are never saved: the last good file stays."""
@@ -245,8 +253,9 @@ class Checkpointer:
             with self.cast.originals():  # a full checkpoint holds the frozen weights as they are, not their bf16 copies
                 payload = checkpoint_payload(self.model, self.recipe, train_state=ts, metrics=metrics,
                                              backbone_sha256=self.backbone_sha)
-                save_checkpoint(self.run_dir / "checkpoints" / f"{tag}.pt", payload)
+                save_checkpoint(RunDir(self.run_dir).checkpoint(tag), payload)
         except CheckpointError as e:
             then = f"resume with: ufgir train --resume {shlex.quote(str(self.run_dir))}" if self.last.is_file() \
                 else "start again with --overwrite"
             raise CheckpointError(f"{e}; then {then}") from None
+        checkpoint_saved(self.run_dir, tag, state.step, state.epoch)

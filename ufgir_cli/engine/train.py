@@ -40,15 +40,17 @@ from ..analysis.cost import peak_memory_mb
 from ..data.datasets import normalize
 from ..data.integrity import dataset_notices
 from ..data.loaders import make_loader, read_splits, with_num_classes
-from ..errors import RunFolderError, TrainingError
+from ..errors import RecipeError, RunFolderError, TrainingError
 from ..io import atomic_write_text, remove_stale_temps
 from ..model.checkpoint import load_into
 from ..model.vit import UfgirViT, build_model
-from ..recipe import Recipe, dump_resolved
+from ..paths import RunDir
+from ..recipe import Recipe, dump_resolved, load_saved_recipe
 from .callbacks import Callback, CallbackList, JsonlLogger, TensorBoardLogger
 from .dist import barrier, broadcast_flag, cleanup
 from .evaluate import EvalResult, evaluate
 from .optim import build_optimizer, lr_at, set_lr
+from .owner import RunOwner
 from .provenance import write_provenance
 from .report import write_eval
 from .runtime import Runtime
@@ -79,14 +81,16 @@ def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise RunFolderError(f"run folder {run_dir} exists; pick another --name, pass --overwrite, or --resume it")
-    if not (run_dir / "recipe.toml").is_file():
+    if (status := RunDir(run_dir).status()).kind == "running":
+        raise RunFolderError(f"run folder {run_dir} is {status}; --overwrite never replaces a live run")
+    if not RunDir(run_dir).is_run():
         raise TrainingError(f"--overwrite: {run_dir} is not a ufgir run folder (no recipe.toml); refusing to delete it")
 
 
 def loggers_for(run_dir: Path, recipe: Recipe, resume_step: int | None) -> list[Callback]:
     """What rank 0 always writes: metrics.jsonl and, if enabled, TensorBoard. On resume both cut
     their history back to ``resume_step``, the checkpoint's step, which is trained again."""
-    loggers: list[Callback] = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=resume_step)]
+    loggers: list[Callback] = [JsonlLogger(RunDir(run_dir).metrics_log, resume_step=resume_step)]
     if recipe.logging.tensorboard:
         loggers.append(TensorBoardLogger(run_dir, resume_step=resume_step))
     return loggers
@@ -104,7 +108,7 @@ def model_for_training(recipe: Recipe, rt: Runtime, resume_ckpt: dict | None, ru
         torch.manual_seed(recipe.train.seed + rt.dist.rank)
     backbone_sha = model.backbone_sha256()
     if resume_ckpt is not None:
-        load_into(model, resume_ckpt, str(run_dir / "checkpoints" / "last.pt"), backbone_sha)
+        load_into(model, resume_ckpt, str(RunDir(run_dir).last), backbone_sha)
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.to(rt.device)
@@ -365,6 +369,7 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
     final_eval: EvalResult | None = None
     with contextlib.ExitStack() as stack:
         loop.stop = stack.enter_context(StopFlag())
+        stack.enter_context(RunOwner(run_dir, state, rt.is_main))  # status.json: owner, heartbeat, how it ended
         cast = stack.enter_context(rt.weights_cast(model))
         for lg in loggers:
             stack.callback(lg.close)
@@ -389,14 +394,15 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, rt: Runtime, state: TrainStat
     writer left; its loggers cut their history back to the checkpoint's step. Other ranks log nothing."""
     if not rt.is_main:
         return []
+    run = RunDir(run_dir)
     if resume:
         remove_stale_temps(run_dir)
-        remove_stale_temps(run_dir / "checkpoints")
+        remove_stale_temps(run.checkpoints_dir)
     else:
         if run_dir.exists():
             shutil.rmtree(run_dir)  # --overwrite of an earlier run (checked before anything was built)
-        (run_dir / "checkpoints").mkdir(parents=True)
-        atomic_write_text(run_dir / "recipe.toml", dump_resolved(recipe))
+        run.checkpoints_dir.mkdir(parents=True)
+        atomic_write_text(run.recipe_file, dump_resolved(recipe))
         write_provenance(run_dir, recipe, backbone_sha, device=rt.device, precision=rt.precision, threads=threads,
                          split=split, skipped=skipped)
     return loggers_for(run_dir, recipe, state.step if resume else None)
@@ -448,6 +454,17 @@ def macs_per_image(model: UfgirViT, recipe: Recipe) -> int:
     from ..analysis.cost import count_flops
 
     return count_flops(model, recipe.model.image_size) // 2
+
+
+def resume(run_dir: Path, *, callbacks: list[Callback] | None = None) -> dict:
+    """Continue a run folder in place with its saved recipe (`ufgir train --resume`, a sweep's
+    killed run): the one way to resume; `read_resume_checkpoint` says whether it can be."""
+    run = RunDir(run_dir)
+    if not run.root.is_dir():
+        raise RecipeError(f"--resume {run_dir}: no such run folder; give the folder that holds recipe.toml")
+    if not run.is_run():
+        raise RecipeError(f"--resume {run_dir}: not a run folder (no recipe.toml); give the folder `ufgir train` made")
+    return fit(load_saved_recipe(run.recipe_file), run.root, callbacks=callbacks, resume=True)
 
 
 __all__ = ["Interrupted", "TrainState", "apply_update", "default_run_name", "fit"]

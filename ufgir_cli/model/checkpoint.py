@@ -13,6 +13,7 @@ import io
 import os
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ import torch
 
 from ..errors import CheckpointError
 from ..io import atomic_save
+from ..paths import CHECKPOINTS, RunDir
 from ..recipe import Recipe, load_saved_recipe, recipe_from_dict
-from .delta import load_delta
+from .delta import load_delta, read_safetensors_metadata
 from .state import load_strict
 from .vit import UfgirViT, build_model
 
@@ -112,7 +114,7 @@ def torch_load_failure(path: Path, err: Exception) -> str:
 
 def _other_checkpoints(path: Path) -> str:
     """What to use instead of an unreadable checkpoint: another one of its run, if there is one."""
-    if path.parent.name != "checkpoints":
+    if path.parent.name != CHECKPOINTS:
         return "replace it with a complete copy"
     others = sorted(p.stem for p in path.parent.glob("*.pt") if p.resolve() != path.resolve())
     if not others:
@@ -203,42 +205,72 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint", devi
 
 def checkpoint_tag(path: Path) -> str:
     """``best``/``last`` for a run's own checkpoints, the path for any other file (metrics.json field)."""
-    return path.stem if path.parent.name == "checkpoints" and path.stem in ("best", "last") else str(path)
+    return path.stem if RunDir.of(path).is_own_checkpoint(path) and path.stem in ("best", "last") else str(path)
 
 
-def resolve_checkpoint(path: str | os.PathLike, checkpoint: str = "auto") -> Path:
-    """A run folder + best/last/auto -> the checkpoint file; a file path is returned as is."""
+def resolve_checkpoint(path: str | os.PathLike | RunDir, checkpoint: str = "auto") -> Path:
+    """A run folder + best/last/auto -> the checkpoint file; a file path is returned as is. Another
+    ``checkpoint`` (a file path) names a checkpoint that is not the run's own."""
     p = Path(path)
     if p.is_file():
         return p
     if not p.is_dir():
         raise CheckpointError(f"{p} is neither a run folder nor a checkpoint file")
-    ck = p / "checkpoints"
+    run = RunDir(p)
     if checkpoint in ("best", "last"):
-        f = ck / f"{checkpoint}.pt"
+        f = run.checkpoint(checkpoint)
         if not f.is_file():
             hint = " (best.pt exists only when selecting on eval.split = val)" if checkpoint == "best" else ""
             raise CheckpointError(f"run {p} has no {checkpoint} checkpoint{hint}")
         return f
     if checkpoint != "auto":
         return resolve_checkpoint(checkpoint)
-    for name in ("best.pt", "last.pt"):
-        if (ck / name).is_file():
-            return ck / name
+    for f in (run.best, run.last):
+        if f.is_file():
+            return f
     raise CheckpointError(f"run {p} has no checkpoints/last.pt; was training interrupted before the first save?")
 
 
-def load_run(path: str | os.PathLike, checkpoint: str = "auto", device: str = "cpu") -> tuple[UfgirViT, Recipe]:
-    """(model, recipe) from a run folder, a checkpoint file, or an adapter-only safetensors delta."""
-    p = Path(path)
+@dataclass
+class LoadedModel:
+    """A model loaded from a run folder, a checkpoint file or a safetensors export, with where it came from."""
+
+    model: UfgirViT  # in eval mode, on ``device``
+    recipe: Recipe
+    file: Path  # the checkpoint or safetensors file read
+    run: RunDir  # the run the source belongs to (a loose file's: its folder)
+    backbone_sha256: str  # the backbone the weights were trained on
+    device: str
+
+    @property
+    def tag(self) -> str:
+        """How ``metrics.json`` names the checkpoint: ``best``, ``last`` or the file's path."""
+        return checkpoint_tag(self.file)
+
+
+def load_model(source: str | os.PathLike | RunDir, checkpoint: str = "auto", device: str = "cpu") -> LoadedModel:
+    """The one way to load a model from a path: a run folder (``checkpoint`` best/last/auto or a file),
+    a checkpoint file, or a safetensors export (full or adapter-only). ``device`` may be ``auto``.
+    A checkpoint of a run with its ``recipe.toml`` uses that recipe when it equals the checkpoint's own."""
+    from .precision import resolve_device
+
+    p, device = Path(source), resolve_device(device)
     if p.suffix == ".safetensors":
-        return load_delta(p, device=device)
+        sha = read_safetensors_metadata(p)["backbone_sha256"]
+        model, recipe = load_delta(p, device=device)
+        return LoadedModel(model.eval(), recipe, p, RunDir.of(p), sha, device)
     f = resolve_checkpoint(p, checkpoint)
     ckpt = read_checkpoint(f)
-    recipe = None
-    run_dir = f.parent.parent
-    if (run_dir / "recipe.toml").is_file() and f.parent.name == "checkpoints":
-        recipe = load_saved_recipe(run_dir / "recipe.toml")
+    run, recipe = RunDir.of(f), None
+    if run.is_own_checkpoint(f) and run.is_run():
+        recipe = load_saved_recipe(run.recipe_file)
         if recipe.model_dump(mode="json") != ckpt["recipe"]:
             recipe = None  # the checkpoint's own recipe is authoritative
-    return model_from_checkpoint(ckpt, source=str(f), device=device, recipe=recipe)
+    model, recipe = model_from_checkpoint(ckpt, source=str(f), device=device, recipe=recipe)
+    return LoadedModel(model, recipe, f, RunDir.of(p), ckpt["backbone"]["sha256"], device)
+
+
+def load_run(path: str | os.PathLike | RunDir, checkpoint: str = "auto", device: str = "cpu") -> tuple[UfgirViT, Recipe]:
+    """(model, recipe) from a run folder, a checkpoint file, or an adapter-only safetensors delta."""
+    loaded = load_model(path, checkpoint, device)
+    return loaded.model, loaded.recipe

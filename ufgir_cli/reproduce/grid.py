@@ -8,7 +8,6 @@ reproduce status NAME`` and a requeued job rebuild the same sweeps, and the swee
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -21,6 +20,7 @@ from ..data.catalog import CATALOG
 from ..errors import RecipeError
 from ..io import atomic_write_json
 from ..methods import TABLE, method_spec
+from ..paths import RunDir, RunStatus
 from ..sweep import DEFAULT_SEEDS, PAPER_LRS, Sweep, make_sweep
 from ..sweep.plan import PHASE_SPLITS
 
@@ -179,53 +179,31 @@ def bench_step_seconds(bench: Path, method: str, image_size: int, batch_size: in
 # ---- status -----------------------------------------------------------------------------------
 
 
-def _locked_by_another(sweep: Sweep) -> bool:
-    """True while a process holds the sweep's lock (``ufgir sweep`` / a reproduce job is on it)."""
-    lock = sweep.root / ".lock"
-    if not lock.is_file():
-        return False
-    try:
-        import fcntl
-    except ImportError:
-        return False
-    with open(lock) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        with contextlib.suppress(OSError):
-            fcntl.flock(f, fcntl.LOCK_UN)
-    return False
-
-
 def run_status(grid: Grid) -> list[dict]:
-    """Every run of the grid as its files say: done (final evaluation written), running (its sweep is
-    locked by a process and the run has started), failed (its sweep's report says so) or pending.
-    Phase 2's runs are listed by seed until phase 1 has chosen their learning rate."""
+    """Every run of the grid as its own folder says (`RunDir.status`): done, running (its owner lives:
+    the same host's pid, or another host's fresh heartbeat), resumable (stopped, or its owner died),
+    failed (its error record; for a run that left none, its sweep's report) or pending. ``status`` is
+    the kind, ``detail`` the one line with step, owner and reason. Phase 2's runs are listed by seed
+    until phase 1 has chosen their learning rate."""
     rows = []
     for method, task, sweep in grid.sweeps():
         plan = _read(sweep.root / "plan.json") or {}
         report = _read(sweep.root / "sweep.json") or {}
-        failed = {e["key"] for p in ("phase1", "phase2") for e in report.get(p, []) if e.get("status") == "failed"}
-        busy = _locked_by_another(sweep)
+        failed = {e["key"]: e.get("error") for p in ("phase1", "phase2") for e in report.get(p, [])
+                  if e.get("status") == "failed"}
         entries = [(1, e) for e in (plan.get("phase1") or {}).get("runs", [])]
         entries += [(2, e) for e in (plan.get("phase2") or {}).get("runs", [])]
         known = {(p, e["seed"] if p == 2 else e["lr"]) for p, e in entries}
         entries += [(1, {"lr": lr, "seed": sweep.seeds[0]}) for lr in sweep.lrs if (1, lr) not in known]
         entries += [(2, {"lr": None, "seed": s}) for s in sweep.seeds if (2, s) not in known]
         for phase, e in entries:
-            folder = sweep.root / e["run"] if "run" in e else None
-            split = PHASE_SPLITS[phase][1]
-            if folder is not None and (folder / "eval" / split / "metrics.json").is_file():
-                status = "done"
-            elif folder is not None and busy and folder.is_dir():
-                status = "running"
-            elif e.get("key") in failed:
-                status = "failed"
-            else:
-                status = "pending"
+            folder = RunDir(sweep.root / e["run"]) if "run" in e else None
+            status = folder.status(PHASE_SPLITS[phase][1]) if folder is not None else RunStatus("pending")
+            if status.kind == "pending" and e.get("key") in failed:
+                status = RunStatus("failed", reason=failed[e["key"]] or "see the sweep's sweep.json")
             rows.append({"method": method, "task": task, "phase": phase, "lr": e["lr"], "seed": e["seed"],
-                         "status": status, "run": str(folder) if folder is not None else None})
+                         "status": status.kind, "detail": str(status), "step": status.step, "owner": status.owner,
+                         "reason": status.reason, "run": str(folder.root) if folder is not None else None})
     return rows
 
 

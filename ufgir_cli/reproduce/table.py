@@ -19,6 +19,7 @@ from ..analysis.paper import paper_top1
 from ..data.catalog import CATALOG
 from ..io import atomic_write_text
 from ..methods import method_spec
+from ..paths import RunDir
 from ..sweep import Sweep
 from .grid import Grid, rounds_of, sweep_recipe
 
@@ -30,7 +31,7 @@ def seed_top1(sweep: Sweep) -> dict[int, float]:
         return {}
     out = {}
     for e in json.loads(plan.read_text(encoding="utf-8"))["phase2"]["runs"]:
-        m = sweep.root / e["run"] / "eval" / "test" / "metrics.json"
+        m = RunDir(sweep.root / e["run"]).eval_metrics("test")
         if m.is_file():
             out[e["seed"]] = json.loads(m.read_text(encoding="utf-8"))["top1"]
     return out
@@ -43,8 +44,9 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 def _num_classes(sweep: Sweep, task: str) -> int:
     """The task's class count as its runs saw it (a run's metrics.json), else the catalog's."""
-    for m in sorted(sweep.root.glob("runs/*/eval/*/metrics.json")):
-        return json.loads(m.read_text(encoding="utf-8"))["num_classes"]
+    for run in sorted((sweep.root / "runs").glob("*/")):
+        for m in RunDir(run).eval_metrics_files():
+            return json.loads(m.read_text(encoding="utf-8"))["num_classes"]
     return CATALOG[task].num_classes
 
 

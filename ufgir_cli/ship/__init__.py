@@ -15,11 +15,9 @@ from pathlib import Path
 
 from ..errors import ExportError, RecipeError
 from ..io import atomic_write_text
-from ..model.checkpoint import model_from_checkpoint, read_checkpoint, resolve_checkpoint
-from ..model.delta import load_delta, read_safetensors_metadata
-from ..model.vit import UfgirViT
-from ..paths import run_dir_of
-from ..recipe import Recipe
+from ..model.checkpoint import load_model
+from ..model.delta import load_delta
+from ..paths import RunDir
 from .card import human_bytes, model_card
 from .graph import DEFAULT_OPSET, at_image_size, export_onnx, export_pt2, load_pt2
 from .parity import DEFAULT_TOLERANCE, ExportResult, parity_batch
@@ -32,20 +30,7 @@ FORMATS: tuple[str, ...] = ("safetensors", "onnx", "pt2")
 
 def default_export_path(source: Path, fmt: str, adapter_only: bool) -> Path:
     """``<run>/export/model.<fmt>``, or ``adapter.safetensors`` for the PETL delta."""
-    name = "adapter.safetensors" if adapter_only else f"model.{fmt}"
-    return run_dir_of(source) / "export" / name
-
-
-def load_source(source: Path, checkpoint: str = "auto") -> tuple[UfgirViT, Recipe, str]:
-    """(model, recipe, backbone sha256 the run started from) from a run, checkpoint or safetensors."""
-    if source.suffix == ".safetensors":
-        meta = read_safetensors_metadata(source)
-        model, recipe = load_delta(source)
-        return model, recipe, meta["backbone_sha256"]
-    f = resolve_checkpoint(source, checkpoint)
-    ckpt = read_checkpoint(f)
-    model, recipe = model_from_checkpoint(ckpt, source=str(f))
-    return model, recipe, ckpt["backbone"]["sha256"]
+    return RunDir.of(source).export("adapter.safetensors" if adapter_only else f"model.{fmt}")
 
 
 def export_model(source: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None, *,
@@ -63,7 +48,8 @@ def export_model(source: str | os.PathLike, fmt: str, out: str | os.PathLike | N
     out = Path(out) if out is not None else default_export_path(source, fmt, adapter_only)
     if out.resolve() == source.resolve():
         raise ExportError(f"--out {out} is the source itself; choose another file")
-    model, recipe, sha = load_source(source, checkpoint)
+    loaded = load_model(source, checkpoint)
+    model, recipe, sha = loaded.model, loaded.recipe, loaded.backbone_sha256
     if fmt == "safetensors":
         result = export_safetensors(model, recipe, out, adapter_only, backbone_sha256=sha, tolerance=tolerance)
     else:
@@ -76,7 +62,7 @@ def export_model(source: str | os.PathLike, fmt: str, out: str | os.PathLike | N
         else:
             result = export_pt2(model, recipe, out, dynamic_batch=dynamic_batch, tolerance=tolerance)
     card = out.parent / "MODEL_CARD.md"
-    atomic_write_text(card, model_card(model, recipe, result, run_dir_of(source), sha))
+    atomic_write_text(card, model_card(model, recipe, result, RunDir.of(source), sha))
     return dataclasses.replace(result, card=card)
 
 

@@ -11,16 +11,17 @@ from pathlib import Path
 
 from ..analysis.cost import count_flops, count_params
 from ..model.vit import UfgirViT
+from ..paths import RunDir
 from ..recipe import Recipe, dump_resolved
 from .graph import sidecar_path
 from .parity import ExportResult, model_image_size
 
 
-def _eval_rows(run_dir: Path | None) -> list[dict]:
-    if run_dir is None or not (run_dir / "eval").is_dir():
+def _eval_rows(run: RunDir | None) -> list[dict]:
+    if run is None:
         return []
     rows = []
-    for f in sorted((run_dir / "eval").glob("*/metrics.json")):
+    for f in run.eval_metrics_files():
         try:
             rows.append(json.loads(f.read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError):
@@ -60,7 +61,7 @@ def human_bytes(n: int) -> str:
     return f"{size:.1f} GB"
 
 
-def model_card(model: UfgirViT, recipe: Recipe, result: ExportResult, run_dir: Path | None,
+def model_card(model: UfgirViT, recipe: Recipe, result: ExportResult, run_dir: RunDir | Path | None,
                backbone_sha256: str) -> str:
     """MODEL_CARD.md text: what the model is, what it costs, how well it did, how to run it."""
     m, d = recipe.model, recipe.data
@@ -89,7 +90,7 @@ def model_card(model: UfgirViT, recipe: Recipe, result: ExportResult, run_dir: P
         "## Evaluation",
         "",
     ]
-    rows = _eval_rows(run_dir)
+    rows = _eval_rows(RunDir(run_dir) if run_dir is not None else None)
     if rows:
         lines += ["| split | checkpoint | top-1 % | top-5 % | per-class mean % | images |",
                   "|---|---|---|---|---|---|"]

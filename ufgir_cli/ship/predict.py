@@ -16,7 +16,7 @@ import torch
 from ..data.datasets import load_image, normalize, preprocess_for
 from ..data.folder import natural_key, read_classes
 from ..errors import CheckpointError, DatasetError
-from ..model.checkpoint import load_run
+from ..model.checkpoint import load_model
 from ..paths import dataset_dir
 from ..recipe import Recipe, recipe_from_dict
 from .graph import load_pt2, read_sidecar, require
@@ -64,8 +64,8 @@ def load_predictor(source: str | os.PathLike) -> Predictor:
             forward = load_pt2(source)
         return Predictor(forward, recipe, int(meta["num_classes"]), {"mean": meta["mean"], "std": meta["std"]},
                          meta.get("batch_size"))
-    model, recipe = load_run(source)
-    return Predictor(model, recipe, model.num_classes, model.data_config())
+    loaded = load_model(source)
+    return Predictor(loaded.model, loaded.recipe, loaded.model.num_classes, loaded.model.data_config())
 
 
 def class_names(recipe: Recipe, num_classes: int) -> tuple[list[str], Path | None]:

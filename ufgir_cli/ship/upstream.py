@@ -16,6 +16,7 @@ from ..io import atomic_write_text
 from ..model.checkpoint import checkpoint_payload, save_checkpoint
 from ..model.convert import load_upstream_checkpoint
 from ..model.vit import UfgirViT
+from ..paths import RunDir
 from ..recipe import Recipe, dump_resolved, recipe_from_dict
 
 
@@ -50,8 +51,8 @@ def import_upstream(src: str | os.PathLike, out: str | os.PathLike, overwrite: b
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        atomic_write_text(tmp / "recipe.toml", dump_resolved(recipe))
-        save_checkpoint(tmp / "checkpoints" / "last.pt", checkpoint_payload(model, recipe))
+        atomic_write_text(RunDir(tmp).recipe_file, dump_resolved(recipe))
+        save_checkpoint(RunDir(tmp).last, checkpoint_payload(model, recipe))
         write_provenance(tmp, recipe, model.backbone_sha256(), imported_from=src)
         if out.exists():
             old = out.parent / f".{out.name}.replaced"

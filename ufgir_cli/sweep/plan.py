@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import RecipeError
 from ..io import atomic_write_json
+from ..paths import RunDir, RunStatus
 from ..recipe import Recipe, load_recipe
 from .runkey import legacy_run_key, run_key
 
@@ -58,8 +59,16 @@ class Run:
         return self.recipe.eval.split
 
     @property
+    def folder(self) -> RunDir:
+        return RunDir(self.run_dir)
+
+    @property
     def metrics_file(self) -> Path:
-        return self.run_dir / "eval" / self.split / "metrics.json"
+        """The final evaluation: its presence makes the run done."""
+        return self.folder.eval_metrics(self.split)
+
+    def status(self) -> RunStatus:
+        return self.folder.status(self.split)
 
     @property
     def label(self) -> str:

@@ -22,11 +22,11 @@ from pathlib import Path
 from ..engine.callbacks import Callback
 from ..engine.report import eval_run
 from ..engine.state import Interrupted, StopFlag
-from ..engine.train import fit
+from ..engine.train import fit, resume
 from ..errors import TrainingError
 from ..io import atomic_write_text
 from ..model.checkpoint import read_checkpoint
-from ..recipe import dump_resolved, load_saved_recipe
+from ..recipe import dump_resolved
 from .plan import Run, Sweep
 
 #: on_event(kind, run, info): kind is "skipped", "started", "finished" or "failed".
@@ -35,15 +35,19 @@ POLL_S = 0.2
 
 
 def action_for(run: Run) -> str:
-    """What a run's folder still needs: "skip" (its final evaluation exists), "evaluate" (trained,
-    killed before writing it), "resume" (a checkpoint part way) or "train" (new, or killed before
-    its first checkpoint)."""
-    if run.metrics_file.is_file():
+    """What a run's folder still needs, from its status (`RunDir.status`): "skip" (done), "evaluate"
+    (trained, stopped before writing its final evaluation), "resume" (a checkpoint part way: stopped,
+    owner gone, or failed and tried again) or "train" (pending). A run that another live process
+    trains is an error: two writers would ruin its folder."""
+    status = run.status()
+    if status.kind == "done":
         return "skip"
-    last = run.run_dir / "checkpoints" / "last.pt"
-    if not last.is_file():
+    if status.kind == "running":
+        raise TrainingError(f"{run.label} ({run.run_dir}) is {status}; wait for it to end or stop it, then run "
+                            "the sweep again")
+    if not run.folder.last.is_file():
         return "train"
-    epoch = (read_checkpoint(last).get("train_state") or {}).get("epoch", 0)
+    epoch = (read_checkpoint(run.folder.last).get("train_state") or {}).get("epoch", 0)
     return "evaluate" if epoch >= run.recipe.train.epochs else "resume"
 
 
@@ -61,13 +65,13 @@ def run_in_process(sweep: Sweep, runs: list[Run], on_event: OnEvent,
         if action == "skip":
             on_event("skipped", run, {})
             continue
-        on_event("started", run, {"action": action})
+        on_event("started", run, {"action": action, "status": str(run.status())})
         t0 = time.time()
         try:
             if action == "evaluate":
                 eval_run(run.run_dir, run.split, checkpoint="last")
             elif action == "resume":
-                fit(load_saved_recipe(run.run_dir / "recipe.toml"), run.run_dir, callbacks=callbacks(run), resume=True)
+                resume(run.run_dir, callbacks=callbacks(run))
             else:
                 fit(run.recipe, run.run_dir, callbacks=callbacks(run), overwrite=run.run_dir.exists())
         except Interrupted as e:
@@ -115,6 +119,7 @@ def run_on_gpus(sweep: Sweep, runs: list[Run], gpus: list[str], on_event: OnEven
                 if gpu in running or not todo or stop.signum is not None or bad_input:
                     continue
                 run, action = todo.pop(0)
+                before = str(run.status())  # as the run stood: the child rewrites it once it starts
                 log = sweep.root / "logs" / f"{run.run_dir.name}.log"
                 log.parent.mkdir(parents=True, exist_ok=True)
                 with open(log, "a", encoding="utf-8") as f:
@@ -122,7 +127,7 @@ def run_on_gpus(sweep: Sweep, runs: list[Run], gpus: list[str], on_event: OnEven
                                              stdin=subprocess.DEVNULL, start_new_session=True,
                                              env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
                 running[gpu] = (run, child, time.time(), log)
-                on_event("started", run, {"action": action, "gpu": gpu, "log": str(log)})
+                on_event("started", run, {"action": action, "status": before, "gpu": gpu, "log": str(log)})
             if stop.signum is not None and not forwarded:
                 for _, child, _, _ in running.values():
                     child.send_signal(stop.signum)

@@ -40,12 +40,15 @@ def mean_std(values: list[float]) -> dict:
 
 
 def _row(sweep: Sweep, run: Run, failed: dict[str, str]) -> dict:
+    """A run's line: ``status`` is finished, failed (in this command), or the run's own status kind
+    (running, resumable, failed, pending: `RunDir.status`), ``detail`` that status in one line."""
     m = read_metrics(run)
-    status = "finished" if m is not None else "failed" if run.key in failed else "pending"
+    own = run.status()
+    status = "finished" if m is not None else "failed" if run.key in failed else own.kind
     numbers = {k: m[k] for k in (*METRICS, "num_images")} if m is not None else None
-    row = {**run_entry(sweep, run), "status": status, run.split: numbers}
+    row = {**run_entry(sweep, run), "status": status, "detail": str(own), run.split: numbers}
     if status == "failed":
-        row["error"] = failed[run.key]
+        row["error"] = failed.get(run.key) or own.reason
     return row
 
 
