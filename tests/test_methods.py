@@ -21,7 +21,7 @@ PART_PREFIX = {"head": ("vit.head.", "head."), "cls": ("vit.cls_token",), "ancho
 
 
 def test_the_table_is_the_only_list_of_names():
-    assert recipe.METHODS == METHOD_NAMES == tuple(m.name for m in TABLE)
+    assert METHOD_NAMES == tuple(m.name for m in TABLE) and not hasattr(recipe, "METHODS")  # one list, one name
     assert len(set(METHOD_NAMES)) == len(TABLE)
     for name in METHOD_NAMES:
         assert recipe.ModelConfig(method=name, ila_locs=None, ila_ds_locs=None).method == name

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 from ufgir_cli.analysis.cost import count_flops
 from ufgir_cli.errors import CheckpointError
+from ufgir_cli.methods import METHOD_NAMES as METHODS
 from ufgir_cli.model import build_model, load_upstream_checkpoint
 from ufgir_cli.model.ila import ILA
 from ufgir_cli.model.vit import resize_input
-from ufgir_cli.recipe import METHODS, load_recipe
+from ufgir_cli.recipe import load_recipe
 
 # ViT-B/16, 200 classes: trainable besides head (769*200) and CLS (768), reference/ILA.md section 3.
 PETL_PARAMS = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ufgir_cli.errors import RecipeError
+from ufgir_cli.methods import METHOD_NAMES as METHODS
 from ufgir_cli.recipe import (
-    METHODS,
     dump_resolved,
     load_recipe,
     load_saved_recipe,

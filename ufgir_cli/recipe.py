@@ -32,11 +32,9 @@ else:  # pragma: no cover - Python 3.10
 from .errors import RecipeError
 from .geometry import backbone_depth, backbone_patch, check_geometry
 from .io import to_toml
-from .methods import ILA_METHODS, METHOD_NAMES, method_spec
+from .methods import ILA_METHODS, method_spec
 from .paths import NON_RECIPE_ENV
 
-METHODS = METHOD_NAMES  # the method table (methods.py) is the only list of names
-Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # Literal["linear", "full", ...]
 SPLITS = ("train", "val", "train_val", "test")
 Split = Literal["train", "val", "train_val", "test"]
 
