@@ -105,6 +105,14 @@ def download(
         summary = {"name": name, "status": result.status, "path": str(result.path)}
         print(json.dumps({**summary, **{k: result.info.get(k) for k in keys}, "verified": verify}))
         return
+    _print_result(name, result)
+    if verify:
+        console.print(f"verified: all {counts.get('train_val', 0) + counts.get('test', 0)} images decode")
+
+
+def _print_result(name: str, result) -> None:
+    """What `download` tells a person about the folder it made (or found complete)."""
+    counts = result.info.get("counts", {})
     if result.status == "present":
         console.print(f"{name} is already complete at {result.path}; --force rebuilds it", soft_wrap=True)
     else:
@@ -132,5 +140,3 @@ def download(
                 f"archive kept at {result.archive} for entries that share it; delete it to free space",
                 soft_wrap=True,
             )
-    if verify:
-        console.print(f"verified: all {counts.get('train_val', 0) + counts.get('test', 0)} images decode")
