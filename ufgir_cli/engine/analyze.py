@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..analysis import report as ar
 from ..io import atomic_write_json
-from ..paths import RunDir, run_dir_of, runs_dir
+from ..paths import RunDir, runs_dir
 from ..viz import figures as vf
 
 
@@ -54,7 +54,7 @@ def write_metrics(run: str | Path, *, split: str = "test", batches: int | None =
         recipes.append(other_recipe)
         labels.append(ar.run_label(Path(vs), other_recipe))
     out = RunDir.of(run).analysis_dir
-    suffix = f"_vs_{run_dir_of(vs).name}" if vs is not None else ""
+    suffix = f"_vs_{RunDir.of(vs).name}" if vs is not None else ""
     names = [ar.method_title(r.model.method) for r in recipes]
     if len(set(names)) < len(names):  # two runs of one method: only their folders tell them apart
         names = labels

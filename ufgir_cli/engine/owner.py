@@ -21,9 +21,6 @@ from pathlib import Path
 from ..io import atomic_write_json
 from ..paths import HEARTBEAT_EVERY_S, RunDir, this_host
 
-#: The owners active in this process, by run folder: `Checkpointer.save` reports each save to its run's.
-_ACTIVE: dict[Path, RunOwner] = {}
-
 
 def one_line(err: BaseException) -> str:
     """An error's message as the run's failure reason: its first line, or its type when it has none."""
@@ -34,7 +31,7 @@ def one_line(err: BaseException) -> str:
 class RunOwner:
     """``with RunOwner(run_dir, state, is_main):`` around the training loop. ``state`` is the loop's
     `TrainState`, read (never written) by the heartbeat for the step it reports. Ranks other than 0
-    do nothing. :meth:`saved` records a checkpoint's step; `Checkpointer.save` calls it."""
+    do nothing. :meth:`saved` records a checkpoint's step; the run's `Checkpointer` calls it."""
 
     def __init__(self, run_dir: Path, state, is_main: bool = True, every_s: float = HEARTBEAT_EVERY_S):
         self.run, self.state, self.is_main, self.every_s = RunDir(run_dir), state, is_main, every_s
@@ -46,7 +43,6 @@ class RunOwner:
     def __enter__(self) -> RunOwner:
         if not self.is_main:
             return self
-        _ACTIVE[self.run.root.resolve()] = self
         before = self.run.read_status()
         now = time.time()
         self.record = {"state": "running", "pid": os.getpid(), "host": this_host(), "started": now, "heartbeat": now,
@@ -77,7 +73,6 @@ class RunOwner:
     def __exit__(self, kind, err, tb) -> None:
         if not self.is_main or not self.record:
             return
-        _ACTIVE.pop(self.run.root.resolve(), None)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -92,9 +87,3 @@ class RunOwner:
         else:
             self._write(state="failed", reason=one_line(err))
 
-
-def checkpoint_saved(run_dir: Path, tag: str, step: int, epoch: int) -> None:
-    """Tell the run's owner in this process (if any) that ``checkpoints/<tag>.pt`` now holds ``step``."""
-    owner = _ACTIVE.get(Path(run_dir).resolve())
-    if owner is not None:
-        owner.saved(tag, step, epoch)

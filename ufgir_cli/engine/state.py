@@ -28,7 +28,7 @@ from ..model.vit import UfgirViT
 from ..paths import RunDir
 from ..recipe import Recipe
 from .dist import DistContext, all_gather_object
-from .owner import checkpoint_saved
+from .owner import RunOwner
 
 
 @dataclass
@@ -231,9 +231,10 @@ class Checkpointer:
     hands in its RNG. Built inside the frozen-weight cast, whose float32 originals it saves."""
 
     def __init__(self, run_dir: Path, model: UfgirViT, recipe: Recipe, opt: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, cast: FrozenCast, dist: DistContext, backbone_sha: str):
+                 scaler: torch.amp.GradScaler, cast: FrozenCast, dist: DistContext, backbone_sha: str,
+                 owner: RunOwner | None = None):
         self.run_dir, self.model, self.recipe, self.opt, self.scaler = run_dir, model, recipe, opt, scaler
-        self.cast, self.dist, self.backbone_sha = cast, dist, backbone_sha
+        self.cast, self.dist, self.backbone_sha, self.owner = cast, dist, backbone_sha, owner
         self.last = RunDir(run_dir).last
 
     def save(self, tag: str, state: TrainState, metrics: dict | None = None) -> None:
@@ -258,4 +259,5 @@ class Checkpointer:
             then = f"resume with: ufgir train --resume {shlex.quote(str(self.run_dir))}" if self.last.is_file() \
                 else "start again with --overwrite"
             raise CheckpointError(f"{e}; then {then}") from None
-        checkpoint_saved(self.run_dir, tag, state.step, state.epoch)
+        if self.owner is not None:  # status.json: where a resume starts
+            self.owner.saved(tag, state.step, state.epoch)

@@ -369,11 +369,11 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
     final_eval: EvalResult | None = None
     with contextlib.ExitStack() as stack:
         loop.stop = stack.enter_context(StopFlag())
-        stack.enter_context(RunOwner(run_dir, state, rt.is_main))  # status.json: owner, heartbeat, how it ended
+        owner = stack.enter_context(RunOwner(run_dir, state, rt.is_main))  # status.json: owner, heartbeat, how it ended
         cast = stack.enter_context(rt.weights_cast(model))
         for lg in loggers:
             stack.callback(lg.close)
-        loop.ckpt = Checkpointer(run_dir, model, recipe, opt, scaler, cast, rt.dist, backbone_sha)
+        loop.ckpt = Checkpointer(run_dir, model, recipe, opt, scaler, cast, rt.dist, backbone_sha, owner)
         while state.epoch < recipe.train.epochs:
             t_log, img_log = train_one_epoch(loop, state)
             final_eval = end_epoch(loop, state, t_log, img_log) or final_eval

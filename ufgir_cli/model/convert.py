@@ -160,7 +160,6 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
     method = model.method
     state = {method.upstream_normalise(k.removeprefix("module.").removeprefix("model.")): t for k, t in sd.items()}
     for k, t in state.items():
-        key = k
         ours = method.map_upstream_key(k, state)
         if ours is not None:
             if ours:  # "": a key that only repeats another, checked by the method
@@ -176,16 +175,16 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
         elif k.startswith("encoder_norm."):
             out["vit.norm." + k.split(".", 1)[1]] = t
         elif k.startswith("aggregator") and not hasattr(model.head, "block"):
-            unmapped.append(key)  # an aggregator block, and the model has none
+            unmapped.append(k)  # an aggregator block, and the model has none
         elif k.startswith("aggregator_norm."):
             out["head.norm." + k.split(".", 1)[1]] = t
         elif model.head is not None and k.startswith(("head.", "dfsm.")):
-            unmapped.append(key)  # the method's head did not claim it
+            unmapped.append(k)  # the method's head did not claim it
         elif k.startswith("head.head."):
             out["vit.head." + k.rsplit(".", 1)[1]] = t
         elif k.startswith("encoder.prompt"):
             if model.prompts is None:
-                unmapped.append(key)
+                unmapped.append(k)
             else:
                 out["prompts"] = t.reshape(model.prompts.shape)
         elif m := re.fullmatch(_BLOCK + r"\.attn\.proj_([qkv])\.(weight|bias)", k):
@@ -194,13 +193,13 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
             which = "attn" if m[2] == "attn" else "mlp"
             sub = _ADAPTER_SUBKEYS.get(m[3])
             if sub is None or model.adapters is None:
-                unmapped.append(key)
+                unmapped.append(k)
             else:
                 out[f"adapters.{m[1]}.{which}.{sub}.{m[4]}"] = t
         elif m := re.fullmatch(_BLOCK + r"\.(.+)\.(weight|bias)", k):
             sub = _BLOCK_SUBKEYS.get(m[2])
             if sub is None:
-                unmapped.append(key)
+                unmapped.append(k)
             else:
                 out[f"{_block_name(m[1])}.{sub}.{m[3]}"] = t
         elif m := re.fullmatch(r"encoder\.(ila_ds|ila)\.(\d+)\.(.+)\.(\w+)", k):
@@ -208,11 +207,11 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
             j = int(m[2])
             sub = _ILA_SUBKEYS.get(m[3])
             if sub is None or j >= len(locs):
-                unmapped.append(key)
+                unmapped.append(k)
             else:
                 out[f"ila.{locs[j]}.{sub}.{m[4]}"] = t
         else:
-            unmapped.append(key)
+            unmapped.append(k)
     for (block, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             unmapped.append(f"{block}: attn.proj_[qkv].{kind} (incomplete: {sorted(parts)})")

@@ -181,7 +181,7 @@ class UfgirViT(nn.Module):
         """The explicit list of what trains for this method (never chosen by name matching)."""
         if self.plan.train_backbone:
             return [self]
-        parts = {"head": self.get_classifier(), "cls": self.vit.cls_token, "anchor": getattr(self, "anchor_cls", None),
+        parts = {"head": self.get_classifier(), "cls": self.vit.cls_token, "anchor": self.anchor_cls,
                  "adapters": self.adapters, "ila": self.ila, "prompts": self.prompts}
         return [parts[p] for p in self.plan.trains if parts[p] is not None]
 
@@ -389,10 +389,6 @@ class UfgirViT(nn.Module):
         if criterion is None:
             raise ValueError("model(x, target) needs the criterion too (the recipe's cross-entropy)")
         return self.method.forward_train(self, x, target, criterion)
-
-    def forward_train(self, x: torch.Tensor, target: torch.Tensor, criterion: nn.Module) -> TrainStep:
-        """The training entry point by name: ``model(x, target, criterion)``."""
-        return self(x, target, criterion)
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:

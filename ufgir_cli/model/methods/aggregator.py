@@ -70,7 +70,9 @@ def maws_scores(cls_rows: torch.Tensor, key0_logits: torch.Tensor) -> torch.Tens
 
 
 class _Aggregator(Method):
-    """Select tokens in one pass, then the aggregator block: ``model(x)`` only."""
+    """Select tokens in one pass, then the aggregator block: ``model(x)`` only. A subclass gives
+    ``select_tokens(model, x)``: the aggregator's input, (B, 1 + K, D) (the last block's CLS token and
+    the K selected tokens), and the selected indices into the blocks' tokens."""
 
     single_pass = False
     timm_head = False
@@ -89,11 +91,6 @@ class _Aggregator(Method):
 
     def forward_head(self, model, x, pre_logits=False, intermediates=None):
         raise ValueError(f"the {self.name} head reads what it selects from attention: call model(x)")
-
-    def select_tokens(self, model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The aggregator's input, (B, 1 + K, D): the last block's CLS token and the K selected tokens;
-        and the selected indices into the blocks' tokens."""
-        raise NotImplementedError
 
     def forward(self, model, x, eval_mode=None):
         self._mode(eval_mode)

@@ -21,6 +21,7 @@ from ...errors import CheckpointError
 from ...methods import MethodSpec
 from ...recipe import ModelConfig
 from ..attention import cls_row_through, rollout_factor
+from ..backbone import new_block_like
 from ..precision import float32_region
 from .aggregator import AggregatorHead
 from .base import Method, Selection
@@ -82,7 +83,9 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 
 class _TwoPass(Method):
-    """The first pass chooses a box; its crop runs again with the anchor CLS token."""
+    """The first pass chooses a box; its crop runs again with the anchor CLS token. A subclass gives
+    ``scores(model, x)``: the first pass's final normed tokens (B, 1 + N, D), a score per patch (B, N)
+    and whether the largest scores win."""
 
     single_pass = False
     traceable = False
@@ -103,11 +106,6 @@ class _TwoPass(Method):
 
     def forward_head(self, model, x, pre_logits=False, intermediates=None):
         raise ValueError(f"the {self.name} head reads a second pass over a crop: call model(x)")
-
-    def scores(self, model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """The first pass: its final normed tokens (B, 1 + N, D), and per patch a score (B, N) and
-        whether the largest scores win."""
-        raise NotImplementedError
 
     def crop(self, model, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The first pass and what it chooses: ``tokens`` (B, 1 + N, D) after the final norm, the
@@ -150,8 +148,6 @@ class GLSim(_TwoPass):
         self.eps = cfg.layer_norm_eps or 1e-6
 
     def build_head(self, vit, num_classes):
-        from ..backbone import new_block_like
-
         return AggregatorHead(new_block_like(vit, self.eps), vit.embed_dim, num_classes, self.eps, own_norm=True)
 
     def scores(self, model, x):
