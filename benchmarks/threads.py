@@ -1,7 +1,7 @@
 """How torch's intra-op thread count changes a CPU training step: `python -m benchmarks.threads`.
 
 Times training steps of the quickstart model (ILA++ on the micro ViT, 64 px) at torch's default
-thread count, at the count ``train.threads`` picks by default (``ufgir_cli.engine.threads``) and at
+thread count, at the count ``train.threads`` picks by default (``ufgir_cli.cores``) and at
 one thread, optionally beside ``--busy`` spinning processes (another job on the machine). Results
 go to ``benchmarks/results/threads.json`` and ``threads.md``.
 """
@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from ufgir_cli.engine.threads import available_cores, intra_op_threads
+    from ufgir_cli.cores import available_cores, intra_op_threads
 
     counts = {"torch default": torch.get_num_threads(), "train.threads auto": intra_op_threads(None, args.workers),
               "one thread": 1}

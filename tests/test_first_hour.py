@@ -146,7 +146,7 @@ def test_interrupt_during_evaluation_ends_with_the_resume_line(tmp_path, monkeyp
 # ---- 4. threads from the cores actually available ---------------------------------------------
 
 def test_threads_follow_affinity_quota_and_workers(tmp_path, monkeypatch):
-    from ufgir_cli.engine import threads
+    from ufgir_cli import cores as threads
 
     (tmp_path / "cpu.max").write_text("150000 100000\n")
     assert threads.cgroup_cpu_quota(tmp_path) == 1.5

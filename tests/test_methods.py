@@ -130,11 +130,7 @@ def test_upstream_detection_is_unambiguous_and_matches_the_reference_rules():
         assert sum(_specificity(m) == _specificity(spec) for m in hits) == 1, (flags, [m.name for m in hits])
 
 
-def test_non_ila_method_with_ila_positions_names_the_ila_methods():
-    from ufgir_cli.errors import RecipeError
-
-    with pytest.raises(RecipeError, match="use method ila, ila_plus or ila_pp"):
-        load_recipe("adapter", {"model": {"ila_ds_locs": [3]}})
+def test_the_ila_methods_and_their_default_positions():
     assert {m.name for m in TABLE if m.has_ila} == {"ila", "ila_plus", "ila_pp"}
     assert METHODS["ila_plus"].default_ila_locs(12, (3, 7)) == (0, 1, 2, 4, 5, 6, 8, 9, 10, 11)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ufgir_cli.errors import RecipeError
+from ufgir_cli.errors import RecipeError, RecipeNotice
 from ufgir_cli.methods import METHOD_NAMES as METHODS
 from ufgir_cli.recipe import (
     dump_resolved,
@@ -80,7 +80,6 @@ def test_parse_overrides_types():
         ({"model": {"ila_ds_locs": [3, 12]}}, "model.ila_ds_locs"),
         ({"model": {"image_size": 230}}, "model.image_size"),
         ({"model": {"image_size": 64}}, "model.ila_ds_locs"),  # 4x4 grid: 4 -> 2, then too small
-        ({"model": {"method": "adapter", "ila_ds_locs": [3]}}, "model.ila_ds_locs"),
         ({"optim": {"lr": -1}}, "optim.lr"),
         ({"train": {"precision": "fp8"}}, "train.precision"),
         ({"model": {"method": "lora"}}, "model.method"),
@@ -121,3 +120,31 @@ def test_unknown_environment_variable(monkeypatch):
 
 def test_name_and_toml_suffix_resolve_the_same():
     assert load_recipe("ila_pp.toml") == load_recipe("ila_pp")
+
+
+def test_ila_positions_follow_the_backbones_depth():
+    """The paper's after-blocks-3-and-7 of 12 is after round(D/3)-1 and round(2D/3)-1; ILA+ fills the
+    rest; TransFG and FFVT run D-1 blocks. Names whose depth is unknown resolve at model build."""
+    micro = {"backbone": "ufgir_vit_micro_patch8_64", "image_size": 64}
+    m = load_recipe("ila_plus", {"model": micro}).model
+    assert (m.ila_ds_locs, m.ila_locs) == ((1, 3), (0, 2, 4, 5))
+    assert load_recipe("ila_pp", {"model": {"backbone": "vit_large_patch16_224"}}).model.ila_ds_locs == (7, 15)
+    assert load_recipe("ila", {}).model.ila_ds_locs == (3, 7)
+    assert load_recipe("transfg", {"model": micro}).model.depth == 5
+    assert load_recipe("ffvt", {}).model.depth == 11
+    assert load_recipe("transfg", {"model": {"depth": 8}}).model.depth == 8  # given: kept
+    unknown = load_recipe("ila", {"model": {"backbone": "some_vit_patch16_224"}}).model
+    assert unknown.ila_ds_locs is None and not unknown.resolved
+    assert unknown.for_backbone(6).ila_ds_locs == (1, 3) and unknown.for_backbone(6).resolved
+    with pytest.raises(RecipeError, match="no room"):
+        load_recipe("ila", {"model": {"backbone": "ufgir_vit_micro_patch8_64", "depth": 2, "image_size": 64}})
+
+
+def test_ila_positions_are_dropped_for_a_method_without_ila_and_kept_between_ila_methods():
+    with pytest.warns(RecipeNotice, match=r"model.ila_ds_locs \[1, 3\] dropped: method 'linear' has no ILA"):
+        m = load_recipe("quickstart", {"model": {"method": "linear"}}).model
+    assert (m.ila_ds_locs, m.ila_locs) == ((), ())
+    m = load_recipe("quickstart", {"model": {"method": "ila_plus"}}).model
+    assert (m.ila_ds_locs, m.ila_locs) == ((1, 3), (0, 2, 4, 5))
+    m = load_recipe("ila_pp", {"model": {"ila_ds_locs": [2, 5], "method": "ila"}}).model
+    assert m.ila_ds_locs == (2, 5)

@@ -18,10 +18,11 @@ import pytest
 from ufgir_cli.recipe import TrainConfig, load_recipe, load_saved_recipe
 from ufgir_cli.sweep import make_sweep, run_sweep
 from ufgir_cli.sweep.plan import make_run, phase1_runs
-from ufgir_cli.sweep.runkey import added_keys, canonical_recipe, legacy_run_key, run_key
+from ufgir_cli.sweep.runkey import added_keys, canonical_recipe, legacy_run_key, machine_run_key, run_key
 
 STORED = Path(__file__).parent / "data" / "compat" / "recipe_key.toml"
-KEY = "d92d193e4479"  # run_key of the stored recipe
+KEY = "c62c33cc2a91"  # run_key of the stored recipe (the machine's keys left out, issue 27 item 7)
+MACHINE_KEY = "d92d193e4479"  # its key while data.num_workers, train.threads and train.device were in it
 LEGACY_KEY = "dc9bbc893f5a"  # the key that release gave it: sha256 of the file's bytes
 
 
@@ -31,16 +32,27 @@ def stored():
 
 
 def test_the_key_of_a_stored_recipe_is_pinned(stored):
-    assert run_key(stored) == KEY
+    assert run_key(stored) == KEY and machine_run_key(stored) == MACHINE_KEY
     assert canonical_recipe(stored) == {
-        "data": {"dataset": "synthetic", "num_workers": 0},
+        "data": {"dataset": "synthetic"},
         "model": {"backbone": "ufgir_vit_micro_patch8_64", "image_size": 64, "ila_ds_locs": [1, 3], "ila_locs": [],
                   "layer_norm_eps": 1e-6, "drop": 0, "adapter_init": "zero", "mean": [0.5] * 3, "std": [0.5] * 3},
         "optim": {"lr": 0.03},
         "schedule": {"warmup_steps": 50},
         "train": {"epochs": 1, "batch_size": 32, "precision": "fp32", "split": "train"},
         "eval": {"split": "val", "every": 5},
-    }  # train.seed = 1 is the default: left out; the description is prose: left out
+    }  # train.seed = 1 is the default: left out; the description is prose: left out; workers are the machine's
+
+
+def test_the_machines_keys_and_the_sweep_section_change_no_key(stored):
+    """Workers, threads and device depend on where a run starts: a sweep planned on a login node goes on
+    on a compute node. An unset num_workers keys as the 4 it resolved to before it could be unset."""
+    other = load_recipe(STORED, {"data": {"num_workers": 7}, "train": {"threads": 3, "device": "cpu"},
+                                 "sweep": {"lrs": [0.5]}}, env=False)
+    assert run_key(other) == KEY and legacy_run_key(other) is not None
+    unset = load_recipe(STORED, {"data": {"num_workers": None}}, env=False)
+    four = load_recipe(STORED, {"data": {"num_workers": 4}}, env=False)
+    assert machine_run_key(unset) == machine_run_key(four) and legacy_run_key(unset) == legacy_run_key(four)
 
 
 def test_the_legacy_key_is_the_hash_of_the_resolved_toml_as_written_then(stored):

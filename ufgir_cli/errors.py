@@ -50,3 +50,8 @@ class RunFolderError(TrainingError):
     """A new run's folder is taken: bad input (exit 2), fixed by another --name, --overwrite or --resume."""
 
     exit_code = 2
+
+
+class RecipeNotice(UserWarning):
+    """Something a recipe's resolution changed that the user should hear of, in one line (e.g. ILA
+    positions dropped for a method without ILA). Commands print it as ``notice: ...``."""

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from .geometry import scale_block
+
 Family = Literal["petl", "ila", "fgir", "full"]
 #: Parts of a model that can train. "all" means every parameter (full fine-tuning).
 Part = Literal["head", "cls", "anchor", "adapters", "ila", "prompts", "all"]
@@ -46,8 +48,13 @@ class MethodSpec:
     needs: tuple[Need, ...] = ("cls_token",)
     class_token: bool = True  # False: the backbone has no CLS token (MPN-COV pools the patch tokens)
     final_norm: bool = True  # False: no LayerNorm after the last block (IFA reads pre-norm CLS tokens)
-    ila_ds_locs: tuple[int, ...] = ()  # default down-sampling ILA positions (a 12-block ViT's)
+    #: Default down-sampling ILA positions as on a 12-block ViT, scaled to the backbone's depth
+    #: (`ds_locs_for`): the paper's after-blocks-3-and-7.
+    ila_ds_locs: tuple[int, ...] = ()
     ila_rest: bool = False  # default: a same-resolution ILA after every block without a DS-ILA
+    #: The backbone's last blocks that the method leaves out for a block of its own (TransFG and FFVT run
+    #: the first D - 1 blocks, then one more block on the tokens they select).
+    replaces_blocks: int = 0
     upstream: tuple[tuple[str, FlagTest], ...] = ()  # how import-upstream recognises it
     recipe: str = ""  # packaged recipe name; the method's name when empty
     title: str = ""  # as the paper and figures name it ("ILA++"); the name when empty
@@ -68,6 +75,16 @@ class MethodSpec:
     @property
     def display_name(self) -> str:
         return self.title or self.name
+
+    def ds_locs_for(self, depth: int) -> tuple[int, ...]:
+        """Down-sampling ILA positions on a ``depth``-block backbone when the recipe leaves
+        ``model.ila_ds_locs`` unset; ValueError when the backbone is too shallow to hold them apart."""
+        locs = tuple(scale_block(b, depth) for b in self.ila_ds_locs)
+        if len(set(locs)) != len(locs):
+            raise ValueError(f"method {self.name!r} puts {len(locs)} down-sampling ILAs after blocks "
+                             f"{', '.join(map(str, self.ila_ds_locs))} of 12; a {depth}-block backbone has no room "
+                             f"for them apart: set model.ila_ds_locs")
+        return locs
 
     def default_ila_locs(self, depth: int, ds_locs: tuple[int, ...]) -> tuple[int, ...]:
         """Same-resolution ILA positions when the recipe leaves ``model.ila_locs`` unset."""
@@ -102,10 +119,10 @@ TABLE: tuple[MethodSpec, ...] = (
                ("head",), impl="mpncov", class_token=False, needs=("patch_grid",), upstream=(("classifier", "mpncov"), *_NO_EXTRAS),
                title="MPN-COV"),
     MethodSpec("transfg", "fgir", "TransFG: one token per head by the product of attention maps, into one "
-               "more block", _PETL, impl="transfg", needs=("cls_token", "patch_grid"),
+               "more block", _PETL, impl="transfg", needs=("cls_token", "patch_grid"), replaces_blocks=1,
                upstream=(("selector", "psm"), *_NO_EXTRAS), title="TransFG"),
     MethodSpec("ffvt", "fgir", "FFVT: 12 tokens per block by mutual attention weights, into one more block",
-               _PETL, impl="ffvt", final_norm=False,
+               _PETL, impl="ffvt", final_norm=False, replaces_blocks=1,
                upstream=(("selector", "maws"), *_NO_EXTRAS), title="FFVT"),
     MethodSpec("glsim", "fgir", "GLSim: the box of the patches most similar to the CLS token, cropped for a second "
                "pass with its own CLS token; both CLS tokens into one more block", (*_PETL, "anchor"),

@@ -17,6 +17,7 @@ import os
 import sys
 import types
 import typing
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -29,10 +30,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from .errors import RecipeError
+from .errors import RecipeError, RecipeNotice
 from .geometry import backbone_depth, backbone_patch, check_geometry
 from .io import to_toml
-from .methods import ILA_METHODS, method_spec
+from .methods import MethodSpec, method_spec
 from .paths import NON_RECIPE_ENV
 
 SPLITS = ("train", "val", "train_val", "test")
@@ -49,7 +50,8 @@ class Section(BaseModel):
 class DataConfig(Section):
     dataset: str = Field("soyageing", description="Dataset name (see `ufgir datasets`) or `synthetic`.")
     root: str | None = Field(None, description="Folder that holds the dataset (default: the data dir).")
-    num_workers: int = Field(4, ge=0, description="Data-loader worker processes.")
+    num_workers: int | None = Field(
+        None, ge=0, description="Data-loader worker processes; unset: from the cores at run time (half, at most 4).")
     resize_ratio: float = Field(1.34, gt=1.0, le=4.0, description="Resize side R = int(ratio * image_size).")
     hflip: bool = Field(True, description="Random horizontal flip in training.")
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
@@ -57,6 +59,31 @@ class DataConfig(Section):
     augment: Literal["weak", "medium"] = Field(
         "weak", description="weak: crop + flip; medium: + TrivialAugmentWide, RandomErasing, label smoothing 0.1 "
         "and uniform stochastic depth 0.1 instead of dropout (the reference's medaugs)")
+
+
+def _fill_layout(spec: MethodSpec, data: dict, backbone_depth: int | None, *, derive_depth: bool = True) -> dict:
+    """``data`` (a model section as a dict) with the method's depth-derived keys filled in where unset,
+    for a backbone of ``backbone_depth`` blocks (None: unknown, those keys stay unset)."""
+    if not spec.has_ila:
+        given = [k for k in ("ila_ds_locs", "ila_locs") if data.get(k)]
+        if given:
+            warnings.warn(RecipeNotice(
+                f"{' and '.join(f'model.{k} {list(data[k])}' for k in given)} dropped: method {spec.name!r} has no ILA"),
+                stacklevel=2)
+        data["ila_ds_locs"] = data["ila_locs"] = ()
+    if spec.replaces_blocks and data.get("depth") is None and backbone_depth is not None:
+        # A run saved before methods derived it ran every block: its unset depth is the backbone's.
+        data["depth"] = backbone_depth - (spec.replaces_blocks if derive_depth else 0)
+    depth = data.get("depth") or backbone_depth
+    if depth is None or not isinstance(depth, int):  # unknown, or malformed (reported by field validation)
+        return data
+    if data.get("ila_ds_locs") is None:
+        data["ila_ds_locs"] = spec.ds_locs_for(depth)
+    if data.get("ila_locs") is None:
+        raw = data["ila_ds_locs"]
+        ok = isinstance(raw, list | tuple) and all(isinstance(i, int) for i in raw)
+        data["ila_locs"] = spec.default_ila_locs(depth, tuple(raw) if ok else ())
+    return data
 
 
 class ModelConfig(Section):
@@ -111,25 +138,33 @@ class ModelConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _method_defaults(cls, data: Any) -> Any:
-        """Fill ILA positions from the method so that `--set model.method=...` just works."""
+        """Fill what the method derives from the backbone's depth (ILA positions, TransFG's and FFVT's
+        blocks) where the backbone's name tells the depth; elsewhere they stay unset until the model
+        is built (`for_backbone`). ILA positions given to a method without ILA are dropped, with a
+        notice, so one grid or ``--set`` can hold ILA and other methods."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        method = data.get("method", "ila_pp")
-        backbone = data.get("backbone", cls.model_fields["backbone"].default)
-        depth = data.get("depth") or (backbone_depth(backbone) if isinstance(backbone, str) else None) or 12
         try:
-            spec = method_spec(method)
+            spec = method_spec(data.get("method", cls.model_fields["method"].default))
         except (ValueError, TypeError):  # an unknown method is reported by field validation
-            spec = None
-        if data.get("ila_ds_locs") is None:
-            data["ila_ds_locs"] = spec.ila_ds_locs if spec else ()
-        if data.get("ila_locs") is None:
-            raw = data["ila_ds_locs"]
-            ok = isinstance(raw, list | tuple) and all(isinstance(i, int) for i in raw)
-            ds = tuple(raw) if ok else ()  # a malformed value is reported by field validation
-            data["ila_locs"] = spec.default_ila_locs(depth, ds) if spec else ()
-        return data
+            return data
+        backbone = data.get("backbone", cls.model_fields["backbone"].default)
+        return _fill_layout(spec, data, backbone_depth(backbone) if isinstance(backbone, str) else None,
+                            derive_depth=not _SAVED.get())
+
+    def for_backbone(self, depth: int) -> ModelConfig:
+        """This section with what the method derives from the depth filled in, for a backbone of
+        ``depth`` blocks whose name did not tell it (read from the built backbone)."""
+        if self.resolved:
+            return self
+        return ModelConfig.model_validate(_fill_layout(method_spec(self.method), self.model_dump(), depth))
+
+    @property
+    def resolved(self) -> bool:
+        """Whether every key the method derives from the backbone's depth is set."""
+        return (self.ila_locs is not None and self.ila_ds_locs is not None
+                and not (method_spec(self.method).replaces_blocks and self.depth is None))
 
     @field_validator("method")
     @classmethod
@@ -156,7 +191,9 @@ class ModelConfig(Section):
 
     @field_validator("ila_locs", "ila_ds_locs")
     @classmethod
-    def _sorted_unique(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+    def _sorted_unique(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is None:
+            return v
         if any(i < 0 for i in v):
             raise ValueError("block indices must be >= 0")
         if len(set(v)) != len(v):
@@ -176,11 +213,6 @@ class ModelConfig(Section):
             raise ValueError(
                 "model.ila_locs and model.ila_ds_locs share blocks "
                 f"{sorted(set(self.ila_locs) & set(self.ila_ds_locs))}; a block takes at most one ILA"
-            )
-        if not method_spec(self.method).has_ila and (self.ila_locs or self.ila_ds_locs):
-            raise ValueError(
-                f"model.ila_locs/model.ila_ds_locs are set but method {self.method!r} has no ILA; "
-                f"use method {', '.join(ILA_METHODS[:-1])} or {ILA_METHODS[-1]}"
             )
         patch = backbone_patch(self.backbone)
         depth = self.depth or backbone_depth(self.backbone)
@@ -219,7 +251,7 @@ class TrainConfig(Section):
     device: str = "auto"
     threads: int | None = Field(
         None, ge=0, description="torch intra-op CPU threads; None or 0 = the cores this process may use, "
-        "less one per data-loader worker (see ufgir_cli.engine.threads)."
+        "less one per data-loader worker (see ufgir_cli.cores)."
     )
     compile: bool | None = Field(None, description="torch.compile; None = on CUDA only.")
     grad_checkpointing: bool = False
@@ -242,6 +274,19 @@ class LoggingConfig(Section):
     log_every: int = Field(20, ge=1, description="Steps between metric log lines.")
 
 
+class SweepConfig(Section):
+    lrs: tuple[float, ...] | None = Field(
+        None, description="Learning rates `ufgir sweep` and `ufgir reproduce` try in phase 1 (unset: the paper's "
+        "SGD grid 0.3, 0.1, 0.03, 0.01, 0.003); --lr overrides them")
+
+    @field_validator("lrs")
+    @classmethod
+    def _positive_distinct(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and (not v or any(not x > 0 for x in v) or len(set(v)) != len(v)):
+            raise ValueError("give distinct positive learning rates")
+        return v
+
+
 class _TomlSource(PydanticBaseSettingsSource):
     """The recipe file's contents, injected per load through a context variable."""
 
@@ -254,6 +299,9 @@ class _TomlSource(PydanticBaseSettingsSource):
 
 _TOML_DATA: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("ufgir_toml", default=None)
 _USE_ENV: contextvars.ContextVar[bool] = contextvars.ContextVar("ufgir_use_env", default=True)
+#: Reading a run's own recipe: it was resolved when the run started, and an unset ``model.depth`` there
+#: means the backbone's own depth (runs made before methods derived it), so nothing is derived again.
+_SAVED: contextvars.ContextVar[bool] = contextvars.ContextVar("ufgir_saved_recipe", default=False)
 
 
 class Recipe(BaseSettings):
@@ -269,6 +317,8 @@ class Recipe(BaseSettings):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    #: What a sweep of this recipe tries (not part of how one run trains: out of the run key).
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
@@ -439,13 +489,17 @@ def load_recipe(
 
 
 def load_saved_recipe(path: str | os.PathLike) -> Recipe:
-    """A run's `recipe.toml`, exactly as written: no environment layering."""
-    return load_recipe(Path(path), env=False)
+    """A run's `recipe.toml`, exactly as written: no environment layering, nothing derived again."""
+    token = _SAVED.set(True)
+    try:
+        return load_recipe(Path(path), env=False)
+    finally:
+        _SAVED.reset(token)
 
 
 def recipe_from_dict(data: dict) -> Recipe:
     """A recipe stored inside a checkpoint (already resolved): validate without environment."""
-    t1, t2 = _TOML_DATA.set({}), _USE_ENV.set(False)
+    t1, t2, t3 = _TOML_DATA.set({}), _USE_ENV.set(False), _SAVED.set(True)
     try:
         return Recipe(**data)
     except ValidationError as e:
@@ -453,6 +507,7 @@ def recipe_from_dict(data: dict) -> Recipe:
     finally:
         _TOML_DATA.reset(t1)
         _USE_ENV.reset(t2)
+        _SAVED.reset(t3)
 
 
 def parse_overrides(items: list[str]) -> dict:

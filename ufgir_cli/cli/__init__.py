@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from ..errors import UfgirError
+from ..errors import RecipeNotice, UfgirError
 from ._common import PlainCommand, PlainGroup, debug_enabled, err_console
 
 
+def _show_notice(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning) -> None:
+    if issubclass(category, RecipeNotice):
+        err_console.print(f"[yellow]notice:[/] {escape(str(message))}", soft_wrap=True, emoji=False)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 class _ErrorBoundary(PlainGroup):
-    """Turn a :class:`UfgirError` from any (sub)command into one red line and its exit code."""
+    """Turn a :class:`UfgirError` from any (sub)command into one red line and its exit code, and a
+    :class:`RecipeNotice` into one yellow line (each once per command)."""
 
     def invoke(self, ctx):  # type: ignore[override]
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("default", RecipeNotice)
+                warnings.showwarning = _show_notice
+                return super().invoke(ctx)
         except UfgirError as err:
             if debug_enabled():
                 raise

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from ..cores import data_workers
 from ..errors import DatasetError, RecipeError
 from ..paths import dataset_dir
 from ..recipe import Recipe
@@ -89,7 +90,7 @@ def make_loader(split: SplitFile, recipe: Recipe, *, train: bool, batch_size: in
     tf = preprocess_for(recipe, train)
     ds = ImageFolderSplit(split, tf, seed=recipe.train.seed, skip_corrupt=d.skip_corrupt)
     sampler = EpochSampler(len(ds), shuffle=train, seed=recipe.train.seed, rank=rank, world=world, pad=train)
-    workers = d.num_workers if workers is None else workers
+    workers = data_workers(d.num_workers if workers is None else workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return DataLoader(
         ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0 and train,

@@ -25,7 +25,7 @@ from ..data.folder import SplitFile, read_info
 from ..io import atomic_write_json, file_sha256
 from ..paths import RunDir
 from ..recipe import Recipe
-from .threads import available_cores
+from ..cores import available_cores
 
 SPLIT_FILES = ("train", "val", "train_val", "test")
 

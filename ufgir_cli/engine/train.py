@@ -65,7 +65,7 @@ from .state import (
     restore_training,
     seed_everything,
 )
-from .threads import intra_op_threads
+from ..cores import data_workers, intra_op_threads
 
 # --------------------------------------------------------------------------------------------
 # Run folder
@@ -323,8 +323,8 @@ def fit(
 
 def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, resume: bool, overwrite: bool) -> dict:
     rt = Runtime.for_training(recipe)
-    threads = intra_op_threads(recipe.train.threads, recipe.data.num_workers,
-                               int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = intra_op_threads(recipe.train.threads, data_workers(recipe.data.num_workers, local_world), local_world)
     torch.set_num_threads(threads)
     t_start = time.time()
 
@@ -338,6 +338,7 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
 
     # 2. Model, optimiser, scaler, counters (restored on resume; the RNG comes last, in 5).
     model, backbone_sha = model_for_training(recipe, rt, resume_ckpt, run_dir)
+    recipe = recipe.model_copy(update={"model": model.cfg})  # what the build derived from the depth, saved
     opt, scaler = build_optimizer(model, recipe.optim), grad_scaler(rt)
     state = restore_training(resume_ckpt, opt, scaler) if resume_ckpt is not None else TrainState()
 

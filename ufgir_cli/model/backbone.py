@@ -89,6 +89,23 @@ def _drop_class_token(vit: VisionTransformer, name: str, kwargs: dict) -> Vision
     return bare
 
 
+def backbone_blocks(cfg: ModelConfig) -> int:
+    """Blocks of the recipe's backbone as timm builds it (on the meta device: no weights, no memory),
+    for a backbone whose name does not tell its depth."""
+    try:
+        with torch.device("meta"):
+            vit = timm.create_model(cfg.backbone, pretrained=False)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise RecipeError(f"model.backbone {cfg.backbone!r} is not a timm model; use a ViT name such as "
+                              "vit_base_patch16_224.orig_in21k (list them with timm.list_models('vit_*'))") from None
+        raise
+    blocks = getattr(vit, "blocks", None)
+    if blocks is None:
+        raise RecipeError(f"model.backbone {cfg.backbone!r} is not a plain timm VisionTransformer (it has no blocks)")
+    return len(blocks)
+
+
 def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
     """A timm ViT with the recipe's weights, LayerNorm eps and input size; ``num_classes`` for timm's
     own head (0 for a headless backbone, when the method brings its own head; MPN-COV's and CAL's

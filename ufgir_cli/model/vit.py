@@ -19,10 +19,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import RecipeError
 from ..geometry import check_geometry
+from ..methods import method_spec
 from ..recipe import ModelConfig
 from .adapters import BlockAdapters
 from .attention import autocast_input, cls_attention, explicit_attention
-from .backbone import MICRO, create_backbone, embed_tokens, resize_input, state_dict_sha256
+from .backbone import MICRO, backbone_blocks, create_backbone, embed_tokens, resize_input, state_dict_sha256
 from .feature_info import BlockInfo, take_indices
 from .ila import ILA, Dropout, prompt_init_bound, xavier_linear_
 from .methods import Method, MethodPlan, TrainStep, build_method, check_plugin, method_plan
@@ -44,7 +45,10 @@ class UfgirViT(nn.Module):
         for blk in vit.blocks:
             if not all(hasattr(blk, a) for a in ("norm1", "attn", "norm2", "mlp")) or not hasattr(blk.attn, "qkv"):
                 raise RecipeError(f"model.backbone {cfg.backbone!r}: blocks are not pre-norm ViT blocks")
+        if not cfg.resolved:  # positions from the blocks at hand (build_model resolves before building)
+            cfg = cfg.for_backbone(len(vit.blocks) + method_spec(cfg.method).replaces_blocks)
         self.vit = vit
+        #: The model section as built, with every depth-derived key filled in (the run saves this one).
         self.cfg = cfg
         #: The method object: head, passes, selection, loss, evaluation modes (``model/methods/``).
         self.method: Method = method or build_method(cfg)
@@ -424,6 +428,8 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> UfgirViT:
     """The model of a recipe: timm backbone with the recipe's weights, plus the method's modules."""
     if num_classes is None or num_classes < 2:
         raise RecipeError("model.num_classes must be >= 2 (set it, or let training take it from the dataset)")
+    if not model_cfg.resolved:  # the backbone's name did not tell its depth: ask timm
+        model_cfg = model_cfg.for_backbone(backbone_blocks(model_cfg))
     method = build_method(model_cfg)
     vit = create_backbone(model_cfg, num_classes if method.timm_head else 0)
     model = UfgirViT(vit, model_cfg, num_classes, method)

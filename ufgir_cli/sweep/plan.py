@@ -21,7 +21,7 @@ from ..errors import RecipeError
 from ..io import atomic_write_json
 from ..paths import RunDir, RunStatus
 from ..recipe import Recipe, load_recipe
-from .runkey import legacy_run_key, run_key
+from .runkey import legacy_run_key, machine_run_key, run_key
 
 PAPER_LRS = (0.3, 0.1, 0.03, 0.01, 0.003)
 DEFAULT_SEEDS = (1, 10, 100)
@@ -114,18 +114,22 @@ def make_run(sweep: Sweep, phase: int, lr: float, seed: int) -> Run:
         over[section] = {**(over.get(section) or {}), **values}
     recipe = load_recipe(sweep.recipe, over)
     key = run_key(recipe)
-    return Run(phase, lr, seed, recipe, key, run_folder(sweep, phase, lr, seed, key, legacy_run_key(recipe)))
+    older = (machine_run_key(recipe), legacy_run_key(recipe))
+    return Run(phase, lr, seed, recipe, key, run_folder(sweep, phase, lr, seed, key, older))
 
 
-def run_folder(sweep: Sweep, phase: int, lr: float, seed: int, key: str, legacy: str | None) -> Path:
-    """The run's folder under ``<sweep>/runs``: the one named by its key, unless only the one named
-    by its legacy key (a run made before canonical keys, same recipe) exists; that one is then
-    used as it is (skipped when finished, resumed or evaluated as its files say), not trained again."""
+def run_folder(sweep: Sweep, phase: int, lr: float, seed: int, key: str, older: tuple[str | None, ...] = ()) -> Path:
+    """The run's folder under ``<sweep>/runs``: the one named by its key, unless only one named by an
+    older key of the same recipe exists (keyed with the machine's keys, or before canonical keys);
+    that one is then used as it is (skipped when finished, resumed or evaluated as its files say),
+    not trained again."""
     def named(k: str) -> Path:
         return sweep.root / "runs" / f"p{phase}_lr{lr:g}_seed{seed}_{k}"
 
-    if not named(key).exists() and legacy is not None and legacy != key and named(legacy).is_dir():
-        return named(legacy)
+    if not named(key).exists():
+        for k in older:
+            if k is not None and k != key and named(k).is_dir():
+                return named(k)
     return named(key)
 
 

@@ -8,7 +8,11 @@ when run keys became canonical) or, for a key added since, its field default. So
   left out, exactly as if it did not exist;
 - changing a default later changes only the keys of runs whose recipe now resolves differently
   (a run that sets the old default, or resolves to it, keeps its key, since it trains the same);
-- ``description`` is prose and stays out of the key: rewording a packaged recipe trains nothing.
+- ``description`` is prose and stays out of the key: rewording a packaged recipe trains nothing;
+  so does the ``[sweep]`` section (what a sweep tries, not how one run trains);
+- what depends on the machine a run starts on (data-loader workers, threads, device) stays out too,
+  so a sweep planned on a login node continues on a compute node without training again. Runs
+  keyed before that are found by :func:`machine_run_key`.
 
 Values are written plainly: tuples as lists, ``-0.0`` as ``0``, a float that is a whole number as
 an integer (``1.0`` and ``1`` are one value). A key that the recipe fills from other keys (the
@@ -34,7 +38,11 @@ from pydantic import BaseModel
 from ..io import to_toml
 
 KEY_DIGITS = 12  # hex digits of a run key, legacy or canonical
-NOT_IN_KEY = frozenset({"description"})
+#: Keys left out of the run key: prose, the sweep's own settings, and the machine's (see above).
+MACHINE_KEYS = ("data.num_workers", "train.threads", "train.device")
+NOT_IN_KEY = frozenset({"description", "sweep", *MACHINE_KEYS})
+#: What an unset machine key resolved to before it could be unset (data.num_workers defaulted to 4).
+_THEN = {("data", "num_workers"): 4}
 
 #: Every recipe key and its default when run keys became canonical (package 0.1.0), in the order
 #: the recipe declares them (the legacy TOML's order). Data, not code: never change an entry.
@@ -94,19 +102,47 @@ def _changed(section: BaseModel, baseline: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def canonical_recipe(recipe: BaseModel) -> dict[str, Any]:
+def canonical_recipe(recipe: BaseModel, omit: frozenset[str] = NOT_IN_KEY) -> dict[str, Any]:
     """The recipe as its key sees it: nested ``{section: {key: value}}`` of the keys away from
-    their baseline (``description`` never)."""
-    return {k: v for k, v in _changed(recipe, KEYS_V1).items() if k not in NOT_IN_KEY}
+    their baseline, less those in ``omit`` (whole sections, or ``section.key``)."""
+    out = _changed(recipe, KEYS_V1)
+    for dotted in omit:
+        section, _, key = dotted.partition(".")
+        if not key:
+            out.pop(section, None)
+        elif isinstance(out.get(section), dict):
+            out[section].pop(key, None)
+            if not out[section]:
+                del out[section]
+    return out
 
 
-def canonical_json(recipe: BaseModel) -> str:
-    return json.dumps(canonical_recipe(recipe), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+def canonical_json(recipe: BaseModel, omit: frozenset[str] = NOT_IN_KEY) -> str:
+    return json.dumps(canonical_recipe(recipe, omit), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_DIGITS]
 
 
 def run_key(recipe: BaseModel) -> str:
     """The run key: the first 12 hex digits of the sha256 of :func:`canonical_json`."""
-    return hashlib.sha256(canonical_json(recipe).encode()).hexdigest()[:KEY_DIGITS]
+    return _hash(canonical_json(recipe))
+
+
+def _as_then(recipe: BaseModel) -> BaseModel:
+    """The recipe with its unset machine keys at the values they resolved to before they could be unset."""
+    update = {}
+    for (section, key), value in _THEN.items():
+        part = getattr(recipe, section)
+        if getattr(part, key) is None:
+            update[section] = part.model_copy(update={key: value})
+    return recipe.model_copy(update=update) if update else recipe
+
+
+def machine_run_key(recipe: BaseModel) -> str:
+    """The key a run of this recipe had while machine keys were part of it (canonical keys, 0.1)."""
+    return _hash(canonical_json(_as_then(recipe), frozenset({"description", "sweep"})))
 
 
 def added_keys(recipe: BaseModel) -> list[str]:
@@ -126,7 +162,7 @@ def legacy_run_key(recipe: BaseModel) -> str | None:
     None when the recipe sets a key made since away from its default: no run made then matches."""
     if added_keys(recipe):
         return None
-    dumped = recipe.model_dump(mode="python")
+    dumped = _as_then(recipe).model_dump(mode="python")
     then: dict[str, Any] = {}
     for name, keys in KEYS_V1.items():
         if isinstance(keys, dict):

@@ -1,4 +1,6 @@
-"""How many intra-op threads torch gets: the cores this process may actually use, not the machine's.
+"""How many intra-op threads and data-loader workers a run gets: from the cores this process may
+actually use, not the machine's, decided when the run starts (a recipe leaves both unset, so the
+same recipe fits a laptop and a compute node, and its run key does not depend on the machine).
 
 torch defaults to one thread per physical core of the machine. In a container, under ``taskset``, or
 beside data-loader workers that is more threads than cores, and the threads spin against each other:
@@ -47,3 +49,11 @@ def intra_op_threads(requested: int | None, workers: int, local_world: int = 1) 
     if requested:
         return requested
     return max(available_cores() // max(local_world, 1) - workers, 1)
+
+
+def data_workers(requested: int | None, local_world: int = 1) -> int:
+    """``requested`` when set (0 loads in the training process); else half of this rank's share of the
+    available cores, at most 4 (2 cores: 1 worker beside 1 compute thread; 16 cores: 4 workers)."""
+    if requested is not None:
+        return requested
+    return min(4, available_cores() // (2 * max(local_world, 1)))
