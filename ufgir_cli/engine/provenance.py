@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..cores import available_cores
 from ..data.folder import SplitFile, read_info
 from ..io import atomic_write_json, file_sha256
 from ..paths import RunDir
 from ..recipe import Recipe
-from ..cores import available_cores
 
 SPLIT_FILES = ("train", "val", "train_val", "test")
 

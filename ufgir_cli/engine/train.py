@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..analysis.cost import peak_memory_mb
+from ..cores import data_workers, intra_op_threads
 from ..data.datasets import normalize
 from ..data.integrity import dataset_notices
 from ..data.loaders import make_loader, read_splits, with_num_classes
@@ -65,7 +66,6 @@ from .state import (
     restore_training,
     seed_everything,
 )
-from ..cores import data_workers, intra_op_threads
 
 # --------------------------------------------------------------------------------------------
 # Run folder
