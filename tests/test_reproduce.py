@@ -16,7 +16,7 @@ from ufgir_cli.engine.callbacks import Callback
 from ufgir_cli.errors import RecipeError
 from ufgir_cli.recipe import parse_overrides
 from ufgir_cli.reproduce import make_grid, run_local, run_status, submit, wait_and_tabulate, write_table
-from ufgir_cli.reproduce.grid import bench_step_seconds, plan_rows
+from ufgir_cli.reproduce.grid import StepTime, bench_step_seconds, plan_rows, step_time
 from ufgir_cli.reproduce.table import seed_top1
 
 runner = CliRunner()
@@ -240,22 +240,28 @@ def test_dry_run_counts_runs_steps_and_hours(tmp_path):
     assert re.search(rf"ila_pp\s+cotton80\s+8\s+50\s+8\s+{steps}\s+2.00\s+{steps * 2 / 3600:.1f}", res.output), res.output
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
     grid = make_grid(["ila_pp", "linear"], ["cotton80"], out=tmp_path)
-    rows = plan_rows(grid, {"ila_pp": 1.0, "linear": None})
+    rows = plan_rows(grid, {"ila_pp": StepTime(1.0, "given"), "linear": StepTime(None, "unknown")})
     assert rows[1]["hours"] is None and rows[0]["steps"] == steps
 
 
-def test_bench_step_seconds_scale_with_batch(tmp_path):
+def test_step_times_say_measured_or_estimated_by_passes_and_gmacs(tmp_path):
     bench = tmp_path / "cpu.json"
-    bench.write_text(json.dumps({"rows": [
-        {"method": "timm", "size": 448, "batch": 8, "mode": "train", "precision": "fp32", "s_per_batch": 16.0},
-        {"method": "ila_pp", "size": 448, "batch": 8, "mode": "train", "precision": "fp32", "s_per_batch": 8.0}]}))
-    assert bench_step_seconds(bench, "ila_pp", 448, 16, "fp32") == 16.0
-    assert bench_step_seconds(bench, "vpt_deep", 448, 8, "auto") == 16.0  # no row of its own: the plain ViT's
-    assert bench_step_seconds(bench, "ila_pp", 224, 8, "fp32") is None
+    bench.write_text(json.dumps({"machine": "a test box", "date": "2026-12-05", "rows": [
+        {"method": "timm", "size": 448, "batch": 8, "mode": "train", "precision": "bf16", "s_per_batch": 16.0},
+        {"method": "ila_pp", "size": 448, "batch": 8, "mode": "train", "precision": "bf16", "s_per_batch": 8.0}]}))
+    assert bench_step_seconds(bench, "ila_pp", 448, 16, "bf16") == 16.0
+    assert bench_step_seconds(bench, "vpt_deep", 448, 8, "auto") is None  # no row of its own
+    grid = make_grid(["ila_pp", "linear", "glsim", "cal"], ["cotton80"], out=tmp_path)
+    t = {m: step_time(grid, m, bench) for m in grid.methods}
+    assert (t["ila_pp"].how, t["ila_pp"].seconds) == ("measured", 8.0) and "a test box" in t["ila_pp"].note
+    assert t["linear"].how == "estimated" and t["linear"].seconds == pytest.approx(16.0, rel=0.02)
+    # GLSim trains two passes (image and crop), CAL three (image, crop, drop): not IFA's one.
+    assert 1.9 < t["glsim"].seconds / t["linear"].seconds < 2.2 and 2.9 < t["cal"].seconds / t["linear"].seconds < 3.5
+    assert step_time(grid, "linear", tmp_path / "none.json").how == "unknown"
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"methods": ["nope"]}, "unknown method"),
+    ({"methods": ["nope"]}, "neither a packaged recipe"),
     ({"datasets": ["cotton80", "nope"]}, "--datasets"),
     ({"overrides": {"data": {"dataset": "x"}}}, "data.dataset"),
     ({"name": "../x"}, "--name"),

@@ -126,6 +126,8 @@ def cost_summary(model: nn.Module, image_size: int) -> dict:
     pc = count_params(model)
     out = {"params_total": pc.total, "params_trainable": pc.trainable, "flops": flops, "macs": flops // 2}
     method = getattr(model, "method", None)
+    # A training step's forward runs other passes than evaluation (CAL: 3, not 8; GLSim: 2 and 2).
+    out["train_macs"] = out["macs"] // method.passes() * method.train_passes if method is not None else out["macs"]
     if method is not None and method.eval_modes:  # CAL: what each mode costs; the recipe's own is counted above
         out["macs_by_eval_mode"] = {
             name: (flops if name == method.eval_mode else count_flops(model, image_size, mode=name)) // 2

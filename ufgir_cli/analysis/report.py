@@ -22,7 +22,7 @@ from ..data.folder import read_classes
 from ..data.loaders import make_loader, open_split
 from ..errors import DatasetError, OptionError
 from ..methods import FAMILY_TITLES, all_methods
-from ..model import build_model
+from ..model import meta_model
 from ..model.checkpoint import checkpoint_tag, read_checkpoint, resolve_checkpoint
 from ..model.checkpoint import load_model as load_any
 from ..model.precision import resolve_precision
@@ -32,7 +32,7 @@ from . import rollout as ro
 from .cka import MIN_BATCH
 from .cost import cost_summary, measure_inference
 from .features import analyse_batches, forward_collect
-from .paper import PAPER_IMAGE_SIZE, PAPER_TOP1, paper_top1
+from .paper import PAPER_IMAGE_SIZE, PAPER_ROWS, PAPER_TOP1, paper_top1
 
 #: ``progress(description, images done since the last call, images in all)``; a first call with 0 opens the bar.
 Progress = Callable[[str, int, int], None]
@@ -326,10 +326,8 @@ def saved_recipe(path: Path) -> Recipe:
 
 def static_cost(recipe: Recipe, num_classes: int) -> dict:
     """Parameters and MACs of a recipe's model, built on the meta device (no weights, no compute)."""
-    cfg = recipe.model.model_copy(update={"weights": "none"})  # structure and cost need no weights
-    with torch.device("meta"):
-        model = build_model(cfg, cfg.num_classes or num_classes)
-    return cost_summary(model, cfg.image_size)
+    cfg = recipe.model
+    return cost_summary(meta_model(cfg, cfg.num_classes or num_classes), cfg.image_size)
 
 
 def compare_rows(runs: Sequence[Path], split: str = "test") -> tuple[list[dict], list[str]]:
@@ -368,16 +366,18 @@ def compare_rows(runs: Sequence[Path], split: str = "test") -> tuple[list[dict],
 
 def paper_points(datasets: Sequence[str]) -> list[dict]:
     """The paper's Table 1 cells for these datasets as compare points: its top-1 at the cost that we count
-    for the method's packaged recipe at the paper's image size (ViT-B/16, 448 px) and the dataset's classes."""
+    for the row's packaged recipe at the paper's image size (ViT-B/16, 448 px) and the dataset's classes."""
     points = []
     for dataset in dict.fromkeys(datasets):
         spec = CATALOG.get(dataset)
-        for (method, ds), top1 in PAPER_TOP1.items():
+        for (name, ds), top1 in PAPER_TOP1.items():
             if ds != dataset or spec is None:
                 continue
-            recipe = load_recipe(method, {"model": {"image_size": PAPER_IMAGE_SIZE}, "data": {"dataset": dataset}})
+            recipe = load_recipe(name, {"model": {"image_size": PAPER_IMAGE_SIZE}, "data": {"dataset": dataset}})
+            method = recipe.model.method
             c = static_cost(recipe, spec.num_classes)
-            points.append({"method": method, "dataset": dataset, "method_title": method_title(method),
+            title = method_title(method) if name == method else PAPER_ROWS[name].title
+            points.append({"method": name, "dataset": dataset, "method_title": title,
                            "dataset_title": dataset_title(dataset), "family": method_family(method), "top1": top1,
                            "gmacs": c["macs"] / 1e9, "trainable": c["params_trainable"], "image_size": PAPER_IMAGE_SIZE})
     return points

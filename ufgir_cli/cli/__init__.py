@@ -32,7 +32,10 @@ class _ErrorBoundary(PlainGroup):
         except UfgirError as err:
             if debug_enabled():
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True, emoji=False)
+            if err.exit_code >= 128:  # stopped by a signal (Ctrl-C, SIGTERM): not an error, the line says how to go on
+                err_console.print(str(err), soft_wrap=True, markup=False, emoji=False)
+            else:
+                err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True, emoji=False)
             raise typer.Exit(err.exit_code) from None
 
 

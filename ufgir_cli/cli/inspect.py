@@ -51,16 +51,13 @@ def inspect(
         overrides["model"]["image_size"] = image_size
     r = load_recipe(recipe, overrides)
 
-    import torch
-
     from ..analysis.cost import cost_summary
     from ..analysis.rollout import encoder_groups
     from ..methods import method_spec
-    from ..model import build_model
+    from ..model import meta_model
 
     classes, source = _class_count(r, num_classes)
-    with torch.device("meta"):  # no storage, no init cost: inspect a ViT-L in a second
-        model = build_model(r.model, classes)
+    model = meta_model(r.model, classes)  # no storage, no init cost: inspect a ViT-L in a second
     spec = method_spec(r.model.method)
     table = Table(title=f"{r.model.backbone} · {spec.name} ({spec.family}) · {r.model.image_size}px",
                   caption=spec.description, title_justify="left", caption_justify="left")

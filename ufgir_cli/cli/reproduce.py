@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ._common import PlainCommand, PlainGroup, QuietOpt, SetOpt, console, fmt, parse_sets
+from ._common import PlainCommand, PlainGroup, QuietOpt, console, fmt, parse_sets
 
 app = typer.Typer(cls=PlainGroup, invoke_without_command=True, add_completion=False, rich_markup_mode="rich")
 
@@ -18,6 +19,20 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Folder that holds reproduct
 
 def _names(text: str | None) -> list[str] | None:
     return [x.strip() for x in text.split(",") if x.strip()] if text is not None else None
+
+
+def _row_sets(sets: list[str] | None) -> tuple[dict, dict]:
+    """``--set key=value`` for every row and ``--set ROW:key=value`` for one row (it wins over the plain
+    one there), each parsed as `parse_sets` does."""
+    plain, per_row = [], {}
+    for item in sets or []:
+        key = item.partition("=")[0]
+        row, sep, rest = key.partition(":")
+        if sep:
+            per_row.setdefault(row.strip(), []).append(rest + item[len(key):])
+        else:
+            plain.append(item)
+    return parse_sets(plain), {row: parse_sets(items) for row, items in per_row.items()}
 
 
 def _numbers(text: str | None, kind: type, flag: str) -> list | None:
@@ -31,14 +46,18 @@ def _numbers(text: str | None, kind: type, flag: str) -> list | None:
 def reproduce(
     ctx: typer.Context,
     methods: Annotated[str | None, typer.Option(
-        "--methods", help="Methods, comma-separated (default: every method with a number in the paper's Table 1).")] = None,
+        "--methods", help="Rows, comma-separated: methods or packaged recipes such as transfg_ft (default: every "
+        "method with a number in the paper's Table 1).")] = None,
     datasets: Annotated[str, typer.Option("--datasets", help="Datasets, comma-separated; soyageing adds its rounds.")]
         = "cotton80,soyageing,soygene,soyglobal,soylocal",
     image_size: Annotated[int, typer.Option("--image-size", min=16, help="Image size of every run (the paper's: 448).")] = 448,
     seeds: Annotated[str, typer.Option("--seeds", help="Seeds of each sweep's phase 2, comma-separated.")] = "1,10,100",
     lr: Annotated[str | None, typer.Option(
-        "--lr", help="Learning rates of each sweep's phase 1 (default: the paper's 0.3,0.1,0.03,0.01,0.003).")] = None,
-    sets: SetOpt = None,
+        "--lr", help="Learning rates of every sweep's phase 1 (default: each recipe's sweep.lrs, else the paper's "
+        "0.3,0.1,0.03,0.01,0.003).")] = None,
+    sets: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override a recipe key in every row, e.g. --set train.epochs=5; ROW:key=value for one "
+        "row only, e.g. --set ila_pp:model.ila_ds_locs=[1,3] (repeatable).")] = None,
     name: Annotated[str | None, typer.Option(
         "--name", help="Folder name under --out (default table1_<size>: the same command continues it).")] = None,
     out: OutOpt = Path("reproduce"),
@@ -65,29 +84,36 @@ def reproduce(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from ..reproduce import make_grid
-    from ..sweep import PAPER_LRS
+    from ..reproduce import check_grid, make_grid
 
     if launcher not in ("local", "slurm"):
         raise typer.BadParameter(f"{launcher!r} is not local or slurm", param_hint="--launcher")
+    plain, per_row = _row_sets(sets)
     grid = make_grid(_names(methods), _names(datasets) or [], image_size=image_size,
-                     seeds=_numbers(seeds, int, "--seeds"), lrs=_numbers(lr, float, "--lr") or PAPER_LRS,
-                     overrides=parse_sets(sets), name=name, out=out)
+                     seeds=_numbers(seeds, int, "--seeds"), lrs=_numbers(lr, float, "--lr"),
+                     overrides=plain, row_overrides=per_row, name=name, out=out)
     if dry_run:
+        built = check_grid(grid)
         _print_plan(grid, step_seconds, bench)
+        console.print(f"checked: {built} distinct model(s) of {len(grid.methods) * len(grid.tasks)} sweeps built "
+                      "on the meta device", soft_wrap=True)
         return
     console.print(f"reproduce {grid.name}: {len(grid.methods)} methods x {len(grid.tasks)} tasks x "
                   f"{len(grid.seeds)} seeds · folder {grid.root}", soft_wrap=True)
     if launcher == "slurm":
         _slurm(grid, partition, gpus_per_run, time, account, no_wait)
         return
+    from ..engine.state import Interrupted
+    from ..errors import TrainingError
     from ..reproduce import run_local
     from .progress import RichProgress
 
     gpu_ids = _names(gpus)
 
     def on_event(kind: str, cell: str, sweep, run, info: dict) -> None:
-        if kind in ("started", "finished", "failed"):
+        if kind == "sweep_failed":
+            console.print(f"failed   {cell}: {info['error']}", soft_wrap=True, markup=False)
+        elif kind in ("started", "finished", "failed"):
             extra = f": {info['error']}" if kind == "failed" else ""
             console.print(f"{kind:8} {cell} {run.label}{extra}", soft_wrap=True, markup=False)
 
@@ -98,11 +124,18 @@ def reproduce(
         return shown[-1:]
 
     try:
-        table = run_local(grid, gpus=gpu_ids, gpus_per_run=gpus_per_run, on_event=on_event, callbacks=callbacks)
+        table, failed = run_local(grid, gpus=gpu_ids, gpus_per_run=gpus_per_run, on_event=on_event, callbacks=callbacks)
+    except Interrupted as stop:
+        raise Interrupted(f"reproduce {grid.name} stopped by {signal.Signals(stop.signum).name}; finished runs are "
+                          "kept and the stopped one saved its checkpoint: the same command continues it", stop.signum) from None
     finally:
         for p in shown:
             p.progress.stop()
     console.print(f"table: {table}", soft_wrap=True)
+    if failed:
+        raise TrainingError(f"{len(failed)} of {len(grid.methods) * len(grid.tasks)} sweeps of {grid.name} stopped on "
+                            f"an error (listed under the table and in `ufgir reproduce status {grid.name}`); the "
+                            "same command retries them")
 
 
 def _slurm(grid, partition, gpus_per_run, time, account, no_wait) -> None:
@@ -110,7 +143,9 @@ def _slurm(grid, partition, gpus_per_run, time, account, no_wait) -> None:
         import submitit  # noqa: F401
     except ImportError:
         raise typer.BadParameter("needs submitit: pip install 'ufgir[slurm]'", param_hint="--launcher") from None
-    from ..reproduce import slurm_executor, submit, wait_and_tabulate
+    from ..reproduce import check_grid, slurm_executor, submit, wait_and_tabulate
+
+    check_grid(grid)  # every model builds, before anything is submitted
 
     jobs = submit(grid, slurm_executor(grid, partition=partition, gpus_per_run=gpus_per_run, time_min=time,
                                        account=account), gpus_per_run=gpus_per_run)
@@ -123,31 +158,30 @@ def _slurm(grid, partition, gpus_per_run, time, account, no_wait) -> None:
 
 
 def _print_plan(grid, step_seconds: float | None, bench: Path) -> None:
-    from ..reproduce import plan_rows
-    from ..reproduce.grid import bench_step_seconds, sweep_recipe
+    from ..reproduce import StepTime, plan_rows, step_time
 
-    per_method = {}
-    for m in grid.methods:
-        if step_seconds is not None:
-            per_method[m] = step_seconds
-            continue
-        r = sweep_recipe(grid.sweep(m, grid.tasks[0]))
-        per_method[m] = bench_step_seconds(bench, m, grid.image_size, r.train.batch_size * r.train.grad_accum,
-                                           r.train.precision)
-    rows = plan_rows(grid, per_method)
-    console.print(f"plan {grid.name} ({grid.root}): phase 1 lr {', '.join(f'{x:g}' for x in grid.lrs)} on train, "
+    times = {m: StepTime(step_seconds, "given", "--step-seconds") if step_seconds is not None else step_time(grid, m, bench)
+             for m in grid.methods}
+    rows = plan_rows(grid, times)
+    lrs = "each recipe's sweep.lrs (else the paper's)" if grid.lrs is None else ", ".join(f"{x:g}" for x in grid.lrs)
+    console.print(f"plan {grid.name} ({grid.root}): phase 1 lr {lrs} on train, "
                   f"phase 2 seeds {', '.join(map(str, grid.seeds))} on train_val", soft_wrap=True)
-    console.print(f"{'method':12} {'task':14} {'runs':>4} {'epochs':>6} {'batch':>5} {'steps':>9} {'s/step':>7} {'hours':>8}",
-                  markup=False)
+    console.print(f"{'method':12} {'task':14} {'runs':>4} {'epochs':>6} {'batch':>5} {'steps':>9} {'s/step':>7} "
+                  f"{'hours':>8}  step time", markup=False)
     for r in rows:
         console.print(f"{r['method']:12} {r['task']:14} {r['runs']:>4} {r['epochs']:>6} {r['batch_size']:>5} "
-                      f"{fmt(r['steps'], 'd'):>9} {fmt(r['step_s'], '.2f'):>7} {fmt(r['hours'], '.1f'):>8}", markup=False)
+                      f"{fmt(r['steps'], 'd'):>9} {fmt(r['step_s'], '.2f'):>7} {fmt(r['hours'], '.1f'):>8}  {r['step_how']}",
+                      markup=False, soft_wrap=True)
     hours = [r["hours"] for r in rows]
     total = f"{sum(hours):.1f} h" if all(h is not None for h in hours) else "unknown (give --step-seconds)"
     console.print(f"total: {sum(r['runs'] for r in rows)} runs, {sum(r['steps'] or 0 for r in rows)} steps, "
                   f"{total} on one device", soft_wrap=True, markup=False)
-    if step_seconds is None:
-        console.print(f"step times: {bench} (this machine's `make bench`), scaled to each recipe's batch", soft_wrap=True)
+    for m, t in times.items():
+        console.print(f"step time {m}: {t.how}" + (f", {t.note}" if t.note else ""), soft_wrap=True, markup=False)
+    unlisted = [r for r in rows if r["steps"] is None]
+    if unlisted:
+        console.print(f"steps unknown for {', '.join(sorted({r['task'] for r in unlisted}))}: no counts in the catalog "
+                      "and not on disk (`ufgir download` it first)", soft_wrap=True, markup=False)
 
 
 @app.command("status", cls=PlainCommand)

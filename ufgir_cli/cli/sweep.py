@@ -24,7 +24,8 @@ def sweep(
     recipe: RecipeOpt,
     dataset: Annotated[str | None, typer.Option(help="Shortcut for --set data.dataset=NAME.")] = None,
     lr: Annotated[str | None, typer.Option(
-        "--lr", help="Learning rates of phase 1, comma-separated (default: the paper's 0.3,0.1,0.03,0.01,0.003).")] = None,
+        "--lr", help="Learning rates of phase 1, comma-separated (default: the recipe's sweep.lrs, else the paper's "
+        "0.3,0.1,0.03,0.01,0.003).")] = None,
     seeds: Annotated[str | None, typer.Option(
         "--seeds", help="Seeds of phase 2, comma-separated; phase 1 trains with the first (default 1,10,100).")] = None,
     sets: SetOpt = None,
@@ -41,7 +42,7 @@ def sweep(
     Writes sweeps/<name>/{plan.json,sweep.json,summary.md}; run folders go under sweeps/<name>/runs/.
     The same command again skips finished runs and resumes killed ones from their checkpoints.
     """
-    from ..sweep import DEFAULT_SEEDS, PAPER_LRS, RULE, make_sweep, run_sweep
+    from ..sweep import DEFAULT_SEEDS, RULE, make_sweep, run_sweep
     from .progress import RichProgress
 
     overrides = parse_sets(sets)
@@ -50,7 +51,7 @@ def sweep(
     gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus is not None else None
     if gpu_ids is not None and (not gpu_ids or len(set(gpu_ids)) != len(gpu_ids)):
         raise typer.BadParameter(f"{gpus!r}: expected distinct GPU ids such as 0,1,2,3", param_hint="--gpus")
-    s = make_sweep(recipe, overrides, lrs=_numbers(lr, float, "--lr") or PAPER_LRS,
+    s = make_sweep(recipe, overrides, lrs=_numbers(lr, float, "--lr"),
                    seeds=_numbers(seeds, int, "--seeds") or DEFAULT_SEEDS, name=name, out=out)
     console.print(f"sweep {s.name}: lr {', '.join(f'{x:g}' for x in s.lrs)} · seeds "
                   f"{', '.join(map(str, s.seeds))} · chosen by {RULE} · folder {s.root}", soft_wrap=True)

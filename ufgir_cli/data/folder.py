@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from ..errors import DatasetError
 from ..io import atomic_write_json, atomic_write_text
+from ..paths import dataset_dir
 from .catalog import CATALOG
 
 SPLITS = ("train", "val", "train_val", "test")
@@ -156,3 +158,30 @@ def read_info(root: Path) -> dict:
         return {}
     except json.JSONDecodeError as e:
         raise DatasetError(f"{p} is not valid JSON ({e}); re-create the dataset with --force") from None
+
+
+@dataclass(frozen=True)
+class DatasetCounts:
+    """How big a dataset is, and where the numbers come from ("catalog", "disk" or "generator")."""
+
+    num_classes: int | None
+    train_val: int | None
+    test: int | None
+    source: str | None
+
+
+def dataset_counts(name: str, root: str | os.PathLike | None = None) -> DatasetCounts:
+    """Classes and split sizes of a dataset: the catalog's, else those its folder on disk records
+    (``dataset.json``), else, for the generated set not made yet, its generator's."""
+    spec = CATALOG.get(name)
+    if spec is not None and spec.num_classes and spec.train_val and spec.test:
+        return DatasetCounts(spec.num_classes, spec.train_val, spec.test, "catalog")
+    info = read_info(dataset_dir(name, root))
+    counts = info.get("counts") or {}
+    if info.get("num_classes") and counts.get("train_val"):
+        return DatasetCounts(info["num_classes"], counts["train_val"], counts.get("test"), "disk")
+    if name == "synthetic":
+        from .synthetic import DEMO_CLASSES, DEMO_TEST, DEMO_TRAIN_VAL
+
+        return DatasetCounts(DEMO_CLASSES, DEMO_CLASSES * DEMO_TRAIN_VAL, DEMO_CLASSES * DEMO_TEST, "generator")
+    return DatasetCounts(None, None, None, None)

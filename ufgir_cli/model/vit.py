@@ -438,5 +438,12 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> UfgirViT:
     return model
 
 
-__all__ = ["MICRO", "BlockInfo", "UfgirViT", "build_model", "create_backbone", "explicit_attention", "resize_input",
+def meta_model(model_cfg: ModelConfig, num_classes: int) -> UfgirViT:
+    """The recipe's model on the meta device: every check of the build, its structure, shapes and
+    cost, without weights or memory (a ViT-L in about a second)."""
+    with torch.device("meta"):
+        return build_model(model_cfg.model_copy(update={"weights": "none"}), num_classes)
+
+
+__all__ = ["MICRO", "BlockInfo", "UfgirViT", "build_model", "meta_model", "create_backbone", "explicit_attention", "resize_input",
            "state_dict_sha256"]

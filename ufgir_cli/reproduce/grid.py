@@ -1,9 +1,12 @@
-"""What ``ufgir reproduce`` runs: one ``ufgir sweep`` per (method, task), the paper's protocol in each.
+"""What ``ufgir reproduce`` runs: one ``ufgir sweep`` per (row, task), the paper's protocol in each.
 
-A task is a dataset as the sweep trains it. SoyAgeing is the pooled set *and* each of its rounds
-(``soyageing_r1``, ...): Table 1 shows both. ``grid.json`` records the arguments, so ``ufgir
-reproduce status NAME`` and a requeued job rebuild the same sweeps, and the sweep folders under
-``sweeps/`` keep their runs between commands (a finished run is never trained again).
+A row is a method (its packaged recipe) or a packaged recipe by name (``transfg_ft``: TransFG with
+every weight trained). A task is a dataset as the sweep trains it. SoyAgeing is the pooled set *and*
+each of its rounds (``soyageing_r1``, ...): Table 1 shows both. ``grid.json`` records the arguments,
+the per-row ``--set ROW:key=value`` included, so ``ufgir reproduce status NAME`` and a requeued job
+rebuild the same sweeps, and the sweep folders under ``sweeps/`` keep their runs between commands (a
+finished run is never trained again). Every (row, task) model is built on the meta device before
+the first run (`check_grid`), so a layout that cannot work stops the command at once.
 """
 
 from __future__ import annotations
@@ -12,21 +15,23 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..analysis.paper import PAPER_TOP1
+from ..analysis.paper import PAPER_ROWS
 from ..data.catalog import CATALOG
+from ..data.folder import dataset_counts
 from ..errors import RecipeError
 from ..io import atomic_write_json
 from ..methods import TABLE, method_spec
 from ..paths import RunDir, RunStatus
-from ..sweep import DEFAULT_SEEDS, PAPER_LRS, Sweep, make_sweep
+from ..recipe import packaged_recipe_names
+from ..sweep import DEFAULT_SEEDS, Sweep, check_models, make_sweep
 from ..sweep.plan import PHASE_SPLITS
 
 TABLE1_DATASETS = ("cotton80", "soyageing", "soygene", "soyglobal", "soylocal")
-#: Methods with a number in the paper's Table 1: the default rows.
-PAPER_METHODS = tuple(m.name for m in TABLE if any((m.name, d) in PAPER_TOP1 for d in TABLE1_DATASETS))
+#: Methods whose own recipe has a number in the paper's Table 1 (frozen backbone): the default rows.
+PAPER_METHODS = tuple(m.name for m in TABLE if m.recipe_name in PAPER_ROWS)
 TRAIN_FRAC = 0.8  # the share of each class's train_val images in the train split (data/folder.py)
 
 
@@ -38,62 +43,91 @@ def rounds_of(dataset: str) -> tuple[str, ...]:
     return tuple(f"{dataset}_r{r}" for r in spec.rounds if f"{dataset}_r{r}" in CATALOG)
 
 
+def row_recipe(row: str) -> str:
+    """The packaged recipe a row trains: a recipe's name as it is, a method's name its own recipe."""
+    if row in packaged_recipe_names():
+        return row
+    try:
+        return method_spec(row).recipe_name
+    except ValueError as e:
+        raise RecipeError(f"--methods: {row!r} is neither a packaged recipe ({', '.join(packaged_recipe_names())}) "
+                          f"nor a method: {e}") from None
+
+
+def merged(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` laid over it, section by section (nested dicts merged)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 @dataclass(frozen=True)
 class Grid:
     """One reproduction as asked for; ``root`` is ``reproduce/<name>``."""
 
     name: str
     root: Path
-    methods: tuple[str, ...]
+    methods: tuple[str, ...]  # the rows: method or packaged recipe names
     datasets: tuple[str, ...]  # Table 1's columns, as given
     image_size: int
     seeds: tuple[int, ...]
-    lrs: tuple[float, ...]
+    lrs: tuple[float, ...] | None  # None: each recipe's own sweep.lrs, else the paper's
     overrides: dict  # --set, applied to every sweep
+    row_overrides: dict = field(default_factory=dict)  # --set ROW:key=value, over --set for that row
 
     @property
     def tasks(self) -> tuple[str, ...]:
         """Every dataset a sweep trains on: the columns, each pooled set followed by its rounds."""
         return tuple(t for d in self.datasets for t in (d, *rounds_of(d)))
 
-    def sweep(self, method: str, task: str) -> Sweep:
-        data = {**(self.overrides.get("data") or {}), "dataset": task}
-        model = {**(self.overrides.get("model") or {}), "image_size": self.image_size}
-        over = {**self.overrides, "data": data, "model": model}
-        return make_sweep(method_spec(method).recipe_name, over, lrs=self.lrs, seeds=self.seeds,
-                          name=f"{method}_{task}", out=self.root / "sweeps")
+    def sweep(self, row: str, task: str) -> Sweep:
+        over = merged(self.overrides, self.row_overrides.get(row) or {})
+        over = merged(over, {"data": {"dataset": task}, "model": {"image_size": self.image_size}})
+        return make_sweep(row_recipe(row), over, lrs=self.lrs, seeds=self.seeds, name=f"{row}_{task}",
+                          out=self.root / "sweeps")
 
     def sweeps(self) -> list[tuple[str, str, Sweep]]:
-        """(method, task, sweep) for every cell of the grid, methods outermost."""
+        """(row, task, sweep) for every cell of the grid, rows outermost."""
         return [(m, t, self.sweep(m, t)) for m in self.methods for t in self.tasks]
 
 
+def check_grid(grid: Grid) -> int:
+    """Build every (row, task) model on the meta device: a layout that cannot work is refused in one
+    line naming the row, the task and the recipe, before anything is written or trained."""
+    return check_models((f"{row} on {task} (recipe {sweep.recipe})", sweep_recipe(sweep))
+                        for row, task, sweep in grid.sweeps())
+
+
 def make_grid(methods=None, datasets=TABLE1_DATASETS, *, image_size: int = 448, seeds=DEFAULT_SEEDS,
-              lrs=PAPER_LRS, overrides: dict | None = None, name: str | None = None,
+              lrs=None, overrides: dict | None = None, row_overrides: dict | None = None, name: str | None = None,
               out: str | Path = "reproduce") -> Grid:
-    """Check what is asked (known methods with a recipe, known datasets, every sweep's recipe loads)
-    before anything is written."""
+    """Check what is asked (known rows, known datasets, every sweep's recipe loads) before anything
+    is written."""
     methods = tuple(methods or PAPER_METHODS)
     for m in methods:
-        try:
-            method_spec(m)
-        except ValueError as e:
-            raise RecipeError(f"--methods: {e}") from None
+        row_recipe(m)
     datasets = tuple(datasets)
     unknown = [d for d in datasets if d not in CATALOG]
     if unknown or not datasets or len(set(datasets)) != len(datasets):
         raise RecipeError(f"--datasets {','.join(datasets)}: give distinct names from `ufgir datasets`")
     if len(set(methods)) != len(methods) or not methods:
         raise RecipeError(f"--methods {','.join(methods)}: give distinct method names")
-    overrides = overrides or {}
-    for section, key in (("data", "dataset"), ("model", "image_size")):
-        if key in (overrides.get(section) or {}):
-            raise RecipeError(f"--set {section}.{key}: reproduce sets it per sweep (use --datasets / --image-size)")
-    name = name or default_grid_name(image_size, overrides)
+    overrides, row_overrides = overrides or {}, row_overrides or {}
+    for row, over in [("", overrides), *row_overrides.items()]:
+        for section, key in (("data", "dataset"), ("model", "image_size")):
+            if key in (over.get(section) or {}):
+                raise RecipeError(f"--set {row + ':' if row else ''}{section}.{key}: reproduce sets it per sweep "
+                                  "(use --datasets / --image-size)")
+    unknown_rows = [r for r in row_overrides if r not in methods]
+    if unknown_rows:
+        raise RecipeError(f"--set {unknown_rows[0]}:...: {unknown_rows[0]!r} is not one of --methods "
+                          f"({', '.join(methods)})")
+    name = name or default_grid_name(image_size, merged(overrides, {f"{r}:": o for r, o in row_overrides.items()}))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", name):
         raise RecipeError(f"--name {name!r}: use letters, digits and . _ = + - (it names a folder)")
     grid = Grid(name, Path(out) / name, methods, datasets, int(image_size), tuple(int(s) for s in seeds),
-                tuple(float(x) for x in lrs), overrides)
+                None if lrs is None else tuple(float(x) for x in lrs), overrides, row_overrides)
     grid.sweeps()  # every sweep's recipe loads and its overrides are allowed
     return grid
 
@@ -119,37 +153,49 @@ def load_grid(name: str, out: str | Path = "reproduce") -> Grid:
         raise RecipeError(f"no reproduction {name!r} under {out}/ (known: {', '.join(known) or 'none'})")
     g = json.loads(path.read_text(encoding="utf-8"))
     return Grid(g["name"], Path(out) / name, tuple(g["methods"]), tuple(g["datasets"]), g["image_size"],
-                tuple(g["seeds"]), tuple(g["lrs"]), g["overrides"])
+                tuple(g["seeds"]), None if g["lrs"] is None else tuple(g["lrs"]), g["overrides"],
+                g.get("row_overrides") or {})
 
 
 # ---- the plan ---------------------------------------------------------------------------------
 
 
-def images_per_epoch(task: str, phase: int) -> int | None:
-    """Training images of a sweep phase from the catalog (None for a dataset it does not count):
-    phase 1 trains on train, ``floor(0.8 n)`` of each class's n train_val images; phase 2 on train_val."""
-    spec = CATALOG.get(task)
-    if spec is None or not spec.train_val or not spec.num_classes:
+def images_per_epoch(task: str, phase: int, root: str | None = None) -> int | None:
+    """Training images of a sweep phase (None where nothing counts the dataset): phase 1 trains on
+    train, ``floor(0.8 n)`` of each class's n train_val images; phase 2 on train_val. The counts are
+    the catalog's, else the dataset's on disk, else the generator's (`dataset_counts`)."""
+    c = dataset_counts(task, root)
+    if not c.train_val or not c.num_classes:
         return None
     if PHASE_SPLITS[phase][0] == "train_val":
-        return spec.train_val
-    return spec.num_classes * math.floor(TRAIN_FRAC * (spec.train_val // spec.num_classes))
+        return c.train_val
+    return c.num_classes * math.floor(TRAIN_FRAC * (c.train_val // c.num_classes))
 
 
-def plan_rows(grid: Grid, step_seconds: dict[str, float | None]) -> list[dict]:
-    """One row per sweep: runs, epochs, optimizer steps and hours at ``step_seconds[method]``."""
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step of one row, and how they were found."""
+
+    seconds: float | None
+    how: str  # "given", "measured" (a bench row of this method), "estimated" (scaled from another) or "unknown"
+    note: str = ""
+
+
+def plan_rows(grid: Grid, step_times: dict[str, StepTime]) -> list[dict]:
+    """One row per sweep: runs, epochs, optimizer steps and hours at ``step_times[row]``."""
     rows = []
-    for method, task, sweep in grid.sweeps():
+    for row, task, sweep in grid.sweeps():
         recipe = sweep_recipe(sweep)
         per_step = recipe.train.batch_size * recipe.train.grad_accum
         steps = 0
         for phase, n_runs in ((1, len(sweep.lrs)), (2, len(sweep.seeds))):
-            n = images_per_epoch(task, phase)
+            n = images_per_epoch(task, phase, recipe.data.root)
             steps = None if n is None or steps is None else steps + n_runs * recipe.train.epochs * math.ceil(n / per_step)
-        s = step_seconds.get(method)
-        rows.append({"method": method, "task": task, "runs": len(sweep.lrs) + len(sweep.seeds),
-                     "epochs": recipe.train.epochs, "batch_size": per_step, "steps": steps, "step_s": s,
-                     "hours": steps * s / 3600 if steps is not None and s is not None else None})
+        t = step_times.get(row) or StepTime(None, "unknown")
+        rows.append({"method": row, "task": task, "runs": len(sweep.lrs) + len(sweep.seeds), "lrs": list(sweep.lrs),
+                     "epochs": recipe.train.epochs, "batch_size": per_step, "steps": steps, "step_s": t.seconds,
+                     "step_how": t.how, "hours": steps * t.seconds / 3600 if steps is not None and t.seconds is not None
+                     else None})
     return rows
 
 
@@ -159,33 +205,79 @@ def sweep_recipe(sweep: Sweep):
     return load_recipe(sweep.recipe, sweep.overrides)
 
 
-def bench_step_seconds(bench: Path, method: str, image_size: int, batch_size: int, precision: str) -> float | None:
-    """Seconds per training step from a ``make bench`` result file: the method's row at this image size
-    and precision (else the plain ViT's, ``timm``), scaled from its batch to ``batch_size``. ``auto``
-    precision takes bf16 where the file has it (what auto picks on bf16-capable hardware), else fp32."""
+def _bench_rows(bench: Path, image_size: int) -> tuple[dict, list[dict]]:
     if not bench.is_file():
-        return None
-    rows = [r for r in json.loads(bench.read_text(encoding="utf-8")).get("rows", [])
-            if r.get("mode") == "train" and r.get("size") == image_size
+        return {}, []
+    data = json.loads(bench.read_text(encoding="utf-8"))
+    rows = [r for r in data.get("rows", []) if r.get("mode") == "train" and r.get("size") == image_size
             and not r.get("compile") and not r.get("grad_checkpointing")]
+    return data, rows
+
+
+def _bench_hit(rows: list[dict], name: str, precision: str) -> dict | None:
+    """The bench row of ``name`` at ``precision``; ``auto`` takes bf16 where the file has it (what auto
+    picks on bf16-capable hardware), else fp32."""
     for prec in (("bf16", "fp32") if precision == "auto" else (precision,)):
-        for name in (method, "timm"):
-            hit = [r for r in rows if r["method"] == name and r.get("precision") == prec]
-            if hit:
-                return hit[0]["s_per_batch"] * batch_size / hit[0]["batch"]
+        hit = [r for r in rows if r["method"] == name and r.get("precision") == prec]
+        if hit:
+            return hit[0]
     return None
+
+
+def bench_step_seconds(bench: Path, method: str, image_size: int, batch_size: int, precision: str) -> float | None:
+    """Seconds per training step of ``method`` measured in a ``make bench`` result file at this image
+    size and precision, scaled from its batch to ``batch_size``; None when the file has no such row."""
+    _, rows = _bench_rows(bench, image_size)
+    hit = _bench_hit(rows, method, precision)
+    return hit["s_per_batch"] * batch_size / hit["batch"] if hit else None
+
+
+def step_time(grid: Grid, row: str, bench: Path) -> StepTime:
+    """A row's step time from a ``make bench`` file: measured where the file has the row's method at the
+    grid's image size, else estimated from the plain ViT's measured step (``timm``), scaled by the
+    method's training cost per image (its passes and GMACs, counted on the meta device) over the plain
+    ViT's. The note says which file and machine measured it."""
+    from ..analysis.report import static_cost
+
+    recipe = sweep_recipe(grid.sweep(row, grid.tasks[0]))
+    batch, precision = recipe.train.batch_size * recipe.train.grad_accum, recipe.train.precision
+    data, rows = _bench_rows(bench, grid.image_size)
+    where = f"{bench} ({data.get('machine', 'machine not recorded')}, {data.get('date', 'undated')})"
+    hit = _bench_hit(rows, recipe.model.method, precision)
+    if hit is not None:
+        return StepTime(hit["s_per_batch"] * batch / hit["batch"], "measured", where)
+    base = _bench_hit(rows, "timm", precision)
+    if base is None:
+        return StepTime(None, "unknown", f"{bench} has no {grid.image_size} px training row" if rows or data
+                        else f"no bench file {bench}")
+    classes = dataset_counts(grid.tasks[0], recipe.data.root).num_classes or 2
+    plain = recipe.model_copy(update={"model": recipe.model.model_copy(update={
+        "method": "linear", "ila_locs": (), "ila_ds_locs": (), "depth": None, "train_backbone": False})})
+    ratio = static_cost(recipe, classes)["train_macs"] / static_cost(plain, classes)["train_macs"]
+    return StepTime(base["s_per_batch"] * batch / base["batch"] * ratio, "estimated",
+                    f"the plain ViT's step in {where} x {ratio:.2f} (passes and GMACs)")
 
 
 # ---- status -----------------------------------------------------------------------------------
 
 
+def read_failures(grid: Grid) -> dict[str, str]:
+    """``failures.json``: the sweeps that stopped on an error in the last command, "row task" -> why."""
+    return _read(grid.root / "failures.json") or {}
+
+
+def write_failures(grid: Grid, failures: dict[str, str]) -> None:
+    atomic_write_json(grid.root / "failures.json", failures)
+
+
 def run_status(grid: Grid) -> list[dict]:
     """Every run of the grid as its own folder says (`RunDir.status`): done, running (its owner lives:
     the same host's pid, or another host's fresh heartbeat), resumable (stopped, or its owner died),
-    failed (its error record; for a run that left none, its sweep's report) or pending. ``status`` is
-    the kind, ``detail`` the one line with step, owner and reason. Phase 2's runs are listed by seed
-    until phase 1 has chosen their learning rate."""
+    failed (its error record; for a run that left none, its sweep's report or the error that stopped
+    its sweep) or pending. ``status`` is the kind, ``detail`` the one line with step, owner and reason.
+    Phase 2's runs are listed by seed until phase 1 has chosen their learning rate."""
     rows = []
+    sweep_failed = read_failures(grid)
     for method, task, sweep in grid.sweeps():
         plan = _read(sweep.root / "plan.json") or {}
         report = _read(sweep.root / "sweep.json") or {}
@@ -201,6 +293,8 @@ def run_status(grid: Grid) -> list[dict]:
             status = folder.status(PHASE_SPLITS[phase][1]) if folder is not None else RunStatus("pending")
             if status.kind == "pending" and e.get("key") in failed:
                 status = RunStatus("failed", reason=failed[e["key"]] or "see the sweep's sweep.json")
+            elif status.kind == "pending" and f"{method} {task}" in sweep_failed:
+                status = RunStatus("failed", reason=f"its sweep stopped: {sweep_failed[f'{method} {task}']}")
             rows.append({"method": method, "task": task, "phase": phase, "lr": e["lr"], "seed": e["seed"],
                          "status": status.kind, "detail": str(status), "step": status.step, "owner": status.owner,
                          "reason": status.reason, "run": str(folder.root) if folder is not None else None})

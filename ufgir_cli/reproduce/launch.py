@@ -13,10 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..engine.callbacks import Callback
-from ..errors import TrainingError
+from ..engine.state import Interrupted
+from ..errors import TrainingError, UfgirError
 from ..sweep import Run, Sweep, run_sweep
 from ..sweep.runner import OnEvent
-from .grid import Grid, write_grid
+from .grid import Grid, check_grid, read_failures, write_failures, write_grid
 from .table import write_table
 
 
@@ -29,25 +30,32 @@ def gpu_slots(gpus: list[str], per_run: int) -> list[str]:
 
 def run_local(grid: Grid, *, gpus: list[str] | None = None, gpus_per_run: int = 1,
               on_event: Callable[[str, str, Sweep, Run | None, dict], None] | None = None,
-              callbacks: Callable[[Run], list[Callback]] | None = None) -> Path:
+              callbacks: Callable[[Run], list[Callback]] | None = None) -> tuple[Path, dict[str, str]]:
     """Run every sweep here, one after another (each spreads its runs over the GPU slots), rewriting
-    the table after each; a sweep with failed runs is reported and the grid goes on."""
+    the table after each. A sweep that stops on an error is recorded (``failures.json``, listed under
+    the table, "failed" in ``status``) and the grid goes on; a stop signal ends the command (the run it
+    stopped saved its checkpoint). Returns the table and the failures ("row task" -> why)."""
+    check_grid(grid)  # every model builds, before anything is written or trained
     write_grid(grid)
-    failed = []
+    failed = read_failures(grid)
     for method, task, sweep in grid.sweeps():
         hear: OnEvent | None = None
         if on_event is not None:
             def hear(kind, run, info, method=method, task=task, sweep=sweep):
                 on_event(kind, f"{method} {task}", sweep, run, info)
+        cell = f"{method} {task}"
         try:
             run_sweep(sweep, gpus=gpu_slots(gpus, gpus_per_run) if gpus else None, on_event=hear, callbacks=callbacks)
-        except TrainingError as e:
-            failed.append(f"{method} on {task}: {e}")
+            failed.pop(cell, None)
+        except Interrupted:
+            raise
+        except UfgirError as e:
+            failed[cell] = str(e)
+            if on_event is not None:
+                on_event("sweep_failed", cell, sweep, None, {"error": str(e)})
+        write_failures(grid, failed)
         write_table(grid)
-    if failed:
-        raise TrainingError(f"{len(failed)} sweep(s) of {grid.name} did not finish; the same command retries them:\n"
-                            + "\n".join(failed))
-    return grid.root / "table1.md"
+    return grid.root / "table1.md", failed
 
 
 class SweepJob:

@@ -15,13 +15,15 @@ import json
 import statistics
 from pathlib import Path
 
-from ..analysis.paper import paper_top1
+from ..analysis.paper import PAPER_ROWS, TABLE1, paper_top1
 from ..data.catalog import CATALOG
+from ..data.folder import dataset_counts
 from ..io import atomic_write_text
-from ..methods import method_spec
+from ..methods import METHODS, method_spec
 from ..paths import RunDir
+from ..recipe import load_recipe
 from ..sweep import Sweep
-from .grid import Grid, rounds_of, sweep_recipe
+from .grid import Grid, read_failures, rounds_of, row_recipe, sweep_recipe
 
 
 def seed_top1(sweep: Sweep) -> dict[int, float]:
@@ -43,11 +45,22 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def _num_classes(sweep: Sweep, task: str) -> int:
-    """The task's class count as its runs saw it (a run's metrics.json), else the catalog's."""
+    """The task's class count as its runs saw it (a run's metrics.json), else the catalog's, the
+    dataset's on disk or the generator's (2 where nothing says: the cost barely depends on it)."""
     for run in sorted((sweep.root / "runs").glob("*/")):
         for m in RunDir(run).eval_metrics_files():
             return json.loads(m.read_text(encoding="utf-8"))["num_classes"]
-    return CATALOG[task].num_classes
+    return dataset_counts(task, sweep.overrides.get("data", {}).get("root")).num_classes or 2
+
+
+def row_title(row: str) -> str:
+    """How the table names a row: the method's title, or for another recipe of it the paper's name of
+    that row (``TrFG* (full fine-tuning)``), else the title with the recipe's name."""
+    if row in METHODS:
+        return method_spec(row).display_name
+    if row in PAPER_ROWS:
+        return PAPER_ROWS[row].title
+    return f"{method_spec(load_recipe(row).model.method).display_name} ({row})"
 
 
 def method_cost(grid: Grid, method: str) -> dict:
@@ -86,9 +99,9 @@ def table_rows(grid: Grid) -> list[dict]:
             seeds = [s for s in grid.seeds if all(s in p for p in per_task)]
             values = [statistics.fmean(p[s] for p in per_task) for s in seeds]
             mean, std = mean_std(values)
-            paper = paper_top1(method, key.removesuffix("_rounds"))
+            paper = paper_top1(row_recipe(method), key.removesuffix("_rounds"))
             rows.append({
-                "method": method, "title": method_spec(method).display_name, "column": key, "column_title": title,
+                "method": method, "title": row_title(method), "column": key, "column_title": title,
                 "n": len(values), "seeds": seeds, "top1": values, "mean": mean, "std": std, "paper": paper,
                 "diff": mean - paper if mean is not None and paper is not None else None,
                 "ttp_m": cost["ttp"] / 1e6, "gmacs": cost["macs"] / 1e9,
@@ -117,12 +130,16 @@ def markdown(grid: Grid, rows: list[dict]) -> str:
     head = ["Method", *(t for _, t, _ in cols), f"TTP (M, {len(grid.datasets)} tasks)", f"GMACs ({grid.image_size} px)"]
     lines = [f"# Table 1: `{grid.name}`", "",
              f"Test top-1 % at the last epoch, {grid.image_size} px: mean ± sample std over seeds "
-             f"{', '.join(map(str, grid.seeds))}, with (the paper's number at 448 px, our difference). "
-             "Each sweep picks its learning rate on val first. \"-\" where there is no number yet.", "",
+             f"{', '.join(map(str, grid.seeds))}, with (the paper's number, our difference); the paper's numbers: "
+             f"{TABLE1}. Each sweep picks its learning rate on val first. \"-\" where there is no number yet.", "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for _, rs in _by_method(grid, rows):
         lines.append(f"| {rs[0]['title']} | " + " | ".join(cell(r) for r in rs)
                      + f" | {rs[0]['ttp_m']:.3f} | {rs[0]['gmacs']:.3f} |")
+    failures = read_failures(grid)
+    if failures:
+        lines += ["", f"Sweeps that stopped on an error ({len(failures)}; the same command retries them):", ""]
+        lines += [f"- {cell}: {why}" for cell, why in sorted(failures.items())]
     return "\n".join([*lines, ""])
 
 

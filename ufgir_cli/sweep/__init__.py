@@ -13,7 +13,19 @@ from collections.abc import Callable, Iterator
 
 from ..engine.callbacks import Callback
 from ..errors import TrainingError
-from .plan import DEFAULT_SEEDS, PAPER_LRS, RULE, Run, Sweep, make_sweep, phase1_runs, phase2_runs, write_plan
+from ..recipe import load_recipe
+from .plan import (
+    DEFAULT_SEEDS,
+    PAPER_LRS,
+    RULE,
+    Run,
+    Sweep,
+    check_models,
+    make_sweep,
+    phase1_runs,
+    phase2_runs,
+    write_plan,
+)
 from .runner import OnEvent, run_in_process, run_on_gpus
 from .summary import choose_lr, write_report
 
@@ -29,6 +41,7 @@ def run_sweep(sweep: Sweep, *, gpus: list[str] | None = None, on_event: OnEvent 
         raise TrainingError("ufgir sweep starts its own runs; run it without torchrun (--gpus spreads runs over GPUs)")
     failed: dict[str, str] = {}  # key -> error, of this command's failed runs
     phase1, phase2 = phase1_runs(sweep), []
+    check_models([(f"sweep {sweep.name} (recipe {sweep.recipe})", load_recipe(sweep.recipe, sweep.overrides))])
 
     def event(kind: str, run: Run, info: dict) -> None:
         if kind == "failed":
@@ -78,4 +91,4 @@ def _locked(sweep: Sweep) -> Iterator[None]:
         yield
 
 
-__all__ = ["DEFAULT_SEEDS", "PAPER_LRS", "RULE", "Run", "Sweep", "make_sweep", "run_sweep"]
+__all__ = ["DEFAULT_SEEDS", "PAPER_LRS", "RULE", "Run", "Sweep", "check_models", "make_sweep", "run_sweep"]

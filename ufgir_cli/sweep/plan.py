@@ -14,10 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import RecipeError
+from ..errors import RecipeError, UfgirError
 from ..io import atomic_write_json
 from ..paths import RunDir, RunStatus
 from ..recipe import Recipe, load_recipe
@@ -75,19 +76,21 @@ class Run:
         return f"phase {self.phase} lr {self.lr:g} seed {self.seed}"
 
 
-def make_sweep(recipe: str, overrides: dict | None = None, *, lrs=PAPER_LRS, seeds=DEFAULT_SEEDS,
+def make_sweep(recipe: str, overrides: dict | None = None, *, lrs=None, seeds=DEFAULT_SEEDS,
                name: str | None = None, out: str | Path = "sweeps") -> Sweep:
-    """Check what is asked (the base recipe loads, the swept keys are left to the sweep) and name it."""
+    """Check what is asked (the base recipe loads, the swept keys are left to the sweep) and name it.
+    ``lrs`` None: the recipe's own ``sweep.lrs``, else the paper's grid."""
     overrides = overrides or {}
     taken = [f"{s}.{k}" for s, keys in SWEPT_KEYS.items() for k in keys if k in (overrides.get(s) or {})]
     if taken:
         raise RecipeError(f"--set {', '.join(taken)}: the sweep sets these per run (use --lr and --seeds)")
+    base = load_recipe(recipe, overrides)  # fails here, before anything is written, if the recipe is wrong
+    lrs = base.sweep.lrs or PAPER_LRS if lrs is None else lrs
     lrs, seeds = tuple(float(x) for x in lrs), tuple(int(x) for x in seeds)
     if not lrs or any(not x > 0 for x in lrs) or len(set(lrs)) != len(lrs):
         raise RecipeError(f"--lr {','.join(map(str, lrs))}: give distinct positive learning rates")
     if not seeds or len(set(seeds)) != len(seeds):
         raise RecipeError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds")
-    base = load_recipe(recipe, overrides)  # fails here, before anything is written, if the recipe is wrong
     name = name or default_sweep_name(recipe, base.data.dataset, overrides)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", name):
         raise RecipeError(f"--name {name!r}: use letters, digits and . _ = + - (it names a folder)")
@@ -156,3 +159,25 @@ def write_plan(sweep: Sweep, phase1: list[Run], phase2: list[Run], lr: float | N
         "phase2": {"train_split": "train_val", "eval_split": "test", "lr": lr,
                    "runs": [run_entry(sweep, r) for r in phase2]},
     })
+
+
+def check_models(items: Iterable[tuple[str, Recipe]]) -> int:
+    """Build each ``(label, recipe)``'s model on the meta device (no weights, no memory), so that a
+    layout that cannot work (a block past the last one, a method the backbone cannot carry) is refused
+    before anything trains, in one line that starts with the label. Models that differ only in their
+    class count are built once; returns how many were built."""
+    from ..data.folder import dataset_counts
+    from ..model.vit import meta_model
+
+    built: set[str] = set()
+    for label, recipe in items:
+        key = recipe.model.model_dump_json(exclude={"num_classes"})
+        if key in built:
+            continue
+        classes = recipe.model.num_classes or dataset_counts(recipe.data.dataset, recipe.data.root).num_classes or 2
+        try:
+            meta_model(recipe.model, classes)
+        except UfgirError as e:
+            raise RecipeError(f"{label}: {e}") from None
+        built.add(key)
+    return len(built)

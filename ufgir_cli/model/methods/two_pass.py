@@ -87,6 +87,8 @@ class _TwoPass(Method):
     ``scores(model, x)``: the first pass's final normed tokens (B, 1 + N, D), a score per patch (B, N)
     and whether the largest scores win."""
 
+    train_passes = 2  # the image, then the crop, both trained through
+
     single_pass = False
     traceable = False
     timm_head = False
