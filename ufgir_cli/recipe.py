@@ -158,7 +158,10 @@ class ModelConfig(Section):
         ``depth`` blocks whose name did not tell it (read from the built backbone)."""
         if self.resolved:
             return self
-        return ModelConfig.model_validate(_fill_layout(method_spec(self.method), self.model_dump(), depth))
+        try:
+            return ModelConfig.model_validate(_fill_layout(method_spec(self.method), self.model_dump(), depth))
+        except ValidationError as e:
+            raise RecipeError(_format_validation(e) + f" (on the {depth}-block backbone {self.backbone!r})") from None
 
     @property
     def resolved(self) -> bool:
