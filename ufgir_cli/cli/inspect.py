@@ -12,26 +12,18 @@ from ._common import RecipeOpt, SetOpt, console, parse_sets, print_eval_modes
 
 def _class_count(r, given: int | None) -> tuple[int, str]:
     """The head size to build and where it comes from, so that inspect counts what training will train."""
-    from ..data.catalog import CATALOG
-    from ..data.folder import read_classes
-    from ..data.synthetic import DEMO_CLASSES
-    from ..errors import DatasetError
-    from ..paths import dataset_dir
+    from ..data.folder import dataset_counts
 
     if given is not None:
         return given, "--num-classes"
     if r.model.num_classes:
         return r.model.num_classes, "model.num_classes"
     name = r.data.dataset
-    try:
-        return len(read_classes(dataset_dir(name, r.data.root))), f"the {name} folder's classes.csv"
-    except DatasetError:
-        pass
-    spec = CATALOG.get(name)
-    if spec is not None and spec.num_classes:
-        return spec.num_classes, f"the {name} catalog entry"
-    if spec is not None and spec.kind == "generated":
-        return DEMO_CLASSES, f"the {name} dataset as `ufgir train` generates it"
+    counts = dataset_counts(name, r.data.root)
+    where = {"catalog": f"the {name} catalog entry", "disk": f"the {name} folder's dataset.json",
+             "generator": f"the {name} dataset as `ufgir train` generates it"}
+    if counts.num_classes:
+        return counts.num_classes, where[counts.source]
     return 200, f"assumed: {name} is unknown here; pass --num-classes"
 
 

@@ -109,6 +109,10 @@ def _hub_parquet(*names: str) -> Source:
     )
 
 
+#: The generated ``synthetic`` set: classes, and train_val and test images per class (`data/synthetic.py`).
+DEMO_CLASSES, DEMO_TRAIN_VAL, DEMO_TEST = 10, 40, 20
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """One catalog entry. Expected sizes are ``None`` only for generated datasets."""

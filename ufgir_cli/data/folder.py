@@ -28,7 +28,7 @@ from pathlib import Path
 from ..errors import DatasetError
 from ..io import atomic_write_json, atomic_write_text
 from ..paths import dataset_dir
-from .catalog import CATALOG
+from .catalog import CATALOG, DEMO_CLASSES, DEMO_TEST, DEMO_TRAIN_VAL
 
 SPLITS = ("train", "val", "train_val", "test")
 
@@ -180,8 +180,6 @@ def dataset_counts(name: str, root: str | os.PathLike | None = None) -> DatasetC
     counts = info.get("counts") or {}
     if info.get("num_classes") and counts.get("train_val"):
         return DatasetCounts(info["num_classes"], counts["train_val"], counts.get("test"), "disk")
-    if name == "synthetic":
-        from .synthetic import DEMO_CLASSES, DEMO_TEST, DEMO_TRAIN_VAL
-
+    if spec is not None and spec.kind == "generated":
         return DatasetCounts(DEMO_CLASSES, DEMO_CLASSES * DEMO_TRAIN_VAL, DEMO_CLASSES * DEMO_TEST, "generator")
     return DatasetCounts(None, None, None, None)

@@ -19,14 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError
+from .catalog import DEMO_CLASSES, DEMO_TEST, DEMO_TRAIN_VAL
 from .folder import read_info, write_dataset_folder
 
 LATTICE = 4
 CELLS = LATTICE * LATTICE
 SYNTHETIC_VERSION = 2
-DEMO_CLASSES = 10
-DEMO_TRAIN_VAL = 40
-DEMO_TEST = 20
 DEMO_SIZE = 96
 DEMO_SEED = 20240917
 
