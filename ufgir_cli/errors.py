@@ -50,3 +50,8 @@ class RunFolderError(TrainingError):
     """A new run's folder is taken: bad input (exit 2), fixed by another --name, --overwrite or --resume."""
 
     exit_code = 2
+
+
+class HubError(UfgirError):
+    """A Hugging Face Hub push or pull failed: refused, unreachable (or offline with nothing cached),
+    not a repo written by `ufgir push`, or files that do not match its ``ufgir.json``."""
