@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: it is taken from the local wheel cache; a range would pull a CUDA build.
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[dev,export]'
+	$(PIP) install -q -e '.[dev,export,app]'
 	touch $@
 
 venv: $(VENV)/.installed
