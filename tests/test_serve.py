@@ -59,7 +59,7 @@ def test_page_explains_images_like_predict(served, small_synthetic, tmp_path):
     assert len(table["data"]) == 2 * 4  # every image, its top 4 (of 4 classes)
     assert "notes.txt** skipped: not an image" in message and "2 images" in message
     assert "box" in message  # what GLSim looked at, in words
-    assert len(rollout) == 2 and [r["caption"].split(":")[0] for r in rollout] == [p.name for p in images]
+    assert len(rollout) == 2 and [r["caption"].split(":")[0] for r in rollout] == [p.stem for p in images]
     assert len(looked) == 2 * 2 and "image and box" in looked[0]["caption"]  # image + box, crop; per image
 
     only_text = client.predict([handle_file(str(notes))], api_name="/explain")
@@ -78,5 +78,5 @@ def test_explainer_without_a_selection_and_with_examples(tiny_runs, small_synthe
     message, label, rows, rollout, looked = page_outputs(ex, [str(examples[0])])
     assert len(label) == 2 and len(rows) == 2 and len(rollout) == 1 and looked == []
     image, caption = rollout[0]
-    assert image.shape == (64, 64, 3) and image.dtype.name == "uint8" and caption.startswith(examples[0].name)
+    assert image.shape == (64, 64, 3) and image.dtype.name == "uint8" and caption.startswith(examples[0].stem)
     assert page_outputs(ex, [])[0].startswith("Drop one or more images")

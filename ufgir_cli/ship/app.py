@@ -139,8 +139,8 @@ def page_outputs(explainer: Explainer, files: list[str] | None) -> tuple:
     first = res.images[0]
     label = {name: prob for _, name, prob in first.top}
     rows = [[e.path.name, rank + 1, name, round(prob, 4)] for e in res.images for rank, (_, name, prob) in enumerate(e.top)]
-    rollout = [(e.rollout, f"{e.path.name}: {e.top[0][1]} ({e.top[0][2]:.2f})") for e in res.images if e.rollout is not None]
-    looked = [(img, f"{e.path.name}: {caption}") for e in res.images for img, caption in e.looked]
+    rollout = [(e.rollout, f"{e.path.stem}: {e.top[0][1]} ({e.top[0][2]:.2f})") for e in res.images if e.rollout is not None]
+    looked = [(img, f"{e.path.stem}: {caption}") for e in res.images for img, caption in e.looked]
     n = len(res.images)
     head = f"{n} image{'s' if n > 1 else ''}: top-1 **{first.top[0][1]}** ({first.top[0][2]:.2f}) for {first.path.name}"
     if res.looked_what:
@@ -160,7 +160,8 @@ def build_app(explainer: Explainer):
 
     m = explainer.recipe.model
     examples = explainer.examples()
-    names = explainer.names_from or "class ids (no classes.csv found)"
+    names = {None: "none found: class ids", "the model's repo": "the model's repo"}.get(
+        explainer.names_from, "the dataset's classes.csv")
     with gr.Blocks(title=f"ufgir · {explainer.title}", analytics_enabled=False) as demo:
         gr.Markdown(f"# {explainer.title}\n"
                     f"{explainer.recipe.description or ''}\n\n"
@@ -180,8 +181,9 @@ def build_app(explainer: Explainer):
                 label = gr.Label(num_top_classes=explainer.topk, label="Top classes (first image)")
                 table = gr.Dataframe(headers=["image", "rank", "class", "probability"], label="Every image",
                                      interactive=False)
-        rollout = gr.Gallery(label="Attention rollout", columns=4, height="auto")
-        looked = gr.Gallery(label="What the method looked at", columns=4, height="auto", visible=explainer.selects)
+        rollout = gr.Gallery(label="Attention rollout", columns=6, fit_columns=False, height=260)
+        looked = gr.Gallery(label="What the method looked at", columns=6, fit_columns=False, height=260,
+                            visible=explainer.selects)
         outputs = [message, label, table, rollout, looked]
 
         def run(paths: list[str] | None):
