@@ -6,14 +6,14 @@ PIP := $(VENV)/bin/pip
 UFGIR := $(VENV)/bin/ufgir
 DEMO_RUN := runs/demo_quickstart
 
-.PHONY: venv demo test bench backbone lint clean
+.PHONY: venv demo test bench backbone screenshot lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: it is taken from the local wheel cache; a range would pull a CUDA build.
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[dev,export]'
+	$(PIP) install -q -e '.[dev,export,app]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -37,6 +37,10 @@ bench: venv
 
 backbone: venv
 	HF_HUB_OFFLINE=1 $(UFGIR) pretrain-backbone --out ufgir_cli/assets
+
+# docs/serve.png: `ufgir serve` in headless Chromium (apt-get install chromium); not part of `make test`
+screenshot: venv
+	HF_HUB_OFFLINE=1 $(PY) docs/screenshot_serve.py
 
 lint: venv
 	$(VENV)/bin/ruff check ufgir_cli tests benchmarks

@@ -44,6 +44,36 @@ def small_synthetic(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, small_synthetic):
+    """``tiny_runs(method, weights="timm")`` -> a run folder, trained on first use and kept for the session:
+    the micro ViT (its packaged weights: "timm"; or "file", the same weights named by path), one epoch
+    on ``small_synthetic``, evaluated on test. Point UFGIR_DATA_DIR at ``small_synthetic.parent`` to
+    evaluate or analyse it."""
+    from ufgir_cli.model.backbone import MICRO_WEIGHTS
+
+    root, made = tmp_path_factory.mktemp("tiny_runs"), {}
+
+    def get(method: str, weights: str = "timm") -> Path:
+        if (method, weights) not in made:
+            from ufgir_cli.engine.train import fit
+            from ufgir_cli.recipe import load_recipe
+
+            model = {"method": method, "weights": str(MICRO_WEIGHTS) if weights == "file" else weights}
+            if not method.startswith("ila"):
+                model["ila_ds_locs"] = []
+            recipe = load_recipe("quickstart", {"model": model, "data": {"num_workers": 0},
+                                                "train": {"epochs": 1, "batch_size": 8, "precision": "fp32"}})
+            run = root / f"{method}_{weights}"
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("UFGIR_DATA_DIR", str(small_synthetic.parent))
+                fit(recipe, run)
+            made[method, weights] = run
+        return made[method, weights]
+
+    return get
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for modules of tiny tensors: two threads contend for no gain there."""

@@ -8,8 +8,7 @@ import io
 import json
 import re
 import zipfile
-from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler
+from dataclasses import replace
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -17,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import loopback_server
+from hub_standin import COMMIT, Hub, serve_hub
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -26,7 +25,6 @@ from ufgir_cli.data.catalog import CATALOG, HUB_PARQUET, HUB_ZIPS
 from ufgir_cli.data.download import download_dataset
 from ufgir_cli.errors import DatasetError
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 COTTON = replace(CATALOG["cotton80"], num_classes=3, train_val=9, test=6)
 ZIP_PATH = "Cotton80/Cotton80.zip"
 PARQUET_PATH = "datasets/ufgvc/cotton80_dataset.parquet"
@@ -92,65 +90,11 @@ def cotton_parquet(base: int = 0, carve_val: bool = True, drop: int = 0) -> byte
 # ------------------------------------------------------------------------ a loopback Hub stand-in
 
 
-@dataclass
-class Hub:
-    endpoint: str = ""
-    files: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (repo, path) -> body
-    requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, Range
-    cut_next_get: int | None = None  # send only this many bytes of the next GET body, then hang up
-
-    def put(self, repo: str, path: str, body: bytes) -> None:
-        self.files[repo, path] = body
-
-
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """Serves ``{endpoint}/datasets/{repo}/resolve/{revision}/{path}`` (HEAD and GET, with Range) the way
-    the Hub's file endpoint does, and points huggingface_hub at it with a fresh cache."""
-    state = Hub()
-    pattern = re.compile(r"/datasets/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)")
-
-    class Handler(BaseHTTPRequestHandler):
-        def _serve(self, head: bool) -> None:
-            rng = self.headers.get("Range")
-            state.requests.append((self.command, self.path, rng))
-            m = pattern.fullmatch(self.path)
-            body = state.files.get((m["repo"], m["path"])) if m else None
-            if body is None:
-                self.send_response(404)
-                self.send_header("X-Error-Code", "EntryNotFound")
-                self.send_header("X-Repo-Commit", COMMIT)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            start = int(re.fullmatch(r"bytes=(\d+)-", rng)[1]) if rng else 0
-            self.send_response(206 if start else 200)
-            if start:
-                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-            self.send_header("ETag", f'"{abs(hash(body)):x}"')
-            self.send_header("X-Repo-Commit", COMMIT)
-            self.send_header("Content-Length", str(len(body) - start))
-            self.end_headers()
-            if head:
-                return
-            payload = body[start:]
-            if state.cut_next_get is not None:
-                payload, state.cut_next_get = payload[: state.cut_next_get], None
-            self.wfile.write(payload)
-
-        def do_HEAD(self):
-            self._serve(head=True)
-
-        def do_GET(self):
-            self._serve(head=False)
-
-        def log_message(self, *args):
-            pass
-
-    with loopback_server(Handler) as state.endpoint:
-        monkeypatch.setenv("HF_ENDPOINT", state.endpoint)
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite runs offline
+    """The loopback Hub stand-in (``hub_standin``), its dataset files served the way the Hub's file
+    endpoint does, huggingface_hub pointed at it with a fresh cache, and cotton80 shrunk to fit."""
+    with serve_hub(monkeypatch, tmp_path / "hf-cache") as state:
         monkeypatch.setitem(CATALOG, "cotton80", COTTON)
         yield state
 

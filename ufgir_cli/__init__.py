@@ -15,7 +15,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def load_run(path: str, checkpoint: str = "auto", device: str = "cpu") -> tuple[Any, Recipe]:
-    """Model and recipe from a run folder, a checkpoint file or an adapter-only safetensors delta."""
+    """Model and recipe from a run folder, a checkpoint file, a safetensors export (full or adapter-only)
+    or a model pushed to the Hugging Face Hub, ``hf://OWNER/NAME[@REVISION]``."""
     from .model.checkpoint import load_run as _load_run
 
     return _load_run(path, checkpoint=checkpoint, device=device)

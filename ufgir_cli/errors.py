@@ -55,3 +55,8 @@ class RunFolderError(TrainingError):
 class RecipeNotice(UserWarning):
     """Something a recipe's resolution changed that the user should hear of, in one line (e.g. ILA
     positions dropped for a method without ILA). Commands print it as ``notice: ...``."""
+
+
+class HubError(UfgirError):
+    """A Hugging Face Hub push or pull failed: refused, unreachable (or offline with nothing cached),
+    not a repo written by `ufgir push`, or files that do not match its ``ufgir.json``."""

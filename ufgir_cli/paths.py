@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from platformdirs import user_data_dir
+
+from .errors import OptionError
 
 try:
     import tomllib
@@ -45,9 +48,61 @@ def dataset_dir(name: str, root: str | os.PathLike | None = None) -> Path:
     return base / name
 
 
+def hub_client_settings() -> dict[str, str | None]:
+    """``endpoint`` and ``cache_dir`` for huggingface_hub calls, read from ``HF_ENDPOINT`` and
+    ``HF_HUB_CACHE`` now: huggingface_hub reads them once, at import, so a later change would not hold."""
+    return {"endpoint": os.environ.get("HF_ENDPOINT") or None, "cache_dir": os.environ.get("HF_HUB_CACHE") or None}
+
+
+HUB_SCHEME = "hf://"
+# ``hf:/`` too: pathlib folds the double slash (``Path("hf://a/b")`` is ``hf:/a/b``), and commands take Paths.
+_HUB_REF = re.compile(r"hf:/{1,2}(?P<owner>[A-Za-z0-9][\w.-]*)/(?P<name>[\w.-]+)(?:@(?P<rev>[^\s@]+))?/?")
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A model pushed to the Hugging Face Hub by `ufgir push`: ``hf://OWNER/NAME[@REVISION]``.
+
+    Accepted wherever a run or checkpoint is (the one loader fetches it); what commands write for it
+    goes to :meth:`run_dir`, never into the Hub's cache.
+    """
+
+    owner: str
+    name: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, source: str | os.PathLike | RunDir) -> HubRef | None:
+        """The reference ``source`` spells, or None for anything that does not start with ``hf:/``."""
+        text = os.fspath(source)
+        if not text.startswith("hf:/"):
+            return None
+        m = _HUB_REF.fullmatch(text)
+        if m is None or m["owner"] in ("datasets", "spaces"):
+            raise OptionError(f"{text!r} is not a Hub model reference; write {HUB_SCHEME}OWNER/NAME or "
+                              f"{HUB_SCHEME}OWNER/NAME@REVISION (a model repo written by `ufgir push`)")
+        return cls(m["owner"], m["name"], m["rev"])
+
+    @property
+    def repo_id(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+    def __str__(self) -> str:
+        return f"{HUB_SCHEME}{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
+
+    def run_dir(self) -> Path:
+        """``<runs>/hf_<owner>_<name>[@<revision>]``: where commands write what they make of this model."""
+        rev = f"@{self.revision.replace('/', '_')}" if self.revision else ""
+        return runs_dir() / f"hf_{self.owner}_{self.name}{rev}"
+
+
 def run_dir_of(source: str | os.PathLike) -> Path:
     """The run folder a source belongs to: a run folder, ``checkpoints/x.pt`` or ``export/x.*`` inside
-    one; for a loose file, the folder holding it (results of that file are written there)."""
+    one; for a loose file, the folder holding it (results of that file are written there); for a Hub
+    reference, ``HubRef.run_dir``."""
+    ref = HubRef.parse(source)
+    if ref is not None:
+        return ref.run_dir()
     source = Path(source)
     if source.is_dir():
         return source

@@ -23,8 +23,7 @@ from ..data.loaders import make_loader, open_split
 from ..errors import DatasetError, OptionError
 from ..methods import FAMILY_TITLES, all_methods
 from ..model import meta_model
-from ..model.checkpoint import checkpoint_tag, read_checkpoint, resolve_checkpoint
-from ..model.checkpoint import load_model as load_any
+from ..model.checkpoint import load_model, read_checkpoint, resolve_checkpoint
 from ..model.precision import resolve_precision
 from ..paths import RunDir, dataset_dir, run_dir_of
 from ..recipe import Recipe, load_recipe, load_saved_recipe, recipe_from_dict
@@ -39,13 +38,6 @@ Progress = Callable[[str, int, int], None]
 
 #: ``make_maps(model, attention) -> [(label, (B, h, w) maps)]``: what `visualize` draws from one forward pass.
 MakeMaps = Callable[[nn.Module, list[torch.Tensor]], list[tuple[str, torch.Tensor]]]
-
-
-def load_model(path: Path, checkpoint: str = "auto", device: str = "auto") -> tuple[nn.Module, Recipe, Path, str]:
-    """(model in eval mode, recipe, checkpoint file, resolved device) of a run folder or checkpoint file,
-    through the one loader (`model.checkpoint.load_model`)."""
-    loaded = load_any(path, checkpoint, device)
-    return loaded.model, loaded.recipe, loaded.file, loaded.device
 
 
 def run_label(path: Path, recipe: Recipe) -> str:
@@ -111,9 +103,10 @@ def measure(path: Path, *, split: str = "test", data_recipe: Recipe | None = Non
     Images come from ``data_recipe``'s dataset (another run's, so that two runs see the same images)
     or the run's own; minibatches hold at least ``MIN_BATCH`` images when attention CKA is asked for.
     """
-    model, recipe, ckpt, device = load_model(path, checkpoint, device)
+    loaded = load_model(path, checkpoint, device)
+    model, recipe, device = loaded.model, loaded.recipe, loaded.device
     res: dict = {
-        "run": str(run_dir_of(path)), "checkpoint": checkpoint_tag(ckpt), "method": recipe.model.method,
+        "run": str(run_dir_of(path)), "checkpoint": loaded.tag, "method": recipe.model.method,
         "backbone": recipe.model.backbone, "image_size": recipe.model.image_size,
         "tokens_per_block": model.tokens_per_block,
         "tokens_attended": [b.tokens_attended for b in model.feature_info],
@@ -154,8 +147,11 @@ class Shown:
     title: str                              # the run: method and dataset
 
 
-def _class_names(recipe: Recipe) -> list[str] | None:
-    """The dataset's class names, when its folder is present (a model can be shown without its data)."""
+def _class_names(recipe: Recipe, own: list[str] | None = None) -> list[str] | None:
+    """The class names that came with the model (``own``: a Hub repo's), else the dataset's when its
+    folder is present (a model can be shown without its data)."""
+    if own is not None:
+        return own
     try:
         return read_classes(dataset_dir(recipe.data.dataset, recipe.data.root))
     except DatasetError:
@@ -175,14 +171,15 @@ def pick_per_class(targets: Sequence[int], per_class: int, count: int) -> list[i
     return [i for c in chosen for i in by_class[c][:per_class]][:count]
 
 
-def load_images(recipe: Recipe, split: str, images: Sequence[Path] | None, count: int, per_class: int = 1):
+def load_images(recipe: Recipe, split: str, images: Sequence[Path] | None, count: int, per_class: int = 1,
+                names: list[str] | None = None):
     """(uint8 (B, 3, S, S) images, targets or Nones, file stems, class names) as the model's eval transform
     sees them: the ``images`` files, or else ``per_class`` images of each of up to ``count // per_class``
-    classes of ``split`` (see :func:`pick_per_class`)."""
+    classes of ``split`` (see :func:`pick_per_class`). ``names``: the model's own class names, if any."""
     tf = preprocess_for(recipe, train=False)
     if images:
         x = torch.stack([tf(load_image(str(p)), None) for p in images])       # (B, 3, S, S) uint8
-        return x, [None] * len(images), [p.stem for p in images], _class_names(recipe)
+        return x, [None] * len(images), [p.stem for p in images], _class_names(recipe, names)
     sf = open_split(recipe, split)
     rows = [sf.samples[i] for i in pick_per_class([t for _, t in sf.samples], per_class, count)]
     x = torch.stack([tf(load_image(path), None) for path, _ in rows])          # (B, 3, S, S) uint8
@@ -203,8 +200,9 @@ def _captions(preds: list[int], targets: list[int | None], class_names: list[str
 def visualize(path: Path, make_maps: MakeMaps, *, split: str = "test", images: Sequence[Path] | None = None,
               count: int = 8, per_class: int = 1, checkpoint: str = "auto", device: str = "auto") -> Shown:
     """Run the model once over the images and turn its attention into maps at image resolution."""
-    model, recipe, _, device = load_model(path, checkpoint, device)
-    x, targets, stems, class_names = load_images(recipe, split, images, count, per_class)
+    loaded = load_model(path, checkpoint, device)
+    model, recipe, device = loaded.model, loaded.recipe, loaded.device
+    x, targets, stems, class_names = load_images(recipe, split, images, count, per_class, loaded.class_names)
     data_cfg = model.data_config()
     out = forward_collect(model, normalize(x.to(device), data_cfg))
     preds = out.logits.argmax(dim=1).tolist()
@@ -241,22 +239,30 @@ def _patch_rects(indices: torch.Tensor, grid: tuple[int, int], patch: int) -> li
     return [(int(j) // grid[1] * patch, int(j) % grid[1] * patch, patch, patch) for j in sorted(set(indices.tolist()))]
 
 
+@dataclass
+class Panels:
+    """What a method looked at for a batch, ready to draw: panels of images with rectangles on them
+    (see :class:`Selected`), what is selected in words, and the predictions."""
+
+    panels: list[tuple[str, np.ndarray, list[list[tuple]]]]
+    what: str
+    preds: list[int]
+
+
 @torch.no_grad()
-def selections(path: Path, *, split: str = "test", images: Sequence[Path] | None = None, count: int = 8,
-               per_class: int = 1, checkpoint: str = "auto", device: str = "auto") -> Selected:
-    """What a fine-grained method looks at: GLSim's and RAMS's box on the image and the crop its second
-    pass sees, CAL's evaluation boxes (from the mean of its attention maps) and their crops, or the
-    patches TransFG and FFVT hand to their aggregator block."""
-    model, recipe, _, device = load_model(path, checkpoint, device)
-    x, targets, stems, class_names = load_images(recipe, split, images, count, per_class)
+def selection_panels(model: nn.Module, x: torch.Tensor) -> Panels | None:
+    """The panels of what ``model``'s method selects or crops for uint8 images ``x`` (B, 3, S, S) as its
+    eval transform gives them; None for a method that selects nothing. GLSim's and RAMS's box on the image
+    and the crop its second pass sees, CAL's evaluation boxes and their crops, or the patches TransFG and
+    FFVT hand to their aggregator block."""
+    device = next(model.parameters()).device
     cfg = model.data_config()
     xn = normalize(x.to(device), cfg)
     sel = model.method.select(model, xn)
     if sel is None:
-        raise OptionError(f"visualize crops shows what GLSim, RAMS, CAL, TransFG and FFVT select; "
-                          f"{recipe.model.method} selects nothing (try `ufgir visualize rollout`)")
+        return None
     preds = model(xn).argmax(dim=1).tolist()
-    shown = x.permute(0, 2, 3, 1).numpy()
+    shown = x.permute(0, 2, 3, 1).cpu().numpy()
     patch = model.vit.patch_embed.patch_size[0]
     if sel.boxes is not None:
         K = sel.boxes.shape[0]
@@ -266,12 +272,25 @@ def selections(path: Path, *, split: str = "test", images: Sequence[Path] | None
                   for k, (t, b, left, r) in enumerate(per_image)]
                  for per_image in sel.boxes.transpose(0, 1).tolist()]                  # per image, K boxes
         panels = [("image and boxes" if K > 1 else "image and box", shown, boxes)]
-        panels += [(f"{label} ({name})" if name else label, _to_uint8(c, cfg["mean"], cfg["std"]), [[] for _ in stems])
+        panels += [(f"{label} ({name})" if name else label, _to_uint8(c, cfg["mean"], cfg["std"]), [[] for _ in preds])
                    for label, c, name in zip(sel.labels, sel.crops, names, strict=True)]
     else:
         panels = [("selected patches", shown, [_patch_rects(p, sel.grid, patch) for p in sel.patches])]
-    captions = _captions(preds, targets, class_names)
-    return Selected(panels, captions, stems, run_title(recipe), sel.what)
+    return Panels(panels, sel.what, preds)
+
+
+def selections(path: Path, *, split: str = "test", images: Sequence[Path] | None = None, count: int = 8,
+               per_class: int = 1, checkpoint: str = "auto", device: str = "auto") -> Selected:
+    """What a fine-grained method looks at over a run's images (:func:`selection_panels`)."""
+    loaded = load_model(path, checkpoint, device)
+    model, recipe = loaded.model, loaded.recipe
+    x, targets, stems, class_names = load_images(recipe, split, images, count, per_class, loaded.class_names)
+    shown = selection_panels(model, x)
+    if shown is None:
+        raise OptionError(f"visualize crops shows what GLSim, RAMS, CAL, TransFG and FFVT select; "
+                          f"{recipe.model.method} selects nothing (try `ufgir visualize rollout`)")
+    captions = _captions(shown.preds, targets, class_names)
+    return Selected(shown.panels, captions, stems, run_title(recipe), shown.what)
 
 
 def _group_blocks(text: str, grids: list[tuple[int, int]]) -> tuple[int, int]:

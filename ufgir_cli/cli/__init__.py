@@ -73,10 +73,12 @@ from . import compare as _compare  # noqa: E402
 from . import datasets as _datasets  # noqa: E402
 from . import download as _download  # noqa: E402
 from . import eval as _eval  # noqa: E402
+from . import hub as _hub  # noqa: E402
 from . import inspect as _inspect  # noqa: E402
 from . import metrics as _metrics  # noqa: E402
 from . import recipes as _recipes  # noqa: E402
 from . import reproduce as _reproduce  # noqa: E402
+from . import serve as _serve  # noqa: E402
 from . import ship as _ship  # noqa: E402
 from . import sweep as _sweep  # noqa: E402
 from . import train as _train  # noqa: E402
@@ -93,6 +95,8 @@ app.add_typer(_reproduce.app, name="reproduce", help="The paper's Table 1: every
 app.command("export", cls=PlainCommand)(_ship.export)
 app.command("import-upstream", cls=PlainCommand)(_ship.import_upstream)
 app.command("predict", cls=PlainCommand)(_ship.predict)
+app.command("push", cls=PlainCommand)(_hub.push)
+app.command("serve", cls=PlainCommand)(_serve.serve)
 app.command("metrics", cls=PlainCommand)(_metrics.metrics)
 app.add_typer(_visualize.app, name="visualize", help="Attention rollout and per-block attention drawn over images.")
 app.command("compare", cls=PlainCommand)(_compare.compare)

@@ -60,11 +60,13 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a recipe key, e.g. --set train.epochs=5 (repeatable)."),
 ]
 RunArg = Annotated[Path | None, typer.Argument(
-    help="A run folder or a checkpoint file (default: the most recent run under ./runs).", show_default=False)]
+    help="A run folder, a checkpoint file, or hf://OWNER/NAME[@REVISION] (a model `ufgir push` put on the Hub) "
+    "(default: the most recent run under ./runs).", show_default=False)]
 CheckpointOpt = Annotated[
     str, typer.Option("--checkpoint", help="Which checkpoint of a run folder: best, last or auto (best if present).")
 ]
 SplitOpt = Annotated[str | None, typer.Option("--split", help="Dataset split: train, val, train_val or test.")]
+TopkOpt = Annotated[int, typer.Option("--topk", "-k", min=1, help="Classes to show per image.")]
 BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Batch size (default: the recipe's).")]
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto (cuda when available)."
 DeviceOpt = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]

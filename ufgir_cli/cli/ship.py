@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ._common import BatchSizeOpt, CheckpointOpt, console, err_console, resolve_run
+from ._common import BatchSizeOpt, CheckpointOpt, TopkOpt, console, err_console, resolve_run
 
 SourceArg = Annotated[Path | None, typer.Argument(
     help="A run folder, a checkpoint file, or a safetensors export (default: the most recent run under ./runs).",
@@ -67,17 +67,18 @@ def import_upstream(
 
 
 def predict(
-    model: Annotated[Path, typer.Argument(help="A run folder, checkpoint, or .safetensors/.onnx/.pt2 export.",
+    model: Annotated[Path, typer.Argument(help="A run folder, checkpoint, .safetensors/.onnx/.pt2 export, or hf://OWNER/NAME.",
                                           show_default=False)],
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).",
                                                  show_default=False)],
-    topk: Annotated[int, typer.Option("--topk", "-k", min=1, help="Classes to show per image.")] = 5,
+    topk: TopkOpt = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")] = False,
     batch_size: BatchSizeOpt = None,
 ) -> None:
     """Top-k classes and probabilities for images, with the run's eval preprocessing (on CPU)."""
     from ..errors import DatasetError
-    from ..ship import class_names, collect_images, load_predictor, predict_images
+    from ..paths import HubRef
+    from ..ship import collect_images, load_predictor, predict_images
 
     skipped: list[tuple[Path, str]] = []
 
@@ -92,15 +93,15 @@ def predict(
         raise DatasetError("no readable images among the inputs; give image files (png, jpg, bmp, tif, webp) or folders")
     if as_json:
         typer.echo(json.dumps({
-            "model": str(model),
+            "model": str(HubRef.parse(model) or model),
             "predictions": [{"path": str(p.path), "top": [{"class_id": c, "name": n, "probability": q}
                                                            for c, n, q in p.top]} for p in preds],
             "skipped": [{"path": str(p), "reason": r} for p, r in skipped],
         }, indent=2))
         return
-    _, source = class_names(predictor.recipe, predictor.num_classes)
+    _, source = predictor.class_names()
     t = Table(title=f"{predictor.recipe.model.method} · {len(preds)} images · class names from "
-                    f"{escape(str(source)) if source else 'class ids (no classes.csv found)'}", title_justify="left")
+                    f"{escape(source) if source else 'class ids (no classes.csv found)'}", title_justify="left")
     t.add_column("image", overflow="fold")
     t.add_column("top-1")
     t.add_column("p", justify="right")

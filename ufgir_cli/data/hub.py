@@ -7,11 +7,11 @@ fetched once for every entry that uses it), resumption of a transfer cut mid-fil
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import DatasetError
+from ..paths import hub_client_settings
 
 Progress = Callable[[str, int, int | None], None]
 
@@ -30,9 +30,7 @@ def hub_file(repo: str, path: str, revision: str, progress: Progress, force: boo
             path,
             repo_type="dataset",
             revision=revision,
-            # huggingface_hub reads these once, at import; read them now so a changed setting holds
-            endpoint=os.environ.get("HF_ENDPOINT") or None,
-            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+            **hub_client_settings(),
             force_download=force,
             tqdm_class=_bar_class(progress),
         )

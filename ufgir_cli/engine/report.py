@@ -45,7 +45,7 @@ def eval_run(path: str | Path, split: str | None = None, checkpoint: str = "auto
         why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ModelError(f"ufgir eval --compile: torch.compile failed ({why}); on a CPU it needs a working C++ "
                          "compiler (install gcc or set CXX), or evaluate without --compile") from None
-    out = loaded.run.eval_dir_for(split, ckpt_file)
+    out = loaded.eval_dir(split)
     m = write_eval(loaded.run.root, sf, res, checkpoint=loaded.tag, precision=prec, out=out)
     return m, out, recipe
 

@@ -209,6 +209,23 @@ def resize_input(vit: VisionTransformer, size: int, mode: str) -> None:
     vit.pos_embed = nn.Parameter(torch.cat([old[:, :npt], grid], dim=1), requires_grad=vit.pos_embed.requires_grad)
 
 
+def save_timm_folder(vit: VisionTransformer, folder: Path, data_config: dict, label_names: list[str] | None) -> None:
+    """timm's own ``config.json`` + ``model.safetensors`` of ``vit`` in ``folder`` (what
+    ``timm.create_model('hf-hub:OWNER/NAME', pretrained=True)`` reads), with ufgir's preprocessing:
+    ``data_config`` holds mean, std, interpolation and ``crop_pct`` (1 / the square resize ratio; timm's
+    ``squash`` crop mode is ufgir's square resize then centre crop)."""
+    from timm.models import save_for_hf
+
+    model_config = {"label_names": list(label_names)} if label_names else None
+    save_for_hf(vit, str(folder), model_config=model_config, safe_serialization=True,
+                data_config={**data_config, "crop_mode": "squash"})
+
+
+def load_timm_folder(folder: Path) -> VisionTransformer:
+    """The model timm builds from a folder written by :func:`save_timm_folder` (its parity check)."""
+    return timm.create_model(f"local-dir:{folder}", pretrained=True)
+
+
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     """sha256 over tensors in name order (names, dtypes, shapes and bytes; not file bytes)."""
     h = hashlib.sha256()
@@ -242,5 +259,5 @@ def embed_tokens(vit: VisionTransformer, x: torch.Tensor, cls_token: torch.Tenso
     return vit.norm_pre(vit.patch_drop(x))
 
 
-__all__ = ["MICRO", "MICRO_WEIGHTS", "create_backbone", "embed_tokens", "load_weights_file", "new_block_like", "resize_input",
-           "state_dict_sha256"]
+__all__ = ["MICRO", "MICRO_WEIGHTS", "create_backbone", "embed_tokens", "load_timm_folder", "load_weights_file",
+           "new_block_like", "resize_input", "save_timm_folder", "state_dict_sha256"]

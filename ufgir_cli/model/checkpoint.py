@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OptionError
 from ..io import atomic_save
-from ..paths import CHECKPOINTS, RunDir
+from ..paths import CHECKPOINTS, HubRef, RunDir
 from ..recipe import Recipe, load_saved_recipe, recipe_from_dict
 from .delta import load_delta, read_safetensors_metadata
+from .hub import PulledRun, pull_run
 from .state import load_strict
 from .vit import UfgirViT, build_model
 
@@ -233,27 +234,55 @@ def resolve_checkpoint(path: str | os.PathLike | RunDir, checkpoint: str = "auto
 
 @dataclass
 class LoadedModel:
-    """A model loaded from a run folder, a checkpoint file or a safetensors export, with where it came from."""
+    """A model loaded from a run folder, a checkpoint file, a safetensors export or the Hub, with where
+    it came from."""
 
     model: UfgirViT  # in eval mode, on ``device``
     recipe: Recipe
-    file: Path  # the checkpoint or safetensors file read
-    run: RunDir  # the run the source belongs to (a loose file's: its folder)
+    file: Path  # the checkpoint or safetensors file read (for a Hub model: in the Hub cache)
+    run: RunDir  # the run the source belongs to (a loose file's: its folder; a Hub model's: HubRef.run_dir)
     backbone_sha256: str  # the backbone the weights were trained on
     device: str
+    hub: PulledRun | None = None  # set for ``hf://`` sources
 
     @property
     def tag(self) -> str:
-        """How ``metrics.json`` names the checkpoint: ``best``, ``last`` or the file's path."""
-        return checkpoint_tag(self.file)
+        """How ``metrics.json`` names the checkpoint: ``best``, ``last``, the file's path, or
+        ``hf://OWNER/NAME@<commit>``."""
+        return self.hub.tag if self.hub is not None else checkpoint_tag(self.file)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Class names that came with the model (a Hub repo's); None: the dataset's folder has them."""
+        return self.hub.class_names if self.hub is not None else None
+
+    def eval_dir(self, split: str) -> Path:
+        """Where an evaluation of this model on ``split`` goes (see `RunDir.eval_dir_for`); a Hub
+        model's own ``eval/<split>/`` under its run folder."""
+        return self.run.eval_dir(split) if self.hub is not None else self.run.eval_dir_for(split, self.file)
+
+
+def _load_hub(ref: HubRef, checkpoint: str, device: str) -> LoadedModel:
+    if checkpoint != "auto":
+        raise OptionError(f"--checkpoint {checkpoint}: {ref} holds one model; --checkpoint picks among a run "
+                          "folder's checkpoints (pin a version with @REVISION instead)")
+    pulled = pull_run(ref)
+    model, recipe = load_delta(pulled.weights, device=device)
+    return LoadedModel(model.eval(), recipe, pulled.weights, RunDir(ref.run_dir()), pulled.backbone_sha256, device,
+                       hub=pulled)
 
 
 def load_model(source: str | os.PathLike | RunDir, checkpoint: str = "auto", device: str = "cpu") -> LoadedModel:
-    """The one way to load a model from a path: a run folder (``checkpoint`` best/last/auto or a file),
-    a checkpoint file, or a safetensors export (full or adapter-only). ``device`` may be ``auto``.
-    A checkpoint of a run with its ``recipe.toml`` uses that recipe when it equals the checkpoint's own."""
+    """The one way to load a model: a run folder (``checkpoint`` best/last/auto or a file), a checkpoint
+    file, a safetensors export (full or adapter-only), or ``hf://OWNER/NAME[@REVISION]`` (a model that
+    `ufgir push` wrote, fetched into the Hub cache and checked against its ``ufgir.json``). ``device``
+    may be ``auto``. A checkpoint of a run with its ``recipe.toml`` uses that recipe when it equals the
+    checkpoint's own."""
     from .precision import resolve_device
 
+    ref = HubRef.parse(source)
+    if ref is not None:
+        return _load_hub(ref, checkpoint, resolve_device(device))
     p, device = Path(source), resolve_device(device)
     if p.suffix == ".safetensors":
         sha = read_safetensors_metadata(p)["backbone_sha256"]
@@ -271,6 +300,6 @@ def load_model(source: str | os.PathLike | RunDir, checkpoint: str = "auto", dev
 
 
 def load_run(path: str | os.PathLike | RunDir, checkpoint: str = "auto", device: str = "cpu") -> tuple[UfgirViT, Recipe]:
-    """(model, recipe) from a run folder, a checkpoint file, or an adapter-only safetensors delta."""
+    """(model, recipe) from a run folder, a checkpoint file, a safetensors export or ``hf://OWNER/NAME``."""
     loaded = load_model(path, checkpoint, device)
     return loaded.model, loaded.recipe

@@ -207,6 +207,14 @@ class UfgirViT(nn.Module):
     def backbone_sha256(self) -> str:
         return state_dict_sha256(self.backbone_state_dict())
 
+    def timm_equivalent(self) -> VisionTransformer | None:
+        """The timm ViT inside, when it holds every tensor of this model (no adapters, ILAs, prompts or
+        method head beside it: a linear probe, full fine-tuning), so that timm alone may compute the same
+        logits; None otherwise. Whether it does (LayerNorm eps, a dropped final norm) is for a parity check."""
+        if set(self.state_dict()) != {f"vit.{k}" for k in self.vit.state_dict()}:
+            return None
+        return self.vit
+
     # ---- timm contract --------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -1,9 +1,11 @@
 """Shipping a model: exports with a parity check, predictions, reference imports.
 
 One module per job: ``safetensors`` (the full model or the PETL delta), ``graph`` (ONNX and
-torch.export pt2), ``card`` (MODEL_CARD.md), ``predict`` (``ufgir predict``), ``upstream``
-(``ufgir import-upstream``); ``parity`` holds the check every export runs. Reading a safetensors
-export back is the model layer's (:mod:`ufgir_cli.model.delta`), since ``load_run`` needs it.
+torch.export pt2), ``card`` (MODEL_CARD.md and a Hub repo's README.md), ``predict`` (``ufgir
+predict``), ``upstream`` (``ufgir import-upstream``), ``hub`` (``ufgir push``), ``app`` (``ufgir
+serve``, Gradio, imported on use); ``parity`` holds the check every export runs. Reading a
+safetensors export or a pushed repo back is the model layer's (:mod:`ufgir_cli.model.delta`,
+:mod:`ufgir_cli.model.hub`), since ``load_run`` needs it.
 This package sits above ``engine`` and below ``cli``.
 """
 

@@ -16,8 +16,8 @@ import torch
 from ..data.datasets import load_image, normalize, preprocess_for
 from ..data.folder import natural_key, read_classes
 from ..errors import CheckpointError, DatasetError
-from ..model.checkpoint import load_model
-from ..paths import dataset_dir
+from ..model.checkpoint import LoadedModel, load_model
+from ..paths import HubRef, dataset_dir
 from ..recipe import Recipe, recipe_from_dict
 from .graph import load_pt2, read_sidecar, require
 
@@ -35,6 +35,14 @@ class Predictor:
     num_classes: int
     data_config: dict  # the model's data_config(): input size and normalisation (an export's copy of it)
     batch_size: int | None = None
+    names: list[str] | None = None  # class names that came with the model (a Hub repo's)
+
+    def class_names(self) -> tuple[list[str], str | None]:
+        """The class names and where they came from: the model's own, else `class_names`."""
+        if self.names is not None and len(self.names) == self.num_classes:
+            return self.names, "the model's repo"
+        names, source = class_names(self.recipe, self.num_classes)
+        return names, str(source) if source else None
 
 
 @dataclass(frozen=True)
@@ -45,9 +53,9 @@ class Prediction:
 
 
 def load_predictor(source: str | os.PathLike) -> Predictor:
-    """A CPU predictor for a run folder, checkpoint, safetensors, ONNX or pt2 export."""
-    source = Path(source)
-    if source.suffix in (".onnx", ".pt2"):
+    """A CPU predictor for a run folder, checkpoint, safetensors, ONNX or pt2 export, or ``hf://OWNER/NAME``."""
+    if HubRef.parse(source) is None and Path(source).suffix in (".onnx", ".pt2"):
+        source = Path(source)
         if not source.is_file():
             raise CheckpointError(f"export {source} does not exist")
         meta = read_sidecar(source)
@@ -64,8 +72,13 @@ def load_predictor(source: str | os.PathLike) -> Predictor:
             forward = load_pt2(source)
         return Predictor(forward, recipe, int(meta["num_classes"]), {"mean": meta["mean"], "std": meta["std"]},
                          meta.get("batch_size"))
-    loaded = load_model(source)
-    return Predictor(loaded.model, loaded.recipe, loaded.model.num_classes, loaded.model.data_config())
+    return predictor_of(load_model(source))
+
+
+def predictor_of(loaded: LoadedModel) -> Predictor:
+    """The predictor of a model the one loader loaded (`ufgir serve` keeps the model for its maps too)."""
+    return Predictor(loaded.model, loaded.recipe, loaded.model.num_classes, loaded.model.data_config(),
+                     names=loaded.class_names)
 
 
 def class_names(recipe: Recipe, num_classes: int) -> tuple[list[str], Path | None]:
@@ -104,7 +117,7 @@ def predict_images(predictor: Predictor, images: list[Path], *, topk: int = 5, b
     ``batch_size`` defaults to the recipe's evaluation batch size."""
     r = predictor.recipe
     tf = preprocess_for(r, train=False)
-    names, _ = class_names(r, predictor.num_classes)
+    names, _ = predictor.class_names()
     k = max(1, min(topk, predictor.num_classes))
     step = predictor.batch_size or batch_size or r.eval.batch_size or r.train.batch_size
     out: list[Prediction] = []

@@ -1,0 +1,260 @@
+"""`ufgir push`: a run as a model repo on the Hugging Face Hub, through ``huggingface_hub``.
+
+:func:`stage_repo` writes the repo's files into a folder: the model as ufgir safetensors (the PETL delta
+when the backbone is timm's public weights and the method keeps it frozen, else every tensor), the
+resolved recipe, ``classes.csv``, the run's evaluation results of the pushed checkpoint, the model card
+as ``README.md`` with the Hub's metadata block, for a plain timm ViT also timm's ``config.json`` +
+``model.safetensors``, and last ``ufgir.json``, the manifest every pull checks files against
+(:mod:`ufgir_cli.model.hub` reads it). :func:`push_run` stages into a temporary folder and uploads it
+with ``create_repo`` + ``upload_folder`` (one commit); a refusal is one :class:`HubError` line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__
+from ..data.catalog import CATALOG
+from ..data.folder import read_classes
+from ..errors import DatasetError, ExportError, HubError
+from ..io import atomic_write_json, atomic_write_text, file_sha256
+from ..model.backbone import load_timm_folder, save_timm_folder
+from ..model.checkpoint import LoadedModel, load_model
+from ..model.hub import (
+    ADAPTER_FILE,
+    CLASSES_FILE,
+    HUB_FORMAT,
+    HUB_FORMAT_VERSION,
+    MANIFEST,
+    MODEL_FILE,
+    RECIPE_FILE,
+    TIMM_CONFIG,
+    TIMM_WEIGHTS,
+)
+from ..paths import dataset_dir, hub_client_settings
+from ..recipe import Recipe, dump_resolved
+from .card import HubCardFacts, hub_card, hub_metadata
+from .parity import DEFAULT_TOLERANCE, check_parity, eager_logits, model_image_size, parity_batch
+from .safetensors import export_safetensors
+
+#: What the card says of the backbone weights' licence when timm's pretrained config names none.
+_LICENCES = {"none": "none: random initialisation, no pretrained weights were used"}
+
+
+@dataclass
+class Staged:
+    """A repo's files in a local folder, ready to upload."""
+
+    folder: Path
+    files: dict[str, int]  # name -> size in bytes, ufgir.json included
+    weights_file: str
+    adapter_only: bool
+    timm_files: bool
+    notices: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PushResult:
+    repo_id: str
+    revision: str
+    commit: str
+    url: str  # the commit's page
+    staged: Staged
+
+
+def _repo_id(repo_id: str) -> str:
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts) or any(c.isspace() for c in repo_id):
+        raise HubError(f"{repo_id!r} is not a Hub repo id; write OWNER/NAME (your user or organisation, then the model's name)")
+    return repo_id
+
+
+def _class_names(loaded: LoadedModel, notices: list[str]) -> list[str] | None:
+    if loaded.class_names is not None:
+        return loaded.class_names
+    d = loaded.recipe.data
+    try:
+        names = read_classes(dataset_dir(d.dataset, d.root))
+    except DatasetError:
+        names = None
+    if names is None or len(names) != loaded.model.num_classes:
+        notices.append(f"the classes.csv of dataset {d.dataset!r} is not here, so classes are named by id; "
+                       "push from a machine that has the dataset to name them")
+        return None
+    return names
+
+
+def _eval_results(loaded: LoadedModel) -> list[tuple[str, dict, Path]]:
+    """(split, metrics, eval folder) of the run's evaluations of the checkpoint being pushed."""
+    out = []
+    for f in loaded.run.eval_metrics_files():
+        try:
+            m = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # a half-written or foreign file does not block a push
+        if isinstance(m, dict) and m.get("checkpoint") == loaded.tag and "top1" in m:
+            out.append((f.parent.name, m, f.parent))
+    return out
+
+
+def _backbone_licence(loaded: LoadedModel) -> tuple[str, str | None]:
+    """(what the card says, the licence id for the metadata block or None)."""
+    weights = loaded.recipe.model.weights
+    if weights in _LICENCES:
+        return _LICENCES[weights], None
+    if weights != "timm":
+        return (f"not known to ufgir: the weights came from the file {Path(weights).name}; "
+                "check the licence of wherever that file came from"), None
+    lic = (loaded.model.vit.pretrained_cfg or {}).get("license")
+    if not lic:
+        return "not stated in timm's pretrained config; see the backbone's model page", None
+    return f"{lic} (timm's pretrained config for `{loaded.recipe.model.backbone}`)", str(lic)
+
+
+def _dataset_terms(recipe: Recipe) -> tuple[str, str]:
+    """(title, terms of use) of the run's dataset, from the catalog."""
+    spec = CATALOG.get(recipe.data.dataset)
+    if spec is None:
+        return recipe.data.dataset, "not in ufgir's catalog; see the dataset's own terms"
+    if spec.kind == "generated":
+        return spec.title, "generated by ufgir, no third-party terms"
+    return spec.title, spec.terms or "not stated; see the dataset's source"
+
+
+def _write_classes(path: Path, names: list[str]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["class_id", "name"])
+    w.writerows(enumerate(names))
+    atomic_write_text(path, buf.getvalue())
+
+
+def _write_timm(loaded: LoadedModel, folder: Path, names: list[str] | None, tolerance: float) -> str | None:
+    """timm's config.json + model.safetensors for a plain timm ViT, checked by loading them with timm;
+    None when written, else why not (the files are then removed)."""
+    model, recipe = loaded.model, loaded.recipe
+    vit = model.timm_equivalent()
+    if vit is None:
+        return None
+    cfg = model.data_config()
+    save_timm_folder(vit, folder, {"mean": cfg["mean"], "std": cfg["std"], "interpolation": recipe.data.interpolation,
+                                   "crop_pct": 1.0 / recipe.data.resize_ratio}, names)
+    x = parity_batch(2, model_image_size(model))
+    try:
+        check_parity(eager_logits(load_timm_folder(folder), x), eager_logits(model, x), tolerance,
+                     "timm's model from config.json + model.safetensors")
+        return None
+    except (ExportError, RuntimeError, ValueError, OSError) as e:
+        for name in (TIMM_CONFIG, TIMM_WEIGHTS):
+            (folder / name).unlink(missing_ok=True)
+        return f"timm's config.json + model.safetensors were not written: {str(e).splitlines()[0]}"
+
+
+def stage_repo(source: str | os.PathLike, folder: str | os.PathLike, *, full: bool = False, checkpoint: str = "auto",
+               repo_id: str = "OWNER/NAME", tolerance: float = DEFAULT_TOLERANCE) -> Staged:
+    """Write the files of a model repo for ``source`` (a run, checkpoint, export or ``hf://`` model)
+    into ``folder``; ``full`` pushes every tensor even where a delta would do."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(source, checkpoint)
+    model, sha = loaded.model, loaded.backbone_sha256
+    # data.root names a folder on this machine: the puller's data dir holds the dataset, if anywhere
+    recipe = loaded.recipe.model_copy(update={"data": loaded.recipe.data.model_copy(update={"root": None})})
+    m, notices = recipe.model, []
+    if full or model.plan.train_backbone:
+        adapter_only = False
+    elif m.weights == "timm":
+        adapter_only = True
+    else:
+        adapter_only = False
+        why = "random initialisation (model.weights = \"none\")" if m.weights == "none" else \
+            f"the local file {Path(m.weights).name}, not a timm pretrained tag"
+        notices.append(f"the backbone came from {why}: a delta is useless without a public backbone, so every "
+                       "tensor is pushed")
+    weights_file = ADAPTER_FILE if adapter_only else MODEL_FILE
+    export_safetensors(model, recipe, folder / weights_file, adapter_only, backbone_sha256=sha, tolerance=tolerance)
+    atomic_write_text(folder / RECIPE_FILE, dump_resolved(recipe))
+    names = _class_names(loaded, notices)
+    if names is not None:
+        _write_classes(folder / CLASSES_FILE, names)
+    evals = _eval_results(loaded)
+    for split, _, where in evals:
+        for f in ("metrics.json", "per_class.csv"):
+            if (where / f).is_file():
+                (folder / "eval" / split).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(where / f, folder / "eval" / split / f)
+    why_not_timm = _write_timm(loaded, folder, names, tolerance)
+    if why_not_timm:
+        notices.append(why_not_timm)
+    timm_files = (folder / TIMM_CONFIG).is_file()
+    licence, licence_id = _backbone_licence(loaded)
+    title, terms = _dataset_terms(recipe)
+    base = (model.vit.pretrained_cfg or {}).get("hf_hub_id") if m.weights == "timm" else None
+
+    def sizes() -> dict[str, int]:
+        return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    facts = HubCardFacts(repo_id, sizes(), weights_file, adapter_only, timm_files,
+                         licence, terms, title, [m_ for _, m_, _ in evals], notices)
+    card = hub_card(model, recipe, sha, facts, hub_metadata(recipe, facts, licence_id, base))
+    atomic_write_text(folder / "README.md", card)
+    files = {name: {"sha256": file_sha256(folder / name), "size": size} for name, size in sizes().items()
+             if name != MANIFEST}
+    atomic_write_json(folder / MANIFEST, {
+        "format": HUB_FORMAT, "format_version": HUB_FORMAT_VERSION, "ufgir_version": __version__,
+        "method": m.method, "dataset": recipe.data.dataset, "num_classes": model.num_classes, "class_names": names,
+        "weights": weights_file, "adapter_only": adapter_only, "timm": timm_files,
+        "backbone": {"name": m.backbone, "weights": m.weights, "sha256": sha}, "files": files,
+    })
+    return Staged(folder, sizes(), weights_file, adapter_only, timm_files, notices)
+
+
+def _refusal(err: Exception, repo_id: str) -> str:
+    """Why the Hub refused, in one clause, with the fix for the usual causes."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    status = getattr(getattr(err, "response", None), "status_code", None) if isinstance(err, HfHubHTTPError) else None
+    said = getattr(err, "server_message", None) or str(err).split("\n", 1)[0]
+    said = " ".join(str(said).split())
+    if status == 401:
+        return f"not logged in, or the token is not valid ({said}): set HF_TOKEN or run `hf auth login`"
+    if status == 403:
+        return f"this token may not write to {repo_id} ({said}): use a token with write access to its owner"
+    return said or type(err).__name__
+
+
+def push_run(source: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+             full: bool = False, checkpoint: str = "auto", token: str | None = None,
+             on_staged: Callable[[Staged], None] | None = None) -> PushResult:
+    """Stage ``source``'s repo files and upload them to ``repo_id`` as one commit on ``revision``
+    (default main; another branch is created from main when missing). ``private`` applies when the repo
+    is created. The token is ``token``, else ``HF_TOKEN`` or the one `hf auth login` stored."""
+    from huggingface_hub import HfApi
+
+    repo_id = _repo_id(repo_id)
+    settings = hub_client_settings()
+    api = HfApi(endpoint=settings["endpoint"], token=token)
+    with tempfile.TemporaryDirectory(prefix="ufgir-push-") as tmp:
+        staged = stage_repo(source, Path(tmp) / "repo", full=full, checkpoint=checkpoint, repo_id=repo_id)
+        if on_staged is not None:
+            on_staged(staged)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=staged.folder, revision=revision,
+                                     commit_message=f"ufgir push: {staged.weights_file}")
+        except Exception as e:  # noqa: BLE001 - HTTP, connection and validation errors each mean "refused"
+            raise HubError(f"push to {repo_id} refused: {_refusal(e, repo_id)}") from None
+    return PushResult(repo_id, revision or "main", info.oid, info.commit_url, staged)
+
+
+__all__ = ["PushResult", "Staged", "push_run", "stage_repo"]
