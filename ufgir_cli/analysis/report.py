@@ -236,24 +236,31 @@ def _to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
 BOX_COLOURS, BOX_COLOUR_NAMES = ("#ff2a2a", "#0072b2", "#f0e442"), ("red", "blue", "yellow")
 
 
-def _patch_rects(indices: torch.Tensor, grid: tuple[int, int], patch: int) -> list[tuple[int, int, int, int]]:
-    """Patch indices (into the patch grid, row-major) -> one rectangle per distinct patch."""
-    return [(int(j) // grid[1] * patch, int(j) % grid[1] * patch, patch, patch) for j in sorted(set(indices.tolist()))]
+#: Patches a method marks apart from those it picks (SimTrans's anchor).
+ANCHOR_COLOUR = BOX_COLOURS[1]
+
+
+def _patch_rects(indices: torch.Tensor, grid: tuple[int, int], patch: int, colour: str | None = None) -> list[tuple]:
+    """Patch indices (into the patch grid, row-major) -> one rectangle per distinct patch, (top, left,
+    height, width) in pixels, with ``colour`` when given."""
+    return [(int(j) // grid[1] * patch, int(j) % grid[1] * patch, patch, patch, *([colour] if colour else []))
+            for j in sorted(set(indices.tolist()))]
 
 
 @torch.no_grad()
 def selections(path: Path, *, split: str = "test", images: Sequence[Path] | None = None, count: int = 8,
                per_class: int = 1, checkpoint: str = "auto", device: str = "auto") -> Selected:
     """What a fine-grained method looks at: GLSim's and RAMS's box on the image and the crop its second
-    pass sees, CAL's evaluation boxes (from the mean of its attention maps) and their crops, or the
-    patches TransFG and FFVT hand to their aggregator block."""
+    pass sees, CAL's evaluation boxes (from the mean of its attention maps) and their crops, the
+    patches TransFG and FFVT hand to their aggregator block, or SimTrans's parts and anchor at each of
+    its structure injections (one panel each)."""
     model, recipe, _, device = load_model(path, checkpoint, device)
     x, targets, stems, class_names = load_images(recipe, split, images, count, per_class)
     cfg = model.data_config()
     xn = normalize(x.to(device), cfg)
     sel = model.method.select(model, xn)
     if sel is None:
-        raise OptionError(f"visualize crops shows what GLSim, RAMS, CAL, TransFG and FFVT select; "
+        raise OptionError(f"visualize crops shows what GLSim, RAMS, CAL, TransFG, FFVT and SimTrans select; "
                           f"{recipe.model.method} selects nothing (try `ufgir visualize rollout`)")
     preds = model(xn).argmax(dim=1).tolist()
     shown = x.permute(0, 2, 3, 1).numpy()
@@ -268,6 +275,11 @@ def selections(path: Path, *, split: str = "test", images: Sequence[Path] | None
         panels = [("image and boxes" if K > 1 else "image and box", shown, boxes)]
         panels += [(f"{label} ({name})" if name else label, _to_uint8(c, cfg["mean"], cfg["std"]), [[] for _ in stems])
                    for label, c, name in zip(sel.labels, sel.crops, names, strict=True)]
+    elif sel.steps:  # one panel per step: its patches, and its anchors in another colour
+        panels = [(step.label, shown, [_patch_rects(p, sel.grid, patch) + _patch_rects(a, sel.grid, patch, ANCHOR_COLOUR)
+                                       for p, a in zip(step.picked, step.anchors or [torch.empty(0)] * len(stems),
+                                                       strict=True)])
+                  for step in sel.steps]
     else:
         panels = [("selected patches", shown, [_patch_rects(p, sel.grid, patch) for p in sel.patches])]
     captions = _captions(preds, targets, class_names)
