@@ -150,6 +150,10 @@ def part_structure(cls_rows: torch.Tensor, grid: tuple[int, int]) -> dict[str, t
     rel = (cells[None] - anchor_rc[:, None]) / torch.tensor([gh, gw], device=dev, dtype=cls_rows.dtype)  # (B, N, 2)
     dist = torch.sqrt(torch.sum(rel**2, dim=-1))                             # (B, N)
     angle = (torch.atan2(rel[..., 1], rel[..., 0]) / math.pi + 1) / 2        # (B, N), in (0, 1]
+    # The anchor's column spelled out (what torch's atan2 gives there: 1.0 above, 0.5 at and below the
+    # anchor), because the ONNX exporter's atan2 takes +0.0 for not positive and would give 0.0 above.
+    above = torch.where(rel[..., 0] < 0, 1.0, 0.5).to(angle.dtype)
+    angle = torch.where(rel[..., 1] == 0, above, angle)
     coords = torch.stack([dist * keep, angle * keep], dim=-1)                # (B, N, 2)
     adjacency = weight.unsqueeze(2) @ weight.unsqueeze(1)                    # (B, N, N): rank 1
     return {"head_sum": head_sum, "threshold": threshold, "mask": mask, "weight": weight, "anchor": anchor,
