@@ -324,11 +324,13 @@ def test_inspect_names_the_injections():
 def test_paper_row_and_default_reproduce_row():
     from ufgir_cli.analysis.paper import PAPER_ROWS, paper_top1
     from ufgir_cli.reproduce import PAPER_METHODS
+    from ufgir_cli.reproduce.table import row_title
 
     assert PAPER_ROWS["simtrans"].title == "SIMT* (full fine-tuning)"
     assert [paper_top1("simtrans", d) for d in ("cotton80", "soyageing", "soygene", "soyglobal", "soylocal")] == \
         [54.58, 34.76, 15.46, 70.69, 25.00]
-    assert "simtrans" in PAPER_METHODS
+    assert "simtrans" in PAPER_METHODS and row_title("simtrans") == "SIMT* (full fine-tuning)"
+    assert row_title("transfg") == "TransFG"
     r = load_recipe("simtrans")
     assert r.optim.lr == 0.01 and r.sweep.lrs == (0.03, 0.01, 0.003, 0.001) and r.model.layer_norm_eps == 1e-6
     assert not r.model.simtrans_eval_dropout

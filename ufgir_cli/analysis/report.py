@@ -388,7 +388,9 @@ def paper_points(datasets: Sequence[str]) -> list[dict]:
             recipe = load_recipe(name, {"model": {"image_size": PAPER_IMAGE_SIZE}, "data": {"dataset": dataset}})
             method = recipe.model.method
             c = static_cost(recipe, spec.num_classes)
-            title = method_title(method) if name == method else PAPER_ROWS[name].title
+            # a row that trains every weight is named as the paper stars it ("SIMT* (full fine-tuning)")
+            starred = recipe.model.train_backbone or "all" in all_methods()[method].trains
+            title = PAPER_ROWS[name].title if name != method or starred else method_title(method)
             points.append({"method": name, "dataset": dataset, "method_title": title,
                            "dataset_title": dataset_title(dataset), "family": method_family(method), "top1": top1,
                            "gmacs": c["macs"] / 1e9, "trainable": c["params_trainable"], "image_size": PAPER_IMAGE_SIZE})
