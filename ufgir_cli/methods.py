@@ -135,6 +135,10 @@ TABLE: tuple[MethodSpec, ...] = (
                "counterfactual maps, attention crops and drops; evaluated on 3 crops of the image and its mirror",
                ("head",), impl="cal", class_token=False, needs=("patch_grid",),
                upstream=(("selector", "cal"), *_NO_EXTRAS), title="CAL"),
+    MethodSpec("simtrans", "fgir", "SimTrans (as the reference implements it): after each of the last 3 blocks, the "
+               "patches above the mean CLS attention, placed around their anchor, go through a graph convolution "
+               "whose anchor row is added to the CLS token; the 3 CLS tokens into a BatchNorm head; every weight trains",
+               ("all",), impl="simtrans", needs=_GRID, upstream=(("selector", "sil"), *_NO_EXTRAS), title="SimTrans"),
     MethodSpec("ila", "ila", "Down-sampling ILA only, after blocks 3 and 7",
                (*_PETL, "ila"), ila_ds_locs=(3, 7), needs=_GRID,
                upstream=(("ila", True), ("adapter", False), ("ila_locs", False)), title="ILA (DS only)"),

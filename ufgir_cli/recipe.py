@@ -123,6 +123,8 @@ class ModelConfig(Section):
     cal_maps: int = Field(32, ge=1, description="CAL: WS-DAN attention maps.")
     cal_single_crop: bool = Field(False, description="CAL: evaluate on the image and one crop (2 passes) instead "
                                   "of the image, its mirror and three crops of each (8 passes)")
+    simtrans_eval_dropout: bool = Field(False, description="SimTrans: keep the GCN's middle dropout (p 0.1) on in "
+                                        "evaluation too, as the reference's code does (its eval logits are then random)")
     options: dict[str, Any] = Field(
         default_factory=dict, description="A plugin method's own settings, validated by its settings model.")
     # Backbone numerics.

@@ -234,9 +234,15 @@ def _to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
 BOX_COLOURS, BOX_COLOUR_NAMES = ("#ff2a2a", "#0072b2", "#f0e442"), ("red", "blue", "yellow")
 
 
-def _patch_rects(indices: torch.Tensor, grid: tuple[int, int], patch: int) -> list[tuple[int, int, int, int]]:
-    """Patch indices (into the patch grid, row-major) -> one rectangle per distinct patch."""
-    return [(int(j) // grid[1] * patch, int(j) % grid[1] * patch, patch, patch) for j in sorted(set(indices.tolist()))]
+#: Patches a method marks apart from those it picks (SimTrans's anchor).
+ANCHOR_COLOUR = BOX_COLOURS[1]
+
+
+def _patch_rects(indices: torch.Tensor, grid: tuple[int, int], patch: int, colour: str | None = None) -> list[tuple]:
+    """Patch indices (into the patch grid, row-major) -> one rectangle per distinct patch, (top, left,
+    height, width) in pixels, with ``colour`` when given."""
+    return [(int(j) // grid[1] * patch, int(j) % grid[1] * patch, patch, patch, *([colour] if colour else []))
+            for j in sorted(set(indices.tolist()))]
 
 
 @dataclass
@@ -253,8 +259,9 @@ class Panels:
 def selection_panels(model: nn.Module, x: torch.Tensor) -> Panels | None:
     """The panels of what ``model``'s method selects or crops for uint8 images ``x`` (B, 3, S, S) as its
     eval transform gives them; None for a method that selects nothing. GLSim's and RAMS's box on the image
-    and the crop its second pass sees, CAL's evaluation boxes and their crops, or the patches TransFG and
-    FFVT hand to their aggregator block."""
+    and the crop its second pass sees, CAL's evaluation boxes and their crops, the patches TransFG and
+    FFVT hand to their aggregator block, or SimTrans's parts and anchor at each of its structure
+    injections (one panel each)."""
     device = next(model.parameters()).device
     cfg = model.data_config()
     xn = normalize(x.to(device), cfg)
@@ -274,6 +281,11 @@ def selection_panels(model: nn.Module, x: torch.Tensor) -> Panels | None:
         panels = [("image and boxes" if K > 1 else "image and box", shown, boxes)]
         panels += [(f"{label} ({name})" if name else label, _to_uint8(c, cfg["mean"], cfg["std"]), [[] for _ in preds])
                    for label, c, name in zip(sel.labels, sel.crops, names, strict=True)]
+    elif sel.steps:  # one panel per step: its patches, and its anchors in another colour
+        panels = [(step.label, shown, [_patch_rects(p, sel.grid, patch) + _patch_rects(a, sel.grid, patch, ANCHOR_COLOUR)
+                                       for p, a in zip(step.picked, step.anchors or [torch.empty(0)] * len(preds),
+                                                       strict=True)])
+                  for step in sel.steps]
     else:
         panels = [("selected patches", shown, [_patch_rects(p, sel.grid, patch) for p in sel.patches])]
     return Panels(panels, sel.what, preds)
@@ -287,7 +299,7 @@ def selections(path: Path, *, split: str = "test", images: Sequence[Path] | None
     x, targets, stems, class_names = load_images(recipe, split, images, count, per_class, loaded.class_names)
     shown = selection_panels(model, x)
     if shown is None:
-        raise OptionError(f"visualize crops shows what GLSim, RAMS, CAL, TransFG and FFVT select; "
+        raise OptionError(f"visualize crops shows what GLSim, RAMS, CAL, TransFG, FFVT and SimTrans select; "
                           f"{recipe.model.method} selects nothing (try `ufgir visualize rollout`)")
     captions = _captions(shown.preds, targets, class_names)
     return Selected(shown.panels, captions, stems, run_title(recipe), shown.what)
@@ -395,7 +407,9 @@ def paper_points(datasets: Sequence[str]) -> list[dict]:
             recipe = load_recipe(name, {"model": {"image_size": PAPER_IMAGE_SIZE}, "data": {"dataset": dataset}})
             method = recipe.model.method
             c = static_cost(recipe, spec.num_classes)
-            title = method_title(method) if name == method else PAPER_ROWS[name].title
+            # a row that trains every weight is named as the paper stars it ("SIMT* (full fine-tuning)")
+            starred = recipe.model.train_backbone or "all" in all_methods()[method].trains
+            title = PAPER_ROWS[name].title if name != method or starred else method_title(method)
             points.append({"method": name, "dataset": dataset, "method_title": title,
                            "dataset_title": dataset_title(dataset), "family": method_family(method), "top1": top1,
                            "gmacs": c["macs"] / 1e9, "trainable": c["params_trainable"], "image_size": PAPER_IMAGE_SIZE})

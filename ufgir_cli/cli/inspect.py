@@ -56,6 +56,7 @@ def inspect(
     for col in ("block", "group", "grid", "tokens attended", "tokens out", "attached", "trainable params"):
         table.add_column(col, justify="left" if col == "attached" else "right")
     group_of = {i: f"{a}-{b - 1}" for a, b in encoder_groups(model.grids) for i in range(a, b)}
+    notes = model.method.block_notes(model)  # what the method itself does after a block (SimTrans's injections)
     for b in model.feature_info:
         parts, n = [], 0
         if model.adapters is not None:
@@ -68,6 +69,8 @@ def inspect(
         if b.ila is not None:
             parts.append(f"{'DS-ILA' if b.ila == 'down' else 'ILA'} {b.ila_kernel}x{b.ila_kernel}")
             n += sum(p.numel() for p in model.ila[str(b.index)].parameters())
+        if b.index in notes:
+            parts.append(notes[b.index])
         grid = f"{b.grid[0]}x{b.grid[1]}" + (f" -> {b.out_grid[0]}x{b.out_grid[1]}" if b.out_grid != b.grid else "")
         table.add_row(str(b.index), group_of[b.index], grid, str(b.tokens_attended), str(b.tokens_out),
                       ", ".join(parts) or "-", f"{n:,}")

@@ -119,6 +119,21 @@ def model_for_training(recipe: Recipe, rt: Runtime, resume_ckpt: dict | None, ru
     return model, backbone_sha
 
 
+def check_batches(model: UfgirViT, recipe: Recipe, images: int, world: int) -> None:
+    """Refuse, in one line, a training batch smaller than the method allows on one rank (a BatchNorm
+    head needs two images): ``train.batch_size`` itself, or the last batch of an epoch."""
+    least, bs = model.method.min_train_batch, recipe.train.batch_size
+    per_rank = math.ceil(images / world)  # training shards are padded to equal length
+    last = per_rank % bs or bs
+    if least <= 1 or min(bs, last, per_rank) >= least:
+        return
+    why = (f"train.batch_size is {bs}" if bs < least else
+           f"the last batch of each epoch would hold {min(last, per_rank)} ({per_rank} training images per rank, "
+           f"train.batch_size {bs})")
+    raise RecipeError(f"method {model.method.name!r} needs at least {least} images in every training batch on each "
+                      f"rank (its head has BatchNorm) and {why}; choose another train.batch_size")
+
+
 def forward_model(model: nn.Module, recipe: Recipe, rt: Runtime) -> nn.Module:
     """What the loop runs forward: DDP across ranks, compiled (on CUDA by default). Checkpoints and
     evaluation use the plain ``model``, which shares its parameters."""
@@ -338,6 +353,7 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
 
     # 2. Model, optimiser, scaler, counters (restored on resume; the RNG comes last, in 5).
     model, backbone_sha = model_for_training(recipe, rt, resume_ckpt, run_dir)
+    check_batches(model, recipe, len(train_split.samples), rt.dist.world)
     recipe = recipe.model_copy(update={"model": model.cfg})  # what the build derived from the depth, saved
     opt, scaler = build_optimizer(model, recipe.optim), grad_scaler(rt)
     state = restore_training(resume_ckpt, opt, scaler) if resume_ckpt is not None else TrainState()

@@ -158,7 +158,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: UfgirViT, c: argparse
     ila_locs = list(getattr(c, "ila_locs", []) or [])
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     method = model.method
-    state = {method.upstream_normalise(k.removeprefix("module.").removeprefix("model.")): t for k, t in sd.items()}
+    state = method.upstream_rename({k.removeprefix("module.").removeprefix("model."): t for k, t in sd.items()})
     for k, t in state.items():
         ours = method.map_upstream_key(k, state)
         if ours is not None:

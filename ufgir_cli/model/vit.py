@@ -26,7 +26,7 @@ from .attention import autocast_input, cls_attention, explicit_attention
 from .backbone import MICRO, backbone_blocks, create_backbone, embed_tokens, resize_input, state_dict_sha256
 from .feature_info import BlockInfo, take_indices
 from .ila import ILA, Dropout, prompt_init_bound, xavier_linear_
-from .methods import Method, MethodPlan, TrainStep, build_method, check_plugin, method_plan
+from .methods import Method, MethodPlan, StreamEdit, TrainStep, build_method, check_plugin, method_plan
 
 #: Receives each block's post-softmax attention (B, heads, S, S) and, when asked, its key-0 logits
 #: (B, heads, S) (see `UfgirViT.encode`).
@@ -65,7 +65,8 @@ class UfgirViT(nn.Module):
             raise RecipeError(str(e)) from None
         plan = self.plan
 
-        self.drop = Dropout(cfg.drop)
+        # The recipe's dropout on every block's branch outputs, unless the method drops elsewhere.
+        self.drop = Dropout(self.method.backbone_dropout(vit, cfg.drop))
         self.adapters = (
             nn.ModuleList(
                 BlockAdapters(D, cfg.adapter_dim, cfg.adapter_scale, plan.adapters, cfg.adapter_kernel, cfg.adapter_init)
@@ -232,8 +233,8 @@ class UfgirViT(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
-        if self.head is not None:  # a method's head: rebuilt whole, its own init
-            self.head = self.method.build_head(self.vit, num_classes)
+        if self.head is not None:  # a method's head: rebuilt whole, its own init, in the model's mode
+            self.head = self.method.build_head(self.vit, num_classes).train(self.training)
         else:
             self.vit.reset_classifier(num_classes, global_pool)
             if isinstance(self.vit.head, nn.Linear):
@@ -296,14 +297,19 @@ class UfgirViT(nn.Module):
 
     def encode(self, x: torch.Tensor, take: frozenset[int] = frozenset(), stop: int | None = None, *,
                last_cls_only: bool = False, cls_token: torch.Tensor | None = None,
-               tap: AttentionTap | None = None, tap_key0: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+               tap: AttentionTap | None = None, tap_key0: bool = False,
+               edits: dict[int, StreamEdit] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image -> (the last run block's tokens, the outputs of the blocks in ``take``): the one pass
         through the backbone that every method runs. Runs blocks 0..``stop`` (default: all); with
         ``last_cls_only`` the last block yields its CLS row alone; ``cls_token`` replaces the model's
         CLS token (the crop pass of GLSim and RAMS); ``tap`` receives every block's post-softmax
         attention (B, heads, S, S), in block order, and with ``tap_key0`` its key-0 logits (B, heads, S)
-        too (FFVT). Gradient checkpointing is off while tapping (a recomputed block would tap twice)."""
+        too (FFVT). Gradient checkpointing is off while tapping (a recomputed block would tap twice).
+        ``edits`` (default: the method's own, `Method.stream_edits`): per block, how its output changes
+        before the next block (and before ``take`` keeps it); an edited block runs the explicit
+        attention path, whose maps its edit receives."""
         vit = self.vit
+        edits = self.method.stream_edits(self) if edits is None else edits
         x = embed_tokens(vit, x, cls_token)                                    # (B, 1 + HW, D)
         if self.plan.prompts is not None and self.plan.prompts.at_embedding:
             n = vit.num_prefix_tokens
@@ -312,15 +318,30 @@ class UfgirViT(nn.Module):
         blocks = self.feature_info[: None if stop is None else stop + 1]
         outputs = []
         for b in blocks:
-            if last_cls_only and b.index == len(blocks) - 1:
+            edit = edits.get(b.index)
+            if last_cls_only and b.index == len(blocks) - 1 and edit is None:
                 return self._block(b.index, x, b.grid, cls_only=True), outputs  # (B, 1, D)
-            if self.grad_checkpointing and self.training and tap is None and not torch.jit.is_scripting():
+            if edit is not None:
+                x = self._edited_block(b, x, edit, tap, tap_key0)
+            elif self.grad_checkpointing and self.training and tap is None and not torch.jit.is_scripting():
                 x = checkpoint(self._block, b.index, x, b.grid, use_reentrant=False)
             else:
                 x = self._block(b.index, x, b.grid, tap=tap, tap_key0=tap_key0)
             if b.index in take:
                 outputs.append(x)
         return x, outputs
+
+    def _edited_block(self, b: BlockInfo, x: torch.Tensor, edit: StreamEdit, tap: AttentionTap | None,
+                      tap_key0: bool) -> torch.Tensor:
+        """Block ``b`` then its edit, which receives the block's attention maps (as ``tap`` does too)."""
+        maps: list[torch.Tensor] = []
+
+        def keep(a: torch.Tensor, key0: torch.Tensor | None) -> None:
+            maps.append(a)
+            if tap is not None:
+                tap(a, key0)
+
+        return edit(self._block(b.index, x, b.grid, tap=keep, tap_key0=tap_key0), maps[0])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the final norm, (B, tokens_per_block[-1], D)."""

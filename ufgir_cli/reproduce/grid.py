@@ -30,7 +30,8 @@ from ..sweep import DEFAULT_SEEDS, Sweep, check_models, make_sweep
 from ..sweep.plan import PHASE_SPLITS
 
 TABLE1_DATASETS = ("cotton80", "soyageing", "soygene", "soyglobal", "soylocal")
-#: Methods whose own recipe has a number in the paper's Table 1 (frozen backbone): the default rows.
+#: Methods whose own recipe has a number in the paper's Table 1 (frozen backbone, and SimTrans's SIMT*,
+#: fully fine-tuned): the default rows.
 PAPER_METHODS = tuple(m.name for m in TABLE if m.recipe_name in PAPER_ROWS)
 TRAIN_FRAC = 0.8  # the share of each class's train_val images in the train split (data/folder.py)
 

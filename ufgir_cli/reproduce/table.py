@@ -54,9 +54,10 @@ def _num_classes(sweep: Sweep, task: str) -> int:
 
 
 def row_title(row: str) -> str:
-    """How the table names a row: the method's title, or for another recipe of it the paper's name of
-    that row (``TrFG* (full fine-tuning)``), else the title with the recipe's name."""
-    if row in METHODS:
+    """How the table names a row: the method's title, or for another recipe of it, or for a method that
+    trains every weight, the paper's name of that row (``TrFG* (full fine-tuning)``, ``SIMT* (full
+    fine-tuning)``), else the title with the recipe's name."""
+    if row in METHODS and not (row in PAPER_ROWS and "all" in method_spec(row).trains):
         return method_spec(row).display_name
     if row in PAPER_ROWS:
         return PAPER_ROWS[row].title

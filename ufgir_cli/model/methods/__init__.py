@@ -1,7 +1,7 @@
 """The method objects, one module per family, registered by the table's ``impl`` key.
 
 ``linear`` (timm's head: the probe, full fine-tuning, VPT, adapters, ConvPass, ILA), ``pooling``
-(IFA, MPN-COV, VQT), ``aggregator`` (TransFG, FFVT), ``two_pass`` (GLSim, RAMS), ``cal``. A plugin's
+(IFA, MPN-COV, VQT), ``aggregator`` (TransFG, FFVT), ``two_pass`` (GLSim, RAMS), ``cal``, ``simtrans``. A plugin's
 row names its class as ``"package.module:Class"``; it is imported here, when a model is built, never
 when recipes load. `build_method` is the one place a row becomes an object.
 """
@@ -16,17 +16,18 @@ from ...errors import RecipeError
 from ...methods import MethodSpec, method_spec
 from ...recipe import ModelConfig
 from .aggregator import FFVT, TransFG
-from .base import Method, Selection, TrainStep
+from .base import Method, PatchPanel, Selection, StreamEdit, TrainStep
 from .cal import CAL
 from .linear import LinearHead
 from .plan import MethodPlan, method_plan
 from .pooling import IFA, VQT, MPNCov
+from .simtrans import SimTrans
 from .two_pass import RAMS, GLSim
 
 #: The table's ``impl`` keys -> the classes of the built-in method objects.
 REGISTRY: dict[str, type[Method]] = {
     "linear": LinearHead, "ifa": IFA, "mpncov": MPNCov, "vqt": VQT, "transfg": TransFG, "ffvt": FFVT,
-    "glsim": GLSim, "rams": RAMS, "cal": CAL,
+    "glsim": GLSim, "rams": RAMS, "cal": CAL, "simtrans": SimTrans,
 }
 
 
@@ -90,4 +91,5 @@ def check_plugin(model) -> None:
     _checked.add(spec.name)
 
 
-__all__ = ["REGISTRY", "check_plugin", "Method", "MethodPlan", "Selection", "TrainStep", "build_method", "method_class", "method_plan"]
+__all__ = ["REGISTRY", "check_plugin", "Method", "MethodPlan", "PatchPanel", "Selection", "StreamEdit", "TrainStep",
+           "build_method", "method_class", "method_plan"]

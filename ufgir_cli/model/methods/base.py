@@ -16,6 +16,7 @@ the model config when it was built.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -28,6 +29,9 @@ from ..precision import float32_region
 
 #: The model a method runs on (`model.vit.UfgirViT`); named, not imported: the model imports the methods.
 UfgirViT = nn.Module
+#: A method's change to the token stream after one block: (that block's output tokens (B, T, D), its
+#: post-softmax attention (B, heads, T, T)) -> the tokens the next block receives (see `Method.stream_edits`).
+StreamEdit = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class TrainStep(NamedTuple):
@@ -39,13 +43,24 @@ class TrainStep(NamedTuple):
 
 
 @dataclass
+class PatchPanel:
+    """Patches picked at one step, drawn on the image: per image, the patch indices (row-major on the
+    selection's grid) it ``picked`` and those it marks apart (``anchors``, drawn in another colour)."""
+
+    label: str
+    picked: list[torch.Tensor]
+    anchors: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
 class Selection:
     """What a method looked at for a batch of B images, for figures and analysis.
 
     ``boxes`` (K, B, 4): K boxes per image in pixels [top, bottom, left, right), with ``crops``
     (K, B, 3, S, S), the images its further passes saw, and one ``labels`` entry per box. ``patches``:
     per image, the patch indices (row-major on ``grid``, 0 = the top-left patch) of the tokens it
-    picked. ``what`` says it in words."""
+    picked. ``steps``: patches picked at several steps, one panel each (SimTrans: the parts and the
+    anchor of each structure injection). ``what`` says it in words."""
 
     what: str
     grid: tuple[int, int]
@@ -53,6 +68,7 @@ class Selection:
     crops: torch.Tensor | None = None
     labels: tuple[str, ...] = ()
     patches: list[torch.Tensor] = field(default_factory=list)
+    steps: list[PatchPanel] = field(default_factory=list)
 
 
 class Method:
@@ -65,7 +81,9 @@ class Method:
       whose size depends on the image);
     - ``timm_head``: timm's own Linear is the classifier (the backbone is built with ``num_classes``);
     - ``reads_intermediates``: the head reads every block's output, not only the final tokens;
-    - ``train_passes``: backbone passes per image in a training step.
+    - ``train_passes``: backbone passes per image in a training step;
+    - ``min_train_batch``: the fewest images a training batch may hold on one rank (2 for a head with
+      BatchNorm, whose training statistics need two).
     """
 
     single_pass: ClassVar[bool] = True
@@ -73,6 +91,7 @@ class Method:
     timm_head: ClassVar[bool] = True
     reads_intermediates: ClassVar[bool] = False
     train_passes: ClassVar[int] = 1
+    min_train_batch: ClassVar[int] = 1
     #: Reference-checkpoint key prefixes of the head -> ours (see `map_upstream_key`).
     upstream_head_keys: ClassVar[tuple[tuple[str, str], ...]] = ()
 
@@ -93,8 +112,25 @@ class Method:
         """The method's own classifier, or None for timm's Linear head (``vit.head``)."""
         return None
 
-    def extra_parameters(self, vit: nn.Module) -> dict[str, nn.Parameter]:
-        """Parameters the method adds beside its head, registered on the model under these names."""
+    def extra_parameters(self, vit: nn.Module) -> dict[str, nn.Parameter | nn.Module]:
+        """Parameters (or modules) the method adds beside its head, registered on the model under
+        these names."""
+        return {}
+
+    def backbone_dropout(self, vit: nn.Module, rate: float) -> float:
+        """Where the recipe's ``model.drop`` applies: the rate of the model's dropout on every block's
+        attention and MLP outputs (the reference backbone's placement, the default). A method whose
+        reference drops elsewhere puts its own dropout modules into ``vit`` and returns 0.0."""
+        return rate
+
+    def stream_edits(self, model: UfgirViT) -> dict[int, StreamEdit]:
+        """How the method changes the token stream, by block: every pass through the backbone
+        (`UfgirViT.encode`) hands the output of each block named here, with that block's attention
+        maps, to its edit and goes on with what the edit returns. None by default."""
+        return {}
+
+    def block_notes(self, model: UfgirViT) -> dict[int, str]:
+        """What the method itself does after some blocks, in a few words (``ufgir inspect``)."""
         return {}
 
     # ---- evaluation modes -----------------------------------------------------------------
@@ -166,6 +202,12 @@ class Method:
     def upstream_normalise(self, key: str) -> str:
         """A reference key with the method's own wrapping removed."""
         return key
+
+    def upstream_rename(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The reference state dict (``model.``/``module.`` prefixes removed) under the names the
+        reference's ILA backbone uses, key by key through `upstream_normalise` by default. A method
+        whose reference names its own ViT copy differently renames the whole dict here."""
+        return {self.upstream_normalise(k): t for k, t in state.items()}
 
     def upstream_missing(self, model: UfgirViT) -> dict[str, torch.Tensor]:
         """Tensors the reference never saved, at the values a fresh start gives them."""
