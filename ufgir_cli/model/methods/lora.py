@@ -96,7 +96,7 @@ class LoRA(LinearHead):
         return [n for n, _ in vit.named_modules() if n and rx.fullmatch(n)]
 
     def _subject(self) -> str:
-        return f"model.lora_targets {self.targets!r} ({self.name} on {self.backbone})"
+        return f"model.lora_targets '{self.targets}' ({self.name} on {self.backbone})"
 
     # ---- building -------------------------------------------------------------------------
     def adapt_backbone(self, model: UfgirViT) -> None:
