@@ -258,6 +258,17 @@ def test_settings_that_cannot_work_are_refused_in_one_line(method, model, match)
     assert "\n" not in str(e.value)
 
 
+def test_lora_keys_given_to_another_method_are_dropped_with_a_notice():
+    """As ILA positions are: one grid can set them for its LoRA rows, and the other rows' run keys stay."""
+    from ufgir_cli.errors import RecipeNotice
+    from ufgir_cli.sweep.runkey import run_key
+
+    with pytest.warns(RecipeNotice, match="model.lora_rank and model.lora_dropout dropped: method 'ila_pp' has no LoRA"):
+        r = load_recipe("ila_pp", {"model": {"lora_rank": 4, "lora_dropout": 0.1}})
+    assert r.model.lora_rank is None and r.model.lora_dropout == 0.0
+    assert run_key(r) == run_key(load_recipe("ila_pp"))
+
+
 def test_a_target_that_is_not_a_regex_is_refused_when_the_recipe_loads():
     with pytest.raises(RecipeError, match="model.lora_targets"):
         load_recipe("lora", {"model": {"lora_targets": "blocks.(qkv"}})

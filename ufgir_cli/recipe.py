@@ -87,6 +87,10 @@ def _fill_layout(spec: MethodSpec, data: dict, backbone_depth: int | None, *, de
     return data
 
 
+#: The LoRA family's keys (methods whose row has a ``lora_rank``).
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_use_rslora", "lora_init_weights", "lora_targets")
+
+
 class ModelConfig(Section):
     backbone: str = Field("vit_base_patch16_224.orig_in21k", description="A timm ViT name.")
     weights: str = Field("timm", description='"timm" (pretrained), "none" (random) or a weights file.')
@@ -156,7 +160,8 @@ class ModelConfig(Section):
         blocks) where the backbone's name tells the depth; elsewhere they stay unset until the model
         is built (`for_backbone`). ILA positions given to a method without ILA are dropped, with a
         notice, so one grid or ``--set`` can hold ILA and other methods. A LoRA method's unset rank
-        is its row's (``MethodSpec.lora_rank``); other methods leave it unset."""
+        is its row's (``MethodSpec.lora_rank``); LoRA keys given to another method are dropped the
+        same way."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
@@ -166,6 +171,13 @@ class ModelConfig(Section):
             return data
         if spec.lora_rank is not None and data.get("lora_rank") is None:
             data["lora_rank"] = spec.lora_rank
+        elif spec.lora_rank is None:  # like ILA positions: a grid's LoRA keys change no other row (nor its run key)
+            given = [k for k in LORA_KEYS if k in data and data[k] != cls.model_fields[k].default]
+            if given:
+                warnings.warn(RecipeNotice(f"{' and '.join(f'model.{k}' for k in given)} dropped: method "
+                                           f"{spec.name!r} has no LoRA"), stacklevel=2)
+            for k in given:
+                del data[k]
         backbone = data.get("backbone", cls.model_fields["backbone"].default)
         return _fill_layout(spec, data, backbone_depth(backbone) if isinstance(backbone, str) else None,
                             derive_depth=not _SAVED.get())
