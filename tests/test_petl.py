@@ -248,6 +248,8 @@ def test_recipe_keys_reach_peft():
     ("lora", {"lora_targets": r"blocks\.\d+\.nope"}, r"matches no module; its Linear layers are "
                                                      r"blocks\.\{0-5\}\.attn\.qkv"),
     ("lora", {"lora_targets": "head"}, "matches the classifier head"),
+    ("lora", {"lora_targets": r"blocks\.0"}, r"matches blocks\.0 \(a Block\); LoRA adapts Linear and Conv2d layers"),
+    ("glora", {"lora_targets": r"patch_embed\.proj"}, r"matches patch_embed\.proj \(a Conv2d\); GLoRA adapts Linear"),
     ("glora", {"lora_dropout": 0.1}, "model.lora_dropout do nothing for method 'glora'"),
     ("glora", {"lora_init_weights": "gaussian"}, "GLoRA starts at zero"),
     ("ila_lora", {"lora_init_weights": "orthogonal"}, "peft cannot adapt them .*even"),

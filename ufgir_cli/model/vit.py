@@ -193,6 +193,10 @@ class UfgirViT(nn.Module):
         parts = {"head": [self.get_classifier()], "cls": [self.vit.cls_token], "anchor": [self.anchor_cls],
                  "adapters": [self.adapters], "ila": [self.ila], "prompts": [self.prompts],
                  **self.method.trainable_parts(self)}
+        lacking = [p for p in self.plan.trains if p not in parts]
+        if lacking:
+            raise RecipeError(f"method {self.method.name!r} trains {', '.join(lacking)} by its row, which its method "
+                              f"object {type(self.method).__name__} does not provide (trainable_parts)")
         return [m for p in self.plan.trains for m in parts[p] if m is not None]
 
     def freeze(self) -> None:

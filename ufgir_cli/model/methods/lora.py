@@ -67,6 +67,8 @@ class LoRA(LinearHead):
     #: Adapter kind, as the refusals name it.
     kind: ClassVar[str] = "LoRA"
     block_label = "LoRA"
+    #: The layer types it adapts (peft's LoRA takes a few more; the ViT has these).
+    layer_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
     #: Recipe keys the method reads besides ``lora_rank`` and ``lora_targets``.
     keys: ClassVar[tuple[str, ...]] = ("lora_alpha", "lora_dropout", "lora_use_rslora", "lora_init_weights")
 
@@ -109,6 +111,11 @@ class LoRA(LinearHead):
         if head:
             raise RecipeError(f"{self._subject()} matches the classifier {head[0]}, which trains whole already; "
                               "leave it out of the pattern")
+        other = [(n, type(m).__name__) for n in names if not isinstance(m := vit.get_submodule(n), self.layer_types)]
+        if other:
+            kinds = " and ".join(t.__name__ for t in self.layer_types)
+            raise RecipeError(f"{self._subject()} matches {other[0][0]} (a {other[0][1]}); {self.kind} adapts {kinds} "
+                              f"layers: the backbone's Linear layers are {collapse(linears)}")
         try:
             _peft().inject_adapter_in_model(self.peft_config(), vit, adapter_name="default")
         except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
@@ -167,6 +174,7 @@ class GLoRA(LoRA):
 
     kind = block_label = "GLoRA"
     keys = ("lora_init_weights",)
+    layer_types = (nn.Linear,)
 
     def __init__(self, spec: MethodSpec, cfg: ModelConfig):
         super().__init__(spec, cfg)
