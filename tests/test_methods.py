@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,10 @@ from ufgir_cli.methods import METHOD_NAMES, METHODS, TABLE, _flag_holds, _specif
 from ufgir_cli.model import build_model
 from ufgir_cli.recipe import load_recipe, packaged_recipe_names
 
-#: Parameter-name prefixes of each trainable part (the model's module names).
-PART_PREFIX = {"head": ("vit.head.", "head."), "cls": ("vit.cls_token",), "anchor": ("anchor_cls",), "adapters": ("adapters.",), "ila": ("ila.",),
-               "prompts": ("prompts",)}
+#: Parameter names of each trainable part (the model's module names), matched from the start.
+PART_NAMES = {"head": r"(vit\.)?head\.", "cls": r"vit\.cls_token", "anchor": "anchor_cls", "adapters": r"adapters\.",
+              "ila": r"ila\.", "prompts": "prompts", "lora": r"vit\..*\.g?lora_", "ssf": r"vit\..*\.ssf_(scale|shift)$",
+              "bias": r"vit\..*\.bias$"}
 
 
 def test_the_table_is_the_only_list_of_names():
@@ -84,9 +86,9 @@ def test_trainable_parts_are_the_rows(spec):
         assert trainable == {n for n, _ in m.named_parameters()}
         return
     for part in spec.trains:
-        assert any(n.startswith(PART_PREFIX[part]) for n in trainable), part
-    allowed = tuple(p for part in spec.trains for p in PART_PREFIX[part])
-    assert all(n.startswith(allowed) for n in trainable), sorted(n for n in trainable if not n.startswith(allowed))
+        assert any(re.match(PART_NAMES[part], n) for n in trainable), part
+    allowed = "|".join(f"(?:{PART_NAMES[part]})" for part in spec.trains)
+    assert all(re.match(allowed, n) for n in trainable), sorted(n for n in trainable if not re.match(allowed, n))
 
 
 def test_model_builds_what_the_row_says():
@@ -131,7 +133,7 @@ def test_upstream_detection_is_unambiguous_and_matches_the_reference_rules():
 
 
 def test_the_ila_methods_and_their_default_positions():
-    assert {m.name for m in TABLE if m.has_ila} == {"ila", "ila_plus", "ila_pp"}
+    assert {m.name for m in TABLE if m.has_ila} == {"ila", "ila_plus", "ila_pp", "ila_lora"}
     assert METHODS["ila_plus"].default_ila_locs(12, (3, 7)) == (0, 1, 2, 4, 5, 6, 8, 9, 10, 11)
 
 

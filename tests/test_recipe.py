@@ -82,7 +82,7 @@ def test_parse_overrides_types():
         ({"model": {"image_size": 64}}, "model.ila_ds_locs"),  # 4x4 grid: 4 -> 2, then too small
         ({"optim": {"lr": -1}}, "optim.lr"),
         ({"train": {"precision": "fp8"}}, "train.precision"),
-        ({"model": {"method": "lora"}}, "model.method"),
+        ({"model": {"method": "qlora"}}, "model.method"),
         ({"model": {"ila_locs": [3], "ila_ds_locs": [3]}}, "model.ila_locs"),
         ({"eval": {"split": "train_val"}}, "train.split"),
         ({"bogus": 1}, "bogus"),

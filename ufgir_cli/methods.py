@@ -22,8 +22,10 @@ from typing import Literal
 from .geometry import scale_block
 
 Family = Literal["petl", "ila", "fgir", "full"]
-#: Parts of a model that can train. "all" means every parameter (full fine-tuning).
-Part = Literal["head", "cls", "anchor", "adapters", "ila", "prompts", "all"]
+#: Parts of a model that can train. "all" means every parameter (full fine-tuning). "lora": the low-rank
+#: adapters peft injects into the backbone's target modules; "ssf": per-channel scales and shifts on
+#: the backbone's operations; "bias": every bias of the backbone (BitFit).
+Part = Literal["head", "cls", "anchor", "adapters", "ila", "prompts", "lora", "ssf", "bias", "all"]
 #: A reference-config flag test: True = set (truthy), False = unset or falsy, a string = the flag's
 #: lower-cased text contains it.
 FlagTest = bool | str
@@ -55,6 +57,9 @@ class MethodSpec:
     #: The backbone's last blocks that the method leaves out for a block of its own (TransFG and FFVT run
     #: the first D - 1 blocks, then one more block on the tokens they select).
     replaces_blocks: int = 0
+    #: The LoRA family's default rank (``model.lora_rank`` when the recipe leaves it unset); None for
+    #: methods without LoRA.
+    lora_rank: int | None = None
     upstream: tuple[tuple[str, FlagTest], ...] = ()  # how import-upstream recognises it
     recipe: str = ""  # packaged recipe name; the method's name when empty
     title: str = ""  # as the paper and figures name it ("ILA++"); the name when empty
@@ -113,6 +118,17 @@ TABLE: tuple[MethodSpec, ...] = (
     MethodSpec("vqt", "petl", "VQT: per-block query-only prompts whose outputs, with the CLS token, feed the head",
                (*_PETL, "prompts"), prompts="vqt", impl="vqt",
                upstream=(("prompt", "vqt"), ("ila", False), ("adapter", False)), title="VQT"),
+    # Today's PETL baselines. The LoRA family (through peft) keeps the CLS token frozen, peft's convention.
+    MethodSpec("lora", "petl", "LoRA (through peft): low-rank updates of the backbone's target modules (default: "
+               "every block's qkv), rank 8; CLS token frozen", ("head", "lora"), impl="lora", lora_rank=8, title="LoRA"),
+    MethodSpec("dora", "petl", "DoRA (through peft): LoRA on the direction of each target weight plus a learned "
+               "magnitude per output channel; CLS token frozen", ("head", "lora"), impl="dora", lora_rank=8, title="DoRA"),
+    MethodSpec("glora", "petl", "GLoRA (through peft): W + W*A + B and b + b*D + E + W C on each target module, A, B, C "
+               "low-rank; CLS token frozen", ("head", "lora"), impl="glora", lora_rank=8, title="GLoRA"),
+    MethodSpec("ssf", "petl", "SSF: a learned per-channel scale and shift after the patch embedding, every Linear and "
+               "every LayerNorm of the backbone (folds into their weights)", (*_PETL, "ssf"), impl="ssf", title="SSF"),
+    MethodSpec("bitfit", "petl", "BitFit: every bias of the backbone and the head train", ("head", "bias"),
+               impl="bitfit", title="BitFit"),
     MethodSpec("ifa", "fgir", "IFA: a learned mix of every block's CLS token into the head; no final LayerNorm",
                _PETL, impl="ifa", final_norm=False, upstream=(("classifier", "ifa"), *_NO_EXTRAS), title="IFA"),
     MethodSpec("mpncov", "fgir", "MPN-COV: iSQRT covariance pooling of the patch tokens (no CLS token)",
@@ -148,6 +164,9 @@ TABLE: tuple[MethodSpec, ...] = (
     MethodSpec("ila_pp", "ila", "ILA++: down-sampling ILA after blocks 3 and 7 + parallel adapters in every block",
                (*_PETL, "adapters", "ila"), adapter="adapter", ila_ds_locs=(3, 7), needs=_GRID,
                upstream=(("ila", True), ("adapter", True)), title="ILA++"),
+    MethodSpec("ila_lora", "ila", "Down-sampling ILA after blocks 3 and 7 + LoRA (peft) in place of ILA++'s adapters, "
+               "rank 9: its LoRA count is the closest to ILA++'s adapters", (*_PETL, "lora", "ila"), impl="lora",
+               ila_ds_locs=(3, 7), needs=_GRID, lora_rank=9, title="ILA + LoRA"),
 )
 
 #: How figures and tables name a family.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import re
 import sys
 import types
 import typing
@@ -86,6 +87,10 @@ def _fill_layout(spec: MethodSpec, data: dict, backbone_depth: int | None, *, de
     return data
 
 
+#: The LoRA family's keys (methods whose row has a ``lora_rank``).
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_use_rslora", "lora_init_weights", "lora_targets")
+
+
 class ModelConfig(Section):
     backbone: str = Field("vit_base_patch16_224.orig_in21k", description="A timm ViT name.")
     weights: str = Field("timm", description='"timm" (pretrained), "none" (random) or a weights file.')
@@ -125,6 +130,19 @@ class ModelConfig(Section):
                                   "of the image, its mirror and three crops of each (8 passes)")
     simtrans_eval_dropout: bool = Field(False, description="SimTrans: keep the GCN's middle dropout (p 0.1) on in "
                                         "evaluation too, as the reference's code does (its eval logits are then random)")
+    # The LoRA family (lora, dora, glora, ila_lora), through peft.
+    lora_rank: int | None = Field(None, ge=1, description="LoRA rank r; unset: the method's (8; ila_lora 9, "
+                                  "its LoRA count the closest to ILA++'s adapters)")
+    lora_alpha: float | None = Field(None, gt=0.0, description="LoRA alpha: the update is scaled by alpha / r "
+                                     "(alpha / sqrt(r) with lora_use_rslora); unset: the rank (scale 1)")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on a LoRA's input (LoRA, DoRA)")
+    lora_use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r")
+    lora_init_weights: Literal["default", "gaussian", "orthogonal", "random"] = Field(
+        "default", description="default: peft's (A Kaiming-uniform, B zero: the update starts at zero); gaussian: "
+        "A Gaussian / r; orthogonal; random: B random too (the update does not start at zero)")
+    lora_targets: str = Field(
+        r"blocks\.\d+\.attn\.qkv", description="The modules that get a LoRA: a regular expression matched "
+        "whole against the timm backbone's module names (peft's rule); default: every block's fused qkv projection")
     options: dict[str, Any] = Field(
         default_factory=dict, description="A plugin method's own settings, validated by its settings model.")
     # Backbone numerics.
@@ -143,7 +161,9 @@ class ModelConfig(Section):
         """Fill what the method derives from the backbone's depth (ILA positions, TransFG's and FFVT's
         blocks) where the backbone's name tells the depth; elsewhere they stay unset until the model
         is built (`for_backbone`). ILA positions given to a method without ILA are dropped, with a
-        notice, so one grid or ``--set`` can hold ILA and other methods."""
+        notice, so one grid or ``--set`` can hold ILA and other methods. A LoRA method's unset rank
+        is its row's (``MethodSpec.lora_rank``); LoRA keys given to another method are dropped the
+        same way."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
@@ -151,6 +171,15 @@ class ModelConfig(Section):
             spec = method_spec(data.get("method", cls.model_fields["method"].default))
         except (ValueError, TypeError):  # an unknown method is reported by field validation
             return data
+        if spec.lora_rank is not None and data.get("lora_rank") is None:
+            data["lora_rank"] = spec.lora_rank
+        elif spec.lora_rank is None:  # like ILA positions: a grid's LoRA keys change no other row (nor its run key)
+            given = [k for k in LORA_KEYS if k in data and data[k] != cls.model_fields[k].default]
+            if given:
+                warnings.warn(RecipeNotice(f"{' and '.join(f'model.{k}' for k in given)} dropped: method "
+                                           f"{spec.name!r} has no LoRA"), stacklevel=2)
+            for k in given:
+                del data[k]
         backbone = data.get("backbone", cls.model_fields["backbone"].default)
         return _fill_layout(spec, data, backbone_depth(backbone) if isinstance(backbone, str) else None,
                             derive_depth=not _SAVED.get())
@@ -193,6 +222,15 @@ class ModelConfig(Section):
             where = ".".join(str(p) for p in first["loc"])
             raise ValueError(f"model.options{'.' + where if where else ''} for method {self.method!r}: {first['msg']}") from None
         return self
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a regular expression ({e})") from None
+        return v
 
     @field_validator("ila_locs", "ila_ds_locs")
     @classmethod

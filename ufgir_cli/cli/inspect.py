@@ -27,6 +27,13 @@ def _class_count(r, given: int | None) -> tuple[int, str]:
     return 200, f"assumed: {name} is unknown here; pass --num-classes"
 
 
+def _cls(model) -> str:
+    cls = model.vit.cls_token
+    if cls is None:
+        return "no CLS token"
+    return f"CLS {cls.numel():,}" if cls.requires_grad else "CLS token frozen"
+
+
 def inspect(
     recipe: RecipeOpt = "ila_pp",
     image_size: Annotated[int | None, typer.Option(help="Override model.image_size.")] = None,
@@ -66,6 +73,11 @@ def inspect(
         if kind is not None and kind.shown_at(b.index):
             parts.append(f"{kind.label} x{model.prompt_len}")
             n += model.prompt_len * model.embed_dim
+        inside = 0 if model.plan.train_backbone else \
+            sum(p.numel() for p in model.vit.blocks[b.index].parameters() if p.requires_grad)
+        if inside:  # what the method tunes inside the block itself (LoRA, SSF, BitFit)
+            parts.append(model.method.block_label or "trainable backbone tensors")
+            n += inside
         if b.ila is not None:
             parts.append(f"{'DS-ILA' if b.ila == 'down' else 'ILA'} {b.ila_kernel}x{b.ila_kernel}")
             n += sum(p.numel() for p in model.ila[str(b.index)].parameters())
@@ -79,7 +91,7 @@ def inspect(
     head = sum(p.numel() for p in model.get_classifier().parameters())
     console.print(
         f"parameters: total {c['params_total']:,} · trainable {c['params_trainable']:,} "
-        f"(head {head:,} for {classes} classes, {source}; CLS {model.embed_dim if model.vit.cls_token is not None else 0:,})\n"
+        f"(head {head:,} for {classes} classes, {source}; {_cls(model)})\n"
         f"per image: {c['macs'] / 1e9:.2f} GMACs (multiply-adds) · {c['flops'] / 1e9:.2f} GFLOPs"
     )
     print_eval_modes(c)

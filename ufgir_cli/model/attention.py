@@ -76,8 +76,17 @@ def cls_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Why: the classifier reads the CLS token alone, so in the last block every other row of the
     query, the output projection and the MLP is computed and thrown away (6.6 % of ViT-B/16's
-    multiply-adds at 224 px, 4.6 % of ILA++'s)."""
+    multiply-adds at 224 px, 4.6 % of ILA++'s).
+
+    A plain ``nn.Linear`` qkv is applied here by its weight: the query rows for the CLS token alone,
+    keys and values for every token. Any other qkv module (peft's LoRA layer, SSF's wrapper, whose
+    ``.weight`` is the frozen base weight without the adapter) is called on every token instead,
+    so that its adapter runs and trains; the rest of the block still runs for the CLS row alone."""
     B, N, C = x.shape
+    if type(attn.qkv) is not nn.Linear:
+        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
+        q, k, v = qkv.unbind(0)
+        return _merge_heads(attn, _attend(attn, q[:, :, :1], k, v, None))
     w, b = attn.qkv.weight, attn.qkv.bias
     q = F.linear(x[:, :1], w[:C], None if b is None else b[:C])           # (B, 1, D)
     kv = F.linear(x, w[C:], None if b is None else b[C:])                 # (B, N, 2D)

@@ -27,6 +27,7 @@ from .backbone import MICRO, backbone_blocks, create_backbone, embed_tokens, res
 from .feature_info import BlockInfo, take_indices
 from .ila import ILA, Dropout, prompt_init_bound, xavier_linear_
 from .methods import Method, MethodPlan, StreamEdit, TrainStep, build_method, check_plugin, method_plan
+from .methods.onpath import check_on_path
 
 #: Receives each block's post-softmax attention (B, heads, S, S) and, when asked, its key-0 logits
 #: (B, heads, S) (see `UfgirViT.encode`).
@@ -99,6 +100,10 @@ class UfgirViT(nn.Module):
             setattr(self, name, p)
         if isinstance(vit.head, nn.Linear):
             xavier_linear_(vit.head)  # the reference's init for every Linear, the head included
+        #: The backbone's own tensors (by state-dict name under ``vit.``), before the method adapts any
+        #: of its layers: what `backbone_sha256` hashes, whatever LoRA or SSF adds beside them.
+        self._backbone_keys = frozenset(vit.state_dict())
+        self.method.adapt_backbone(self)
         self.grad_checkpointing = False
         #: ``forward`` may run the last block for the CLS row alone where that is exact (see
         #: `cls_only_last_block`); False runs every token, as cost counting does.
@@ -186,9 +191,14 @@ class UfgirViT(nn.Module):
         """The explicit list of what trains for this method (never chosen by name matching)."""
         if self.plan.train_backbone:
             return [self]
-        parts = {"head": self.get_classifier(), "cls": self.vit.cls_token, "anchor": self.anchor_cls,
-                 "adapters": self.adapters, "ila": self.ila, "prompts": self.prompts}
-        return [parts[p] for p in self.plan.trains if parts[p] is not None]
+        parts = {"head": [self.get_classifier()], "cls": [self.vit.cls_token], "anchor": [self.anchor_cls],
+                 "adapters": [self.adapters], "ila": [self.ila], "prompts": [self.prompts],
+                 **self.method.trainable_parts(self)}
+        lacking = [p for p in self.plan.trains if p not in parts]
+        if lacking:
+            raise RecipeError(f"method {self.method.name!r} trains {', '.join(lacking)} by its row, which its method "
+                              f"object {type(self.method).__name__} does not provide (trainable_parts)")
+        return [m for p in self.plan.trains for m in parts[p] if m is not None]
 
     def freeze(self) -> None:
         self.requires_grad_(False)
@@ -196,14 +206,18 @@ class UfgirViT(nn.Module):
             m.requires_grad_(True)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable tensors plus every buffer outside the backbone (BatchNorm statistics)."""
-        keep = {n for n, p in self.named_parameters() if p.requires_grad}
-        keep |= {n for n, _ in self.named_buffers() if not n.startswith("vit.")}
-        return {k: v for k, v in self.state_dict().items() if k in keep}
+        """Trainable tensors plus every buffer outside the backbone (BatchNorm statistics), by their
+        state-dict names (timm's for a wrapped layer's: `model.wrapped`)."""
+        keep = {id(p) for p in self.parameters() if p.requires_grad}
+        keep |= {id(b) for n, b in self.named_buffers() if not n.startswith("vit.")}
+        return {k: v.detach() for k, v in self.state_dict(keep_vars=True).items() if id(v) in keep}
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The backbone's own tensors without its head, by timm's names: a LoRA's or SSF's tensors
+        beside them stay out, so an adapted backbone hashes like the same backbone without them."""
         head = {f"vit.head.{k}" for k in self.vit.head.state_dict()}
-        return {k[4:]: v for k, v in self.state_dict().items() if k.startswith("vit.") and k not in head}
+        return {k[4:]: v for k, v in self.state_dict().items()
+                if k.startswith("vit.") and k not in head and k[4:] in self._backbone_keys}
 
     def backbone_sha256(self) -> str:
         return state_dict_sha256(self.backbone_state_dict())
@@ -462,8 +476,15 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> UfgirViT:
     method = build_method(model_cfg)
     vit = create_backbone(model_cfg, num_classes if method.timm_head else 0)
     model = UfgirViT(vit, model_cfg, num_classes, method)
-    if method.spec.origin and not next(model.parameters()).is_meta:
-        check_plugin(model)
+    if not next(model.parameters()).is_meta:
+        if method.spec.origin:
+            check_plugin(model)
+        check = method.path_check(model)
+        if check is not None:
+            # One image: a forward and a backward per mode, once per configuration and process
+            # (about 1 % of an epoch of the smallest UFG dataset for ViT-B/16 on a CPU).
+            check_on_path(model, check, torch.randn(1, *model.data_config()["input_size"],
+                                                    generator=torch.Generator().manual_seed(0)))
     return model
 
 

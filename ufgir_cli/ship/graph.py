@@ -49,7 +49,9 @@ def sidecar_path(artifact: Path) -> Path:
 
 class _Logits(nn.Module):
     """``forward(image) -> logits`` only: the exported graph gets one named input and one output,
-    and the attention-maps path (a Python-list side channel) stays out of it."""
+    and the attention-maps path (a Python-list side channel) stays out of it. It holds the method's
+    export model (LoRA and SSF merged into the weights: the plain ViT's graph); the parity check
+    compares the file with the model as trained."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -150,7 +152,7 @@ def export_onnx(model: UfgirViT, recipe: Recipe, out: str | os.PathLike, *, imag
     S = model_image_size(model)
     x, shapes, check = _export_inputs(model, S, dynamic_batch)
     try:
-        program = torch.onnx.export(_Logits(model).eval(), (x,), dynamo=True, opset_version=opset,
+        program = torch.onnx.export(_Logits(model.method.export_model(model)).eval(), (x,), dynamo=True, opset_version=opset,
                                     output_names=["logits"], dynamic_shapes=shapes, verbose=False)
         proto = program.model_proto
         data = proto.SerializeToString()
@@ -180,7 +182,7 @@ def export_pt2(model: UfgirViT, recipe: Recipe, out: str | os.PathLike, *, image
     S = model_image_size(model)
     x, shapes, check = _export_inputs(model, S, dynamic_batch)
     with torch.no_grad():
-        program = torch.export.export(_Logits(model).eval(), (x,), dynamic_shapes=shapes)
+        program = torch.export.export(_Logits(model.method.export_model(model)).eval(), (x,), dynamic_shapes=shapes)
     buf = io.BytesIO()
     torch.export.save(program, buf)
     data = buf.getbuffer()

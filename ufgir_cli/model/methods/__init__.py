@@ -1,7 +1,9 @@
 """The method objects, one module per family, registered by the table's ``impl`` key.
 
 ``linear`` (timm's head: the probe, full fine-tuning, VPT, adapters, ConvPass, ILA), ``pooling``
-(IFA, MPN-COV, VQT), ``aggregator`` (TransFG, FFVT), ``two_pass`` (GLSim, RAMS), ``cal``, ``simtrans``. A plugin's
+(IFA, MPN-COV, VQT), ``aggregator`` (TransFG, FFVT), ``two_pass`` (GLSim, RAMS), ``cal``, ``simtrans``, ``lora``
+(LoRA, DoRA, GLoRA and ILA with LoRA, through peft, which only that module imports, when such a
+model is built), ``ssf`` (SSF, BitFit). A plugin's
 row names its class as ``"package.module:Class"``; it is imported here, when a model is built, never
 when recipes load. `build_method` is the one place a row becomes an object.
 """
@@ -19,15 +21,18 @@ from .aggregator import FFVT, TransFG
 from .base import Method, PatchPanel, Selection, StreamEdit, TrainStep
 from .cal import CAL
 from .linear import LinearHead
+from .lora import DoRA, GLoRA, LoRA
 from .plan import MethodPlan, method_plan
 from .pooling import IFA, VQT, MPNCov
 from .simtrans import SimTrans
+from .ssf import SSF, BitFit
 from .two_pass import RAMS, GLSim
 
 #: The table's ``impl`` keys -> the classes of the built-in method objects.
 REGISTRY: dict[str, type[Method]] = {
     "linear": LinearHead, "ifa": IFA, "mpncov": MPNCov, "vqt": VQT, "transfg": TransFG, "ffvt": FFVT,
-    "glsim": GLSim, "rams": RAMS, "cal": CAL, "simtrans": SimTrans,
+    "glsim": GLSim, "rams": RAMS, "cal": CAL, "simtrans": SimTrans, "lora": LoRA, "dora": DoRA, "glora": GLoRA,
+    "ssf": SSF, "bitfit": BitFit,
 }
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from ...methods import MethodSpec
 from ...recipe import ModelConfig
 from ..precision import float32_region
+from .onpath import PathCheck
 
 #: The model a method runs on (`model.vit.UfgirViT`); named, not imported: the model imports the methods.
 UfgirViT = nn.Module
@@ -92,6 +93,8 @@ class Method:
     reads_intermediates: ClassVar[bool] = False
     train_passes: ClassVar[int] = 1
     min_train_batch: ClassVar[int] = 1
+    #: What the method tunes inside the backbone's blocks, as ``ufgir inspect`` lists it ("LoRA").
+    block_label: ClassVar[str] = ""
     #: Reference-checkpoint key prefixes of the head -> ours (see `map_upstream_key`).
     upstream_head_keys: ClassVar[tuple[tuple[str, str], ...]] = ()
 
@@ -132,6 +135,26 @@ class Method:
     def block_notes(self, model: UfgirViT) -> dict[int, str]:
         """What the method itself does after some blocks, in a few words (``ufgir inspect``)."""
         return {}
+
+    # ---- the backbone's own modules (LoRA, SSF, BitFit) ------------------------------------
+    def adapt_backbone(self, model: UfgirViT) -> None:
+        """Change backbone modules in place before the model freezes (wrap the layers a LoRA or SSF
+        adapts; their state dicts keep timm's names, `model.wrapped`). By default nothing."""
+
+    def trainable_parts(self, model: UfgirViT) -> dict[str, list[nn.Module | nn.Parameter]]:
+        """The parts of the row's ``trains`` that live inside the backbone (``lora``, ``ssf``,
+        ``bias``): part -> the modules or parameters that train."""
+        return {}
+
+    def path_check(self, model: UfgirViT) -> PathCheck | None:
+        """The backbone modules this method adapts and their adapter parameters, each of which must
+        change ``model(x)`` (checked once per build, `onpath.check_on_path`); None: nothing adapted."""
+        return None
+
+    def export_model(self, model: UfgirViT) -> UfgirViT:
+        """The model a traced graph (ONNX, pt2) holds, the same function as ``model``: LoRA and SSF
+        give a copy with their updates merged into the weights. By default the model itself."""
+        return model
 
     # ---- evaluation modes -----------------------------------------------------------------
     @property
