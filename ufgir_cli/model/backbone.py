@@ -103,7 +103,64 @@ def backbone_blocks(cfg: ModelConfig) -> int:
     blocks = getattr(vit, "blocks", None)
     if blocks is None:
         raise RecipeError(f"model.backbone {cfg.backbone!r} is not a plain timm VisionTransformer (it has no blocks)")
-    return len(blocks)
+    return len(blocks), numerics_of(vit)
+
+
+def backbone_blocks(cfg: ModelConfig) -> int:
+    """Blocks of the recipe's backbone as timm builds it (see `backbone_facts`)."""
+    return backbone_facts(cfg)[0]
+
+
+def numerics_of(vit: nn.Module) -> dict:
+    """What a timm ViT says of its own numerics, by recipe key (``geometry.NUMERIC_KEYS``): its
+    pretrained config's mean, std, interpolation and 1 / crop_pct, its LayerNorm eps (read before
+    a recipe sets it), and timm's position resampling (bicubic)."""
+    pcfg = getattr(vit, "pretrained_cfg", None) or {}
+    out: dict = {"pos_embed_resize": "bicubic"}
+    eps = next((m.eps for m in vit.modules() if isinstance(m, nn.LayerNorm)), None)
+    if eps is not None:
+        out["layer_norm_eps"] = float(eps)
+    for key in ("mean", "std"):
+        if pcfg.get(key) is not None and len(pcfg[key]) == 3:
+            out[key] = tuple(float(v) for v in pcfg[key])
+    if pcfg.get("crop_pct"):
+        out["resize_ratio"] = 1.0 / float(pcfg["crop_pct"])
+    if pcfg.get("interpolation") in ("bicubic", "bilinear"):
+        out["interpolation"] = pcfg["interpolation"]
+    return out
+
+
+def _gated(e: BaseException) -> bool:
+    """An error of the Hub saying the weights are gated (their licence must be accepted first)."""
+    try:
+        from huggingface_hub.errors import GatedRepoError
+    except ImportError:  # pragma: no cover - an old huggingface_hub
+        return "gated" in str(e).lower()
+    while e is not None:
+        if isinstance(e, GatedRepoError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _pretrained_failure(name: str, e: BaseException) -> ModelError:
+    """One line for pretrained weights that cannot be had: gated (naming the licence and HF_TOKEN), or
+    not cached and not fetchable."""
+    if _gated(e):
+        try:
+            pcfg = timm.get_pretrained_cfg(name)
+        except (RuntimeError, ValueError):
+            pcfg = None
+        licence = getattr(pcfg, "license", None) or "its licence"
+        repo = getattr(pcfg, "hf_hub_id", None) or name
+        return ModelError(f"pretrained weights for model.backbone {name!r} are gated on the Hugging Face Hub "
+                          f"(licence: {licence}): accept it at https://huggingface.co/{repo}, then set HF_TOKEN "
+                          "to a token of that account (or set model.weights to a local file)")
+    return ModelError(
+        f"pretrained weights for model.backbone {name!r} are not in timm's cache and "
+        f"cannot be fetched ({type(e).__name__}); run once with network access, or set "
+        "model.weights to a local .npz/.safetensors/.pth file, or to none"
+    )
 
 
 def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
@@ -121,11 +178,7 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
             except (OSError, RuntimeError, ValueError) as e:
                 if "Unknown model" in str(e):
                     raise
-                raise ModelError(
-                    f"pretrained weights for model.backbone {cfg.backbone!r} are not in timm's cache and "
-                    f"cannot be fetched ({type(e).__name__}); run once with network access, or set "
-                    "model.weights to a local .npz/.safetensors/.pth file, or to none"
-                ) from None
+                raise _pretrained_failure(cfg.backbone, e) from None
         else:
             vit = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
             load_weights_file(vit, Path(weights).expanduser())
