@@ -79,19 +79,22 @@ def _timm_kwargs(cfg: ModelConfig, num_classes: int) -> dict:
 def _drop_class_token(vit: VisionTransformer, name: str, kwargs: dict) -> VisionTransformer:
     """The same ViT without a CLS token, for methods that pool the patch tokens alone (MPN-COV).
     Pretrained weights carry a CLS token and its position: both are left out, every other tensor is
-    kept (timm cannot load CLS-ful weights into a model without one)."""
+    kept (timm cannot load CLS-ful weights into a model without one). Registers stay (prefix tokens
+    still); a backbone without a CLS token (SigLIP) is returned as it is."""
+    if getattr(vit, "cls_token", None) is None:
+        return vit
     size = int(vit.patch_embed.img_size[0])
     bare = timm.create_model(name, pretrained=False, img_size=size, class_token=False, global_pool="", **kwargs)
     state = {k: v for k, v in vit.state_dict().items() if k != "cls_token"}
     if not vit.no_embed_class:
-        state["pos_embed"] = state["pos_embed"][:, vit.num_prefix_tokens:]           # (1, HW, D)
+        state["pos_embed"] = state["pos_embed"][:, 1:]                                # (1, reg + HW, D)
     load_strict(bare, state, f"model.backbone {name!r} without its CLS token")
     return bare
 
 
-def backbone_blocks(cfg: ModelConfig) -> int:
-    """Blocks of the recipe's backbone as timm builds it (on the meta device: no weights, no memory),
-    for a backbone whose name does not tell its depth."""
+def backbone_facts(cfg: ModelConfig) -> tuple[int, dict]:
+    """Blocks and numerics (`numerics_of`) of the recipe's backbone as timm builds it (on the meta
+    device: no weights, no memory), for a backbone whose name does not tell them."""
     try:
         with torch.device("meta"):
             vit = timm.create_model(cfg.backbone, pretrained=False)
@@ -288,12 +291,14 @@ def embed_tokens(vit: VisionTransformer, x: torch.Tensor, cls_token: torch.Tenso
     The one call into timm's private API (``_pos_embed``); see the module docstring."""
     x = vit.patch_embed(x)                                                 # (B, HW, D)
     x = vit._pos_embed(x)                                                  # (B, prefix + HW, D)
-    if cls_token is not None:
-        if vit.no_embed_class or vit.num_prefix_tokens != 1:
-            raise ValueError("a stand-in CLS token needs a ViT with one CLS token inside its position embedding")
-        x = torch.cat([(cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+    if cls_token is not None:  # at position 0, with the CLS position where it has one; registers stay
+        if getattr(vit, "cls_token", None) is None:
+            raise ValueError("a stand-in CLS token needs a ViT with a CLS token")
+        cls = cls_token if vit.no_embed_class else cls_token + vit.pos_embed[:, :1]
+        x = torch.cat([cls.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
     return vit.norm_pre(vit.patch_drop(x))
 
 
-__all__ = ["MICRO", "MICRO_WEIGHTS", "create_backbone", "embed_tokens", "load_weights_file", "new_block_like", "resize_input",
+__all__ = ["MICRO", "MICRO_WEIGHTS", "backbone_facts", "create_backbone", "embed_tokens", "load_weights_file",
+           "new_block_like", "numerics_of", "resize_input",
            "state_dict_sha256"]
