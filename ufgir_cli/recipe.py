@@ -269,6 +269,10 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, gt=0.0)
     clip_grad: float | None = Field(1.0, gt=0.0, description="Max grad norm; unset to disable.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    layer_decay: float | None = Field(
+        None, gt=0.0, le=1.0, description="Layer-wise learning-rate decay: the head at optim.lr, block i at "
+        "lr * decay^(depth - i), the embedding at lr * decay^(depth + 1) (e.g. 0.65 to 0.75 fine-tuning CLIP or "
+        "DINOv2); unset: off")
 
 
 class ScheduleConfig(Section):

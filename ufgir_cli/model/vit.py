@@ -225,6 +225,20 @@ class UfgirViT(nn.Module):
             out.add("prompts")
         return out
 
+    def param_layer(self, name: str) -> int:
+        """The layer of parameter ``name`` for layer-wise learning-rate decay (``optim.layer_decay``):
+        0 for the embedding (patch embedding, CLS and register tokens, positions, prompts, the anchor
+        CLS), i + 1 for block i and the adapters and ILA that belong to it, depth + 1 for the rest (the
+        final norm, pooling and heads)."""
+        depth = len(self.vit.blocks)
+        parts = name.split(".")
+        if parts[0] in ("adapters", "ila") or parts[:2] == ["vit", "blocks"]:
+            return int(parts[1 if parts[0] != "vit" else 2]) + 1
+        if parts[0] in ("prompts", "anchor_cls") or (parts[0] == "vit" and parts[1] in (
+                "cls_token", "reg_token", "pos_embed", "patch_embed", "norm_pre")):
+            return 0
+        return depth + 1
+
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
