@@ -390,16 +390,16 @@ class Recipe(BaseSettings):
     def _data_numerics(cls, data: Any) -> Any:
         """``data.resize_ratio`` and ``data.interpolation``, where unset, from ``model.numerics`` for the
         model's backbone (as the model section fills its own numerics)."""
-        if not isinstance(data, dict) or not isinstance(data.get("data") or {}, dict):
-            return data
-        model = data.get("model") or {}
+        section = data.get("data", {}) if isinstance(data, dict) else None
+        model = data.get("model", {}) if isinstance(data, dict) else None
         model = model.model_dump() if isinstance(model, BaseModel) else model
-        if not isinstance(model, dict):
-            return data
+        if not isinstance(section, dict | BaseModel) or not isinstance(model, dict):
+            return data  # malformed sections: reported by field validation
+        section = section.model_dump() if isinstance(section, BaseModel) else dict(section)
         backbone = model.get("backbone", ModelConfig.model_fields["backbone"].default)
         if isinstance(backbone, str):
             numerics = model.get("numerics", ModelConfig.model_fields["numerics"].default)
-            data = {**data, "data": _fill_numerics(dict(data.get("data") or {}), "data", backbone, numerics)}
+            data = {**data, "data": _fill_numerics(section, "data", backbone, numerics)}
         return data
 
     def with_model(self, model: ModelConfig, data_config: dict | None = None) -> Recipe:
