@@ -6,6 +6,11 @@ ships or names, then timm's plain ViT naming), and ``check_geometry`` finds the 
 work (a block past the last one, a grid too small for a down-sampling convolution). A method's
 default positions follow the depth (`scale_block`). Where the name says nothing, the depth is read
 from the built backbone instead and the model checks the same again with its real numbers.
+
+The same goes for what else a name tells: the backbone's family (`FAMILIES`: prefix tokens, position
+embedding, pooling, LayerNorm eps), so that a method a family cannot run is refused on load, and its
+pretrained numerics (`PRETRAINED`, `backbone_numerics`), or the reference's where a recipe asks for
+them on one of the reference's backbones.
 """
 
 from __future__ import annotations

@@ -4,9 +4,12 @@ Resolution order (later wins): field defaults -> recipe TOML -> ``UFGIR_*`` envi
 (``__`` nests: ``UFGIR_TRAIN__EPOCHS=5``) -> ``--set a.b=value``. Unknown keys anywhere, including a
 ``UFGIR_*`` variable that names no key, are errors: a typo must never silently train the wrong model.
 
-The defaults are the paper's ILA++ recipe (reference/ILA.md sections 3-4) at 224 px; packaged recipes
-mostly just pick a method. This module imports no torch so that ``ufgir recipes`` stays instant. It
-is one piece (about 460 lines): the types, their resolution and their error messages belong together.
+The defaults are the paper's ILA++ recipe (reference/ILA.md sections 3-4) at 224 px, with the
+backbone's own numerics (mean/std, LayerNorm eps, resampling, resize: ``model.numerics``); packaged
+recipes mostly just pick a method and ask for the reference's numerics. What the backbone decides
+(depth-derived positions, numerics) is filled in on load where its name tells it, else at build, and
+saved with the run. This module imports no torch so that ``ufgir recipes`` stays instant. It is one
+piece (about 700 lines): the types, their resolution, their sources and error messages belong together.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ from .paths import NON_RECIPE_ENV
 
 SPLITS = ("train", "val", "train_val", "test")
 Split = Literal["train", "val", "train_val", "test"]
-
-
+#: What ``data.augment = "medium"`` brings where unset (the reference's medaugs; `Recipe._augment_preset`).
+MEDIUM_PRESET = {"optim": {"label_smoothing": 0.1},
+                 "model": {"drop": 0.0, "drop_path": 0.1, "drop_path_schedule": "uniform"}}
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -380,9 +384,9 @@ class Recipe(BaseSettings):
                 or not all(isinstance(s, dict | None) for s in sections[1:]):
             return data  # not the preset, or malformed sections, which field validation reports
         data = {**data, "optim": dict(data.get("optim") or {}), "model": dict(data.get("model") or {})}
-        data["optim"].setdefault("label_smoothing", 0.1)
-        for key, value in (("drop", 0.0), ("drop_path", 0.1), ("drop_path_schedule", "uniform")):
-            data["model"].setdefault(key, value)
+        for section, keys in MEDIUM_PRESET.items():
+            for key, value in keys.items():
+                data[section].setdefault(key, value)
         return data
 
     @model_validator(mode="before")
@@ -630,8 +634,7 @@ def _dotted(data: dict, prefix: str = "") -> set[str]:
     return out
 
 
-#: Keys that ``data.augment = "medium"`` brings when unset (see `Recipe._augment_preset`).
-_PRESET_KEYS = {"optim.label_smoothing", "model.drop", "model.drop_path", "model.drop_path_schedule"}
+_PRESET_KEYS = {f"{section}.{key}" for section, keys in MEDIUM_PRESET.items() for key in keys}
 
 
 def recipe_sources(name_or_path: str | os.PathLike | None = None, overrides: dict | None = None, *,

@@ -19,20 +19,21 @@ from ..recipe import OptimConfig, ScheduleConfig
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
     """Trainable parameters in two groups: decayed weights and non-decayed ones (biases, norms,
     tokens, position embeddings, and whatever ``model.no_weight_decay()`` names). With
-    ``layer_decay``, each group splits by layer (``model.param_layer``: 0 = the embedding, i + 1 =
+    ``layer_decay``, each group splits by layer (``model.param_layers()``: 0 = the embedding, i + 1 =
     block i, depth + 1 = the head) and a group's ``lr_scale`` is ``layer_decay ** (depth + 1 - layer)``:
     the head learns at the full rate, every block below at ``layer_decay`` times the one above."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    layer_of = getattr(model, "param_layer", None) if layer_decay is not None and layer_decay != 1.0 else None
-    top = max((layer_of(n) for n, _ in model.named_parameters()), default=0) if layer_of else 0
+    decayed = layer_decay is not None and layer_decay != 1.0 and hasattr(model, "param_layers")
+    layers = model.param_layers() if decayed else {}
+    top = max(layers.values(), default=0)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim <= 1 or name in skip
-        layer = layer_of(name) if layer_of else 0
+        layer = layers.get(name, 0)
         group = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay})
-        if layer_of:
+        if decayed:
             group["lr_scale"] = layer_decay ** (top - layer)
         group["params"].append(p)
     return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], k[1]))]

@@ -225,19 +225,22 @@ class UfgirViT(nn.Module):
             out.add("prompts")
         return out
 
-    def param_layer(self, name: str) -> int:
-        """The layer of parameter ``name`` for layer-wise learning-rate decay (``optim.layer_decay``):
-        0 for the embedding (patch embedding, CLS and register tokens, positions, prompts, the anchor
-        CLS), i + 1 for block i and the adapters and ILA that belong to it, depth + 1 for the rest (the
-        final norm, pooling and heads)."""
-        depth = len(self.vit.blocks)
-        parts = name.split(".")
-        if parts[0] in ("adapters", "ila") or parts[:2] == ["vit", "blocks"]:
-            return int(parts[1 if parts[0] != "vit" else 2]) + 1
-        if parts[0] in ("prompts", "anchor_cls") or (parts[0] == "vit" and parts[1] in (
-                "cls_token", "reg_token", "pos_embed", "patch_embed", "norm_pre")):
-            return 0
-        return depth + 1
+    def param_layers(self) -> dict[str, int]:
+        """Each parameter's layer for layer-wise learning-rate decay (``optim.layer_decay``): 0 for the
+        embedding (patch embedding, CLS and register tokens, positions, prompts, the anchor CLS), i + 1
+        for block i and the adapters and ILA that follow it, depth + 1 for the rest (the final norm,
+        pooling and heads)."""
+        vit, depth = self.vit, len(self.vit.blocks)
+        layer: dict[int, int] = {}
+        for i, blk in enumerate(vit.blocks):
+            parts = [blk, self.adapters[i] if self.adapters is not None else None, self.ila[str(i)] if str(i) in self.ila else None]
+            layer |= {id(p): i + 1 for m in parts if m is not None for p in m.parameters()}
+        embedding = [vit.patch_embed, vit.norm_pre, *(getattr(vit, k, None) for k in ("cls_token", "reg_token", "pos_embed")),
+                     self.prompts, self.anchor_cls]
+        for part in embedding:
+            params = part.parameters() if isinstance(part, nn.Module) else [part] if part is not None else []
+            layer |= {id(p): 0 for p in params}
+        return {name: layer.get(id(p), depth + 1) for name, p in self.named_parameters()}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
