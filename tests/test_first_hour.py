@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from ufgir_cli.cli import app
-from ufgir_cli.recipe import dump_resolved, load_recipe
+from ufgir_cli.recipe import dump_resolved, load_recipe, recipe_sources
 
 try:
     import tomllib
@@ -89,7 +89,7 @@ def test_no_run_anywhere_says_how_to_make_one(tmp_path, monkeypatch, args):
 def test_recipes_show_piped_is_the_toml_itself(tmp_path):
     res = _cli("recipes", "show", "quickstart")
     assert res.returncode == 0, res.stderr
-    assert res.stdout == dump_resolved(load_recipe("quickstart", env=False))
+    assert res.stdout == dump_resolved(*recipe_sources("quickstart", env=False))  # each value's source as a comment
     saved = tmp_path / "my.toml"
     saved.write_text(res.stdout)
     assert load_recipe(saved) == load_recipe("quickstart")

@@ -148,11 +148,16 @@ def test_the_readme_lists_every_method_of_the_table():
 
 
 def test_a_method_that_needs_a_cls_token_refuses_a_backbone_without_one():
-    """Methods declare what they need of the backbone (``MethodSpec.needs``); SigLIP has no CLS token."""
+    """Methods declare what they need of the backbone (``MethodSpec.needs``); SigLIP has no CLS token.
+    A family the name tells is refused when the recipe loads; any other backbone when the model is built."""
     from ufgir_cli.errors import RecipeError
 
-    assert "cls_token" in METHODS["linear"].needs and "patch_grid" in METHODS["ila_pp"].needs
+    assert "cls_token" in METHODS["transfg"].needs and "patch_grid" in METHODS["ila_pp"].needs
     assert "cls_token" not in METHODS["mpncov"].needs  # it pools the patch tokens
-    r = load_recipe("linear", {"model": {"backbone": "vit_base_patch16_siglip_224", "weights": "none"}})
-    with torch.device("meta"), pytest.raises(RecipeError, match="'linear' needs cls token of its backbone"):
+    assert "cls_token" not in METHODS["linear"].needs  # it classifies what timm's head pools
+    with pytest.raises(RecipeError, match=r"method 'transfg' reads the CLS token, and model.backbone "
+                       r"'vit_base_patch16_siglip_224' \(SigLIP / SigLIP 2\) has none; choose another backbone"):
+        load_recipe("transfg", {"model": {"backbone": "vit_base_patch16_siglip_224", "weights": "none"}})
+    r = load_recipe("transfg", {"model": {"backbone": "vit_medium_patch16_gap_256", "weights": "none"}})  # no family
+    with torch.device("meta"), pytest.raises(RecipeError, match="'transfg' needs cls token of its backbone"):
         build_model(r.model, 10)

@@ -6,12 +6,18 @@ ships or names, then timm's plain ViT naming), and ``check_geometry`` finds the 
 work (a block past the last one, a grid too small for a down-sampling convolution). A method's
 default positions follow the depth (`scale_block`). Where the name says nothing, the depth is read
 from the built backbone instead and the model checks the same again with its real numbers.
+
+The same goes for what else a name tells: the backbone's family (`FAMILIES`: prefix tokens, position
+embedding, pooling, LayerNorm eps), so that a method a family cannot run is refused on load, and its
+pretrained numerics (`PRETRAINED`, `backbone_numerics`), or the reference's where a recipe asks for
+them on one of the reference's backbones.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 #: Blocks of every backbone that ufgir ships or names, by timm name without its pretrained tag
 #: (``tests/test_geometry.py`` builds each one on the meta device and counts).
@@ -77,3 +83,132 @@ def check_geometry(cfg: Any, depth: int | None, patch: int) -> None:
                 f"convolution at model.image_size {cfg.image_size}; use fewer positions or a larger image"
             )
         grid -= shrink
+
+
+# --------------------------------------------------------------------------------------------
+# Families: what a backbone is, from its name alone, so that a method that cannot run on it is
+# refused when the recipe loads (``tests/test_backbones.py`` builds each family and compares).
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A kind of timm ViT. ``registers``: prefix tokens besides the CLS token (DINOv2's ``regN``
+    archs say N in their name); ``pos_embed``: "prefix+patches" when the prefix tokens have positions
+    of their own, "patches" when only the patch tokens do (timm's ``no_embed_class``); ``pool``: what
+    timm's head reads (the CLS token, an attention-pooling head, or the patch average)."""
+
+    key: str
+    title: str
+    pattern: re.Pattern
+    example: str  # a pretrained tag of the family (README, tests)
+    cls_token: bool
+    pos_embed: Literal["prefix+patches", "patches"]
+    pool: Literal["token", "map", "avg"]
+    layer_norm_eps: float
+    blocks: str  # in words: pre-norm, LayerScale, ...
+
+    def registers(self, name: str) -> int:
+        m = re.search(r"_reg(\d+)_", name.split(".")[0])
+        return int(m.group(1)) if m else 0
+
+    def prefix_tokens(self, name: str) -> int:
+        return int(self.cls_token) + self.registers(name)
+
+    def has(self, need: str) -> bool:
+        """Whether backbones of this family have what a method may need (``methods.Need``)."""
+        return {"cls_token": self.cls_token, "patch_grid": True, "abs_pos_embed": True}[need]
+
+
+_SIZE = r"(?:tiny|small|medium|base|large|huge|giant|so400m|betwixt|giantopt|gigantic)"
+FAMILIES: tuple[Family, ...] = (
+    Family("vit", "ViT (the paper's, ImageNet-21k)", re.compile(rf"^(?:vit_{_SIZE}_patch\d+_\d+|ufgir_vit_micro_patch8_64)$"),
+           "vit_base_patch16_224.orig_in21k", True, "prefix+patches", "token", 1e-6, "pre-LN blocks"),
+    Family("deit3", "DeiT 3", re.compile(rf"^deit3_{_SIZE}_patch\d+_\d+$"), "deit3_base_patch16_224.fb_in22k_ft_in1k",
+           True, "patches", "token", 1e-6, "LayerScale"),
+    Family("clip", "CLIP", re.compile(rf"^vit_{_SIZE}_patch\d+_(?:plus_)?clip_(?:quickgelu_)?\d+$"),
+           "vit_base_patch16_clip_224.openai", True, "prefix+patches", "token", 1e-5, "LayerNorm before block 0 (pre-norm)"),
+    Family("dinov2", "DINOv2", re.compile(rf"^vit_{_SIZE}_patch14_dinov2$"), "vit_base_patch14_dinov2.lvd142m",
+           True, "prefix+patches", "token", 1e-6, "LayerScale"),
+    Family("dinov2_reg", "DINOv2 with registers", re.compile(rf"^vit_{_SIZE}_patch14_reg\d+_dinov2$"),
+           "vit_base_patch14_reg4_dinov2.lvd142m", True, "patches", "token", 1e-6, "LayerScale; 4 registers"),
+    Family("siglip", "SigLIP / SigLIP 2", re.compile(rf"^vit_{_SIZE}_patch\d+_siglip_\d+$"),
+           "vit_base_patch16_siglip_224.v2_webli", False, "patches", "map", 1e-6, "no CLS token; attention-pooling head"),
+    Family("siglip_gap", "SigLIP / SigLIP 2, average-pooled", re.compile(rf"^vit_{_SIZE}_patch\d+_siglip_gap_\d+$"),
+           "vit_base_patch16_siglip_gap_224.v2_webli", False, "patches", "avg", 1e-6, "no CLS token; average pooling"),
+)
+
+
+def backbone_family(name: str) -> Family | None:
+    """The family of a timm name (its pretrained tag ignored); None for a name no family knows."""
+    arch = name.split(".")[0]
+    return next((f for f in FAMILIES if f.pattern.match(arch)), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Numerics: normalisation, resize, LayerNorm eps and position resampling, from the backbone's own
+# pretrained config unless a recipe asks for the reference's (``model.numerics = "reference"``).
+
+#: Pretrained configs (timm's ``pretrained_cfg``) of the names ufgir names, tagged or not (an untagged
+#: name is timm's default tag): (mean, std, crop_pct), all bicubic. A name missing here is read from
+#: timm when the model is built (``tests/test_backbones.py`` compares every entry with timm's).
+_IN21K = {f"vit_{a}_224.orig_in21k": (HALF, HALF, 0.9)
+          for a in ("base_patch16", "base_patch32", "large_patch16", "large_patch32", "huge_patch14")}
+_DINOV2 = {f"vit_{s}_patch14_{r}dinov2{t}": (IMAGENET_MEAN, IMAGENET_STD, 1.0)
+           for s in ("small", "base", "large", "giant") for r in ("", "reg4_") for t in ("", ".lvd142m")}
+_SIGLIP = {f"{a}{t}": (HALF, HALF, 0.9) for t in ("", ".v2_webli", ".webli")
+           for a in ("vit_base_patch16_siglip_224", "vit_base_patch16_siglip_256", "vit_so400m_patch14_siglip_224",
+                     "vit_base_patch16_siglip_gap_224", "vit_large_patch16_siglip_256")}
+_DEIT3 = {f"deit3_{s}_patch16_224{t}": (IMAGENET_MEAN, IMAGENET_STD, c) for s in ("small", "medium", "base", "large")
+          for t, c in (("", 0.9), (".fb_in1k", 0.9), (".fb_in22k_ft_in1k", 1.0))}
+PRETRAINED: dict[str, tuple[tuple[float, float, float], tuple[float, float, float], float]] = {
+    "ufgir_vit_micro_patch8_64": (HALF, HALF, 1.0), "ufgir_vit_micro_patch8_64.synthetic": (HALF, HALF, 1.0),
+    **{f"vit_{s}_patch16_224": (HALF, HALF, 0.9) for s in ("tiny", "small", "base", "large")},
+    **_IN21K, **_DEIT3, **_DINOV2, **_SIGLIP,
+    "vit_base_patch16_clip_224": (CLIP_MEAN, CLIP_STD, 0.95),
+    "vit_base_patch16_clip_224.openai": (CLIP_MEAN, CLIP_STD, 0.9),
+    "vit_base_patch16_clip_224.laion2b": (CLIP_MEAN, CLIP_STD, 1.0),
+    "vit_base_patch16_clip_224.datacompxl": (CLIP_MEAN, CLIP_STD, 1.0),
+    "vit_base_patch32_clip_224.openai": (CLIP_MEAN, CLIP_STD, 0.9),
+    "vit_large_patch14_clip_224.openai": (CLIP_MEAN, CLIP_STD, 1.0),
+    "vit_large_patch14_clip_224.laion2b": (HALF, HALF, 1.0),
+}
+
+#: The backbones the reference code ran (its ``vit_t16`` ... ``vit_l32`` as timm names: ImageNet-21k
+#: ViTs) and ufgir's micro ViT, which stands in for them in the tests and the demo: the only ones on
+#: which ``model.numerics = "reference"`` means the reference's numerics.
+REFERENCE_BACKBONES = re.compile(
+    r"^(?:vit_\w+_patch\d+_224\.orig_in21k|vit_(?:tiny|small)_patch16_224|ufgir_vit_micro_patch8_64(?:\.synthetic)?)$")
+#: The reference's numerics (reference/ILA.md section 4), by recipe key.
+REFERENCE_NUMERICS: dict[str, Any] = {
+    "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "layer_norm_eps": 1e-12, "pos_embed_resize": "bilinear_corners",
+    "resize_ratio": 1.34, "interpolation": "bicubic",
+}
+#: Recipe keys (of the model and data sections) whose unset values come from ``model.numerics``.
+NUMERIC_KEYS = {"model": ("mean", "std", "layer_norm_eps", "pos_embed_resize"), "data": ("resize_ratio", "interpolation")}
+
+
+def is_reference_backbone(name: str) -> bool:
+    return bool(REFERENCE_BACKBONES.match(name))
+
+
+def backbone_numerics(name: str, numerics: str = "backbone") -> tuple[dict[str, Any], str]:
+    """The numeric keys that ``numerics`` ("backbone" or "reference") gives a backbone, and where
+    they come from in words. Keys the name does not tell are left out (the build reads them from timm)."""
+    if numerics == "reference" and is_reference_backbone(name):
+        return dict(REFERENCE_NUMERICS), "the reference's numerics (model.numerics)"
+    out: dict[str, Any] = {}
+    family = backbone_family(name)
+    if family is not None:
+        out["layer_norm_eps"] = family.layer_norm_eps
+        out["pos_embed_resize"] = "bicubic"  # timm's own resampling
+    if name in PRETRAINED:
+        mean, std, crop_pct = PRETRAINED[name]
+        out.update(mean=mean, std=std, resize_ratio=1.0 / crop_pct, interpolation="bicubic")
+    why = "; the reference's numerics are for the reference's backbones" if numerics == "reference" else ""
+    return out, f"the backbone's own ({name}{why})"

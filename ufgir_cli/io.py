@@ -127,11 +127,21 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
-def to_toml(data: dict[str, Any]) -> str:
-    """Write a two-level dict (top-level scalars, then one table per section). None is left out."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if v is not None and not isinstance(v, dict)]
+def to_toml(data: dict[str, Any], comments: dict[str, str] | None = None) -> str:
+    """Write a two-level dict (top-level scalars, then one table per section). None is left out.
+    ``comments`` (by dotted key) follow their value as ``# ...``; a None value with a comment is a
+    comment line of its own."""
+    comments = comments or {}
+
+    def line(key: str, value: Any, dotted: str) -> list[str]:
+        note = comments.get(dotted)
+        if value is None:
+            return [f"# {key}: {note}"] if note else []
+        return [f"{key} = {_toml_value(value)}" + (f"  # {note}" if note else "")]
+
+    lines = [x for k, v in data.items() if not isinstance(v, dict) for x in line(k, v, k)]
     for k, v in data.items():
         if isinstance(v, dict):
             lines.append(f"\n[{k}]")
-            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]
+            lines += [x for kk, vv in v.items() for x in line(kk, vv, f"{k}.{kk}")]
     return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from .geometry import scale_block
+from .geometry import FAMILIES, backbone_family, scale_block
 
 Family = Literal["petl", "ila", "fgir", "full"]
 #: Parts of a model that can train. "all" means every parameter (full fine-tuning). "lora": the low-rank
@@ -31,7 +31,8 @@ Part = Literal["head", "cls", "anchor", "adapters", "ila", "prompts", "lora", "s
 FlagTest = bool | str
 #: What a method needs of its backbone, so that an impossible combination is refused when the recipe
 #: loads, not at the first forward: a CLS token to read, a patch grid up to its last block (convolutions,
-#: boxes, maps on the grid), an absolute position embedding (resampled to the input size).
+#: boxes, maps on the grid), an absolute position embedding (resampled to the input size). A method that
+#: classifies what timm's head pools (the CLS token, an attention pool, the patch average) needs none.
 Need = Literal["cls_token", "patch_grid", "abs_pos_embed"]
 
 
@@ -47,7 +48,7 @@ class MethodSpec:
     #: ``"package.module:Class"`` (a plugin's, imported only when a model is built). The object owns the
     #: head, what it selects or crops, its passes, loss and evaluation modes.
     impl: str = "linear"
-    needs: tuple[Need, ...] = ("cls_token",)
+    needs: tuple[Need, ...] = ()
     class_token: bool = True  # False: the backbone has no CLS token (MPN-COV pools the patch tokens)
     final_norm: bool = True  # False: no LayerNorm after the last block (IFA reads pre-norm CLS tokens)
     #: Default down-sampling ILA positions as on a 12-block ViT, scaled to the backbone's depth
@@ -98,7 +99,8 @@ class MethodSpec:
 
 _PETL = ("head", "cls")
 _NO_EXTRAS = (("ila", False), ("adapter", False), ("prompt", False))
-_GRID: tuple[Need, ...] = ("cls_token", "patch_grid")
+_GRID: tuple[Need, ...] = ("patch_grid",)
+_CLS: tuple[Need, ...] = ("cls_token",)
 
 TABLE: tuple[MethodSpec, ...] = (
     MethodSpec("linear", "petl", "Linear probe: frozen ViT, only the head and the CLS token train",
@@ -116,7 +118,7 @@ TABLE: tuple[MethodSpec, ...] = (
     MethodSpec("convpass", "petl", "ConvPass: parallel adapters with a convolution on the patch grid",
                (*_PETL, "adapters"), adapter="convpass", needs=_GRID, upstream=(("adapter", "convpass"), ("ila", False)), title="ConvPass"),
     MethodSpec("vqt", "petl", "VQT: per-block query-only prompts whose outputs, with the CLS token, feed the head",
-               (*_PETL, "prompts"), prompts="vqt", impl="vqt",
+               (*_PETL, "prompts"), prompts="vqt", impl="vqt", needs=_CLS,
                upstream=(("prompt", "vqt"), ("ila", False), ("adapter", False)), title="VQT"),
     # Today's PETL baselines. The LoRA family (through peft) keeps the CLS token frozen, peft's convention.
     MethodSpec("lora", "petl", "LoRA (through peft): low-rank updates of the backbone's target modules (default: "
@@ -130,7 +132,7 @@ TABLE: tuple[MethodSpec, ...] = (
     MethodSpec("bitfit", "petl", "BitFit: every bias of the backbone and the head train", ("head", "bias"),
                impl="bitfit", title="BitFit"),
     MethodSpec("ifa", "fgir", "IFA: a learned mix of every block's CLS token into the head; no final LayerNorm",
-               _PETL, impl="ifa", final_norm=False, upstream=(("classifier", "ifa"), *_NO_EXTRAS), title="IFA"),
+               _PETL, impl="ifa", final_norm=False, needs=_CLS, upstream=(("classifier", "ifa"), *_NO_EXTRAS), title="IFA"),
     MethodSpec("mpncov", "fgir", "MPN-COV: iSQRT covariance pooling of the patch tokens (no CLS token)",
                ("head",), impl="mpncov", class_token=False, needs=("patch_grid",), upstream=(("classifier", "mpncov"), *_NO_EXTRAS),
                title="MPN-COV"),
@@ -138,7 +140,7 @@ TABLE: tuple[MethodSpec, ...] = (
                "more block", _PETL, impl="transfg", needs=("cls_token", "patch_grid"), replaces_blocks=1,
                upstream=(("selector", "psm"), *_NO_EXTRAS), title="TransFG"),
     MethodSpec("ffvt", "fgir", "FFVT: 12 tokens per block by mutual attention weights, into one more block",
-               _PETL, impl="ffvt", final_norm=False, replaces_blocks=1,
+               _PETL, impl="ffvt", final_norm=False, needs=_CLS, replaces_blocks=1,
                upstream=(("selector", "maws"), *_NO_EXTRAS), title="FFVT"),
     MethodSpec("glsim", "fgir", "GLSim: the box of the patches most similar to the CLS token, cropped for a second "
                "pass with its own CLS token; both CLS tokens into one more block", (*_PETL, "anchor"),
@@ -154,7 +156,7 @@ TABLE: tuple[MethodSpec, ...] = (
     MethodSpec("simtrans", "fgir", "SimTrans (as the reference implements it): after each of the last 3 blocks, the "
                "patches above the mean CLS attention, placed around their anchor, go through a graph convolution "
                "whose anchor row is added to the CLS token; the 3 CLS tokens into a BatchNorm head; every weight trains",
-               ("all",), impl="simtrans", needs=_GRID, upstream=(("selector", "sil"), *_NO_EXTRAS), title="SimTrans"),
+               ("all",), impl="simtrans", needs=("cls_token", "patch_grid"), upstream=(("selector", "sil"), *_NO_EXTRAS), title="SimTrans"),
     MethodSpec("ila", "ila", "Down-sampling ILA only, after blocks 3 and 7",
                (*_PETL, "ila"), ila_ds_locs=(3, 7), needs=_GRID,
                upstream=(("ila", True), ("adapter", False), ("ila_locs", False)), title="ILA (DS only)"),
@@ -175,6 +177,28 @@ FAMILY_TITLES: dict[str, str] = {"ila": "ILA", "petl": "PETL", "fgir": "FGIR", "
 METHODS: dict[str, MethodSpec] = {m.name: m for m in TABLE}
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 ILA_METHODS: tuple[str, ...] = tuple(m.name for m in TABLE if m.has_ila)
+
+_NEED_WORDS = {"cls_token": "reads the CLS token", "patch_grid": "works on the patch grid",
+               "abs_pos_embed": "resamples an absolute position embedding"}
+_LACK_WORDS = {"cls_token": "has none", "patch_grid": "has no patch grid", "abs_pos_embed": "has none"}
+
+
+def backbone_refusal(spec: MethodSpec, backbone: str) -> str | None:
+    """Why ``spec`` cannot run on ``backbone``, in one line, from the method's declared needs and the
+    backbone's family (``geometry.FAMILIES``); None when it can, or when no family knows the name (the
+    build checks the built backbone then)."""
+    family = backbone_family(backbone)
+    missing = [n for n in spec.needs if family is not None and not family.has(n)]
+    if not missing:
+        return None
+    ok = ", ".join(m.name for m in TABLE if all(family.has(n) for n in m.needs))
+    return (f"method {spec.name!r} {_NEED_WORDS[missing[0]]}, and model.backbone {backbone!r} ({family.title}) "
+            f"{_LACK_WORDS[missing[0]]}; choose another backbone, or a method that runs on it ({ok})")
+
+
+def support_matrix() -> dict[str, dict[str, str]]:
+    """Method -> family key -> "yes" or the need it lacks: the README's method x family table."""
+    return {m.name: {f.key: next((n for n in m.needs if not f.has(n)), "yes") for f in FAMILIES} for m in TABLE}
 
 
 #: The entry point group through which another installed package adds methods. An entry point names a
@@ -264,4 +288,5 @@ def detect_upstream(flags: dict[str, object]) -> MethodSpec | None:
 
 
 __all__ = ["ENTRY_POINT_GROUP", "FAMILY_TITLES", "ILA_METHODS", "METHODS", "METHOD_NAMES", "TABLE", "MethodSpec",
-           "PluginError", "all_methods", "detect_upstream", "method_spec", "plugins", "refresh_plugins"]
+           "PluginError", "all_methods", "backbone_refusal", "detect_upstream", "method_spec", "plugins",
+           "refresh_plugins", "support_matrix"]

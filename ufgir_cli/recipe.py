@@ -4,9 +4,12 @@ Resolution order (later wins): field defaults -> recipe TOML -> ``UFGIR_*`` envi
 (``__`` nests: ``UFGIR_TRAIN__EPOCHS=5``) -> ``--set a.b=value``. Unknown keys anywhere, including a
 ``UFGIR_*`` variable that names no key, are errors: a typo must never silently train the wrong model.
 
-The defaults are the paper's ILA++ recipe (reference/ILA.md sections 3-4) at 224 px; packaged recipes
-mostly just pick a method. This module imports no torch so that ``ufgir recipes`` stays instant. It
-is one piece (about 460 lines): the types, their resolution and their error messages belong together.
+The defaults are the paper's ILA++ recipe (reference/ILA.md sections 3-4) at 224 px, with the
+backbone's own numerics (mean/std, LayerNorm eps, resampling, resize: ``model.numerics``); packaged
+recipes mostly just pick a method and ask for the reference's numerics. What the backbone decides
+(depth-derived positions, numerics) is filled in on load where its name tells it, else at build, and
+saved with the run. This module imports no torch so that ``ufgir recipes`` stays instant. It is one
+piece (about 700 lines): the types, their resolution, their sources and error messages belong together.
 """
 
 from __future__ import annotations
@@ -32,17 +35,16 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .errors import RecipeError, RecipeNotice
-from .geometry import backbone_depth, backbone_patch, check_geometry
+from .geometry import NUMERIC_KEYS, backbone_depth, backbone_numerics, backbone_patch, check_geometry
 from .io import to_toml
-from .methods import MethodSpec, method_spec
+from .methods import MethodSpec, backbone_refusal, method_spec
 from .paths import NON_RECIPE_ENV
 
 SPLITS = ("train", "val", "train_val", "test")
 Split = Literal["train", "val", "train_val", "test"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
+#: What ``data.augment = "medium"`` brings where unset (the reference's medaugs; `Recipe._augment_preset`).
+MEDIUM_PRESET = {"optim": {"label_smoothing": 0.1},
+                 "model": {"drop": 0.0, "drop_path": 0.1, "drop_path_schedule": "uniform"}}
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -53,9 +55,12 @@ class DataConfig(Section):
     root: str | None = Field(None, description="Folder that holds the dataset (default: the data dir).")
     num_workers: int | None = Field(
         None, ge=0, description="Data-loader worker processes; unset: from the cores at run time (half, at most 4).")
-    resize_ratio: float = Field(1.34, gt=1.0, le=4.0, description="Resize side R = int(ratio * image_size).")
+    resize_ratio: float | None = Field(
+        None, ge=1.0, le=4.0, description="Resize side R = int(ratio * image_size), then the crop; 1.0 resizes "
+        "to the crop. Unset: from model.numerics (1 / the backbone's crop_pct, or the reference's 1.34).")
     hflip: bool = Field(True, description="Random horizontal flip in training.")
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    interpolation: Literal["bicubic", "bilinear"] | None = Field(
+        None, description="Image resize interpolation. Unset: from model.numerics.")
     skip_corrupt: bool = Field(False, description="Skip unreadable images instead of stopping.")
     augment: Literal["weak", "medium"] = Field(
         "weak", description="weak: crop + flip; medium: + TrivialAugmentWide, RandomErasing, label smoothing 0.1 "
@@ -89,6 +94,18 @@ def _fill_layout(spec: MethodSpec, data: dict, backbone_depth: int | None, *, de
 
 #: The LoRA family's keys (methods whose row has a ``lora_rank``).
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_use_rslora", "lora_init_weights", "lora_targets")
+
+
+def _fill_numerics(data: dict, section: str, backbone: str, numerics: Any) -> dict:
+    """``data`` (the ``section`` of a recipe, as a dict) with its unset numeric keys filled from
+    ``model.numerics`` for ``backbone``; keys the name does not tell stay unset (read at build)."""
+    if numerics not in ("backbone", "reference"):  # malformed: reported by field validation
+        return data
+    values, _ = backbone_numerics(backbone, numerics)
+    for key in NUMERIC_KEYS[section]:
+        if data.get(key) is None and key in values:
+            data[key] = values[key]
+    return data
 
 
 class ModelConfig(Section):
@@ -150,10 +167,16 @@ class ModelConfig(Section):
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     drop_path_schedule: Literal["linear", "uniform"] = Field(
         "linear", description="Stochastic depth per block: timm's linear ramp, or the reference's same rate")
-    layer_norm_eps: float | None = Field(1e-12, gt=0.0, description="None keeps the backbone's.")
-    pos_embed_resize: Literal["bilinear_corners", "bicubic"] = "bilinear_corners"
-    mean: tuple[float, float, float] | None = IMAGENET_MEAN
-    std: tuple[float, float, float] | None = IMAGENET_STD
+    numerics: Literal["backbone", "reference"] = Field(
+        "backbone", description="Where the unset numerics come from (model.mean, model.std, model.layer_norm_eps, "
+        "model.pos_embed_resize, data.resize_ratio, data.interpolation): the backbone's own pretrained config, or "
+        "the reference's (ImageNet mean/std, eps 1e-12, corner-aligned bilinear position resampling, resize 1.34, "
+        "bicubic), which apply on the reference's backbones only (ImageNet-21k ViTs and the micro ViT)")
+    layer_norm_eps: float | None = Field(None, gt=0.0, description="Every LayerNorm's eps; unset: from model.numerics.")
+    pos_embed_resize: Literal["bilinear_corners", "bicubic"] | None = Field(
+        None, description="Position-grid resampling to model.image_size (bicubic: timm's); unset: from model.numerics.")
+    mean: tuple[float, float, float] | None = Field(None, description="Input normalisation; unset: from model.numerics.")
+    std: tuple[float, float, float] | None = Field(None, description="Input normalisation; unset: from model.numerics.")
 
     @model_validator(mode="before")
     @classmethod
@@ -181,8 +204,21 @@ class ModelConfig(Section):
             for k in given:
                 del data[k]
         backbone = data.get("backbone", cls.model_fields["backbone"].default)
+        if isinstance(backbone, str):
+            _fill_numerics(data, "model", backbone, data.get("numerics", cls.model_fields["numerics"].default))
         return _fill_layout(spec, data, backbone_depth(backbone) if isinstance(backbone, str) else None,
                             derive_depth=not _SAVED.get())
+
+    def with_numerics(self, values: dict[str, Any]) -> ModelConfig:
+        """This section with its unset numerics taken from ``values`` (read from the built backbone, whose
+        name did not tell them)."""
+        return self.model_copy(update={k: v for k, v in values.items()
+                                       if k in NUMERIC_KEYS["model"] and getattr(self, k) is None})
+
+    @property
+    def numerics_resolved(self) -> bool:
+        """Whether every numeric key of the model section is set (else the build reads them from timm)."""
+        return all(getattr(self, k) is not None for k in NUMERIC_KEYS["model"])
 
     def for_backbone(self, depth: int) -> ModelConfig:
         """This section with what the method derives from the depth filled in, for a backbone of
@@ -257,6 +293,9 @@ class ModelConfig(Section):
                 "model.ila_locs and model.ila_ds_locs share blocks "
                 f"{sorted(set(self.ila_locs) & set(self.ila_ds_locs))}; a block takes at most one ILA"
             )
+        reason = backbone_refusal(method_spec(self.method), self.backbone)
+        if reason:
+            raise ValueError(reason)
         patch = backbone_patch(self.backbone)
         depth = self.depth or backbone_depth(self.backbone)
         if patch is not None:
@@ -274,6 +313,10 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, gt=0.0)
     clip_grad: float | None = Field(1.0, gt=0.0, description="Max grad norm; unset to disable.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    layer_decay: float | None = Field(
+        None, gt=0.0, le=1.0, description="Layer-wise learning-rate decay: the head at optim.lr, block i at "
+        "lr * decay^(depth - i), the embedding at lr * decay^(depth + 1) (e.g. 0.65 to 0.75 fine-tuning CLIP or "
+        "DINOv2); unset: off")
 
 
 class ScheduleConfig(Section):
@@ -381,10 +424,41 @@ class Recipe(BaseSettings):
                 or not all(isinstance(s, dict | None) for s in sections[1:]):
             return data  # not the preset, or malformed sections, which field validation reports
         data = {**data, "optim": dict(data.get("optim") or {}), "model": dict(data.get("model") or {})}
-        data["optim"].setdefault("label_smoothing", 0.1)
-        for key, value in (("drop", 0.0), ("drop_path", 0.1), ("drop_path_schedule", "uniform")):
-            data["model"].setdefault(key, value)
+        for section, keys in MEDIUM_PRESET.items():
+            for key, value in keys.items():
+                data[section].setdefault(key, value)
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_numerics(cls, data: Any) -> Any:
+        """``data.resize_ratio`` and ``data.interpolation``, where unset, from ``model.numerics`` for the
+        model's backbone (as the model section fills its own numerics)."""
+        section = data.get("data", {}) if isinstance(data, dict) else None
+        model = data.get("model", {}) if isinstance(data, dict) else None
+        model = model.model_dump() if isinstance(model, BaseModel) else model
+        if not isinstance(section, dict | BaseModel) or not isinstance(model, dict):
+            return data  # malformed sections: reported by field validation
+        section = section.model_dump() if isinstance(section, BaseModel) else dict(section)
+        backbone = model.get("backbone", ModelConfig.model_fields["backbone"].default)
+        if isinstance(backbone, str):
+            numerics = model.get("numerics", ModelConfig.model_fields["numerics"].default)
+            data = {**data, "data": _fill_numerics(section, "data", backbone, numerics)}
+        return data
+
+    def with_model(self, model: ModelConfig, data_config: dict | None = None) -> Recipe:
+        """This recipe with its model section as built (what the build derived from the backbone), and
+        ``data.resize_ratio`` / ``data.interpolation`` where unset from the built model's ``data_config()``
+        (its pretrained config's crop_pct and interpolation): what the run saves and its data pipeline uses."""
+        update: dict[str, Any] = {"model": model}
+        dc, fill = data_config or {}, {}
+        if self.data.resize_ratio is None and dc.get("crop_pct"):
+            fill["resize_ratio"] = 1.0 / float(dc["crop_pct"])
+        if self.data.interpolation is None and dc.get("interpolation") in ("bicubic", "bilinear"):
+            fill["interpolation"] = dc["interpolation"]
+        if fill:
+            update["data"] = self.data.model_copy(update=fill)
+        return self.model_copy(update=update)
 
     @model_validator(mode="after")
     def _protocol(self) -> Recipe:
@@ -579,11 +653,63 @@ def parse_overrides(items: list[str]) -> dict:
 # Writing
 
 
-def dump_resolved(recipe: Recipe) -> str:
+def dump_resolved(recipe: Recipe, comments: dict[str, str] | None = None) -> str:
     """The resolved recipe as TOML; loading it back gives an equal recipe. An empty ``model.options``
-    (every built-in method) is left out, so recipes saved before that key existed read the same."""
+    (every built-in method) is left out, so recipes saved before that key existed read the same.
+    ``comments``: a note per dotted key (`recipe_sources`), written as TOML comments."""
     data = recipe.model_dump(mode="python")
     if not data["model"]["options"]:
         del data["model"]["options"]
-    return to_toml(data)
+    return to_toml(data, comments)
+
+
+def _dotted(data: dict, prefix: str = "") -> set[str]:
+    """The dotted keys a recipe dict sets, two levels deep (a section's keys, top-level scalars)."""
+    out = set()
+    for k, v in data.items():
+        if isinstance(v, dict) and not prefix:
+            out |= _dotted(v, f"{k}.")
+        else:
+            out.add(prefix + k)
+    return out
+
+
+_PRESET_KEYS = {f"{section}.{key}" for section, keys in MEDIUM_PRESET.items() for key in keys}
+
+
+def recipe_sources(name_or_path: str | os.PathLike | None = None, overrides: dict | None = None, *,
+                   env: bool = True) -> tuple[Recipe, dict[str, str]]:
+    """The recipe `load_recipe` gives, and where each of its values comes from, by dotted key: ``--set``,
+    a ``UFGIR_*`` variable, the recipe file, the backbone's pretrained config or the reference's
+    numerics (`model.numerics`), the method's default for the backbone's depth, the augment preset, or
+    the default."""
+    recipe = load_recipe(name_or_path, overrides, env=env)
+    given: dict[str, str] = {}
+    if name_or_path is not None:
+        given |= dict.fromkeys(_dotted(_read_toml(resolve_recipe_path(name_or_path))), "recipe file")
+    if env:
+        known = {p.replace(".", "__").upper(): p for p in _field_paths(Recipe)}
+        given |= {known[v[6:].upper()]: f"environment {v}" for v in os.environ
+                  if v.startswith("UFGIR_") and v[6:].upper() in known}
+    given |= dict.fromkeys(_dotted(overrides or {}), "--set")
+    m = recipe.model
+    values, numerics_source = backbone_numerics(m.backbone, m.numerics)
+    depth = m.depth or backbone_depth(m.backbone)
+    derived = {"model.ila_locs", "model.ila_ds_locs"} | ({"model.depth"} if method_spec(m.method).replaces_blocks else set())
+    out: dict[str, str] = {}
+    for section, value in recipe.model_dump(mode="python").items():
+        keys = [(f"{section}.{k}", k) for k in value] if isinstance(value, dict) else [(section, section)]
+        for dotted, leaf in keys:
+            if dotted in given:
+                out[dotted] = given[dotted]
+            elif leaf in NUMERIC_KEYS.get(section, ()):
+                out[dotted] = numerics_source if leaf in values else "the backbone's own, read when the model is built"
+            elif dotted in derived:
+                out[dotted] = (f"method {m.method!r} on a {depth + method_spec(m.method).replaces_blocks}-block backbone"
+                               if depth is not None else f"method {m.method!r}, for the depth read when the model is built")
+            elif dotted in _PRESET_KEYS and recipe.data.augment == "medium":
+                out[dotted] = 'data.augment = "medium"'
+            elif (value.get(leaf) if isinstance(value, dict) else value) is not None:
+                out[dotted] = "default"  # an unset default (None) is not written, nor its comment
+    return recipe, out
 

@@ -40,10 +40,11 @@ def show(
     name: str = typer.Argument(..., help="Recipe name or TOML path."),
     sets: SetOpt = None,
 ) -> None:
-    """Print the resolved recipe (defaults, file, UFGIR_* environment and --set applied) as TOML."""
-    from ..recipe import dump_resolved, load_recipe
+    """Print the resolved recipe (defaults, file, UFGIR_* environment and --set applied) as TOML, each
+    value's source as a comment (it loads as a recipe as printed)."""
+    from ..recipe import dump_resolved, recipe_sources
 
-    text = dump_resolved(load_recipe(name, parse_sets(sets)))
+    text = dump_resolved(*recipe_sources(name, parse_sets(sets)))
     if console.is_terminal:
         console.print(Syntax(text, "toml", theme="ansi_dark", background_color="default",
                              code_width=max(map(len, text.splitlines()))), soft_wrap=True)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ..errors import DatasetError
+from ..errors import DatasetError, RecipeError
 from .content import decode_rgb as _decode_rgb
 from .folder import SplitFile
 
@@ -130,6 +130,10 @@ def preprocess_for(recipe, train: bool) -> Preprocess:
     """The recipe's paper transform: training augmentation (its ``data.augment`` preset), or the eval
     resize + centre crop."""
     d = recipe.data
+    for key in ("resize_ratio", "interpolation"):
+        if getattr(d, key) is None:  # resolved when the recipe loads, or by the build (Recipe.with_model)
+            raise RecipeError(f"data.{key} is unset and model.backbone {recipe.model.backbone!r}'s pretrained config "
+                              f"does not give it; set data.{key}")
     mean = recipe.model.mean or (0.5, 0.5, 0.5)
     return Preprocess(recipe.model.image_size, train, d.resize_ratio, d.hflip, d.interpolation,
                       d.augment, mean)

@@ -16,21 +16,31 @@ from torch import nn
 from ..recipe import OptimConfig, ScheduleConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
     """Trainable parameters in two groups: decayed weights and non-decayed ones (biases, norms,
-    tokens, position embeddings, and whatever ``model.no_weight_decay()`` names)."""
+    tokens, position embeddings, and whatever ``model.no_weight_decay()`` names). With
+    ``layer_decay``, each group splits by layer (``model.param_layers()``: 0 = the embedding, i + 1 =
+    block i, depth + 1 = the head) and a group's ``lr_scale`` is ``layer_decay ** (depth + 1 - layer)``:
+    the head learns at the full rate, every block below at ``layer_decay`` times the one above."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    decayed = layer_decay is not None and layer_decay != 1.0 and hasattr(model, "param_layers")
+    layers = model.param_layers() if decayed else {}
+    top = max(layers.values(), default=0)
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        no_decay = p.ndim <= 1 or name in skip
+        layer = layers.get(name, 0)
+        group = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay})
+        if decayed:
+            group["lr_scale"] = layer_decay ** (top - layer)
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], k[1]))]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
@@ -47,5 +57,6 @@ def lr_at(step: int, total_steps: int, base_lr: float, cfg: ScheduleConfig) -> f
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at ``lr``, times its ``lr_scale`` (layer-wise decay) where it has one."""
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)

@@ -354,7 +354,7 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
     # 2. Model, optimiser, scaler, counters (restored on resume; the RNG comes last, in 5).
     model, backbone_sha = model_for_training(recipe, rt, resume_ckpt, run_dir)
     check_batches(model, recipe, len(train_split.samples), rt.dist.world)
-    recipe = recipe.model_copy(update={"model": model.cfg})  # what the build derived from the depth, saved
+    recipe = recipe.with_model(model.cfg, model.data_config())  # what the build derived from the backbone, saved
     opt, scaler = build_optimizer(model, recipe.optim), grad_scaler(rt)
     state = restore_training(resume_ckpt, opt, scaler) if resume_ckpt is not None else TrainState()
 

@@ -59,7 +59,9 @@ class ConvPass(Adapter):
         h = self.act(self.down(x)).transpose(1, 2)            # (B, r, N)
         r = h.shape[1]
         hp = self.conv(h[:, :, num_prefix:].reshape(B, r, H, W)).flatten(2)  # (B, r, H*W)
-        hc = self.conv(h[:, :, :num_prefix].unsqueeze(-1)).squeeze(-1)      # (B, r, P), 1x1 maps
+        hc = h[:, :, :num_prefix]                                            # (B, r, P)
+        if num_prefix:  # each prefix token as a 1x1 map (a backbone may have none: SigLIP)
+            hc = self.conv(hc.unsqueeze(-1)).squeeze(-1)
         h = self.act(torch.cat([hc, hp], dim=2)).transpose(1, 2)             # (B, N, r)
         return self._scaled(self.up(h))
 

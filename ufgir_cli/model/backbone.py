@@ -79,19 +79,22 @@ def _timm_kwargs(cfg: ModelConfig, num_classes: int) -> dict:
 def _drop_class_token(vit: VisionTransformer, name: str, kwargs: dict) -> VisionTransformer:
     """The same ViT without a CLS token, for methods that pool the patch tokens alone (MPN-COV).
     Pretrained weights carry a CLS token and its position: both are left out, every other tensor is
-    kept (timm cannot load CLS-ful weights into a model without one)."""
+    kept (timm cannot load CLS-ful weights into a model without one). Registers stay (prefix tokens
+    still); a backbone without a CLS token (SigLIP) is returned as it is."""
+    if getattr(vit, "cls_token", None) is None:
+        return vit
     size = int(vit.patch_embed.img_size[0])
     bare = timm.create_model(name, pretrained=False, img_size=size, class_token=False, global_pool="", **kwargs)
     state = {k: v for k, v in vit.state_dict().items() if k != "cls_token"}
     if not vit.no_embed_class:
-        state["pos_embed"] = state["pos_embed"][:, vit.num_prefix_tokens:]           # (1, HW, D)
+        state["pos_embed"] = state["pos_embed"][:, 1:]                                # (1, reg + HW, D)
     load_strict(bare, state, f"model.backbone {name!r} without its CLS token")
     return bare
 
 
-def backbone_blocks(cfg: ModelConfig) -> int:
-    """Blocks of the recipe's backbone as timm builds it (on the meta device: no weights, no memory),
-    for a backbone whose name does not tell its depth."""
+def backbone_facts(cfg: ModelConfig) -> tuple[int, dict]:
+    """Blocks and numerics (`numerics_of`) of the recipe's backbone as timm builds it (on the meta
+    device: no weights, no memory), for a backbone whose name does not tell them."""
     try:
         with torch.device("meta"):
             vit = timm.create_model(cfg.backbone, pretrained=False)
@@ -103,7 +106,64 @@ def backbone_blocks(cfg: ModelConfig) -> int:
     blocks = getattr(vit, "blocks", None)
     if blocks is None:
         raise RecipeError(f"model.backbone {cfg.backbone!r} is not a plain timm VisionTransformer (it has no blocks)")
-    return len(blocks)
+    return len(blocks), numerics_of(vit)
+
+
+def backbone_blocks(cfg: ModelConfig) -> int:
+    """Blocks of the recipe's backbone as timm builds it (see `backbone_facts`)."""
+    return backbone_facts(cfg)[0]
+
+
+def numerics_of(vit: nn.Module) -> dict:
+    """What a timm ViT says of its own numerics, by recipe key (``geometry.NUMERIC_KEYS``): its
+    pretrained config's mean, std, interpolation and 1 / crop_pct, its LayerNorm eps (read before
+    a recipe sets it), and timm's position resampling (bicubic)."""
+    pcfg = getattr(vit, "pretrained_cfg", None) or {}
+    out: dict = {"pos_embed_resize": "bicubic"}
+    eps = next((m.eps for m in vit.modules() if isinstance(m, nn.LayerNorm)), None)
+    if eps is not None:
+        out["layer_norm_eps"] = float(eps)
+    for key in ("mean", "std"):
+        if pcfg.get(key) is not None and len(pcfg[key]) == 3:
+            out[key] = tuple(float(v) for v in pcfg[key])
+    if pcfg.get("crop_pct"):
+        out["resize_ratio"] = 1.0 / float(pcfg["crop_pct"])
+    if pcfg.get("interpolation") in ("bicubic", "bilinear"):
+        out["interpolation"] = pcfg["interpolation"]
+    return out
+
+
+def _gated(e: BaseException) -> bool:
+    """An error of the Hub saying the weights are gated (their licence must be accepted first)."""
+    try:
+        from huggingface_hub.errors import GatedRepoError
+    except ImportError:  # pragma: no cover - an old huggingface_hub
+        return "gated" in str(e).lower()
+    while e is not None:
+        if isinstance(e, GatedRepoError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _pretrained_failure(name: str, e: BaseException) -> ModelError:
+    """One line for pretrained weights that cannot be had: gated (naming the licence and HF_TOKEN), or
+    not cached and not fetchable."""
+    if _gated(e):
+        try:
+            pcfg = timm.get_pretrained_cfg(name)
+        except (RuntimeError, ValueError):
+            pcfg = None
+        licence = getattr(pcfg, "license", None) or "its licence"
+        repo = getattr(pcfg, "hf_hub_id", None) or name
+        return ModelError(f"pretrained weights for model.backbone {name!r} are gated on the Hugging Face Hub "
+                          f"(licence: {licence}): accept it at https://huggingface.co/{repo}, then set HF_TOKEN "
+                          "to a token of that account (or set model.weights to a local file)")
+    return ModelError(
+        f"pretrained weights for model.backbone {name!r} are not in timm's cache and "
+        f"cannot be fetched ({type(e).__name__}); run once with network access, or set "
+        "model.weights to a local .npz/.safetensors/.pth file, or to none"
+    )
 
 
 def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
@@ -121,11 +181,7 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
             except (OSError, RuntimeError, ValueError) as e:
                 if "Unknown model" in str(e):
                     raise
-                raise ModelError(
-                    f"pretrained weights for model.backbone {cfg.backbone!r} are not in timm's cache and "
-                    f"cannot be fetched ({type(e).__name__}); run once with network access, or set "
-                    "model.weights to a local .npz/.safetensors/.pth file, or to none"
-                ) from None
+                raise _pretrained_failure(cfg.backbone, e) from None
         else:
             vit = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
             load_weights_file(vit, Path(weights).expanduser())
@@ -252,12 +308,13 @@ def embed_tokens(vit: VisionTransformer, x: torch.Tensor, cls_token: torch.Tenso
     The one call into timm's private API (``_pos_embed``); see the module docstring."""
     x = vit.patch_embed(x)                                                 # (B, HW, D)
     x = vit._pos_embed(x)                                                  # (B, prefix + HW, D)
-    if cls_token is not None:
-        if vit.no_embed_class or vit.num_prefix_tokens != 1:
-            raise ValueError("a stand-in CLS token needs a ViT with one CLS token inside its position embedding")
-        x = torch.cat([(cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+    if cls_token is not None:  # at position 0, with the CLS position where it has one; registers stay
+        if getattr(vit, "cls_token", None) is None:
+            raise ValueError("a stand-in CLS token needs a ViT with a CLS token")
+        cls = cls_token if vit.no_embed_class else cls_token + vit.pos_embed[:, :1]
+        x = torch.cat([cls.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
     return vit.norm_pre(vit.patch_drop(x))
 
 
-__all__ = ["MICRO", "MICRO_WEIGHTS", "create_backbone", "embed_tokens", "load_timm_folder", "load_weights_file",
-           "new_block_like", "resize_input", "save_timm_folder", "state_dict_sha256"]
+__all__ = ["MICRO", "MICRO_WEIGHTS", "backbone_facts", "create_backbone", "embed_tokens", "load_timm_folder",
+           "load_weights_file", "new_block_like", "numerics_of", "resize_input", "save_timm_folder", "state_dict_sha256"]

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..geometry import backbone_depth
+from ..geometry import REFERENCE_NUMERICS, backbone_depth
 from ..methods import METHOD_NAMES, MethodSpec, detect_upstream
-from ..recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe, recipe_from_dict
+from ..recipe import Recipe, recipe_from_dict
 from .checkpoint import torch_load_failure
 from .methods import method_class
 from .state import load_strict
@@ -123,9 +123,10 @@ def recipe_from_upstream(c: argparse.Namespace) -> Recipe:
         "ila_dws_mult": int(_flag(c, "ila_dws_conv_groups", 1)),
         "prompt_len": int(_flag(c, "prompt_len", 100)),
         "drop": float(_flag(c, "hidden_dropout_prob", 0.1)),
-        "layer_norm_eps": float(_flag(c, "layer_norm_eps", 1e-12)),
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
+        # The reference's numerics, spelled out: its backbones are the reference's whatever the timm name.
+        "numerics": "reference",
+        "layer_norm_eps": float(_flag(c, "layer_norm_eps", REFERENCE_NUMERICS["layer_norm_eps"])),
+        **{k: REFERENCE_NUMERICS[k] for k in ("mean", "std", "pos_embed_resize")},
     }
     if "all" not in spec.trains and getattr(c, "freeze_backbone", True) is False:
         model["train_backbone"] = True  # the reference trained every weight of this method (GLSim's README)
@@ -136,7 +137,8 @@ def recipe_from_upstream(c: argparse.Namespace) -> Recipe:
     if spec.has_ila:
         model["ila_ds_locs"] = list(getattr(c, "ila_ds_locs", spec.ila_ds_locs) or [])
         model["ila_locs"] = list(getattr(c, "ila_locs", []) or []) if spec.ila_rest else []
-    data = {"dataset": getattr(c, "dataset_name", None) or "unknown"}
+    data = {"dataset": getattr(c, "dataset_name", None) or "unknown",
+            **{k: REFERENCE_NUMERICS[k] for k in ("resize_ratio", "interpolation")}}
     optim = {
         "name": "adamw" if str(getattr(c, "opt", "sgd")).lower() == "adamw" else "sgd",
         "lr": float(getattr(c, "lr", 0.1) or 0.1),

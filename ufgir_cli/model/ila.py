@@ -5,7 +5,7 @@ channels, runs a depthwise conv over the patch grid, and expands back. Its resid
 passes the tokens through (same-resolution ILA) or shrinks the patch grid with a valid depthwise conv
 (down-sampling ILA, DS-ILA), so that every later block attends over fewer tokens: that is where ILA
 saves compute. Prefix tokens (CLS, shallow prompts, registers) never enter the spatial conv; their
-count is passed in, never guessed from whether the token count is a square.
+count is passed in, never guessed from whether the token count is a square (and may be 0: SigLIP).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class ILA(nn.Module):
         hp = self.pw(self.act(self.norm2(self.dw(hp))))       # (B, r, Ho, Wo)
         hp = hp.flatten(2)                                    # (B, r, Ho*Wo)
         hc = h[:, :, :num_prefix]                             # (B, r, P)
-        if self.cls_conv is not None:
+        if self.cls_conv is not None and num_prefix:
             hc = self.cls_conv(hc.unsqueeze(-1)).squeeze(-1)  # each prefix token as a 1x1 map
         h = torch.cat([hc, hp], dim=2)                        # (B, r, P + Ho*Wo)
         h = self.act(self.norm3(h)).transpose(1, 2)           # (B, P + Ho*Wo, r)

@@ -23,7 +23,15 @@ from ..methods import method_spec
 from ..recipe import ModelConfig
 from .adapters import BlockAdapters
 from .attention import autocast_input, cls_attention, explicit_attention
-from .backbone import MICRO, backbone_blocks, create_backbone, embed_tokens, resize_input, state_dict_sha256
+from .backbone import (
+    MICRO,
+    backbone_facts,
+    create_backbone,
+    embed_tokens,
+    numerics_of,
+    resize_input,
+    state_dict_sha256,
+)
 from .feature_info import BlockInfo, take_indices
 from .ila import ILA, Dropout, prompt_init_bound, xavier_linear_
 from .methods import Method, MethodPlan, StreamEdit, TrainStep, build_method, check_plugin, method_plan
@@ -48,6 +56,8 @@ class UfgirViT(nn.Module):
                 raise RecipeError(f"model.backbone {cfg.backbone!r}: blocks are not pre-norm ViT blocks")
         if not cfg.resolved:  # positions from the blocks at hand (build_model resolves before building)
             cfg = cfg.for_backbone(len(vit.blocks) + method_spec(cfg.method).replaces_blocks)
+        if not cfg.numerics_resolved:  # likewise the numerics, from the backbone at hand
+            cfg = cfg.with_numerics(numerics_of(vit))
         self.vit = vit
         #: The model section as built, with every depth-derived key filled in (the run saves this one).
         self.cfg = cfg
@@ -237,6 +247,23 @@ class UfgirViT(nn.Module):
         if self.prompts is not None:
             out.add("prompts")
         return out
+
+    def param_layers(self) -> dict[str, int]:
+        """Each parameter's layer for layer-wise learning-rate decay (``optim.layer_decay``): 0 for the
+        embedding (patch embedding, CLS and register tokens, positions, prompts, the anchor CLS), i + 1
+        for block i and the adapters and ILA that follow it, depth + 1 for the rest (the final norm,
+        pooling and heads)."""
+        vit, depth = self.vit, len(self.vit.blocks)
+        layer: dict[int, int] = {}
+        for i, blk in enumerate(vit.blocks):
+            parts = [blk, self.adapters[i] if self.adapters is not None else None, self.ila[str(i)] if str(i) in self.ila else None]
+            layer |= {id(p): i + 1 for m in parts if m is not None for p in m.parameters()}
+        embedding = [vit.patch_embed, vit.norm_pre, *(getattr(vit, k, None) for k in ("cls_token", "reg_token", "pos_embed")),
+                     self.prompts, self.anchor_cls]
+        for part in embedding:
+            params = part.parameters() if isinstance(part, nn.Module) else [part] if part is not None else []
+            layer |= {id(p): 0 for p in params}
+        return {name: layer.get(id(p), depth + 1) for name, p in self.named_parameters()}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -471,8 +498,9 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> UfgirViT:
     """The model of a recipe: timm backbone with the recipe's weights, plus the method's modules."""
     if num_classes is None or num_classes < 2:
         raise RecipeError("model.num_classes must be >= 2 (set it, or let training take it from the dataset)")
-    if not model_cfg.resolved:  # the backbone's name did not tell its depth: ask timm
-        model_cfg = model_cfg.for_backbone(backbone_blocks(model_cfg))
+    if not (model_cfg.resolved and model_cfg.numerics_resolved):  # the name did not tell them: ask timm
+        depth, numerics = backbone_facts(model_cfg)
+        model_cfg = model_cfg.for_backbone(depth).with_numerics(numerics)
     method = build_method(model_cfg)
     vit = create_backbone(model_cfg, num_classes if method.timm_head else 0)
     model = UfgirViT(vit, model_cfg, num_classes, method)

@@ -12,7 +12,10 @@ when run keys became canonical) or, for a key added since, its field default. So
   so does the ``[sweep]`` section (what a sweep tries, not how one run trains);
 - what depends on the machine a run starts on (data-loader workers, threads, device) stays out too,
   so a sweep planned on a login node continues on a compute node without training again. Runs
-  keyed before that are found by :func:`machine_run_key`.
+  keyed before that are found by :func:`machine_run_key`;
+- ``model.numerics`` only chooses where the unset numeric keys come from (the backbone's pretrained
+  config or the reference's); the values it resolves to are in the key, so it stays out: the paper's
+  recipes ask for the reference's numerics by name and keep the keys they had when those were defaults.
 
 Values are written plainly: tuples as lists, ``-0.0`` as ``0``, a float that is a whole number as
 an integer (``1.0`` and ``1`` are one value). A key that the recipe fills from other keys (the
@@ -38,9 +41,10 @@ from pydantic import BaseModel
 from ..io import to_toml
 
 KEY_DIGITS = 12  # hex digits of a run key, legacy or canonical
-#: Keys left out of the run key: prose, the sweep's own settings, and the machine's (see above).
+#: Keys left out of the run key: prose, the sweep's own settings, the machine's, and the choice of
+#: numerics whose resolved values are in it (see above).
 MACHINE_KEYS = ("data.num_workers", "train.threads", "train.device")
-NOT_IN_KEY = frozenset({"description", "sweep", *MACHINE_KEYS})
+NOT_IN_KEY = frozenset({"description", "sweep", "model.numerics", *MACHINE_KEYS})
 #: What an unset machine key resolved to before it could be unset (data.num_workers defaulted to 4).
 _THEN = {("data", "num_workers"): 4}
 
@@ -142,7 +146,7 @@ def _as_then(recipe: BaseModel) -> BaseModel:
 
 def machine_run_key(recipe: BaseModel) -> str:
     """The key a run of this recipe had while machine keys were part of it (canonical keys, 0.1)."""
-    return _hash(canonical_json(_as_then(recipe), frozenset({"description", "sweep"})))
+    return _hash(canonical_json(_as_then(recipe), frozenset({"description", "sweep", "model.numerics"})))
 
 
 def added_keys(recipe: BaseModel) -> list[str]:

@@ -69,6 +69,14 @@ def maws_scores(cls_rows: torch.Tensor, key0_logits: torch.Tensor) -> torch.Tens
     return contribution * weight
 
 
+def _no_registers(scores: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """(B, S) scores over the CLS token, ``num_prefix - 1`` registers and the patches, with the registers
+    ruled out of a top-k (a register is never a selection candidate)."""
+    if num_prefix <= 1:
+        return scores
+    return torch.cat([scores[:, :1], torch.full_like(scores[:, 1:num_prefix], float("-inf")), scores[:, num_prefix:]], dim=1)
+
+
 class _Aggregator(Method):
     """Select tokens in one pass, then the aggregator block: ``model(x)`` only. A subclass gives
     ``select_tokens(model, x)``: the aggregator's input, (B, 1 + K, D) (the last block's CLS token and
@@ -103,19 +111,21 @@ class TransFG(_Aggregator):
         self.row0_chain = cfg.row0_chain
 
     def select_tokens(self, model, x):
-        """K = heads tokens, indices (B, heads) into the last block's tokens (1 = the first patch)."""
+        """K = heads tokens, indices (B, heads) into the last block's tokens (P = the first patch, past
+        the CLS token and any registers, which are never picked)."""
         maps: list[torch.Tensor] = []
         last, _ = model.encode(x, tap=lambda a, _: maps.append(a))
-        D = last.shape[-1]
+        D, P = last.shape[-1], model.num_prefix_tokens
         with float32_region(last):
-            idx = psm_scores(maps, row0_chain=self.row0_chain).argmax(dim=-1) + 1   # (B, heads): past the CLS
+            scores = psm_scores(maps, row0_chain=self.row0_chain)[..., P - 1:]     # (B, heads, HW): patches only
+            idx = scores.argmax(dim=-1) + P                                           # (B, heads)
             picked = last.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))              # (B, heads, D)
         return torch.cat([last[:, :1], picked], dim=1), idx                           # (B, 1 + heads, D)
 
     def select(self, model, x):
         _, idx = self.select_tokens(model, x)
         return Selection("one token per head (attention product)", model.feature_info[-1].out_grid,
-                         patches=[i - 1 for i in idx])
+                         patches=[i - model.num_prefix_tokens for i in idx])
 
 
 class FFVT(_Aggregator):
@@ -127,14 +137,14 @@ class FFVT(_Aggregator):
 
     def select_tokens(self, model, x):
         """K = 12 x blocks tokens, indices (blocks, B, 12) into each block's tokens (0 = the CLS token,
-        which may be picked)."""
+        which may be picked, as the reference does; registers never are)."""
         sel: list[tuple[torch.Tensor, torch.Tensor]] = []  # per block: its CLS rows and key-0 logits
         last, outputs = model.encode(x, frozenset(range(len(model.vit.blocks))),
                                      tap=lambda a, key0: sel.append((a[:, :, 0], key0)), tap_key0=True)
         D = last.shape[-1]
         with float32_region(last):
-            idx = torch.stack([maws_scores(rows, key0).topk(self.tokens, dim=-1).indices
-                               for rows, key0 in sel])                                # (blocks, B, K)
+            idx = torch.stack([_no_registers(maws_scores(rows, key0), model.num_prefix_tokens)
+                               .topk(self.tokens, dim=-1).indices for rows, key0 in sel])  # (blocks, B, K)
             parts = [out.gather(1, i.unsqueeze(-1).expand(-1, -1, D)) for out, i in zip(outputs, idx, strict=True)]
         return torch.cat([last[:, :1], *parts], dim=1), idx                           # (B, 1 + K, D)
 

@@ -201,7 +201,12 @@ class Method:
 
     def forward_head(self, model: UfgirViT, x: torch.Tensor, pre_logits: bool = False,
                      intermediates: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits (or the head's input) from the final normed tokens (B, T, D)."""
+        """Logits (or the head's input) from the final normed tokens (B, T, D). A backbone that pools more
+        than its CLS token (an attention pool, the patch average) pools its own tokens: prompt rows that
+        stay (VPT-shallow's) are left out, as timm's head never saw them."""
+        P, n = model.num_prefix_tokens, model.vit.num_prefix_tokens
+        if P > n and model.vit.global_pool != "token":
+            x = torch.cat([x[:, :n], x[:, P:]], dim=1)                          # (B, n + HW, D)
         return model.vit.forward_head(x, pre_logits=pre_logits)
 
     def select(self, model: UfgirViT, x: torch.Tensor) -> Selection | None:

@@ -49,12 +49,13 @@ def rollout_scores(maps: list[torch.Tensor], row0_chain: bool = False) -> torch.
     return cls_row_through([rollout_factor(a.float().mean(dim=1)) for a in maps], row0_chain)
 
 
-def glsim_scores(tokens: torch.Tensor, metric: str = "cos") -> tuple[torch.Tensor, bool]:
+def glsim_scores(tokens: torch.Tensor, metric: str = "cos", num_prefix: int = 1) -> tuple[torch.Tensor, bool]:
     """GLSim's global-local similarity of the CLS token to every patch token of the final normed
-    tokens (B, 1 + N, D) -> ((B, N) scores, whether the largest are the most similar), in float32.
+    tokens (B, P + N, D), P prefix tokens (the CLS token first, then any registers, never candidates)
+    -> ((B, N) scores, whether the largest are the most similar), in float32.
     ``cos``: cosine similarity; ``l1`` / ``l2``: mean absolute / squared difference (smallest wins)."""
     t = tokens.float()
-    g, patches = t[:, :1], t[:, 1:]
+    g, patches = t[:, :1], t[:, num_prefix:]
     if metric == "cos":
         return F.cosine_similarity(g, patches, dim=-1), True
     diff = (g - patches).abs() if metric == "l1" else (g - patches) ** 2
@@ -84,7 +85,7 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 class _TwoPass(Method):
     """The first pass chooses a box; its crop runs again with the anchor CLS token. A subclass gives
-    ``scores(model, x)``: the first pass's final normed tokens (B, 1 + N, D), a score per patch (B, N)
+    ``scores(model, x)``: the first pass's final normed tokens (B, P + N, D), a score per patch (B, N)
     and whether the largest scores win."""
 
     train_passes = 2  # the image, then the crop, both trained through
@@ -110,7 +111,7 @@ class _TwoPass(Method):
         raise ValueError(f"the {self.name} head reads a second pass over a crop: call model(x)")
 
     def crop(self, model, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The first pass and what it chooses: ``tokens`` (B, 1 + N, D) after the final norm, the
+        """The first pass and what it chooses: ``tokens`` (B, P + N, D) after the final norm, the
         ``indices`` (B, k) of the selected patches, their ``boxes`` (B, 4) in pixels [top, bottom, left,
         right] and the ``crops`` (B, 3, S, S) resized from the input. On the meta device (cost counting)
         the crop is the whole image, which costs the second pass the same."""
@@ -153,9 +154,9 @@ class GLSim(_TwoPass):
         return AggregatorHead(new_block_like(vit, self.eps), vit.embed_dim, num_classes, self.eps, own_norm=True)
 
     def scores(self, model, x):
-        tokens = model.vit.norm(model.encode(x)[0])                            # (B, 1 + N, D)
+        tokens = model.vit.norm(model.encode(x)[0])                            # (B, P + N, D)
         with torch.no_grad(), float32_region(tokens):
-            return (tokens, *glsim_scores(tokens, self.metric))
+            return (tokens, *glsim_scores(tokens, self.metric, model.num_prefix_tokens))
 
     def forward(self, model, x, eval_mode=None):
         self._mode(eval_mode)
@@ -174,9 +175,10 @@ class RAMS(_TwoPass):
 
     def scores(self, model, x):
         maps: list[torch.Tensor] = []
-        tokens = model.vit.norm(model.encode(x, tap=lambda a, _: maps.append(a))[0])  # (B, 1 + N, D)
+        tokens = model.vit.norm(model.encode(x, tap=lambda a, _: maps.append(a))[0])  # (B, P + N, D)
         with torch.no_grad(), float32_region(tokens):
-            return tokens, rollout_scores(maps, self.row0_chain), True
+            scores = rollout_scores(maps, self.row0_chain)[:, model.num_prefix_tokens - 1:]  # (B, HW): no registers
+            return tokens, scores, True
 
     def forward(self, model, x, eval_mode=None):
         self._mode(eval_mode)
