@@ -66,7 +66,9 @@ class RichProgress(Callback):
             self.progress.update(self.step_task, status=f"loss {record['train/loss']:.4f} lr {record['train/lr']:.2e} "
                                                         f"{record['train/images_per_s']:.0f} img/s")
         if self.quiet:
-            console.print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "time"))
+            # one record, one line, whatever the width: cluster logs are grepped by key=value
+            console.print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "time"),
+                          soft_wrap=True, markup=False, highlight=False)
 
     def on_eval_start(self, split: str, batches: int) -> None:
         if not self.quiet:
