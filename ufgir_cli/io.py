@@ -4,7 +4,8 @@ The new content goes to a temporary file beside the target (``.<name>.<random>.t
 and fsynced, then renamed over the target; the folder is fsynced so the rename survives a power
 cut. A process killed mid-write (SIGKILL, OOM killer) can leave only such a temp file behind:
 :func:`remove_stale_temps` deletes those when a run is picked up again. Also here: :func:`to_toml`,
-the writer for the two-level TOML files ufgir produces (recipes), since ``tomllib`` only reads.
+the writer for the two-level TOML files ufgir produces (recipes), since ``tomllib`` only reads, and
+:func:`plural`, the count and noun of every "1 image" / "2 images" ufgir writes.
 """
 
 from __future__ import annotations
@@ -135,3 +136,9 @@ def to_toml(data: dict[str, Any]) -> str:
             lines.append(f"\n[{k}]")
             lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]
     return "\n".join(lines) + "\n"
+
+
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``n`` and ``noun`` in agreement: ``plural(1, "task")`` is "1 task", ``plural(2, "task")`` "2 tasks"
+    (``nouns``: an irregular plural)."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"

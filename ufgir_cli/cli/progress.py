@@ -14,6 +14,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ..engine.callbacks import Callback
+from ..io import plural
 from ._common import console
 
 
@@ -38,7 +39,7 @@ class RichProgress(Callback):
         self.info = info
         threads = f", {info['threads']} CPU threads" if info.get("threads") else ""
         console.print(
-            f"training on {info['device']} ({info['precision']}{threads}) · {info['train_images']} images · "
+            f"training on {info['device']} ({info['precision']}{threads}) · {plural(info['train_images'], 'image')} · "
             f"{info['params_trainable']:,} of {info['params_total']:,} parameters trainable · run {info['run_dir']}",
             soft_wrap=True, markup=False,
         )
