@@ -98,7 +98,9 @@ def test_visualize_rollout_one_image_per_class(runs):
     assert res.exit_code == 0, res.output
     folder = runs["ila"] / "analysis" / "visualize" / "rollout_groups_mean_test"
     grid = folder / "grid.png"
-    assert res.output.strip() == str(grid)
+    # every file written, one per line, the grid's first; 4 of the 4 classes: no note
+    assert res.stdout.splitlines() == [str(grid), *(str(p) for p in sorted(folder.glob("0*.png")))]
+    assert "note" not in res.output
     w, h = _size(grid)
     assert w / h <= figures.MAX_ASPECT
     # one image of each of the 4 classes (not the first 4 images, which are all of class 0)
@@ -110,7 +112,8 @@ def test_visualize_rollout_one_image_per_class(runs):
     (folder / "my_notes.png").write_bytes(b"mine")
     res = runner.invoke(app, ["visualize", "rollout", str(runs["ila"]), "--batch-size", "2", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    # two of four classes: spread over them, the first and the last
+    # two of four classes: spread over them, the first and the last, and said so
+    assert "note: 2 of 4 classes shown" in res.stderr and "--batch-size 4 shows every class" in res.stderr
     assert sorted(p.name for p in folder.glob("*.png")) == ["000_c00_000_test.png", "001_c03_000_test.png",
                                                             "grid.png", "my_notes.png"]
 

@@ -90,7 +90,17 @@ def test_features_log_axes_one_legend_heads_explained():
     assert all(ax.get_xlabel() == "block" and ax.get_ylabel() for ax in panels)
     assert not any(ax.get_legend() for ax in panels) and len(fig.legends) == 1
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend == ["ILA++", "Linear probe", "one head (attention distance)", "down-sampling ILA"]
+    assert legend == ["ILA++", "Linear probe", "one head (attention distance), ILA++",
+                      "one head (attention distance), Linear probe", "down-sampling ILA, ILA++"]
+    # every entry is drawn in the colour of what it names (issue 37: the DS-ILA key was grey, its lines not)
+    from matplotlib.colors import to_rgb
+
+    keys = {h.get_label(): to_rgb(h.get_color()) for h in fig.legends[0].legend_handles}
+    lines = [to_rgb(line.get_color()) for line in panels[0].get_lines() if line.get_linestyle() == "-"]
+    dashed = {to_rgb(line.get_color()) for line in panels[0].get_lines() if line.get_linestyle() == "--"}
+    assert keys["ILA++"] == keys["one head (attention distance), ILA++"] == lines[0]
+    assert keys["Linear probe"] == lines[1] != lines[0]
+    assert dashed == {keys["down-sampling ILA, ILA++"]}
 
 
 def _overlay_inputs(count: int, per_image: int):
@@ -179,9 +189,9 @@ def test_save_png_at_dpi_and_vector_files(tmp_path):
 def test_overlay_folder_files_and_formats(tmp_path):
     images, maps, captions = _overlay_inputs(3, 2)
     names = ["a", "b", "c"]
-    grid = figures.save_overlay_folder(images, maps, captions, names, tmp_path, title="t", dpi=80, formats=("svg",))
-    assert grid == tmp_path / "grid.png"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    files = figures.save_overlay_folder(images, maps, captions, names, tmp_path, title="t", dpi=80, formats=("svg",))
+    assert files[:2] == [tmp_path / "grid.png", tmp_path / "grid.svg"]  # every file written, the grid's first
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files) == [
         "000_a.png", "000_a.svg", "001_b.png", "001_b.svg", "002_c.png", "002_c.svg", "grid.png", "grid.svg"]
     # a smaller PNG-only call removes the per-image files it does not write, and nothing of the user's
     (tmp_path / "notes.txt").write_text("mine")

@@ -142,9 +142,10 @@ class Shown:
 
     images: np.ndarray                      # (B, S, S, 3) uint8
     maps: list[tuple[str, np.ndarray]]      # (label, (B, S, S) in [0, 1]) per kind of map
-    captions: list[tuple[str, str | None]]  # per image: predicted and true class (None for files)
+    captions: list[tuple]                   # per image: predicted and true class (None for files), file name
     stems: list[str]                        # per image: its file name without suffix
     title: str                              # the run: method and dataset
+    classes: tuple[int, int] | None = None  # classes shown, of the split's (None: the user's own files)
 
 
 def _class_names(recipe: Recipe, own: list[str] | None = None) -> list[str] | None:
@@ -171,30 +172,46 @@ def pick_per_class(targets: Sequence[int], per_class: int, count: int) -> list[i
     return [i for c in chosen for i in by_class[c][:per_class]][:count]
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """Images as the model's eval transform gives them, and what they are."""
+
+    x: torch.Tensor                  # (B, 3, S, S) uint8
+    targets: list[int | None]        # true classes (None for the user's own files)
+    stems: list[str]                 # file names without suffix
+    files: list[str | None]          # the user's file names (None for a split's images)
+    class_names: list[str] | None
+    classes: tuple[int, int] | None  # classes shown, of the split's (None for the user's files)
+
+
 def load_images(recipe: Recipe, split: str, images: Sequence[Path] | None, count: int, per_class: int = 1,
-                names: list[str] | None = None):
-    """(uint8 (B, 3, S, S) images, targets or Nones, file stems, class names) as the model's eval transform
-    sees them: the ``images`` files, or else ``per_class`` images of each of up to ``count // per_class``
-    classes of ``split`` (see :func:`pick_per_class`). ``names``: the model's own class names, if any."""
+                names: list[str] | None = None) -> Loaded:
+    """The ``images`` files, or else ``per_class`` images of each of up to ``count // per_class`` classes of
+    ``split`` (see :func:`pick_per_class`), as the model's eval transform sees them. ``names``: the model's
+    own class names, if any."""
     tf = preprocess_for(recipe, train=False)
     if images:
         x = torch.stack([tf(load_image(str(p)), None) for p in images])       # (B, 3, S, S) uint8
-        return x, [None] * len(images), [p.stem for p in images], _class_names(recipe, names)
+        return Loaded(x, [None] * len(images), [p.stem for p in images], [p.name for p in images],
+                      _class_names(recipe, names), None)
     sf = open_split(recipe, split)
     rows = [sf.samples[i] for i in pick_per_class([t for _, t in sf.samples], per_class, count)]
     x = torch.stack([tf(load_image(path), None) for path, _ in rows])          # (B, 3, S, S) uint8
-    return x, [t for _, t in rows], [Path(path).stem for path, _ in rows], sf.class_names
+    shown = (len({t for _, t in rows}), len({t for _, t in sf.samples}))
+    return Loaded(x, [t for _, t in rows], [Path(path).stem for path, _ in rows], [None] * len(rows),
+                  sf.class_names, shown)
 
 
-def _captions(preds: list[int], targets: list[int | None], class_names: list[str] | None) -> list[tuple[str, str | None]]:
-    """(predicted, true or None) class names per image, for the figures' captions."""
+def _captions(preds: list[int], loaded: Loaded) -> list[tuple[str, str | None, str | None]]:
+    """(predicted, true or None, the user's file name or None) per image, for the figures' captions."""
+    class_names = loaded.class_names
 
     def name(c: int | None) -> str | None:
         if c is None:
             return None
         return class_names[c] if class_names and c < len(class_names) else f"class {c}"
 
-    return [(name(p), name(t)) for t, p in zip(targets, preds, strict=True)]
+    return [(name(p), name(t), f) for t, p, f in zip(loaded.targets, preds, loaded.files, strict=True)]
 
 
 def visualize(path: Path, make_maps: MakeMaps, *, split: str = "test", images: Sequence[Path] | None = None,
@@ -202,13 +219,14 @@ def visualize(path: Path, make_maps: MakeMaps, *, split: str = "test", images: S
     """Run the model once over the images and turn its attention into maps at image resolution."""
     loaded = load_model(path, checkpoint, device)
     model, recipe, device = loaded.model, loaded.recipe, loaded.device
-    x, targets, stems, class_names = load_images(recipe, split, images, count, per_class, loaded.class_names)
+    imgs = load_images(recipe, split, images, count, per_class, loaded.class_names)
+    x = imgs.x
     data_cfg = model.data_config()
     out = forward_collect(model, normalize(x.to(device), data_cfg))
     preds = out.logits.argmax(dim=1).tolist()
     maps = [(label, ro.upsample(m, tuple(x.shape[-2:])).cpu().numpy()) for label, m in make_maps(model, out.attention)]
-    captions = _captions(preds, targets, class_names)
-    return Shown(x.permute(0, 2, 3, 1).numpy(), maps, captions, stems, run_title(recipe))  # images (B, S, S, 3)
+    return Shown(x.permute(0, 2, 3, 1).numpy(), maps, _captions(preds, imgs), imgs.stems,  # images (B, S, S, 3)
+                 run_title(recipe), imgs.classes)
 
 
 @dataclass
@@ -217,10 +235,11 @@ class Selected:
 
     panels: list[tuple[str, np.ndarray, list[list[tuple[int, int, int, int]]]]]  # (label, (B, S, S, 3) uint8,
     #                                       per image its rectangles (top, left, height, width) in pixels)
-    captions: list[tuple[str, str | None]]  # per image: predicted and true class (None for files)
+    captions: list[tuple]                   # per image: predicted and true class (None for files), file name
     stems: list[str]
     title: str
     what: str                               # what is selected, for the figure's title
+    classes: tuple[int, int] | None = None  # classes shown, of the split's (None: the user's own files)
 
 
 def _to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
@@ -284,13 +303,12 @@ def selections(path: Path, *, split: str = "test", images: Sequence[Path] | None
     """What a fine-grained method looks at over a run's images (:func:`selection_panels`)."""
     loaded = load_model(path, checkpoint, device)
     model, recipe = loaded.model, loaded.recipe
-    x, targets, stems, class_names = load_images(recipe, split, images, count, per_class, loaded.class_names)
-    shown = selection_panels(model, x)
+    imgs = load_images(recipe, split, images, count, per_class, loaded.class_names)
+    shown = selection_panels(model, imgs.x)
     if shown is None:
         raise OptionError(f"visualize crops shows what GLSim, RAMS, CAL, TransFG and FFVT select; "
                           f"{recipe.model.method} selects nothing (try `ufgir visualize rollout`)")
-    captions = _captions(shown.preds, targets, class_names)
-    return Selected(shown.panels, captions, stems, run_title(recipe), shown.what)
+    return Selected(shown.panels, _captions(shown.preds, imgs), imgs.stems, run_title(recipe), shown.what, imgs.classes)
 
 
 def _group_blocks(text: str, grids: list[tuple[int, int]]) -> tuple[int, int]:

@@ -69,15 +69,40 @@ def _axes(fig: Figure, left: float, bottom: float, width: float, height: float):
 
 
 def _wrap(text: str, width_in: float, size_pt: float) -> str:
-    """``text`` broken into lines that fit ``width_in`` at ``size_pt``."""
+    """``text`` broken into lines that fit ``width_in`` at ``size_pt``: between its " · " parts where it
+    can (a title's "what · run · split" never breaks inside a part that fits a line), else between words."""
     chars = max(12, int(width_in * 72 / (_CHAR_EM * size_pt)))
-    return "\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in text.split("\n"))
+    out = []
+    for line in text.split("\n"):
+        current = ""
+        for part in line.split(" · "):
+            if current and len(current) + 3 + len(part) <= chars:
+                current += " · " + part
+                continue
+            if current:
+                out.append(current)
+            current = part
+            if len(part) > chars:  # a part longer than a line: between its words, the rest goes on
+                *full, current = textwrap.wrap(part, chars, break_on_hyphens=False) or [""]
+                out += full
+        out.append(current)
+    return "\n".join(out)
 
 
 def _fit(text: str, width_in: float, size_pt: float) -> str:
     """``text`` cut with an ellipsis to fit one line of ``width_in``."""
     chars = max(4, int(width_in * 72 / (_CHAR_EM * size_pt)))
     return text if len(text) <= chars else text[: chars - 1] + "…"
+
+
+#: A title is written on one line up to this width, widening a narrow figure for it.
+MAX_TITLE_WIDTH_IN = 6.5
+_BOLD_EM = 0.6               # mean glyph width of the bold title font, in ems
+
+
+def _title_width(text: str) -> float:
+    """Inches a one-line figure title needs (with the margins `_wrap` keeps)."""
+    return len(text) * _BOLD_EM * STYLE["figure.titlesize"] / 72 + 0.3
 
 
 def _lines(text: str) -> int:
@@ -141,6 +166,10 @@ def draw_cka(matrices: Sequence[Sequence[Sequence[float | None]]], titles: Seque
     norm = Normalize(vmin=lo, vmax=1.0)
     side, gap, left, right, bottom = 3.0, 0.75, 0.65, 1.05, 0.6
     width = left + len(mats) * side + (len(mats) - 1) * gap + right
+    # a title a little wider than one heatmap widens the figure (panels centred) rather than wrapping
+    wider = min(_title_width(title), MAX_TITLE_WIDTH_IN) - width
+    if wider > 0:
+        left, right, width = left + wider / 2, right + wider / 2, width + wider
     title = _wrap(title, width - 0.3, STYLE["figure.titlesize"])
     top = 0.15 + 0.2 * _lines(title) + 0.55          # title lines, then the panel title and the DS marks
     fig = _figure(width, bottom + side + top)
@@ -184,7 +213,8 @@ def draw_features(results: Sequence[dict], labels: Sequence[str], *,
     pw, ph, left, hgap, vgap, bottom = 3.2, 2.3, 0.75, 0.85, 0.65, 0.55
     width = left + 2 * pw + hgap + 0.2
     title = _wrap(title, width - 0.3, STYLE["figure.titlesize"])
-    top = 0.15 + 0.2 * _lines(title) + 0.25 + 0.2 * math.ceil((len(labels) + 2) / 3)    # title, legend rows
+    entries = 2 * len(labels) + sum(1 for g in groups or () if ds_positions(g))
+    top = 0.15 + 0.2 * _lines(title) + 0.25 + 0.2 * math.ceil(entries / 3)                # title, legend rows
     fig = _figure(width, bottom + 2 * ph + vgap + top)
     _suptitle(fig, title, 0.12)
     colours = [f"C{i}" for i in range(len(results))]
@@ -206,10 +236,14 @@ def draw_features(results: Sequence[dict], labels: Sequence[str], *,
         ax.set_xlabel("block")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="major")
+    # every legend entry in the colour of what it names: a run's line, its heads' dots, its DS-ILA lines
     handles = [Line2D([], [], color=c, marker="o", markersize=4, label=lab) for c, lab in zip(colours, labels, strict=True)]
-    handles.append(Line2D([], [], color="0.4", marker="o", ls="", alpha=0.4, markersize=4, label="one head (attention distance)"))
-    if groups and any(ds_positions(g) for g in groups):
-        handles.append(Line2D([], [], color="0.4", ls="--", label="down-sampling ILA"))
+    several = len(results) > 1
+    handles += [Line2D([], [], color=c, marker="o", ls="", alpha=0.4, markersize=4,
+                       label="one head (attention distance)" + (f", {lab}" if several else ""))
+                for c, lab in zip(colours, labels, strict=True)]
+    handles += [Line2D([], [], color=colours[i], ls="--", alpha=0.7, label="down-sampling ILA" + (f", {labels[i]}" if several else ""))
+                for i in range(len(results)) if groups and ds_positions(groups[i])]
     H = fig.get_size_inches()[1]
     fig.legend(handles=handles, loc="upper center", ncols=3, frameon=False,
                bbox_to_anchor=(0.5, 1 - (0.2 + 0.2 * _lines(title)) / H))
@@ -220,9 +254,14 @@ def draw_features(results: Sequence[dict], labels: Sequence[str], *,
 # visualize: attention over images
 
 
-def blend(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """50/50 blend of a uint8 (H, W, 3) image and the jet colouring of an (H, W) map in [0, 1] -> float RGB."""
-    colour = mpl.colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3]                # (H, W, 3)
+#: The colour map of attention over images: perceptually uniform and readable with any colour vision
+#: (jet is neither); `ufgir visualize --cmap` picks another.
+CMAP = "inferno"
+
+
+def blend(image: np.ndarray, heat: np.ndarray, cmap: str = CMAP) -> np.ndarray:
+    """50/50 blend of a uint8 (H, W, 3) image and the ``cmap`` colouring of an (H, W) map in [0, 1] -> float RGB."""
+    colour = mpl.colormaps[cmap](np.clip(heat, 0.0, 1.0))[..., :3]                 # (H, W, 3)
     return 0.5 * image.astype(np.float64) / 255.0 + 0.5 * colour
 
 
@@ -262,7 +301,8 @@ def overlay_layout(count: int, per_image: int, cols: int | None = None) -> tuple
 def _panel_grid(labels: Sequence[str], captions: Sequence[tuple[str, str | None]], draw, *, title: str,
                 cols: int | None, colour_bar: bool) -> tuple[Figure, float, float, int]:
     """The grid both image figures share: per image its panels side by side (``draw(ax, image, panel)``
-    fills one), captioned under them with the true and predicted class (red when they differ), panel
+    fills one), captioned under them with the true class (or for your own file, its name) and the
+    predicted class (red when it differs from the true one), panel
     names over the top row, room on the right for a colour bar if asked. Returns (figure, width,
     top of the first row, rows), in inches."""
     per_image, count = len(labels), len(captions)
@@ -286,11 +326,13 @@ def _panel_grid(labels: Sequence[str], captions: Sequence[tuple[str, str | None]
             ax.set_axis_off()
             if r == 0 and per_image > 1:  # one panel per image: the caller names it in the title
                 ax.set_title(_fit(label, _PANEL_IN + _PANEL_GAP_IN, 9), fontsize=9, pad=4)
-        pred, true = captions[i]
+        pred, true, *rest = captions[i]
+        first = f"true {true}" if true is not None else rest[0] if rest and rest[0] else None  # the class, or your file
         cx = (x0 + group / 2) / width
-        if true is not None:
-            fig.text(cx, (y0 - 0.05) / height, _fit(f"true {true}", group, 9), ha="center", va="top", fontsize=9)
-        fig.text(cx, (y0 - 0.05 - (0.17 if true is not None else 0.0)) / height, _fit(f"pred {pred}", group, 9),
+        if first is not None:
+            fig.text(cx, (y0 - 0.05) / height, _fit(first, group, 9), ha="center", va="top", fontsize=9,
+                     color="black" if true is not None else "0.3")
+        fig.text(cx, (y0 - 0.05 - (0.17 if first is not None else 0.0)) / height, _fit(f"pred {pred}", group, 9),
                  ha="center", va="top", fontsize=9, color="black" if true in (None, pred) else "#c00000")
     return fig, width, top, rows
 
@@ -298,20 +340,21 @@ def _panel_grid(labels: Sequence[str], captions: Sequence[tuple[str, str | None]
 @_styled
 def draw_overlays(images: np.ndarray, maps: Sequence[tuple[str, np.ndarray]], captions: Sequence[tuple[str, str | None]],
                   *, title: str = "", colorbar_label: str = "attention (min-max per map)",
-                  cols: int | None = None) -> Figure:
+                  cols: int | None = None, cmap: str = CMAP) -> Figure:
     """A grid of attention maps blended over images: every image's maps side by side, captioned under
     them with the true and predicted class (red when they differ), map names over the top row.
 
-    ``images`` is (B, H, W, 3) uint8, each map (B, H, W) in [0, 1] (min-max normalised, so one jet colour
-    bar serves all panels), ``captions`` (predicted, true or None) per image. ``cols`` is panels per row
-    (whole images only); by default the grid is as near 16:9 as it gets.
+    ``images`` is (B, H, W, 3) uint8, each map (B, H, W) in [0, 1] (min-max normalised, so one colour bar
+    serves all panels), ``captions`` (predicted, true or None[, your file's name]) per image. ``cols`` is
+    panels per row (whole images only); by default the grid is as near 16:9 as it gets. ``cmap``: the
+    colour map (default :data:`CMAP`, colour-blind safe).
     """
     fig, width, top, rows = _panel_grid(
-        [label for label, _ in maps], captions, lambda ax, i, j: ax.imshow(blend(images[i], maps[j][1][i])),
+        [label for label, _ in maps], captions, lambda ax, i, j: ax.imshow(blend(images[i], maps[j][1][i], cmap)),
         title=title, cols=cols, colour_bar=True)
     bar_h = min(2.2, rows * (_PANEL_IN + _CAPTION_IN) - _CAPTION_IN)
     cax = _axes(fig, width - _BAR_IN + 0.12, top - bar_h, 0.13, bar_h)
-    _colorbar(fig, cax, Normalize(0.0, 1.0), "jet", colorbar_label, ticks=(0, 0.5, 1))
+    _colorbar(fig, cax, Normalize(0.0, 1.0), cmap, colorbar_label, ticks=(0, 0.5, 1))
     return fig
 
 
@@ -323,14 +366,31 @@ def draw_selection(panels: Sequence[tuple[str, np.ndarray, Sequence[Sequence[tup
     as :func:`draw_overlays` captions.
 
     ``panels``: (label, images (B, H, W, 3) uint8, per image its rectangles (top, left, height, width)
-    in pixels, red, or (top, left, height, width, colour)); the grid is as near 16:9 as it gets."""
+    in pixels, red, or (top, left, height, width, colour)); the grid is as near 16:9 as it gets. A box that
+    covers the whole image is drawn dashed, inset, and labelled "box = whole image" (on the image's border it
+    would not show)."""
 
     def draw(ax, i: int, j: int) -> None:
         _, imgs, rects = panels[j]
         ax.imshow(imgs[i])
+        H, W = imgs[i].shape[:2]
+        whole = 0
         for t, left, h, w, *colour in rects[i]:
-            ax.add_patch(Rectangle((left - 0.5, t - 0.5), w, h, fill=False, edgecolor=colour[0] if colour else "#ff2a2a",
-                                   linewidth=1.5))
+            edge = colour[0] if colour else "#ff2a2a"
+            if t <= 0 and left <= 0 and t + h >= H and left + w >= W:
+                # the whole image: on its border the box would not show, so dashed and inset (nested when
+                # several are), and said in words below
+                inset = 0.025 * (1 + whole) * min(H, W)
+                ax.add_patch(Rectangle((inset - 0.5, inset - 0.5), W - 2 * inset, H - 2 * inset, fill=False,
+                                       edgecolor=edge, linewidth=1.5, linestyle=(0, (4, 2))))
+                whole += 1
+            else:
+                ax.add_patch(Rectangle((left - 0.5, t - 0.5), w, h, fill=False, edgecolor=edge, linewidth=1.5))
+        if whole:
+            said = "box = whole image" if len(rects[i]) == 1 else \
+                "all boxes = whole image" if whole == len(rects[i]) else f"{whole} boxes = whole image (dashed)"
+            ax.text(0.5, 0.06, said, transform=ax.transAxes, color="black", fontsize=MIN_FONT_PT, ha="center",
+                    va="bottom", bbox={"facecolor": "white", "alpha": 0.8, "pad": 1.5, "linewidth": 0})
 
     return _panel_grid([label for label, _, _ in panels], captions, draw, title=title, cols=cols,
                        colour_bar=False)[0]
@@ -339,25 +399,27 @@ def draw_selection(panels: Sequence[tuple[str, np.ndarray, Sequence[Sequence[tup
 def save_overlay_folder(images: np.ndarray, maps: Sequence[tuple[str, np.ndarray]],
                         captions: Sequence[tuple[str, str | None]], names: Sequence[str], folder: Path, *,
                         title: str = "", colorbar_label: str = "attention (min-max per map)", cols: int | None = None,
-                        dpi: int = DPI, formats: Sequence[str] = ()) -> Path:
+                        dpi: int = DPI, formats: Sequence[str] = (), cmap: str = CMAP) -> list[Path]:
     """What `ufgir visualize` writes: ``grid.png`` with every image and one ``NNN_<name>.png`` per image
     (each also in ``formats``); per-image files of an earlier, larger call are removed, other files kept.
 
-    Arguments as :func:`draw_overlays`, ``names`` per image; returns the grid's path.
+    Arguments as :func:`draw_overlays`, ``names`` per image; returns every file written, the grid's first
+    (its PNG, then each of ``formats``), then the per-image figures'.
     """
     folder = Path(folder)
-    written = set()
+    per_image: list[Path] = []
     for b, name in enumerate(names):
         fig = draw_overlays(images[b : b + 1], [(label, m[b : b + 1]) for label, m in maps], captions[b : b + 1],
-                            title=title, colorbar_label=colorbar_label)
+                            title=title, colorbar_label=colorbar_label, cmap=cmap)
         png = save(fig, folder / f"{b:03d}_{name}.png", dpi, formats)
-        written |= {png.with_suffix(f".{fmt}").name for fmt in ("png", *formats)}
-    fig = draw_overlays(images, maps, captions, title=title, colorbar_label=colorbar_label, cols=cols)
+        per_image += [png.with_suffix(f".{fmt}") for fmt in dict.fromkeys(("png", *formats))]
+    fig = draw_overlays(images, maps, captions, title=title, colorbar_label=colorbar_label, cols=cols, cmap=cmap)
     grid = save(fig, folder / "grid.png", dpi, formats)
+    kept = {p.name for p in per_image}
     for old in folder.glob("[0-9][0-9][0-9]_*.*"):
-        if old.suffix[1:] in FORMATS and old.name not in written:
+        if old.suffix[1:] in FORMATS and old.name not in kept:
             old.unlink()
-    return grid
+    return [grid.with_suffix(f".{fmt}") for fmt in dict.fromkeys(("png", *formats))] + per_image
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,6 +538,6 @@ def draw_compare(points: Sequence[dict], *, title: str = "") -> Figure:
     return fig
 
 
-__all__ = ["DPI", "FAMILY_COLOURS", "FORMATS", "MAX_ASPECT", "MIN_FONT_PT", "STYLE", "blend",
+__all__ = ["CMAP", "DPI", "FAMILY_COLOURS", "FORMATS", "MAX_ASPECT", "MIN_FONT_PT", "STYLE", "blend",
            "draw_cka", "draw_compare", "draw_features", "draw_overlays", "draw_selection", "ds_positions", "marker_area",
            "overlay_layout", "save", "save_overlay_folder"]
