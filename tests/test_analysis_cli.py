@@ -207,4 +207,46 @@ def test_compare_table_plot_and_paper_number(runs, tmp_path):
     assert paper["ila_pp"]["top1"] == 75.00 and f"{paper['ila_pp']['gmacs']:.2f}" == "67.06"
 
     res = runner.invoke(app, ["compare", str(unevaluated)])  # listed with the command that evaluates it
-    assert res.exit_code == 0 and "nothing to compare" in _text(res) and "ufgir eval" in _text(res)
+    assert res.exit_code == 1 and "nothing to compare" in _text(res) and "ufgir eval" in _text(res)
+
+
+def test_compare_aggregates_seeds_and_reads_sweep_folders(runs, tmp_path):
+    """A sweep folder stands for its runs; runs that differ only in their seed are one point, mean ± sample std;
+    two points of one method are told apart by the setting they differ in."""
+    import statistics
+
+    sweep = tmp_path / "sweeps" / "lin"
+    (sweep / "plan.json").parent.mkdir(parents=True)
+    (sweep / "plan.json").write_text("{}")
+    top1 = {1: 30.0, 10: 34.0, 100: 35.0}
+    for seed, value in top1.items():
+        run = sweep / "runs" / f"p2_seed{seed}"
+        shutil.copytree(runs["lin"], run, ignore=shutil.ignore_patterns("analysis", "events.*"))
+        text = (run / "recipe.toml").read_text()
+        (run / "recipe.toml").write_text(re.sub(r"\nseed = \d+", f"\nseed = {seed}", text))
+        m = json.loads((run / "eval/test/metrics.json").read_text())
+        (run / "eval/test/metrics.json").write_text(json.dumps({**m, "top1": value}))
+    phase1 = sweep / "runs" / "p1_lr0.1"  # evaluated on val only: counted, not compared
+    shutil.copytree(runs["lin"], phase1, ignore=shutil.ignore_patterns("analysis", "events.*", "eval"))
+    other = tmp_path / "lin_lr"  # the linear probe at another learning rate: a point of its own
+    shutil.copytree(runs["lin"], other, ignore=shutil.ignore_patterns("analysis", "events.*"))
+    text = (other / "recipe.toml").read_text()
+    (other / "recipe.toml").write_text(re.sub(r"\nlr = [0-9.e-]+", "\nlr = 0.03", text, count=1))
+    out = tmp_path / "cmp.png"
+    res = runner.invoke(app, ["compare", str(sweep), str(other), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "1 of its 4 runs have no eval/test/metrics.json" in _text(res)
+    table = json.loads(out.with_suffix(".json").read_text())
+    assert len(table["runs"]) == 4 and len(table["points"]) == 2
+    seeds = next(p for p in table["points"] if p["n"] == 3)
+    assert sorted(seeds["seeds"]) == [1, 10, 100]
+    assert seeds["top1"] == pytest.approx(statistics.mean(top1.values()))
+    assert seeds["std"] == pytest.approx(statistics.stdev(top1.values()))
+    lr = {p["n"]: p["label"] for p in table["points"]}
+    assert lr[3].startswith("Linear probe (lr ") and lr[1] == "Linear probe (lr 0.03)" and lr[1] != lr[3]
+    assert f"{seeds['top1']:.2f} ± {seeds['std']:.2f}" in res.output and "(n=1)" in res.output
+    # a reproduction folder (grid.json, sweeps/*/plan.json) stands for every sweep's runs
+    (tmp_path / "grid.json").write_text("{}")
+    res = runner.invoke(app, ["compare", str(tmp_path), "--out", str(tmp_path / "grid_cmp.png")])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads((tmp_path / "grid_cmp.json").read_text())["runs"]) == 3

@@ -147,10 +147,12 @@ def write_crops(run: str | Path, *, split: str = "test", images: Sequence[Path] 
 
 @dataclass
 class Comparison:
-    """What `write_comparison` found and wrote: the runs' rows, the paper's points drawn beside them,
-    the runs left out (and why), and the figure and its JSON table (None when nothing was compared)."""
+    """What `write_comparison` found and wrote: the runs' rows, the points drawn (runs that differ only
+    in their seed as one, mean ± std), the paper's points drawn beside them, the runs left out (and why),
+    and the figure and its JSON table (None when nothing was compared)."""
 
     rows: list[dict]
+    points: list[dict] = field(default_factory=list)
     paper: list[dict] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     figure: Path | None = None
@@ -159,27 +161,31 @@ class Comparison:
 
 def write_comparison(runs: Sequence[str | Path], *, split: str = "test", out: Path | None = None, paper: bool = False,
                      dpi: int = 200, formats: Sequence[str] = ()) -> Comparison:
-    """Top-1 on ``split`` against multiply-adds and trainable parameters of evaluated runs (with the
-    paper's Table 1 numbers when ``paper``): the figure at ``out`` (default ``runs/compare_<split>.png``)
-    and its ``.json`` table beside it."""
+    """Top-1 on ``split`` against multiply-adds and trainable parameters of evaluated runs (run folders,
+    checkpoints, sweep or reproduction folders; seeds of one setting as one point with a ± std error
+    bar), with the paper's Table 1 numbers when ``paper``: the figure at ``out`` (default
+    ``runs/compare_<split>.png``) and its ``.json`` table beside it."""
     rows, missing = ar.compare_rows([Path(r) for r in runs], split)
     if not rows:
         return Comparison(rows, missing=missing)
     out = Path(out or runs_dir() / f"compare_{split}").with_suffix(".png")
     cited = ar.paper_points([r["dataset"] for r in rows]) if paper else []
     datasets = list(dict.fromkeys(r["dataset_title"] for r in rows + cited))
+    points = ar.compare_points(rows, with_dataset=len(datasets) > 1)
+    for c in cited:
+        c["label"] = c["method_title"] if len(datasets) == 1 else f"{c['method_title']} · {c['dataset_title']}"
 
     def point(r: dict, from_paper: bool) -> dict:
-        label = r["method_title"] if len(datasets) == 1 else f"{r['method_title']} · {r['dataset_title']}"
-        return {"label": label, "gmacs": r["gmacs"], "top1": r["top1"], "trainable": r["trainable"],
-                "family": r["family"], "paper": from_paper}
+        return {"label": r["label"], "gmacs": r["gmacs"], "top1": r["top1"], "trainable": r["trainable"],
+                "family": r["family"], "paper": from_paper, "std": r.get("std")}
 
     seen = f"{datasets[0]} · " if len(datasets) == 1 else ""
-    fig = vf.draw_compare([point(r, False) for r in rows] + [point(r, True) for r in cited],
+    fig = vf.draw_compare([point(r, False) for r in points] + [point(r, True) for r in cited],
                           title=f"Top-1 against cost · {seen}{split}")
     figure = vf.save(fig, out, dpi, formats)
-    atomic_write_json(out.with_suffix(".json"), {"split": split, "runs": rows, "paper": cited, "skipped": missing})
-    return Comparison(rows, cited, missing, figure, out.with_suffix(".json"))
+    atomic_write_json(out.with_suffix(".json"), {"split": split, "points": points, "runs": rows, "paper": cited,
+                                                 "skipped": missing})
+    return Comparison(rows, points, cited, missing, figure, out.with_suffix(".json"))
 
 
 __all__ = ["Comparison", "Drawn", "MetricsReport", "visualize_folder", "write_attention", "write_comparison", "write_crops",
