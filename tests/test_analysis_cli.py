@@ -141,6 +141,45 @@ def test_visualize_rollout_across_and_attention_on_files(runs, small_synthetic):
     assert (folder / f"000_{img.stem}.png").is_file()
 
 
+def test_visualize_takes_folders_and_several_files_after_one_images(runs, small_synthetic, tmp_path):
+    """--images takes a folder (searched for images) and several files after it (what a shell glob gives),
+    RUN anywhere among them; your files are named under their panels; --format pdf prints every file."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    files = sorted((small_synthetic / "images" / "c02").glob("*_test.png"))[:2]
+    for f in files:
+        shutil.copy(f, mine / f.name)
+    extra = sorted((small_synthetic / "images" / "c03").glob("*_test.png"))[:2]
+    res = runner.invoke(app, ["visualize", "attention", "--images", str(mine), *map(str, extra), str(runs["ila"]),
+                              "--device", "cpu", "--dpi", "60", "--format", "pdf", "--cmap", "viridis"])
+    assert res.exit_code == 0, res.output
+    folder = runs["ila"] / "analysis" / "visualize" / "attention_last_mean_images"
+    printed = res.stdout.splitlines()
+    assert printed[:2] == [str(folder / "grid.png"), str(folder / "grid.pdf")]
+    stems = [f.stem for f in files] + [f.stem for f in extra]
+    assert printed[2:] == [str(folder / f"{i:03d}_{stem}.{ext}") for i, stem in enumerate(stems) for ext in ("png", "pdf")]
+    assert all(__import__("pathlib").Path(p).is_file() for p in printed)
+    res = runner.invoke(app, ["visualize", "attention", str(runs["ila"]), str(extra[0]), "--device", "cpu"])
+    assert res.exit_code == 2 and "images go after --images" in _text(res)
+    res = runner.invoke(app, ["visualize", "attention", str(runs["ila"]), "--images", str(tmp_path / "none"),
+                              "--device", "cpu"])
+    assert res.exit_code == 2 and "no such file or folder" in _text(res)
+    res = runner.invoke(app, ["visualize", "rollout", str(runs["ila"]), "--cmap", "not_a_map", "--device", "cpu"])
+    assert res.exit_code == 2 and "not a matplotlib colour map" in _text(res)
+
+
+def test_own_images_are_named_in_their_captions(runs, small_synthetic):
+    from functools import partial
+
+    from ufgir_cli.analysis.report import rollout_maps, visualize
+
+    img = next((small_synthetic / "images" / "c01").glob("*_test.png"))
+    shown = visualize(runs["ila"], partial(rollout_maps), images=[img], device="cpu")
+    assert shown.captions[0][1:] == (None, img.name) and shown.classes is None
+    fig = figures.draw_overlays(shown.images, shown.maps, shown.captions, title="t")
+    assert img.name in {t.get_text() for t in fig.texts}
+
+
 @pytest.mark.parametrize("args,message", [
     (["rollout", "--group", "1-2"], "blocks 1-2 span a down-sampling ILA"),
     (["rollout", "--group", "0-6"], "outside blocks 0-5; this model's groups: 0-1, 2-3, 4-5"),

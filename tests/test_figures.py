@@ -166,6 +166,18 @@ def test_compare_log_axis_families_sizes_labels_inside():
     assert areas["Linear probe"] < areas["ILA++"] < areas["Full fine-tuning"]
 
 
+def test_a_box_covering_the_whole_image_is_drawn_inside_and_said():
+    """CAL's box can be the whole image: on the image's border it would be invisible."""
+    images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    rects = [[(0, 0, 32, 32, "#ff2a2a"), (4, 4, 10, 10, "#0072b2")], [(0, 0, 32, 32, "#ff2a2a")]]
+    fig = figures.draw_selection([("image and boxes", images, rects)], [("a", "a"), ("b", "a")], title="t")
+    _check_readable(fig)
+    said = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert said == ["dashed: whole image", "box = whole image"]
+    whole = [p for p in fig.axes[0].patches if p.get_linestyle() != "solid"]
+    assert len(whole) == 1 and whole[0].get_x() > 0 and whole[0].get_width() < 32
+
+
 # The paper's SoyAgeing row (Table 1 at the cost we count for ViT-B/16 at 448 px) and eight runs of ours near
 # it, four the mean of several seeds: the crowded case of `compare --paper` (issue 37).
 PAPER_SOY = [("Linear probe", 78.49, 48.61, 153030, "PETL"), ("VPT-shallow", 90.07, 49.12, 229830, "PETL"),

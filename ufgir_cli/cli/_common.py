@@ -61,12 +61,13 @@ class UfgirConsole(Console):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._asked_width = kwargs.get("width")  # rich also sets a width from COLUMNS, which a pipe ignores
         self.push_render_hook(_NeverCut())
 
     @property
     def size(self) -> ConsoleDimensions:
         size = Console.size.fget(self)
-        if self._width is None and not self.is_terminal:
+        if self._asked_width is None and not self.is_terminal:
             return ConsoleDimensions(UNWRAPPED_WIDTH, size.height)
         return size
 

@@ -70,22 +70,26 @@ def _axes(fig: Figure, left: float, bottom: float, width: float, height: float):
 
 def _wrap(text: str, width_in: float, size_pt: float) -> str:
     """``text`` broken into lines that fit ``width_in`` at ``size_pt``: between its " · " parts where it
-    can (a title's "what · run · split" never breaks inside a part that fits a line), else between words."""
+    can, the later parts kept together (a title's "what · run · split" breaks as "what" / "run · split"),
+    else between words."""
     chars = max(12, int(width_in * 72 / (_CHAR_EM * size_pt)))
     out = []
     for line in text.split("\n"):
+        lines: list[str] = []
         current = ""
-        for part in line.split(" · "):
+        for part in reversed(line.split(" · ")):  # packed from the end
             if current and len(current) + 3 + len(part) <= chars:
-                current += " · " + part
+                current = part + " · " + current
                 continue
             if current:
-                out.append(current)
+                lines.insert(0, current)
             current = part
-            if len(part) > chars:  # a part longer than a line: between its words, the rest goes on
-                *full, current = textwrap.wrap(part, chars, break_on_hyphens=False) or [""]
-                out += full
-        out.append(current)
+            if len(part) > chars:  # a part longer than a line: between its words
+                lines[:0] = textwrap.wrap(part, chars, break_on_hyphens=False)
+                current = ""
+        if current or not lines:
+            lines.insert(0, current)
+        out += lines
     return "\n".join(out)
 
 
@@ -388,7 +392,7 @@ def draw_selection(panels: Sequence[tuple[str, np.ndarray, Sequence[Sequence[tup
                 ax.add_patch(Rectangle((left - 0.5, t - 0.5), w, h, fill=False, edgecolor=edge, linewidth=1.5))
         if whole:
             said = "box = whole image" if len(rects[i]) == 1 else \
-                "all boxes = whole image" if whole == len(rects[i]) else f"{whole} boxes = whole image (dashed)"
+                "boxes = whole image" if whole == len(rects[i]) else "dashed: whole image"
             ax.text(0.5, 0.06, said, transform=ax.transAxes, color="black", fontsize=MIN_FONT_PT, ha="center",
                     va="bottom", bbox={"facecolor": "white", "alpha": 0.8, "pad": 1.5, "linewidth": 0})
 
