@@ -20,8 +20,7 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(UFGIR) train --recipe quickstart --name demo_quickstart --overwrite
-	$(UFGIR) eval $(DEMO_RUN)
-	@echo "results: $(DEMO_RUN)/eval/test/metrics.json"
+	$(UFGIR) eval $(DEMO_RUN)  # its last line: results: <the folder of metrics.json>
 	@echo "tensorboard: $(VENV)/bin/tensorboard --logdir $(DEMO_RUN)"
 
 test: venv

@@ -98,7 +98,9 @@ def test_visualize_rollout_one_image_per_class(runs):
     assert res.exit_code == 0, res.output
     folder = runs["ila"] / "analysis" / "visualize" / "rollout_groups_mean_test"
     grid = folder / "grid.png"
-    assert res.output.strip() == str(grid)
+    # every file written, one per line, the grid's first; 4 of the 4 classes: no note
+    assert res.stdout.splitlines() == [str(grid), *(str(p) for p in sorted(folder.glob("0*.png")))]
+    assert "note" not in res.output
     w, h = _size(grid)
     assert w / h <= figures.MAX_ASPECT
     # one image of each of the 4 classes (not the first 4 images, which are all of class 0)
@@ -110,7 +112,8 @@ def test_visualize_rollout_one_image_per_class(runs):
     (folder / "my_notes.png").write_bytes(b"mine")
     res = runner.invoke(app, ["visualize", "rollout", str(runs["ila"]), "--batch-size", "2", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    # two of four classes: spread over them, the first and the last
+    # two of four classes: spread over them, the first and the last, and said so
+    assert "note: 2 of 4 classes shown" in res.stderr and "--batch-size 4 shows every class" in res.stderr
     assert sorted(p.name for p in folder.glob("*.png")) == ["000_c00_000_test.png", "001_c03_000_test.png",
                                                             "grid.png", "my_notes.png"]
 
@@ -136,6 +139,45 @@ def test_visualize_rollout_across_and_attention_on_files(runs, small_synthetic):
     w, h = _size(folder / "grid.png")
     assert w / h <= figures.MAX_ASPECT
     assert (folder / f"000_{img.stem}.png").is_file()
+
+
+def test_visualize_takes_folders_and_several_files_after_one_images(runs, small_synthetic, tmp_path):
+    """--images takes a folder (searched for images) and several files after it (what a shell glob gives),
+    RUN anywhere among them; your files are named under their panels; --format pdf prints every file."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    files = sorted((small_synthetic / "images" / "c02").glob("*_test.png"))[:2]
+    for f in files:
+        shutil.copy(f, mine / f.name)
+    extra = sorted((small_synthetic / "images" / "c03").glob("*_test.png"))[:2]
+    res = runner.invoke(app, ["visualize", "attention", "--images", str(mine), *map(str, extra), str(runs["ila"]),
+                              "--device", "cpu", "--dpi", "60", "--format", "pdf", "--cmap", "viridis"])
+    assert res.exit_code == 0, res.output
+    folder = runs["ila"] / "analysis" / "visualize" / "attention_last_mean_images"
+    printed = res.stdout.splitlines()
+    assert printed[:2] == [str(folder / "grid.png"), str(folder / "grid.pdf")]
+    stems = [f.stem for f in files] + [f.stem for f in extra]
+    assert printed[2:] == [str(folder / f"{i:03d}_{stem}.{ext}") for i, stem in enumerate(stems) for ext in ("png", "pdf")]
+    assert all(__import__("pathlib").Path(p).is_file() for p in printed)
+    res = runner.invoke(app, ["visualize", "attention", str(runs["ila"]), str(extra[0]), "--device", "cpu"])
+    assert res.exit_code == 2 and "images go after --images" in _text(res)
+    res = runner.invoke(app, ["visualize", "attention", str(runs["ila"]), "--images", str(tmp_path / "none"),
+                              "--device", "cpu"])
+    assert res.exit_code == 2 and "no such file or folder" in _text(res)
+    res = runner.invoke(app, ["visualize", "rollout", str(runs["ila"]), "--cmap", "not_a_map", "--device", "cpu"])
+    assert res.exit_code == 2 and "not a matplotlib colour map" in _text(res)
+
+
+def test_own_images_are_named_in_their_captions(runs, small_synthetic):
+    from functools import partial
+
+    from ufgir_cli.analysis.report import rollout_maps, visualize
+
+    img = next((small_synthetic / "images" / "c01").glob("*_test.png"))
+    shown = visualize(runs["ila"], partial(rollout_maps), images=[img], device="cpu")
+    assert shown.captions[0][1:] == (None, img.name) and shown.classes is None
+    fig = figures.draw_overlays(shown.images, shown.maps, shown.captions, title="t")
+    assert img.name in {t.get_text() for t in fig.texts}
 
 
 @pytest.mark.parametrize("args,message", [
@@ -206,4 +248,46 @@ def test_compare_table_plot_and_paper_number(runs, tmp_path):
     assert paper["ila_pp"]["top1"] == 75.00 and f"{paper['ila_pp']['gmacs']:.2f}" == "67.06"
 
     res = runner.invoke(app, ["compare", str(unevaluated)])  # listed with the command that evaluates it
-    assert res.exit_code == 0 and "nothing to compare" in _text(res) and "ufgir eval" in _text(res)
+    assert res.exit_code == 1 and "nothing to compare" in _text(res) and "ufgir eval" in _text(res)
+
+
+def test_compare_aggregates_seeds_and_reads_sweep_folders(runs, tmp_path):
+    """A sweep folder stands for its runs; runs that differ only in their seed are one point, mean ± sample std;
+    two points of one method are told apart by the setting they differ in."""
+    import statistics
+
+    sweep = tmp_path / "sweeps" / "lin"
+    (sweep / "plan.json").parent.mkdir(parents=True)
+    (sweep / "plan.json").write_text("{}")
+    top1 = {1: 30.0, 10: 34.0, 100: 35.0}
+    for seed, value in top1.items():
+        run = sweep / "runs" / f"p2_seed{seed}"
+        shutil.copytree(runs["lin"], run, ignore=shutil.ignore_patterns("analysis", "events.*"))
+        text = (run / "recipe.toml").read_text()
+        (run / "recipe.toml").write_text(re.sub(r"\nseed = \d+", f"\nseed = {seed}", text))
+        m = json.loads((run / "eval/test/metrics.json").read_text())
+        (run / "eval/test/metrics.json").write_text(json.dumps({**m, "top1": value}))
+    phase1 = sweep / "runs" / "p1_lr0.1"  # evaluated on val only: counted, not compared
+    shutil.copytree(runs["lin"], phase1, ignore=shutil.ignore_patterns("analysis", "events.*", "eval"))
+    other = tmp_path / "lin_lr"  # the linear probe at another learning rate: a point of its own
+    shutil.copytree(runs["lin"], other, ignore=shutil.ignore_patterns("analysis", "events.*"))
+    text = (other / "recipe.toml").read_text()
+    (other / "recipe.toml").write_text(re.sub(r"\nlr = [0-9.e-]+", "\nlr = 0.03", text, count=1))
+    out = tmp_path / "cmp.png"
+    res = runner.invoke(app, ["compare", str(sweep), str(other), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "1 of its 4 runs have no eval/test/metrics.json" in _text(res)
+    table = json.loads(out.with_suffix(".json").read_text())
+    assert len(table["runs"]) == 4 and len(table["points"]) == 2
+    seeds = next(p for p in table["points"] if p["n"] == 3)
+    assert sorted(seeds["seeds"]) == [1, 10, 100]
+    assert seeds["top1"] == pytest.approx(statistics.mean(top1.values()))
+    assert seeds["std"] == pytest.approx(statistics.stdev(top1.values()))
+    lr = {p["n"]: p["label"] for p in table["points"]}
+    assert lr[3].startswith("Linear probe (lr ") and lr[1] == "Linear probe (lr 0.03)" and lr[1] != lr[3]
+    assert f"{seeds['top1']:.2f} ± {seeds['std']:.2f}" in res.output and "(n=1)" in res.output
+    # a reproduction folder (grid.json, sweeps/*/plan.json) stands for every sweep's runs
+    (tmp_path / "grid.json").write_text("{}")
+    res = runner.invoke(app, ["compare", str(tmp_path), "--out", str(tmp_path / "grid_cmp.png")])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads((tmp_path / "grid_cmp.json").read_text())["runs"]) == 3

@@ -90,7 +90,17 @@ def test_features_log_axes_one_legend_heads_explained():
     assert all(ax.get_xlabel() == "block" and ax.get_ylabel() for ax in panels)
     assert not any(ax.get_legend() for ax in panels) and len(fig.legends) == 1
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend == ["ILA++", "Linear probe", "one head (attention distance)", "down-sampling ILA"]
+    assert legend == ["ILA++", "Linear probe", "one head (attention distance), ILA++",
+                      "one head (attention distance), Linear probe", "down-sampling ILA, ILA++"]
+    # every entry is drawn in the colour of what it names (issue 37: the DS-ILA key was grey, its lines not)
+    from matplotlib.colors import to_rgb
+
+    keys = {h.get_label(): to_rgb(h.get_color()) for h in fig.legends[0].legend_handles}
+    lines = [to_rgb(line.get_color()) for line in panels[0].get_lines() if line.get_linestyle() == "-"]
+    dashed = {to_rgb(line.get_color()) for line in panels[0].get_lines() if line.get_linestyle() == "--"}
+    assert keys["ILA++"] == keys["one head (attention distance), ILA++"] == lines[0]
+    assert keys["Linear probe"] == lines[1] != lines[0]
+    assert dashed == {keys["down-sampling ILA, ILA++"]}
 
 
 def _overlay_inputs(count: int, per_image: int):
@@ -156,6 +166,86 @@ def test_compare_log_axis_families_sizes_labels_inside():
     assert areas["Linear probe"] < areas["ILA++"] < areas["Full fine-tuning"]
 
 
+def test_a_box_covering_the_whole_image_is_drawn_inside_and_said():
+    """CAL's box can be the whole image: on the image's border it would be invisible."""
+    images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    rects = [[(0, 0, 32, 32, "#ff2a2a"), (4, 4, 10, 10, "#0072b2")], [(0, 0, 32, 32, "#ff2a2a")]]
+    fig = figures.draw_selection([("image and boxes", images, rects)], [("a", "a"), ("b", "a")], title="t")
+    _check_readable(fig)
+    said = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert said == ["dashed: whole image", "box = whole image"]
+    whole = [p for p in fig.axes[0].patches if p.get_linestyle() != "solid"]
+    assert len(whole) == 1 and whole[0].get_x() > 0 and whole[0].get_width() < 32
+
+
+# The paper's SoyAgeing row (Table 1 at the cost we count for ViT-B/16 at 448 px) and eight runs of ours near
+# it, four the mean of several seeds: the crowded case of `compare --paper` (issue 37).
+PAPER_SOY = [("Linear probe", 78.49, 48.61, 153030, "PETL"), ("VPT-shallow", 90.07, 49.12, 229830, "PETL"),
+             ("VPT-deep", 90.07, 60.76, 1074630, "PETL"), ("ConvPass", 78.74, 60.18, 480582, "PETL"),
+             ("Adapter", 78.73, 73.31, 466566, "PETL"), ("ILA+", 66.95, 68.79, 326886, "ILA"),
+             ("ILA++", 67.06, 75.0, 507062, "ILA"), ("MPN-COV", 78.43, 40.43, 461318, "FGIR"),
+             ("IFA", 78.49, 56.01, 154579, "FGIR"), ("TransFG", 130.13, 57.54, 7240902, "FGIR"),
+             ("FFVT", 72.96, 69.93, 7242438, "FGIR"), ("GLSim", 157.0, 56.58, 7243206, "FGIR"),
+             ("RAMS", 162.31, 50.73, 153798, "FGIR"), ("CAL", 627.39, 51.16, 4890688, "FGIR"),
+             ("TrFG* (full fine-tuning)", 130.13, 72.16, 86402502, "FGIR")]
+OURS_SOY = [("ILA++", 67.06, 74.1, 507062, "ILA", 1.2), ("Adapter", 78.73, 72.4, 466566, "PETL", 0.8),
+            ("Linear probe", 78.49, 47.9, 153030, "PETL", 0.5), ("VPT-deep", 90.07, 61.9, 1074630, "PETL", 2.1),
+            ("ILA+", 66.95, 69.6, 326886, "ILA", None), ("IFA", 78.49, 55.2, 154579, "FGIR", None),
+            ("TransFG", 130.13, 58.8, 7240902, "FGIR", None), ("ConvPass", 78.74, 59.1, 480582, "PETL", 1.5)]
+
+
+def _crowd(suffix: str = "") -> list[dict]:
+    return ([{"label": lab + suffix, "gmacs": g, "top1": t, "trainable": n, "family": f, "paper": False, "std": sd}
+             for lab, g, t, n, f, sd in OURS_SOY]
+            + [{"label": lab + suffix, "gmacs": g, "top1": t, "trainable": n, "family": f, "paper": True}
+               for lab, g, t, n, f in PAPER_SOY])
+
+
+@pytest.mark.parametrize("suffix", ["", " · SoyAgeing"])
+def test_compare_labels_never_overlap_and_sit_by_their_markers(suffix):
+    """On the rendered figure (200 dpi, as saved): no two label boxes overlap, each is within 40 px of its
+    marker's edge and off every marker's centre, inside the axes; error bars for the seeds' spread."""
+    from matplotlib.text import Annotation
+
+    points = _crowd(suffix)
+    fig = figures.draw_compare(points, title="Top-1 against cost · SoyAgeing · test")
+    _check_readable(fig)
+    fig.set_dpi(200)
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    labels = [t for t in ax.texts if isinstance(t, Annotation)]
+    assert [t.get_text() for t in labels] == [p["label"] for p in points]
+    boxes = [Text.get_window_extent(t, r) for t in labels]  # the text alone, not its leader line
+    for i in range(len(boxes)):
+        for j in range(i):
+            assert not boxes[i].overlaps(boxes[j]), (labels[i].get_text(), labels[j].get_text())
+    biggest = max(p["trainable"] for p in points)
+    frame = ax.get_window_extent(r)
+    for t, box, p in zip(labels, boxes, points, strict=True):
+        cx, cy = ax.transData.transform((p["gmacs"], p["top1"]))
+        radius = 0.5 * np.sqrt(figures.marker_area(p["trainable"], biggest)) * 200 / 72
+        nx, ny = min(max(cx, box.x0), box.x1), min(max(cy, box.y0), box.y1)
+        gap = np.hypot(nx - cx, ny - cy) - radius
+        assert -1 <= gap <= 40, (t.get_text(), gap)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, t.get_text()
+    # a label away from its marker has a leader line to it; one error bar per point with a std
+    assert any(t.arrow_patch is not None for t in labels)
+    assert len(ax.containers) == sum(1 for p in points if p.get("std"))
+    family = [t.get_text() for t in ax.artists[0].get_texts()]
+    assert family[-1] == "± std over seeds" and "ours" in family and "paper (448 px)" in family
+
+
+def test_place_labels_keeps_apart_or_says_none():
+    """The placer alone: three labels around three touching markers all fit; one that cannot fit in a tiny
+    area is None, never on top of another."""
+    spots = figures.place_labels([(50, 50), (58, 50), (54, 57)], [4, 4, 4], [(30, 10)] * 3, (200, 120))
+    assert all(s is not None for s in spots)
+    boxes = [(x, y, x + 30, y + 10) for x, y in spots]
+    assert all(figures._overlap(a, b) == 0 for k, a in enumerate(boxes) for b in boxes[:k])
+    assert figures.place_labels([(20, 10), (22, 10)], [4, 4], [(30, 10), (30, 10)], (44, 22)).count(None) >= 1
+
+
 def test_save_png_at_dpi_and_vector_files(tmp_path):
     fig = figures.draw_compare(_points(paper=False), title="t")
     png = figures.save(fig, tmp_path / "cmp.png", dpi=100, formats=("pdf", "svg"))
@@ -179,9 +269,9 @@ def test_save_png_at_dpi_and_vector_files(tmp_path):
 def test_overlay_folder_files_and_formats(tmp_path):
     images, maps, captions = _overlay_inputs(3, 2)
     names = ["a", "b", "c"]
-    grid = figures.save_overlay_folder(images, maps, captions, names, tmp_path, title="t", dpi=80, formats=("svg",))
-    assert grid == tmp_path / "grid.png"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    files = figures.save_overlay_folder(images, maps, captions, names, tmp_path, title="t", dpi=80, formats=("svg",))
+    assert files[:2] == [tmp_path / "grid.png", tmp_path / "grid.svg"]  # every file written, the grid's first
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files) == [
         "000_a.png", "000_a.svg", "001_b.png", "001_b.svg", "002_c.png", "002_c.svg", "grid.png", "grid.svg"]
     # a smaller PNG-only call removes the per-image files it does not write, and nothing of the user's
     (tmp_path / "notes.txt").write_text("mine")

@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from ufgir_cli.cli import app
-from ufgir_cli.recipe import dump_resolved, load_recipe, recipe_sources
+from ufgir_cli.recipe import dump_every_key, dump_resolved, load_recipe, recipe_sources
 
 try:
     import tomllib
@@ -89,7 +89,7 @@ def test_no_run_anywhere_says_how_to_make_one(tmp_path, monkeypatch, args):
 def test_recipes_show_piped_is_the_toml_itself(tmp_path):
     res = _cli("recipes", "show", "quickstart")
     assert res.returncode == 0, res.stderr
-    assert res.stdout == dump_resolved(*recipe_sources("quickstart", env=False))  # each value's source as a comment
+    assert res.stdout == dump_every_key(*recipe_sources("quickstart", env=False))  # every key, each value's source
     saved = tmp_path / "my.toml"
     saved.write_text(res.stdout)
     assert load_recipe(saved) == load_recipe("quickstart")
@@ -190,10 +190,10 @@ def test_compare_skips_its_own_outputs_and_writes_under_runs(tmp_path, monkeypat
     (tmp_path / "runs" / "compare_test.png").write_bytes(b"\x89PNG")
     (tmp_path / "runs" / "compare_test.json").write_text("{}")
     res = runner.invoke(app, ["compare", *sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "runs").iterdir())])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1, res.output  # nothing to compare is a failure (issue 37)
     text = " ".join(res.output.split())
-    assert "runs/compare_test.png: not a run folder or checkpoint" in text
-    assert "runs/compare_test.json: not a run folder or checkpoint" in text
+    assert "runs/compare_test.png: not a run folder, checkpoint" in text
+    assert "runs/compare_test.json: not a run folder, checkpoint" in text
     assert f"`ufgir eval runs/{run.name} --split test`" in text and "nothing to compare" in text
     assert not list(tmp_path.glob("compare_*"))
 

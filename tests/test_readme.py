@@ -14,7 +14,7 @@ from ufgir_cli.cli import app
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 #: Commands run as written: they read only packaged recipes and the catalog.
-RUNNABLE = {("recipes", "list"), ("recipes", "show"), ("inspect",), ("datasets",)}
+RUNNABLE = {("recipes", "list"), ("recipes", "show"), ("recipes", "keys"), ("inspect",), ("datasets",)}
 GROUPS = {"recipes", "visualize", "datasets"}
 
 

@@ -4,7 +4,8 @@ The new content goes to a temporary file beside the target (``.<name>.<random>.t
 and fsynced, then renamed over the target; the folder is fsynced so the rename survives a power
 cut. A process killed mid-write (SIGKILL, OOM killer) can leave only such a temp file behind:
 :func:`remove_stale_temps` deletes those when a run is picked up again. Also here: :func:`to_toml`,
-the writer for the two-level TOML files ufgir produces (recipes), since ``tomllib`` only reads.
+the writer for the two-level TOML files ufgir produces (recipes), since ``tomllib`` only reads, and
+:func:`plural`, the count and noun of every "1 image" / "2 images" ufgir writes.
 """
 
 from __future__ import annotations
@@ -145,3 +146,9 @@ def to_toml(data: dict[str, Any], comments: dict[str, str] | None = None) -> str
             lines.append(f"\n[{k}]")
             lines += [x for kk, vv in v.items() for x in line(kk, vv, f"{k}.{kk}")]
     return "\n".join(lines) + "\n"
+
+
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``n`` and ``noun`` in agreement: ``plural(1, "task")`` is "1 task", ``plural(2, "task")`` "2 tasks"
+    (``nouns``: an irregular plural)."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"

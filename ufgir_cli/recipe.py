@@ -22,6 +22,7 @@ import sys
 import types
 import typing
 import warnings
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +46,13 @@ Split = Literal["train", "val", "train_val", "test"]
 #: What ``data.augment = "medium"`` brings where unset (the reference's medaugs; `Recipe._augment_preset`).
 MEDIUM_PRESET = {"optim": {"label_smoothing": 0.1},
                  "model": {"drop": 0.0, "drop_path": 0.1, "drop_path_schedule": "uniform"}}
+
+
+def splits_share_images(a: str, b: str) -> bool:
+    """Whether splits ``a`` and ``b`` hold common images: the same split, or train_val and one of its
+    parts (train, val). A model evaluated on a split that shares images with its training split is
+    not measured on held-out images."""
+    return a == b or ("train_val" in (a, b) and {a, b} <= {"train", "val", "train_val"})
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -111,14 +119,15 @@ def _fill_numerics(data: dict, section: str, backbone: str, numerics: Any) -> di
 class ModelConfig(Section):
     backbone: str = Field("vit_base_patch16_224.orig_in21k", description="A timm ViT name.")
     weights: str = Field("timm", description='"timm" (pretrained), "none" (random) or a weights file.')
-    image_size: int = Field(224, ge=16, le=4096)
+    image_size: int = Field(224, ge=16, le=4096, description="Side of the square crop the model sees, in pixels "
+                            "(the position embedding is resampled to it).")
     num_classes: int | None = Field(None, ge=2, description="Taken from the dataset when unset.")
     method: str = Field("ila_pp", description="A method of the table (`ufgir recipes list`) or of an installed plugin.")
     train_backbone: bool = Field(False, description="Every backbone weight trains too, whatever the method.")
     depth: int | None = Field(None, ge=1, description="Blocks of the backbone; None keeps the timm model's.")
     # Parallel adapters (adapter, convpass, ila_pp).
-    adapter_dim: int = Field(8, ge=1)
-    adapter_scale: float = 1.0
+    adapter_dim: int = Field(8, ge=1, description="Parallel adapters' bottleneck width.")
+    adapter_scale: float = Field(1.0, description="Factor on the parallel adapters' output.")
     adapter_kernel: int = Field(3, ge=1, description="ConvPass kernel size (odd).")
     adapter_init: Literal["xavier", "zero"] = Field(
         "xavier", description="Up-projection init: xavier (the reference) or zero (adapters start as identity)."
@@ -128,13 +137,15 @@ class ModelConfig(Section):
     ila_locs: tuple[int, ...] | None = Field(None, description="Blocks followed by a same-resolution ILA.")
     ila_ds_locs: tuple[int, ...] | None = Field(None, description="Blocks followed by a down-sampling ILA.")
     ila_kernel: int = Field(3, ge=1, description="ILA depthwise kernel (odd).")
-    ila_norm: Literal["bn", "ln", "none"] = "bn"
+    ila_norm: Literal["bn", "ln", "none"] = Field("bn", description="Normalisation inside ILA: BatchNorm, LayerNorm or none.")
     ila_cls_conv: bool = Field(True, description="CLS/prefix tokens get their own 1x1 conv in ILA.")
-    ila_residual_init: Literal["near_ones", "ones", "xavier"] = "near_ones"
+    ila_residual_init: Literal["near_ones", "ones", "xavier"] = Field(
+        "near_ones", description="Init of a down-sampling ILA's residual convolution: N(1, 0.001) (the reference), "
+        "ones, or Xavier-uniform.")
     ila_dws_mult: int = Field(1, ge=1, description="Depthwise channel multiplier inside ILA.")
     # Prompts (vpt_shallow, vpt_deep).
-    prompt_len: int = Field(100, ge=1)
-    prompt_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    prompt_len: int = Field(100, ge=1, description="VPT, VQT: prompt tokens (per block for the deep variants).")
+    prompt_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="VPT, VQT: dropout on the prompt tokens.")
     cov_dim: int = Field(64, ge=2, description="MPN-COV: channels of the pooled covariance.")
     maws_tokens: int = Field(12, ge=1, description="FFVT: tokens selected from every block.")
     row0_chain: bool = Field(False, description="TransFG, RAMS: select by the CLS row carried through the maps "
@@ -164,7 +175,8 @@ class ModelConfig(Section):
         default_factory=dict, description="A plugin method's own settings, validated by its settings model.")
     # Backbone numerics.
     drop: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on attention/MLP branch outputs.")
-    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="Stochastic depth rate (of the last block, "
+                             "with the linear schedule).")
     drop_path_schedule: Literal["linear", "uniform"] = Field(
         "linear", description="Stochastic depth per block: timm's linear ramp, or the reference's same rate")
     numerics: Literal["backbone", "reference"] = Field(
@@ -287,6 +299,18 @@ class ModelConfig(Section):
         return v
 
     @model_validator(mode="after")
+    def _some_ila(self) -> ModelConfig:
+        """An ILA method given no ILA position at all (both lists empty) would train as another method;
+        refused in a new recipe (a saved run's recipe loads as it was trained)."""
+        spec = method_spec(self.method)
+        if spec.has_ila and self.ila_locs == () and self.ila_ds_locs == () and not _SAVED.get():
+            same = spec.adapter or "linear"
+            raise ValueError(f"method {self.method!r} with model.ila_ds_locs = [] and model.ila_locs = [] has no ILA "
+                             f"and would train as {same!r}: give ILA positions (leave model.ila_ds_locs unset for "
+                             f"the method's own) or --set model.method={same}")
+        return self
+
+    @model_validator(mode="after")
     def _geometry(self) -> ModelConfig:
         if set(self.ila_locs or ()) & set(self.ila_ds_locs or ()):
             raise ValueError(
@@ -304,15 +328,15 @@ class ModelConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    nesterov: bool = True
-    weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0)
+    name: Literal["sgd", "adamw"] = Field("sgd", description="Optimiser.")
+    lr: float = Field(0.1, gt=0.0, description="Peak learning rate, reached at the end of the warmup.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    nesterov: bool = Field(True, description="SGD: Nesterov momentum (when momentum > 0).")
+    weight_decay: float = Field(0.0, ge=0.0, description="On weight matrices only (not on biases, norms, tokens).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW eps.")
     clip_grad: float | None = Field(1.0, gt=0.0, description="Max grad norm; unset to disable.")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
     layer_decay: float | None = Field(
         None, gt=0.0, le=1.0, description="Layer-wise learning-rate decay: the head at optim.lr, block i at "
         "lr * decay^(depth - i), the embedding at lr * decay^(depth + 1) (e.g. 0.65 to 0.75 fine-tuning CLIP or "
@@ -320,29 +344,31 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
-    name: Literal["cosine", "constant"] = "cosine"
+    name: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule after the warmup.")
     warmup_steps: int = Field(500, ge=0, description="Linear warmup iterations, counted inside the cosine.")
-    warmup_lr: float = Field(1e-6, ge=0.0)
-    min_lr: float = Field(1e-5, ge=0.0)
+    warmup_lr: float = Field(1e-6, ge=0.0, description="Learning rate at the first step of the warmup.")
+    min_lr: float = Field(1e-5, ge=0.0, description="Learning rate the cosine ends at.")
 
 
 class TrainConfig(Section):
-    epochs: int = Field(50, ge=1)
-    batch_size: int = Field(8, ge=1)
-    split: Split = "train_val"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    seed: int = 1
-    grad_accum: int = Field(1, ge=1)
-    deterministic: bool = False
-    device: str = "auto"
+    epochs: int = Field(50, ge=1, description="Passes over the training split.")
+    batch_size: int = Field(8, ge=1, description="Images per micro-batch and process.")
+    split: Split = Field("train_val", description="The split trained on.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the device supports it (fp16 on older GPUs), else fp32.")
+    seed: int = Field(1, description="Seeds Python, NumPy and torch: initialisation, data order, augmentation.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    deterministic: bool = Field(False, description="torch's deterministic algorithms (slower; warns where there are none).")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto (cuda when available).")
     threads: int | None = Field(
         None, ge=0, description="torch intra-op CPU threads; None or 0 = the cores this process may use, "
         "less one per data-loader worker (see ufgir_cli.cores)."
     )
     compile: bool | None = Field(None, description="torch.compile; None = on CUDA only.")
-    grad_checkpointing: bool = False
-    channels_last: bool = False
-    sync_bn: bool = False
+    grad_checkpointing: bool = Field(False, description="Recompute block activations in the backward pass: "
+                                     "less memory, more time.")
+    channels_last: bool = Field(False, description="channels_last memory format for the images and the model.")
+    sync_bn: bool = Field(False, description="Synchronise BatchNorm statistics across GPUs under torchrun.")
     checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N steps (0 = per epoch only).")
     skip_nonfinite: bool | None = Field(
         None, description="Let the fp16 loss scaler skip non-finite steps (counted); None = on with fp16 scaling."
@@ -350,13 +376,13 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    split: Split = "test"
+    split: Split = Field("test", description="The split evaluated during and after training (held out from train.split).")
     every: int = Field(10, ge=0, description="Evaluate every N epochs (0 = only at the end).")
-    batch_size: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="Evaluation batch size; None: train.batch_size.")
 
 
 class LoggingConfig(Section):
-    tensorboard: bool = True
+    tensorboard: bool = Field(True, description="Write TensorBoard event files (scalars, hparams, the recipe) into the run folder.")
     log_every: int = Field(20, ge=1, description="Steps between metric log lines.")
 
 
@@ -395,7 +421,7 @@ class Recipe(BaseSettings):
         env_prefix="UFGIR_", env_nested_delimiter="__", extra="forbid", frozen=True, validate_default=True
     )
 
-    description: str = ""
+    description: str = Field("", description="What the recipe is for, in one line (`ufgir recipes list`).")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -712,4 +738,75 @@ def recipe_sources(name_or_path: str | os.PathLike | None = None, overrides: dic
             elif (value.get(leaf) if isinstance(value, dict) else value) is not None:
                 out[dotted] = "default"  # an unset default (None) is not written, nor its comment
     return recipe, out
+
+
+def _unset(key: str, value: Any) -> bool:
+    """A key with no value of its own: None, or an empty ``model.options``."""
+    return value is None or (key == "options" and not value)
+
+
+def _toml_line(key: str, value: Any) -> str:
+    """``key = value`` as `to_toml` writes it inside a section."""
+    return to_toml({"s": {key: value}}).strip().splitlines()[-1]
+
+
+def dump_every_key(recipe: Recipe, comments: dict[str, str] | None = None) -> str:
+    """The resolved recipe as TOML with every key, in the order the recipe declares them: an unset
+    one (None: "derived" or "the backbone's") as a comment that says what it is, so the text still
+    loads, as `dump_resolved`'s does, to an equal recipe. ``comments``: where each set value comes
+    from, by dotted key (`recipe_sources`), after its line."""
+    docs = {d.key: d for d in recipe_keys()}
+    data = recipe.model_dump(mode="python")
+
+    def lines(prefix: str, items: dict) -> list[str]:
+        return [f"# {k} (unset): {docs[prefix + k].description}" if _unset(k, v)
+                else _toml_line(k, v) + (f"  # {comments[prefix + k]}" if comments and prefix + k in comments else "")
+                for k, v in items.items()]
+
+    out = lines("", {k: v for k, v in data.items() if not isinstance(v, dict)})
+    for section, items in data.items():
+        if isinstance(items, dict):
+            out += ["", f"[{section}]", *lines(f"{section}.", items)]
+    return "\n".join(out) + "\n"
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One recipe key as `ufgir recipes keys` lists it."""
+
+    key: str          # dotted: "train.epochs"
+    type: str         # "int", "bicubic | bilinear", "list of int or unset", ...
+    default: Any      # the field's default (None: unset)
+    description: str
+
+
+def _type_name(ann: Any) -> str:
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        named = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(named) + (" or unset" if type(None) in args else "")
+    if origin in (tuple, list):
+        inner = [a for a in args if a is not Ellipsis]
+        kinds = list(dict.fromkeys(_type_name(a) for a in inner))
+        return f"list of {' or '.join(kinds)}" if Ellipsis in args or origin is list else \
+            f"{len(inner)} {' or '.join(kinds)}s"
+    if origin is dict:
+        return "table"
+    return getattr(ann, "__name__", str(ann))
+
+
+def recipe_keys() -> list[KeyDoc]:
+    """Every recipe key, in the order the recipe declares them, with its type, default and description."""
+    out = []
+    for name, f in Recipe.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            for key, g in ann.model_fields.items():
+                default = g.get_default(call_default_factory=True)
+                out.append(KeyDoc(f"{name}.{key}", _type_name(g.annotation), default, g.description or ""))
+        else:
+            out.append(KeyDoc(name, _type_name(ann), f.get_default(call_default_factory=True), f.description or ""))
+    return out
 

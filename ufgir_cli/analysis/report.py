@@ -8,6 +8,7 @@ under ``<run>/analysis/``, so a notebook can call the same functions and plot th
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,9 +143,10 @@ class Shown:
 
     images: np.ndarray                      # (B, S, S, 3) uint8
     maps: list[tuple[str, np.ndarray]]      # (label, (B, S, S) in [0, 1]) per kind of map
-    captions: list[tuple[str, str | None]]  # per image: predicted and true class (None for files)
+    captions: list[tuple]                   # per image: predicted and true class (None for files), file name
     stems: list[str]                        # per image: its file name without suffix
     title: str                              # the run: method and dataset
+    classes: tuple[int, int] | None = None  # classes shown, of the split's (None: the user's own files)
 
 
 def _class_names(recipe: Recipe, own: list[str] | None = None) -> list[str] | None:
@@ -171,30 +173,46 @@ def pick_per_class(targets: Sequence[int], per_class: int, count: int) -> list[i
     return [i for c in chosen for i in by_class[c][:per_class]][:count]
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """Images as the model's eval transform gives them, and what they are."""
+
+    x: torch.Tensor                  # (B, 3, S, S) uint8
+    targets: list[int | None]        # true classes (None for the user's own files)
+    stems: list[str]                 # file names without suffix
+    files: list[str | None]          # the user's file names (None for a split's images)
+    class_names: list[str] | None
+    classes: tuple[int, int] | None  # classes shown, of the split's (None for the user's files)
+
+
 def load_images(recipe: Recipe, split: str, images: Sequence[Path] | None, count: int, per_class: int = 1,
-                names: list[str] | None = None):
-    """(uint8 (B, 3, S, S) images, targets or Nones, file stems, class names) as the model's eval transform
-    sees them: the ``images`` files, or else ``per_class`` images of each of up to ``count // per_class``
-    classes of ``split`` (see :func:`pick_per_class`). ``names``: the model's own class names, if any."""
+                names: list[str] | None = None) -> Loaded:
+    """The ``images`` files, or else ``per_class`` images of each of up to ``count // per_class`` classes of
+    ``split`` (see :func:`pick_per_class`), as the model's eval transform sees them. ``names``: the model's
+    own class names, if any."""
     tf = preprocess_for(recipe, train=False)
     if images:
         x = torch.stack([tf(load_image(str(p)), None) for p in images])       # (B, 3, S, S) uint8
-        return x, [None] * len(images), [p.stem for p in images], _class_names(recipe, names)
+        return Loaded(x, [None] * len(images), [p.stem for p in images], [p.name for p in images],
+                      _class_names(recipe, names), None)
     sf = open_split(recipe, split)
     rows = [sf.samples[i] for i in pick_per_class([t for _, t in sf.samples], per_class, count)]
     x = torch.stack([tf(load_image(path), None) for path, _ in rows])          # (B, 3, S, S) uint8
-    return x, [t for _, t in rows], [Path(path).stem for path, _ in rows], sf.class_names
+    shown = (len({t for _, t in rows}), len({t for _, t in sf.samples}))
+    return Loaded(x, [t for _, t in rows], [Path(path).stem for path, _ in rows], [None] * len(rows),
+                  sf.class_names, shown)
 
 
-def _captions(preds: list[int], targets: list[int | None], class_names: list[str] | None) -> list[tuple[str, str | None]]:
-    """(predicted, true or None) class names per image, for the figures' captions."""
+def _captions(preds: list[int], loaded: Loaded) -> list[tuple[str, str | None, str | None]]:
+    """(predicted, true or None, the user's file name or None) per image, for the figures' captions."""
+    class_names = loaded.class_names
 
     def name(c: int | None) -> str | None:
         if c is None:
             return None
         return class_names[c] if class_names and c < len(class_names) else f"class {c}"
 
-    return [(name(p), name(t)) for t, p in zip(targets, preds, strict=True)]
+    return [(name(p), name(t), f) for t, p, f in zip(loaded.targets, preds, loaded.files, strict=True)]
 
 
 def visualize(path: Path, make_maps: MakeMaps, *, split: str = "test", images: Sequence[Path] | None = None,
@@ -202,13 +220,14 @@ def visualize(path: Path, make_maps: MakeMaps, *, split: str = "test", images: S
     """Run the model once over the images and turn its attention into maps at image resolution."""
     loaded = load_model(path, checkpoint, device)
     model, recipe, device = loaded.model, loaded.recipe, loaded.device
-    x, targets, stems, class_names = load_images(recipe, split, images, count, per_class, loaded.class_names)
+    imgs = load_images(recipe, split, images, count, per_class, loaded.class_names)
+    x = imgs.x
     data_cfg = model.data_config()
     out = forward_collect(model, normalize(x.to(device), data_cfg))
     preds = out.logits.argmax(dim=1).tolist()
     maps = [(label, ro.upsample(m, tuple(x.shape[-2:])).cpu().numpy()) for label, m in make_maps(model, out.attention)]
-    captions = _captions(preds, targets, class_names)
-    return Shown(x.permute(0, 2, 3, 1).numpy(), maps, captions, stems, run_title(recipe))  # images (B, S, S, 3)
+    return Shown(x.permute(0, 2, 3, 1).numpy(), maps, _captions(preds, imgs), imgs.stems,  # images (B, S, S, 3)
+                 run_title(recipe), imgs.classes)
 
 
 @dataclass
@@ -217,10 +236,11 @@ class Selected:
 
     panels: list[tuple[str, np.ndarray, list[list[tuple[int, int, int, int]]]]]  # (label, (B, S, S, 3) uint8,
     #                                       per image its rectangles (top, left, height, width) in pixels)
-    captions: list[tuple[str, str | None]]  # per image: predicted and true class (None for files)
+    captions: list[tuple]                   # per image: predicted and true class (None for files), file name
     stems: list[str]
     title: str
     what: str                               # what is selected, for the figure's title
+    classes: tuple[int, int] | None = None  # classes shown, of the split's (None: the user's own files)
 
 
 def _to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
@@ -296,13 +316,12 @@ def selections(path: Path, *, split: str = "test", images: Sequence[Path] | None
     """What a fine-grained method looks at over a run's images (:func:`selection_panels`)."""
     loaded = load_model(path, checkpoint, device)
     model, recipe = loaded.model, loaded.recipe
-    x, targets, stems, class_names = load_images(recipe, split, images, count, per_class, loaded.class_names)
-    shown = selection_panels(model, x)
+    imgs = load_images(recipe, split, images, count, per_class, loaded.class_names)
+    shown = selection_panels(model, imgs.x)
     if shown is None:
         raise OptionError(f"visualize crops shows what GLSim, RAMS, CAL, TransFG, FFVT and SimTrans select; "
                           f"{recipe.model.method} selects nothing (try `ufgir visualize rollout`)")
-    captions = _captions(shown.preds, targets, class_names)
-    return Selected(shown.panels, captions, stems, run_title(recipe), shown.what)
+    return Selected(shown.panels, _captions(shown.preds, imgs), imgs.stems, run_title(recipe), shown.what, imgs.classes)
 
 
 def _group_blocks(text: str, grids: list[tuple[int, int]]) -> tuple[int, int]:
@@ -361,20 +380,68 @@ def static_cost(recipe: Recipe, num_classes: int) -> dict:
     return cost_summary(meta_model(cfg, cfg.num_classes or num_classes), cfg.image_size)
 
 
+#: Recipe keys that do not change what a run measures (prose, the machine, logging) or that are what a
+#: point's runs differ in (the seed): left out when `compare` groups runs into points.
+NOT_COMPARED = frozenset({"description", "sweep", "logging", "data.root", "data.num_workers", "train.threads",
+                          "train.device", "train.seed", "train.checkpoint_every", "eval.every", "eval.batch_size"})
+
+
+def recipe_settings(recipe: Recipe) -> dict:
+    """What a run was, for comparing: every recipe key away from its default (dotted, values as JSON
+    writes them), less `NOT_COMPARED`."""
+    from ..recipe import recipe_keys
+
+    defaults = {k.key: k.default for k in recipe_keys()}
+    out = {}
+    for section, values in recipe.model_dump(mode="json").items():
+        for key, v in (values.items() if isinstance(values, dict) else [(None, values)]):
+            dotted = section if key is None else f"{section}.{key}"
+            if dotted in NOT_COMPARED or section in NOT_COMPARED:
+                continue
+            default = defaults.get(dotted)
+            if v != (list(default) if isinstance(default, tuple) else default):
+                out[dotted] = v
+    return out
+
+
+def compare_inputs(paths: Sequence[Path], split: str) -> tuple[list[Path], list[str]]:
+    """The runs behind `compare`'s arguments: run folders and checkpoints as given; a sweep folder
+    (``plan.json``) gives its run folders, a reproduction folder (``grid.json``) every sweep's, each with
+    ``eval/<split>/metrics.json`` (a line per folder says how many of its runs have none yet)."""
+    runs, notes = [], []
+    for path in paths:
+        if (path / "grid.json").is_file():
+            sweeps = sorted(p.parent for p in path.glob("sweeps/*/plan.json"))
+        elif (path / "plan.json").is_file():
+            sweeps = [path]
+        else:
+            runs.append(path)
+            continue
+        found = [r for sw in sweeps for r in sorted((sw / "runs").glob("*/")) if RunDir(r).is_run()]
+        done = [r for r in found if RunDir(r).eval_metrics(split).is_file()]
+        runs += done
+        if len(done) < len(found):
+            notes.append(f"{path}: {len(found) - len(done)} of its {len(found)} runs have no eval/{split}/metrics.json "
+                         f"(a sweep's phase-1 runs are evaluated on val: --split val compares those)")
+    return runs, notes
+
+
 def compare_rows(runs: Sequence[Path], split: str = "test") -> tuple[list[dict], list[str]]:
-    """One row per evaluated run (top-1 on ``split``, the paper's number, cost) and a line per argument left out.
+    """One row per evaluated run (top-1 on ``split``, the paper's number, cost, its seed and settings) and
+    a line per argument left out. Sweep and reproduction folders stand for their runs (`compare_inputs`).
 
     ``compare runs/*`` also matches what is not a run (compare's own figure and table, a stray file):
     such arguments are left out with a note rather than failing the comparison.
     """
-    rows, missing = [], []
+    runs, missing = compare_inputs(list(runs), split)
+    rows = []
     for run in runs:
         if not run.exists():
             missing.append(f"{run}: does not exist")
             continue
         run_dir = RunDir.of(run)
         if not (run.suffix in (".pt", ".pth") if run.is_file() else RunDir(run).is_run()):
-            missing.append(f"{run}: not a run folder or checkpoint")
+            missing.append(f"{run}: not a run folder, checkpoint, sweep or reproduction folder")
             continue
         result = run_dir.eval_metrics(split)
         if not result.is_file():
@@ -391,8 +458,56 @@ def compare_rows(runs: Sequence[Path], split: str = "test") -> tuple[list[dict],
             "image_size": recipe.model.image_size, "checkpoint": m.get("checkpoint"), "top1": m["top1"],
             "paper_top1_448px": paper_top1(recipe.model.method, recipe.data.dataset),
             "macs": c["macs"], "gmacs": c["macs"] / 1e9, "trainable": c["params_trainable"], "total": c["params_total"],
+            "seed": recipe.train.seed, "settings": recipe_settings(recipe),
         })
     return rows, missing
+
+
+def _setting_text(key: str, value) -> str:
+    """One setting as a label says it: "448 px", "lr 0.03", "backbone vit_small_patch16_224"."""
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "image_size":
+        return f"{value} px"
+    shown = f"{value:g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return f"{leaf} {shown}"
+
+
+def compare_points(rows: Sequence[dict], with_dataset: bool) -> list[dict]:
+    """Runs that differ only in their seed, as one point: top-1 mean and sample std (None below two
+    runs), ``n``, seeds and runs. Each point's label is the method (and the dataset, ``with_dataset``);
+    points that would share a label add the settings they differ in (at most two, e.g. "lr 0.03"), else
+    their first run's folder name."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(json.dumps(r["settings"], sort_keys=True), []).append(r)
+    points = []
+    for members in groups.values():
+        first, values = members[0], [r["top1"] for r in members]
+        base = first["method_title"] + (f" · {first['dataset_title']}" if with_dataset else "")
+        points.append({**{k: first[k] for k in ("method", "dataset", "method_title", "dataset_title", "family",
+                                                 "image_size", "paper_top1_448px", "macs", "gmacs", "trainable",
+                                                 "total", "settings")},
+                       "label": base, "top1": statistics.fmean(values),
+                       "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values),
+                       "seeds": [r["seed"] for r in members], "runs": [r["run"] for r in members]})
+    by_label: dict[str, list[dict]] = {}
+    for pt in points:
+        by_label.setdefault(pt["label"], []).append(pt)
+    from ..recipe import recipe_keys
+
+    defaults = {k.key: k.default for k in recipe_keys()}
+    first_keys = ("model.image_size", "optim.lr", "model.backbone", "model.weights")
+    for same in (v for v in by_label.values() if len(v) > 1):
+        keys = sorted({k for pt in same for k in pt["settings"] if len({json.dumps(q["settings"].get(k)) for q in same}) > 1},
+                      key=lambda k: (first_keys.index(k) if k in first_keys else len(first_keys), k))
+        for pt in same:
+            told = ", ".join(_setting_text(k, pt["settings"].get(k, defaults.get(k))) for k in keys[:2])
+            pt["label"] += f" ({told})"
+        labels = [pt["label"] for pt in same]
+        for pt in same:  # still alike (they differ in a third setting): their folders tell them apart
+            if labels.count(pt["label"]) > 1:
+                pt["label"] += f" [{Path(pt['runs'][0]).name}]"
+    return points
 
 
 def paper_points(datasets: Sequence[str]) -> list[dict]:

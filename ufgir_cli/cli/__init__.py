@@ -98,7 +98,8 @@ app.command("predict", cls=PlainCommand)(_ship.predict)
 app.command("push", cls=PlainCommand)(_hub.push)
 app.command("serve", cls=PlainCommand)(_serve.serve)
 app.command("metrics", cls=PlainCommand)(_metrics.metrics)
-app.add_typer(_visualize.app, name="visualize", help="Attention rollout and per-block attention drawn over images.")
+app.add_typer(_visualize.app, name="visualize", help="Attention rollout, per-block attention, and what GLSim, RAMS, "
+              "CAL, TransFG and FFVT select, drawn over images.")
 app.command("compare", cls=PlainCommand)(_compare.compare)
 app.command("pretrain-backbone", cls=PlainCommand)(_backbone.pretrain_backbone)
 

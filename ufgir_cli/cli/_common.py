@@ -15,11 +15,69 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from typer.core import TyperCommand, TyperGroup
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+#: The width of a console whose file is not a terminal: lines as long as they need, for programs.
+UNWRAPPED_WIDTH = 10_000
+
+
+class _NeverCut:
+    """A rich render hook: every table column, and every text inside a table, folds what does not fit
+    onto the next line instead of cutting it with "…" (rich's default), so a path or a default is never cut."""
+
+    def process_renderables(self, renderables: list) -> list:
+        for r in renderables:
+            fold(r)
+        return renderables
+
+
+def fold(renderable) -> None:
+    """Make ``renderable`` (a table, a panel, columns or text, nested) fold instead of cutting with "…"."""
+    from rich.columns import Columns
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    if isinstance(renderable, Panel):
+        fold(renderable.renderable)
+    elif isinstance(renderable, Table):
+        for col in renderable.columns:
+            if col.overflow == "ellipsis":
+                col.overflow = "fold"
+            for c in col._cells:
+                fold(c)
+    elif isinstance(renderable, Columns):
+        for c in renderable.renderables:
+            fold(c)
+    elif isinstance(renderable, Text) and renderable.overflow in (None, "ellipsis"):
+        renderable.overflow = "fold"
+
+
+class UfgirConsole(Console):
+    """rich's Console for ufgir's output: never wraps when its file is not a terminal (a pipe, a log
+    file, a test: one ``key=value`` record stays one line whatever ``COLUMNS`` says) and never cuts
+    a table cell with "…" (see :class:`_NeverCut`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._asked_width = kwargs.get("width")  # rich also sets a width from COLUMNS, which a pipe ignores
+        self.push_render_hook(_NeverCut())
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        if self._asked_width is None and not self.is_terminal:
+            return ConsoleDimensions(UNWRAPPED_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+
+console = UfgirConsole(highlight=False)
+err_console = UfgirConsole(stderr=True, highlight=False)
 
 # Typer's rich help labels every option with its Python type (`<str>`, `<bool>` even on flags); click
 # and most CLIs show TEXT, INTEGER, ... and nothing after a flag. Values are named once, here.
@@ -39,18 +97,50 @@ def _plain_metavars(params: list, ctx) -> list:
     return params
 
 
+@contextmanager
+def _help_never_cut() -> Iterator[None]:
+    """Typer's rich help, with every option's help, default and name folded onto more lines where a
+    column is too narrow (at 80 columns it cuts paths and defaults with "…")."""
+    from typer import rich_utils
+
+    make = getattr(rich_utils, "_get_rich_console", None)
+    if make is None:  # another Typer: its help as it is
+        yield
+        return
+
+    def folding_console(*args, **kwargs):
+        c = make(*args, **kwargs)
+        c.push_render_hook(_NeverCut())
+        return c
+
+    rich_utils._get_rich_console = folding_console
+    try:
+        yield
+    finally:
+        rich_utils._get_rich_console = make
+
+
 class PlainCommand(TyperCommand):
-    """A command whose help names values as click does (see ``_METAVARS``)."""
+    """A command whose help names values as click does (see ``_METAVARS``) and never cuts a default."""
 
     def get_params(self, ctx):  # type: ignore[override]
         return _plain_metavars(super().get_params(ctx), ctx)
+
+    def format_help(self, ctx, formatter):  # type: ignore[override]
+        with _help_never_cut():
+            return super().format_help(ctx, formatter)
 
 
 class PlainGroup(TyperGroup):
-    """A group whose own help names values as click does (register its commands with ``cls=PlainCommand``)."""
+    """A group whose own help names values as click does (register its commands with ``cls=PlainCommand``)
+    and never cuts a default."""
 
     def get_params(self, ctx):  # type: ignore[override]
         return _plain_metavars(super().get_params(ctx), ctx)
+
+    def format_help(self, ctx, formatter):  # type: ignore[override]
+        with _help_never_cut():
+            return super().format_help(ctx, formatter)
 
 RecipeOpt = Annotated[
     str, typer.Option("--recipe", "-r", help="Packaged recipe name (see `ufgir recipes list`) or a TOML path.")

@@ -7,7 +7,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import BatchSizeOpt, CheckpointOpt, DeviceOpt, RunArg, SplitOpt, console, resolve_run
+from ._common import (
+    BatchSizeOpt,
+    CheckpointOpt,
+    DeviceOpt,
+    RunArg,
+    SplitOpt,
+    console,
+    err_console,
+    resolve_run,
+)
 
 
 def eval_cmd(
@@ -24,8 +33,13 @@ def eval_cmd(
     """Evaluate --split (default: the recipe's eval.split) and write
     eval/<split>/{metrics.json,per_class.csv,predictions.csv} under the run."""
     from ..engine.report import eval_run
+    from ..recipe import splits_share_images
 
     m, out, recipe = eval_run(resolve_run(run), split, checkpoint, batch_size, precision, device, compile_model=compile_)
+    if splits_share_images(recipe.train.split, m["split"]):
+        err_console.print(f"[yellow]warning:[/] the model trained on {recipe.train.split}, which shares its images with "
+                          f"{m['split']}: these numbers are not on held-out images (this run holds out "
+                          f"{recipe.eval.split})", soft_wrap=True)
     t = Table(title=f"{recipe.model.method} on {recipe.data.dataset} · {m['split']} · checkpoint {m['checkpoint']}",
               title_justify="left")
     for col in ("top-1 %", "top-5 %", "per-class mean %", "per-class std %", "loss", "images", "classes"):

@@ -34,6 +34,34 @@ def _cls(model) -> str:
     return f"CLS {cls.numel():,}" if cls.requires_grad else "CLS token frozen"
 
 
+def _blocks(indices: list[int]) -> str:
+    """[1, 3] -> "blocks 1 and 3"; [3] -> "block 3"."""
+    if len(indices) == 1:
+        return f"block {indices[0]}"
+    return f"blocks {', '.join(map(str, indices[:-1]))} and {indices[-1]}"
+
+
+def _layout(model, spec) -> str:
+    """What the method attaches where, on this model: an ILA method's positions as built (not the
+    12-block positions its table entry names), else the method's description."""
+    if not spec.has_ila:
+        return spec.description
+    parts = []
+    for kind, name in (("down", "down-sampling ILA"), ("same", "same-resolution ILA")):
+        at = [b.index for b in model.feature_info if b.ila == kind]
+        if at:
+            parts.append(f"{name} after {_blocks(at)}")
+    if model.adapters is not None:
+        parts.append(f"parallel adapters ({model.plan.adapters}) in every block")
+    return f"{spec.display_name} on this {len(model.feature_info)}-block backbone: " + (" + ".join(parts) or "no ILA")
+
+
+def _head_blocks(model) -> list:
+    """Transformer blocks inside the head (an aggregator block), found by the backbone's block type."""
+    kind = type(model.vit.blocks[0])
+    return [m for m in model.get_classifier().modules() if isinstance(m, kind)]
+
+
 def inspect(
     recipe: RecipeOpt = "ila_pp",
     image_size: Annotated[int | None, typer.Option(help="Override model.image_size.")] = None,
@@ -59,7 +87,7 @@ def inspect(
     model = meta_model(r.model, classes)  # no storage, no init cost: inspect a ViT-L in a second
     spec = method_spec(r.model.method)
     table = Table(title=f"{r.model.backbone} · {spec.name} ({spec.family}) · {r.model.image_size}px",
-                  caption=spec.description, title_justify="left", caption_justify="left")
+                  title_justify="left")
     for col in ("block", "group", "grid", "tokens attended", "tokens out", "attached", "trainable params"):
         table.add_column(col, justify="left" if col == "attached" else "right")
     group_of = {i: f"{a}-{b - 1}" for a, b in encoder_groups(model.grids) for i in range(a, b)}
@@ -86,12 +114,19 @@ def inspect(
         grid = f"{b.grid[0]}x{b.grid[1]}" + (f" -> {b.out_grid[0]}x{b.out_grid[1]}" if b.out_grid != b.grid else "")
         table.add_row(str(b.index), group_of[b.index], grid, str(b.tokens_attended), str(b.tokens_out),
                       ", ".join(parts) or "-", f"{n:,}")
+    extra = _head_blocks(model)
+    for k, blk in enumerate(extra):  # GLSim's, TransFG's, FFVT's aggregator: a block of its own, not "head"
+        table.add_row(str(len(model.feature_info) + k), "head", "-", "-", "-", "aggregator block (in the head)",
+                      f"{sum(p.numel() for p in blk.parameters() if p.requires_grad):,}")
     console.print(table)
+    console.print(_layout(model, spec), soft_wrap=True, markup=False)
     c = cost_summary(model, r.model.image_size)
-    head = sum(p.numel() for p in model.get_classifier().parameters())
+    aggregator = sum(p.numel() for blk in extra for p in blk.parameters())
+    head = sum(p.numel() for p in model.get_classifier().parameters()) - aggregator
+    blocks = f"aggregator block {aggregator:,}; " if extra else ""
     console.print(
         f"parameters: total {c['params_total']:,} · trainable {c['params_trainable']:,} "
-        f"(head {head:,} for {classes} classes, {source}; {_cls(model)})\n"
+        f"({blocks}head {head:,} for {classes} classes, {source}; {_cls(model)})\n"
         f"per image: {c['macs'] / 1e9:.2f} GMACs (multiply-adds) · {c['flops'] / 1e9:.2f} GFLOPs"
     )
     print_eval_modes(c)

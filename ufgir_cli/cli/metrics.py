@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..io import plural
 from ._common import (
     BatchSizeOpt,
     CheckpointOpt,
@@ -57,7 +58,7 @@ def _print_metrics(res: dict, title: str) -> None:
         sizes = ", ".join(map(str, skipped))
         note = f" · left out {len(skipped)} minibatch(es) of fewer than 4 images ({sizes})" if skipped else ""
         console.print(f"mean off-diagonal attention CKA: {fmt(cka['mean_offdiag'])} "
-                      f"({cka['images']} images, {cka['minibatches']} minibatch(es){note})", soft_wrap=True)
+                      f"({plural(cka['images'], 'image')}, {plural(cka['minibatches'], 'minibatch', 'minibatches')}{note})", soft_wrap=True)
     c = res.get("cost")
     if c:
         speed = (f" · {c['images_per_s']:.1f} images/s, {c['latency_ms']:.1f} ms per batch of {c['batch_size']} "

@@ -14,6 +14,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ..engine.callbacks import Callback
+from ..io import plural
 from ._common import console
 
 
@@ -38,7 +39,7 @@ class RichProgress(Callback):
         self.info = info
         threads = f", {info['threads']} CPU threads" if info.get("threads") else ""
         console.print(
-            f"training on {info['device']} ({info['precision']}{threads}) · {info['train_images']} images · "
+            f"training on {info['device']} ({info['precision']}{threads}) · {plural(info['train_images'], 'image')} · "
             f"{info['params_trainable']:,} of {info['params_total']:,} parameters trainable · run {info['run_dir']}",
             soft_wrap=True, markup=False,
         )
@@ -66,7 +67,9 @@ class RichProgress(Callback):
             self.progress.update(self.step_task, status=f"loss {record['train/loss']:.4f} lr {record['train/lr']:.2e} "
                                                         f"{record['train/images_per_s']:.0f} img/s")
         if self.quiet:
-            console.print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "time"))
+            # one record, one line, whatever the width: cluster logs are grepped by key=value
+            console.print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "time"),
+                          soft_wrap=True, markup=False, highlight=False)
 
     def on_eval_start(self, split: str, batches: int) -> None:
         if not self.quiet:

@@ -1,4 +1,4 @@
-"""`ufgir recipes list|show`: what recipes ship, and what one resolves to."""
+"""`ufgir recipes list|show|keys`: what recipes ship, what one resolves to, and what every key means."""
 
 from __future__ import annotations
 
@@ -40,13 +40,40 @@ def show(
     name: str = typer.Argument(..., help="Recipe name or TOML path."),
     sets: SetOpt = None,
 ) -> None:
-    """Print the resolved recipe (defaults, file, UFGIR_* environment and --set applied) as TOML, each
-    value's source as a comment (it loads as a recipe as printed)."""
-    from ..recipe import dump_resolved, recipe_sources
+    """Print the resolved recipe (defaults, file, UFGIR_* environment and --set applied) as TOML: every
+    key, an unset one as a comment that says what it is, a set one with its source as a comment (the
+    text loads as a recipe as printed)."""
+    from ..recipe import dump_every_key, recipe_sources
 
-    text = dump_resolved(*recipe_sources(name, parse_sets(sets)))
+    text = dump_every_key(*recipe_sources(name, parse_sets(sets)))
     if console.is_terminal:
         console.print(Syntax(text, "toml", theme="ansi_dark", background_color="default",
                              code_width=max(map(len, text.splitlines()))), soft_wrap=True)
     else:  # redirected: `ufgir recipes show x > my.toml` must be the TOML itself, whatever COLUMNS says
         sys.stdout.write(text)
+
+
+@app.command("keys", cls=PlainCommand)
+def keys(
+    prefix: str | None = typer.Argument(None, help="Only keys that start with this, e.g. train or model.ila",
+                                        show_default=False),
+) -> None:
+    """Every recipe key: its type, default and what it does (set one with --set KEY=VALUE or
+    UFGIR_SECTION__KEY); one key per line when piped."""
+    from ..io import to_toml
+    from ..recipe import recipe_keys
+
+    found = [k for k in recipe_keys() if prefix is None or k.key.startswith(prefix)]
+    if not found:
+        from ..errors import RecipeError
+
+        sections = ", ".join(dict.fromkeys(k.key.split(".")[0] for k in recipe_keys()))
+        raise RecipeError(f"no recipe key starts with {prefix!r}; sections: {sections}")
+    table = Table(title="recipe keys" + (f" starting with {prefix}" if prefix else ""), title_justify="left")
+    for col in ("key", "type", "default", "description"):
+        table.add_column(col, style="bold cyan" if col == "key" else None)
+    for k in found:
+        default = "unset" if k.default is None or k.default == {} else \
+            to_toml({"s": {"v": k.default}}).strip().splitlines()[-1].removeprefix("v = ")
+        table.add_row(k.key, escape(k.type), escape(default), escape(k.description))
+    console.print(table)

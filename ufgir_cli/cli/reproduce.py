@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from ..io import plural
 from ._common import PlainCommand, PlainGroup, QuietOpt, console, fmt, parse_sets
 
 app = typer.Typer(cls=PlainGroup, invoke_without_command=True, add_completion=False, rich_markup_mode="rich")
@@ -98,8 +99,8 @@ def reproduce(
         console.print(f"checked: {built} distinct model(s) of {len(grid.methods) * len(grid.tasks)} sweeps built "
                       "on the meta device", soft_wrap=True)
         return
-    console.print(f"reproduce {grid.name}: {len(grid.methods)} methods x {len(grid.tasks)} tasks x "
-                  f"{len(grid.seeds)} seeds · folder {grid.root}", soft_wrap=True)
+    console.print(f"reproduce {grid.name}: {plural(len(grid.methods), 'method')} x {plural(len(grid.tasks), 'task')} x "
+                  f"{plural(len(grid.seeds), 'seed')} · folder {grid.root}", soft_wrap=True)
     if launcher == "slurm":
         _slurm(grid, partition, gpus_per_run, time, account, no_wait)
         return

@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..io import plural
 from ._common import BatchSizeOpt, CheckpointOpt, TopkOpt, console, err_console, resolve_run
 
 SourceArg = Annotated[Path | None, typer.Argument(
@@ -100,7 +101,7 @@ def predict(
         }, indent=2))
         return
     _, source = predictor.class_names()
-    t = Table(title=f"{predictor.recipe.model.method} · {len(preds)} images · class names from "
+    t = Table(title=f"{predictor.recipe.model.method} · {plural(len(preds), 'image')} · class names from "
                     f"{escape(source) if source else 'class ids (no classes.csv found)'}", title_justify="left")
     t.add_column("image", overflow="fold")
     t.add_column("top-1")

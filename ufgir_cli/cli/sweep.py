@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..io import plural
 from ._common import QuietOpt, RecipeOpt, SetOpt, console, fmt, parse_sets
 
 
@@ -84,5 +85,5 @@ def sweep(
             p.progress.stop()  # after an error or a stop signal too: the terminal gets its cursor back
     t = report["test"]["top1"]
     console.print(f"chosen lr {report['chosen_lr']:g}: {report['chosen_because']}. Test top-1 "
-                  f"{fmt(t['mean'], '.2f')} ± {fmt(t['std'], '.2f')} % over {t['n']} seeds", soft_wrap=True)
+                  f"{fmt(t['mean'], '.2f')} ± {fmt(t['std'], '.2f')} % over {plural(t['n'], 'seed')}", soft_wrap=True)
     console.print(f"summary: {s.root / 'summary.md'}", soft_wrap=True)

@@ -6,7 +6,7 @@ the same call writes the same files::
 
     from ufgir_cli.engine.analyze import write_metrics, write_rollout
     report = write_metrics("runs/demo_quickstart")
-    grid = write_rollout("runs/demo_quickstart")
+    drawn = write_rollout("runs/demo_quickstart")     # drawn.grid, drawn.files, drawn.notes
 
 It sits in ``engine`` because it joins two siblings below it (``analysis`` for the numbers, ``viz`` for
 the figures), which may not import each other.
@@ -81,23 +81,44 @@ def visualize_folder(run: str | Path, kind: str, split: str, images: Sequence[Pa
     return RunDir.of(run).analysis("visualize", f"{kind}_{'images' if images else split}")
 
 
+@dataclass
+class Drawn:
+    """What a `visualize` writer wrote: the grid's PNG, every file written (the grid's in each format
+    first), and what a reader of the figure should know that it does not say (classes left out)."""
+
+    grid: Path
+    files: list[Path]
+    notes: list[str] = field(default_factory=list)
+
+
+def _class_note(classes: tuple[int, int] | None, per_class: int) -> list[str]:
+    """A note when the figure shows some of the split's classes, not all."""
+    if classes is None or classes[0] >= classes[1]:
+        return []
+    shown, total = classes
+    return [f"{shown} of {total} classes shown ({per_class} image{'s' if per_class != 1 else ''} each, spread over "
+            f"the class ids); --batch-size {total * per_class} shows every class"]
+
+
 def _write_maps(run: str | Path, kind: str, what: str, make_maps: Callable, *, split: str = "test",
                 images: Sequence[Path] | None = None, per_class: int = 1, count: int = 8, cols: int | None = None,
-                checkpoint: str = "auto", device: str = "auto", dpi: int = 200, formats: Sequence[str] = ()) -> Path:
-    """Maps over the images into `visualize_folder` (a grid and one figure per image); the grid's path."""
+                checkpoint: str = "auto", device: str = "auto", dpi: int = 200, formats: Sequence[str] = (),
+                cmap: str = vf.CMAP) -> Drawn:
+    """Maps over the images into `visualize_folder` (a grid and one figure per image)."""
     shown = ar.visualize(Path(run), make_maps, split=split, images=images, count=count, per_class=per_class,
                          checkpoint=checkpoint, device=device)
     if len(shown.maps) == 1:  # one map per image: its blocks go in the title rather than over every panel
         what = f"{what}, {shown.maps[0][0]}"
-    return vf.save_overlay_folder(shown.images, shown.maps, shown.captions, shown.stems,
-                                  visualize_folder(run, kind, split, images), title=f"{what} · {shown.title}",
-                                  cols=cols, dpi=dpi, formats=formats)
+    files = vf.save_overlay_folder(shown.images, shown.maps, shown.captions, shown.stems,
+                                   visualize_folder(run, kind, split, images), title=f"{what} · {shown.title}",
+                                   cols=cols, dpi=dpi, formats=formats, cmap=cmap)
+    return Drawn(files[0], files, _class_note(shown.classes, per_class))
 
 
 def write_rollout(run: str | Path, *, group: str | None = None, across: bool = False, fusion: str = "mean",
-                  discard: float = 0.0, **shown) -> Path:
-    """Attention rollout per encoder group (or ``across`` the whole network); the grid's path. ``shown``:
-    the image and figure options of `_write_maps`."""
+                  discard: float = 0.0, **shown) -> Drawn:
+    """Attention rollout per encoder group (or ``across`` the whole network). ``shown``: the image and
+    figure options of `_write_maps`."""
     kind = f"rollout_{'across' if across else (group or 'groups')}_{fusion}" + (f"_discard{discard:g}" if discard else "")
     what = "Attention rollout" + (" across down-sampling ILAs" if across else "") + \
         (f", {fusion} of heads" if fusion != "mean" else "")
@@ -105,8 +126,8 @@ def write_rollout(run: str | Path, *, group: str | None = None, across: bool = F
                                                 discard=discard), **shown)
 
 
-def write_attention(run: str | Path, *, layer: int | None = None, fusion: str = "mean", **shown) -> Path:
-    """The head-fused CLS attention of one block (default: the last); the grid's path."""
+def write_attention(run: str | Path, *, layer: int | None = None, fusion: str = "mean", **shown) -> Drawn:
+    """The head-fused CLS attention of one block (default: the last)."""
     kind = f"attention_{'last' if layer is None else f'l{layer}'}_{fusion}"
     what = "CLS attention" + (f", {fusion} of heads" if fusion != "mean" else "")
     return _write_maps(run, kind, what, partial(ar.block_attention, layer=layer, fusion=fusion), **shown)
@@ -114,20 +135,24 @@ def write_attention(run: str | Path, *, layer: int | None = None, fusion: str = 
 
 def write_crops(run: str | Path, *, split: str = "test", images: Sequence[Path] | None = None, per_class: int = 1,
                 count: int = 8, cols: int | None = None, checkpoint: str = "auto", device: str = "auto",
-                dpi: int = 200, formats: Sequence[str] = ()) -> Path:
-    """What the method selects or crops (`Method.select`) over the images; the grid's path."""
+                dpi: int = 200, formats: Sequence[str] = ()) -> Drawn:
+    """What the method selects or crops (`Method.select`) over the images, as one grid."""
     sel = ar.selections(Path(run), split=split, images=images, count=count, per_class=per_class,
                         checkpoint=checkpoint, device=device)
     fig = vf.draw_selection(sel.panels, sel.captions, title=f"{sel.what} · {sel.title}", cols=cols)
-    return vf.save(fig, visualize_folder(run, "crops", split, images) / "grid.png", dpi, formats)
+    grid = vf.save(fig, visualize_folder(run, "crops", split, images) / "grid.png", dpi, formats)
+    return Drawn(grid, [grid.with_suffix(f".{f}") for f in dict.fromkeys(("png", *formats))],
+                 _class_note(sel.classes, per_class))
 
 
 @dataclass
 class Comparison:
-    """What `write_comparison` found and wrote: the runs' rows, the paper's points drawn beside them,
-    the runs left out (and why), and the figure and its JSON table (None when nothing was compared)."""
+    """What `write_comparison` found and wrote: the runs' rows, the points drawn (runs that differ only
+    in their seed as one, mean ± std), the paper's points drawn beside them, the runs left out (and why),
+    and the figure and its JSON table (None when nothing was compared)."""
 
     rows: list[dict]
+    points: list[dict] = field(default_factory=list)
     paper: list[dict] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     figure: Path | None = None
@@ -136,28 +161,32 @@ class Comparison:
 
 def write_comparison(runs: Sequence[str | Path], *, split: str = "test", out: Path | None = None, paper: bool = False,
                      dpi: int = 200, formats: Sequence[str] = ()) -> Comparison:
-    """Top-1 on ``split`` against multiply-adds and trainable parameters of evaluated runs (with the
-    paper's Table 1 numbers when ``paper``): the figure at ``out`` (default ``runs/compare_<split>.png``)
-    and its ``.json`` table beside it."""
+    """Top-1 on ``split`` against multiply-adds and trainable parameters of evaluated runs (run folders,
+    checkpoints, sweep or reproduction folders; seeds of one setting as one point with a ± std error
+    bar), with the paper's Table 1 numbers when ``paper``: the figure at ``out`` (default
+    ``runs/compare_<split>.png``) and its ``.json`` table beside it."""
     rows, missing = ar.compare_rows([Path(r) for r in runs], split)
     if not rows:
         return Comparison(rows, missing=missing)
     out = Path(out or runs_dir() / f"compare_{split}").with_suffix(".png")
     cited = ar.paper_points([r["dataset"] for r in rows]) if paper else []
     datasets = list(dict.fromkeys(r["dataset_title"] for r in rows + cited))
+    points = ar.compare_points(rows, with_dataset=len(datasets) > 1)
+    for c in cited:
+        c["label"] = c["method_title"] if len(datasets) == 1 else f"{c['method_title']} · {c['dataset_title']}"
 
     def point(r: dict, from_paper: bool) -> dict:
-        label = r["method_title"] if len(datasets) == 1 else f"{r['method_title']} · {r['dataset_title']}"
-        return {"label": label, "gmacs": r["gmacs"], "top1": r["top1"], "trainable": r["trainable"],
-                "family": r["family"], "paper": from_paper}
+        return {"label": r["label"], "gmacs": r["gmacs"], "top1": r["top1"], "trainable": r["trainable"],
+                "family": r["family"], "paper": from_paper, "std": r.get("std")}
 
     seen = f"{datasets[0]} · " if len(datasets) == 1 else ""
-    fig = vf.draw_compare([point(r, False) for r in rows] + [point(r, True) for r in cited],
+    fig = vf.draw_compare([point(r, False) for r in points] + [point(r, True) for r in cited],
                           title=f"Top-1 against cost · {seen}{split}")
     figure = vf.save(fig, out, dpi, formats)
-    atomic_write_json(out.with_suffix(".json"), {"split": split, "runs": rows, "paper": cited, "skipped": missing})
-    return Comparison(rows, cited, missing, figure, out.with_suffix(".json"))
+    atomic_write_json(out.with_suffix(".json"), {"split": split, "points": points, "runs": rows, "paper": cited,
+                                                 "skipped": missing})
+    return Comparison(rows, points, cited, missing, figure, out.with_suffix(".json"))
 
 
-__all__ = ["Comparison", "MetricsReport", "visualize_folder", "write_attention", "write_comparison", "write_crops",
+__all__ = ["Comparison", "Drawn", "MetricsReport", "visualize_folder", "write_attention", "write_comparison", "write_crops",
            "write_metrics", "write_rollout"]

@@ -107,15 +107,43 @@ class JsonlLogger(Callback):
         self._f.close()
 
 
-class TensorBoardLogger(Callback):
-    """Scalars under the same tags as metrics.jsonl. A resumed run writes a new event file that
-    starts with a purge marker at the checkpoint's step + 1, so TensorBoard drops the old file's
-    steps after the checkpoint and shows each step once."""
+def hparams_of(recipe) -> dict[str, str | int | float | bool]:
+    """Every recipe key but the prose ``description``, flattened to ``section.key`` and to the values
+    TensorBoard's HPARAMS tab takes (lists as their TOML text, unset as "unset")."""
+    out: dict[str, str | int | float | bool] = {}
+    for section, values in recipe.model_dump(mode="json").items():
+        if not isinstance(values, dict):
+            continue
+        for key, v in values.items():
+            out[f"{section}.{key}"] = "unset" if v is None or v == {} else \
+                v if isinstance(v, str | int | float | bool) else json.dumps(v)
+    return out
 
-    def __init__(self, log_dir: Path, resume_step: int | None = None):
+
+class TensorBoardLogger(Callback):
+    """Scalars under the same tags as metrics.jsonl; at a run's start, its recipe as text and as
+    hyperparameters (the HPARAMS tab compares runs by them, against the final evaluation's metrics).
+    A resumed run writes a new event file that starts with a purge marker at the checkpoint's step + 1,
+    so TensorBoard drops the old file's steps after the checkpoint and shows each step once."""
+
+    def __init__(self, log_dir: Path, resume_step: int | None = None, recipe=None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.w = SummaryWriter(str(log_dir), purge_step=None if resume_step is None else resume_step + 1)
+        if recipe is not None and resume_step is None:
+            self._describe(recipe)
+
+    def _describe(self, recipe) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        from ..recipe import dump_resolved
+
+        text = dump_resolved(recipe)
+        self.w.add_text("recipe", "\n".join("    " + line for line in text.splitlines()), 0)  # markdown: code
+        split = recipe.eval.split
+        metrics = [f"{split}/{m}" for m in ("top1", "top5", "per_class_mean", "loss")] + ["train/loss"]
+        for summary in hparams(hparams_of(recipe), dict.fromkeys(metrics, 0.0)):  # experiment, start, end
+            self.w.file_writer.add_summary(summary, 0)
 
     def on_log(self, record: dict) -> None:
         for k, v in record.items():

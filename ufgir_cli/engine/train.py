@@ -92,7 +92,7 @@ def loggers_for(run_dir: Path, recipe: Recipe, resume_step: int | None) -> list[
     their history back to ``resume_step``, the checkpoint's step, which is trained again."""
     loggers: list[Callback] = [JsonlLogger(RunDir(run_dir).metrics_log, resume_step=resume_step)]
     if recipe.logging.tensorboard:
-        loggers.append(TensorBoardLogger(run_dir, resume_step=resume_step))
+        loggers.append(TensorBoardLogger(run_dir, resume_step=resume_step, recipe=recipe))
     return loggers
 
 

@@ -69,15 +69,44 @@ def _axes(fig: Figure, left: float, bottom: float, width: float, height: float):
 
 
 def _wrap(text: str, width_in: float, size_pt: float) -> str:
-    """``text`` broken into lines that fit ``width_in`` at ``size_pt``."""
+    """``text`` broken into lines that fit ``width_in`` at ``size_pt``: between its " · " parts where it
+    can, the later parts kept together (a title's "what · run · split" breaks as "what" / "run · split"),
+    else between words."""
     chars = max(12, int(width_in * 72 / (_CHAR_EM * size_pt)))
-    return "\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in text.split("\n"))
+    out = []
+    for line in text.split("\n"):
+        lines: list[str] = []
+        current = ""
+        for part in reversed(line.split(" · ")):  # packed from the end
+            if current and len(current) + 3 + len(part) <= chars:
+                current = part + " · " + current
+                continue
+            if current:
+                lines.insert(0, current)
+            current = part
+            if len(part) > chars:  # a part longer than a line: between its words
+                lines[:0] = textwrap.wrap(part, chars, break_on_hyphens=False)
+                current = ""
+        if current or not lines:
+            lines.insert(0, current)
+        out += lines
+    return "\n".join(out)
 
 
 def _fit(text: str, width_in: float, size_pt: float) -> str:
     """``text`` cut with an ellipsis to fit one line of ``width_in``."""
     chars = max(4, int(width_in * 72 / (_CHAR_EM * size_pt)))
     return text if len(text) <= chars else text[: chars - 1] + "…"
+
+
+#: A title is written on one line up to this width, widening a narrow figure for it.
+MAX_TITLE_WIDTH_IN = 6.5
+_BOLD_EM = 0.6               # mean glyph width of the bold title font, in ems
+
+
+def _title_width(text: str) -> float:
+    """Inches a one-line figure title needs (with the margins `_wrap` keeps)."""
+    return len(text) * _BOLD_EM * STYLE["figure.titlesize"] / 72 + 0.3
 
 
 def _lines(text: str) -> int:
@@ -141,6 +170,10 @@ def draw_cka(matrices: Sequence[Sequence[Sequence[float | None]]], titles: Seque
     norm = Normalize(vmin=lo, vmax=1.0)
     side, gap, left, right, bottom = 3.0, 0.75, 0.65, 1.05, 0.6
     width = left + len(mats) * side + (len(mats) - 1) * gap + right
+    # a title a little wider than one heatmap widens the figure (panels centred) rather than wrapping
+    wider = min(_title_width(title), MAX_TITLE_WIDTH_IN) - width
+    if wider > 0:
+        left, right, width = left + wider / 2, right + wider / 2, width + wider
     title = _wrap(title, width - 0.3, STYLE["figure.titlesize"])
     top = 0.15 + 0.2 * _lines(title) + 0.55          # title lines, then the panel title and the DS marks
     fig = _figure(width, bottom + side + top)
@@ -184,7 +217,8 @@ def draw_features(results: Sequence[dict], labels: Sequence[str], *,
     pw, ph, left, hgap, vgap, bottom = 3.2, 2.3, 0.75, 0.85, 0.65, 0.55
     width = left + 2 * pw + hgap + 0.2
     title = _wrap(title, width - 0.3, STYLE["figure.titlesize"])
-    top = 0.15 + 0.2 * _lines(title) + 0.25 + 0.2 * math.ceil((len(labels) + 2) / 3)    # title, legend rows
+    entries = 2 * len(labels) + sum(1 for g in groups or () if ds_positions(g))
+    top = 0.15 + 0.2 * _lines(title) + 0.25 + 0.2 * math.ceil(entries / 3)                # title, legend rows
     fig = _figure(width, bottom + 2 * ph + vgap + top)
     _suptitle(fig, title, 0.12)
     colours = [f"C{i}" for i in range(len(results))]
@@ -206,10 +240,14 @@ def draw_features(results: Sequence[dict], labels: Sequence[str], *,
         ax.set_xlabel("block")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="major")
+    # every legend entry in the colour of what it names: a run's line, its heads' dots, its DS-ILA lines
     handles = [Line2D([], [], color=c, marker="o", markersize=4, label=lab) for c, lab in zip(colours, labels, strict=True)]
-    handles.append(Line2D([], [], color="0.4", marker="o", ls="", alpha=0.4, markersize=4, label="one head (attention distance)"))
-    if groups and any(ds_positions(g) for g in groups):
-        handles.append(Line2D([], [], color="0.4", ls="--", label="down-sampling ILA"))
+    several = len(results) > 1
+    handles += [Line2D([], [], color=c, marker="o", ls="", alpha=0.4, markersize=4,
+                       label="one head (attention distance)" + (f", {lab}" if several else ""))
+                for c, lab in zip(colours, labels, strict=True)]
+    handles += [Line2D([], [], color=colours[i], ls="--", alpha=0.7, label="down-sampling ILA" + (f", {labels[i]}" if several else ""))
+                for i in range(len(results)) if groups and ds_positions(groups[i])]
     H = fig.get_size_inches()[1]
     fig.legend(handles=handles, loc="upper center", ncols=3, frameon=False,
                bbox_to_anchor=(0.5, 1 - (0.2 + 0.2 * _lines(title)) / H))
@@ -220,9 +258,14 @@ def draw_features(results: Sequence[dict], labels: Sequence[str], *,
 # visualize: attention over images
 
 
-def blend(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """50/50 blend of a uint8 (H, W, 3) image and the jet colouring of an (H, W) map in [0, 1] -> float RGB."""
-    colour = mpl.colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3]                # (H, W, 3)
+#: The colour map of attention over images: perceptually uniform and readable with any colour vision
+#: (jet is neither); `ufgir visualize --cmap` picks another.
+CMAP = "inferno"
+
+
+def blend(image: np.ndarray, heat: np.ndarray, cmap: str = CMAP) -> np.ndarray:
+    """50/50 blend of a uint8 (H, W, 3) image and the ``cmap`` colouring of an (H, W) map in [0, 1] -> float RGB."""
+    colour = mpl.colormaps[cmap](np.clip(heat, 0.0, 1.0))[..., :3]                 # (H, W, 3)
     return 0.5 * image.astype(np.float64) / 255.0 + 0.5 * colour
 
 
@@ -262,7 +305,8 @@ def overlay_layout(count: int, per_image: int, cols: int | None = None) -> tuple
 def _panel_grid(labels: Sequence[str], captions: Sequence[tuple[str, str | None]], draw, *, title: str,
                 cols: int | None, colour_bar: bool) -> tuple[Figure, float, float, int]:
     """The grid both image figures share: per image its panels side by side (``draw(ax, image, panel)``
-    fills one), captioned under them with the true and predicted class (red when they differ), panel
+    fills one), captioned under them with the true class (or for your own file, its name) and the
+    predicted class (red when it differs from the true one), panel
     names over the top row, room on the right for a colour bar if asked. Returns (figure, width,
     top of the first row, rows), in inches."""
     per_image, count = len(labels), len(captions)
@@ -286,11 +330,13 @@ def _panel_grid(labels: Sequence[str], captions: Sequence[tuple[str, str | None]
             ax.set_axis_off()
             if r == 0 and per_image > 1:  # one panel per image: the caller names it in the title
                 ax.set_title(_fit(label, _PANEL_IN + _PANEL_GAP_IN, 9), fontsize=9, pad=4)
-        pred, true = captions[i]
+        pred, true, *rest = captions[i]
+        first = f"true {true}" if true is not None else rest[0] if rest and rest[0] else None  # the class, or your file
         cx = (x0 + group / 2) / width
-        if true is not None:
-            fig.text(cx, (y0 - 0.05) / height, _fit(f"true {true}", group, 9), ha="center", va="top", fontsize=9)
-        fig.text(cx, (y0 - 0.05 - (0.17 if true is not None else 0.0)) / height, _fit(f"pred {pred}", group, 9),
+        if first is not None:
+            fig.text(cx, (y0 - 0.05) / height, _fit(first, group, 9), ha="center", va="top", fontsize=9,
+                     color="black" if true is not None else "0.3")
+        fig.text(cx, (y0 - 0.05 - (0.17 if first is not None else 0.0)) / height, _fit(f"pred {pred}", group, 9),
                  ha="center", va="top", fontsize=9, color="black" if true in (None, pred) else "#c00000")
     return fig, width, top, rows
 
@@ -298,20 +344,21 @@ def _panel_grid(labels: Sequence[str], captions: Sequence[tuple[str, str | None]
 @_styled
 def draw_overlays(images: np.ndarray, maps: Sequence[tuple[str, np.ndarray]], captions: Sequence[tuple[str, str | None]],
                   *, title: str = "", colorbar_label: str = "attention (min-max per map)",
-                  cols: int | None = None) -> Figure:
+                  cols: int | None = None, cmap: str = CMAP) -> Figure:
     """A grid of attention maps blended over images: every image's maps side by side, captioned under
     them with the true and predicted class (red when they differ), map names over the top row.
 
-    ``images`` is (B, H, W, 3) uint8, each map (B, H, W) in [0, 1] (min-max normalised, so one jet colour
-    bar serves all panels), ``captions`` (predicted, true or None) per image. ``cols`` is panels per row
-    (whole images only); by default the grid is as near 16:9 as it gets.
+    ``images`` is (B, H, W, 3) uint8, each map (B, H, W) in [0, 1] (min-max normalised, so one colour bar
+    serves all panels), ``captions`` (predicted, true or None[, your file's name]) per image. ``cols`` is
+    panels per row (whole images only); by default the grid is as near 16:9 as it gets. ``cmap``: the
+    colour map (default :data:`CMAP`, colour-blind safe).
     """
     fig, width, top, rows = _panel_grid(
-        [label for label, _ in maps], captions, lambda ax, i, j: ax.imshow(blend(images[i], maps[j][1][i])),
+        [label for label, _ in maps], captions, lambda ax, i, j: ax.imshow(blend(images[i], maps[j][1][i], cmap)),
         title=title, cols=cols, colour_bar=True)
     bar_h = min(2.2, rows * (_PANEL_IN + _CAPTION_IN) - _CAPTION_IN)
     cax = _axes(fig, width - _BAR_IN + 0.12, top - bar_h, 0.13, bar_h)
-    _colorbar(fig, cax, Normalize(0.0, 1.0), "jet", colorbar_label, ticks=(0, 0.5, 1))
+    _colorbar(fig, cax, Normalize(0.0, 1.0), cmap, colorbar_label, ticks=(0, 0.5, 1))
     return fig
 
 
@@ -323,14 +370,31 @@ def draw_selection(panels: Sequence[tuple[str, np.ndarray, Sequence[Sequence[tup
     as :func:`draw_overlays` captions.
 
     ``panels``: (label, images (B, H, W, 3) uint8, per image its rectangles (top, left, height, width)
-    in pixels, red, or (top, left, height, width, colour)); the grid is as near 16:9 as it gets."""
+    in pixels, red, or (top, left, height, width, colour)); the grid is as near 16:9 as it gets. A box that
+    covers the whole image is drawn dashed, inset, and labelled "box = whole image" (on the image's border it
+    would not show)."""
 
     def draw(ax, i: int, j: int) -> None:
         _, imgs, rects = panels[j]
         ax.imshow(imgs[i])
+        H, W = imgs[i].shape[:2]
+        whole = 0
         for t, left, h, w, *colour in rects[i]:
-            ax.add_patch(Rectangle((left - 0.5, t - 0.5), w, h, fill=False, edgecolor=colour[0] if colour else "#ff2a2a",
-                                   linewidth=1.5))
+            edge = colour[0] if colour else "#ff2a2a"
+            if t <= 0 and left <= 0 and t + h >= H and left + w >= W:
+                # the whole image: on its border the box would not show, so dashed and inset (nested when
+                # several are), and said in words below
+                inset = 0.025 * (1 + whole) * min(H, W)
+                ax.add_patch(Rectangle((inset - 0.5, inset - 0.5), W - 2 * inset, H - 2 * inset, fill=False,
+                                       edgecolor=edge, linewidth=1.5, linestyle=(0, (4, 2))))
+                whole += 1
+            else:
+                ax.add_patch(Rectangle((left - 0.5, t - 0.5), w, h, fill=False, edgecolor=edge, linewidth=1.5))
+        if whole:
+            said = "box = whole image" if len(rects[i]) == 1 else \
+                "boxes = whole image" if whole == len(rects[i]) else "dashed: whole image"
+            ax.text(0.5, 0.06, said, transform=ax.transAxes, color="black", fontsize=MIN_FONT_PT, ha="center",
+                    va="bottom", bbox={"facecolor": "white", "alpha": 0.8, "pad": 1.5, "linewidth": 0})
 
     return _panel_grid([label for label, _, _ in panels], captions, draw, title=title, cols=cols,
                        colour_bar=False)[0]
@@ -339,25 +403,27 @@ def draw_selection(panels: Sequence[tuple[str, np.ndarray, Sequence[Sequence[tup
 def save_overlay_folder(images: np.ndarray, maps: Sequence[tuple[str, np.ndarray]],
                         captions: Sequence[tuple[str, str | None]], names: Sequence[str], folder: Path, *,
                         title: str = "", colorbar_label: str = "attention (min-max per map)", cols: int | None = None,
-                        dpi: int = DPI, formats: Sequence[str] = ()) -> Path:
+                        dpi: int = DPI, formats: Sequence[str] = (), cmap: str = CMAP) -> list[Path]:
     """What `ufgir visualize` writes: ``grid.png`` with every image and one ``NNN_<name>.png`` per image
     (each also in ``formats``); per-image files of an earlier, larger call are removed, other files kept.
 
-    Arguments as :func:`draw_overlays`, ``names`` per image; returns the grid's path.
+    Arguments as :func:`draw_overlays`, ``names`` per image; returns every file written, the grid's first
+    (its PNG, then each of ``formats``), then the per-image figures'.
     """
     folder = Path(folder)
-    written = set()
+    per_image: list[Path] = []
     for b, name in enumerate(names):
         fig = draw_overlays(images[b : b + 1], [(label, m[b : b + 1]) for label, m in maps], captions[b : b + 1],
-                            title=title, colorbar_label=colorbar_label)
+                            title=title, colorbar_label=colorbar_label, cmap=cmap)
         png = save(fig, folder / f"{b:03d}_{name}.png", dpi, formats)
-        written |= {png.with_suffix(f".{fmt}").name for fmt in ("png", *formats)}
-    fig = draw_overlays(images, maps, captions, title=title, colorbar_label=colorbar_label, cols=cols)
+        per_image += [png.with_suffix(f".{fmt}") for fmt in dict.fromkeys(("png", *formats))]
+    fig = draw_overlays(images, maps, captions, title=title, colorbar_label=colorbar_label, cols=cols, cmap=cmap)
     grid = save(fig, folder / "grid.png", dpi, formats)
+    kept = {p.name for p in per_image}
     for old in folder.glob("[0-9][0-9][0-9]_*.*"):
-        if old.suffix[1:] in FORMATS and old.name not in written:
+        if old.suffix[1:] in FORMATS and old.name not in kept:
             old.unlink()
-    return grid
+    return [grid.with_suffix(f".{fmt}") for fmt in dict.fromkeys(("png", *formats))] + per_image
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,37 +458,91 @@ def _log_ticks(axis, lo: float, hi: float) -> None:
     axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in digits else ""))
 
 
-def _spread(ys: list[float], gap: float) -> list[float]:
-    """``ys`` moved apart as little as possible (in order, keeping their mean) so that neighbours are at
-    least ``gap`` apart: where labels of nearby points go."""
-    order = sorted(range(len(ys)), key=ys.__getitem__)
-    out = [ys[i] for i in order]
-    for _ in range(len(out)):
-        moved = False
-        for k in range(1, len(out)):
-            overlap = gap - (out[k] - out[k - 1])
-            if overlap > 1e-9:
-                out[k - 1] -= overlap / 2
-                out[k] += overlap / 2
-                moved = True
-        if not moved:
-            break
-    result = [0.0] * len(ys)
-    for i, y in zip(order, out, strict=True):
-        result[i] = y
-    return result
+#: Labels in the compare plot: their font size, how far from its marker's edge a label may sit (points),
+#: and the space kept around each label box.
+LABEL_PT = 8.0
+LABEL_MAX_GAP_PT = 12.0
+LABEL_PAD_PT = 1.0
+_GAPS_PT = (2.0, 4.0, 7.0, 10.0, LABEL_MAX_GAP_PT)
+_COMPARE_SCALES = (1.0, 1.2, 1.45, 1.75, 2.1)     # the axes grow until every label finds a place
 
 
-@_styled
-def draw_compare(points: Sequence[dict], *, title: str = "") -> Figure:
-    """Top-1 against multiply-adds per image on a log axis, the paper's accuracy-vs-cost style: marker
-    area by trainable parameters (with a size legend), colour by method family, hollow markers for the
-    paper's numbers.
+def _label_candidates(w: float, h: float, r: float) -> list[tuple[float, float, float]]:
+    """Where a w x h label box (points) may go around a marker of radius ``r`` centred at the origin:
+    (x0, y0 of the box's lower left corner, cost), beside the marker first, then above or below, then
+    diagonal, nearest first; the box's nearest point is at most ``LABEL_MAX_GAP_PT`` from the marker's edge."""
+    out = []
+    for g in _GAPS_PT:
+        d = r + g
+        c = d / math.sqrt(2)
+        sides = [(d, -h / 2 + s * h / 2, 0.0 + 0.25 * abs(s)) for s in (0, 1, -1, 2, -2)]          # right
+        sides += [(-d - w, -h / 2 + s * h / 2, 0.4 + 0.25 * abs(s)) for s in (0, 1, -1, 2, -2)]    # left
+        sides += [(-w / 2 + s * w / 4, d, 0.8 + 0.1 * abs(s)) for s in (0, 1, -1, 2, -2)]          # above
+        sides += [(-w / 2 + s * w / 4, -d - h, 0.9 + 0.1 * abs(s)) for s in (0, 1, -1, 2, -2)]     # below
+        sides += [(c, c, 0.6), (c, -c - h, 0.7), (-c - w, c, 0.8), (-c - w, -c - h, 0.9)]         # diagonal
+        for x0, y0, pref in sides:
+            nx, ny = min(max(0.0, x0), x0 + w), min(max(0.0, y0), y0 + h)
+            gap = math.hypot(nx, ny) - r
+            if 0.5 <= gap <= LABEL_MAX_GAP_PT + 1e-6:
+                out.append((x0, y0, gap / 2 + pref))
+    return sorted(out, key=lambda c: c[2])
 
-    ``points``: dicts with ``label``, ``gmacs``, ``top1``, ``trainable``, ``family`` (a key of
-    ``FAMILY_COLOURS``) and ``paper`` (True for the paper's numbers).
-    """
-    aw, ah, left, bottom, right = 4.6, 3.4, 0.7, 0.6, 1.9
+
+def _overlap(a: tuple, b: tuple) -> float:
+    """The overlapping area of boxes (x0, y0, x1, y1)."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _gap(box: tuple, centre: tuple[float, float], r: float) -> float:
+    """Distance from box (x0, y0, x1, y1) to the edge of the circle of radius ``r`` at ``centre``."""
+    nx, ny = min(max(centre[0], box[0]), box[2]), min(max(centre[1], box[1]), box[3])
+    return math.hypot(nx - centre[0], ny - centre[1]) - r
+
+
+def place_labels(centres: Sequence[tuple[float, float]], radii: Sequence[float], sizes: Sequence[tuple[float, float]],
+                 area: tuple[float, float], bars: Sequence[tuple] = ()) -> list[tuple[float, float] | None]:
+    """Label boxes beside their markers without overlap: per label the lower left corner of its box
+    (points, in the axes' frame), or None where none fits.
+
+    ``centres`` and ``radii``: the markers (points); ``sizes``: the label boxes (w, h); ``area``: the
+    axes (w, h), which every box stays inside; ``bars``: error bars as boxes (x0, y0, x1, y1) that labels
+    avoid where they can. Greedy, most crowded marker first; a label never overlaps another and sits
+    within ``LABEL_MAX_GAP_PT`` of its marker's edge; covering another marker or an error bar costs."""
+    n = len(centres)
+    crowd = [sum(math.hypot(cx - ox, cy - oy) < 60 for ox, oy in centres) for cx, cy in centres]
+    order = sorted(range(n), key=lambda i: (-crowd[i], centres[i][0], centres[i][1]))
+    markers = [(cx - r, cy - r, cx + r, cy + r) for (cx, cy), r in zip(centres, radii, strict=True)]
+    placed: list[tuple] = []
+    out: list[tuple[float, float] | None] = [None] * n
+    pad = LABEL_PAD_PT
+    for i in order:
+        (cx, cy), (w, h) = centres[i], sizes[i]
+        best = None
+        for dx, dy, cost in _label_candidates(w, h, radii[i]):
+            box = (cx + dx, cy + dy, cx + dx + w, cy + dy + h)
+            if box[0] < pad or box[1] < pad or box[2] > area[0] - pad or box[3] > area[1] - pad:
+                continue
+            padded = (box[0] - pad, box[1] - pad, box[2] + pad, box[3] + pad)
+            if any(_overlap(padded, q) > 0 for q in placed):
+                continue
+            cost += sum(30.0 * min(1.0, _overlap(box, m) / 20) for k, m in enumerate(markers) if k != i)
+            cost += sum(5.0 * min(1.0, _overlap(box, b) / 5) for b in bars)
+            own = _gap(box, centres[i], radii[i])
+            # nearer another marker than its own, a label reads as that one's
+            cost += sum(8.0 for k in range(n) if k != i and _gap(box, centres[k], radii[k]) < own + 2.0)
+            if best is None or cost < best[0]:
+                best = (cost, box)
+            if cost < 1.0:  # beside its marker, on nothing: no better place to look for
+                break
+        if best is not None:
+            placed.append(best[1])
+            out[i] = (best[1][0], best[1][1])
+    return out
+
+
+def _compare_axes(points: Sequence[dict], title: str, scale: float):
+    """The compare figure without its point labels, its axes ``scale`` times the usual size."""
+    aw, ah, left, bottom, right = 4.6 * scale, 3.4 * scale, 0.7, 0.6, 1.9
     width = left + aw + right
     title = _wrap(title, width - 0.3, STYLE["figure.titlesize"])
     height = bottom + ah + 0.2 + 0.2 * _lines(title)
@@ -432,39 +552,31 @@ def draw_compare(points: Sequence[dict], *, title: str = "") -> Figure:
     biggest = max(p["trainable"] for p in points) or 1
     for p in points:
         colour = FAMILY_COLOURS[p["family"]]
+        if p.get("std"):  # mean ± sample std over seeds
+            ax.errorbar(p["gmacs"], p["top1"], yerr=p["std"], fmt="none", ecolor=colour, elinewidth=1.2, capsize=3,
+                        capthick=1.2, zorder=2)
         ax.scatter(p["gmacs"], p["top1"], s=marker_area(p["trainable"], biggest), zorder=3, linewidths=1.2,
                    facecolors="none" if p["paper"] else colour, edgecolors=colour, alpha=1.0 if p["paper"] else 0.75)
     ax.set_xscale("log")
     gmacs = np.array([p["gmacs"] for p in points])
-    top1 = np.array([p["top1"] for p in points])
+    lo = np.array([p["top1"] - (p.get("std") or 0) for p in points])
+    hi = np.array([p["top1"] + (p.get("std") or 0) for p in points])
     xpad = max(1.25, (gmacs.max() / gmacs.min()) ** 0.12)
     ax.set_xlim(gmacs.min() / xpad, gmacs.max() * xpad)
-    ypad = max(2.0, 0.12 * (top1.max() - top1.min()))
-    ax.set_ylim(max(0.0, top1.min() - ypad), min(102.0, top1.max() + ypad))
+    ypad = max(2.0, 0.12 * (hi.max() - lo.min()))
+    ax.set_ylim(max(0.0, lo.min() - ypad), min(102.0, hi.max() + ypad))
     _log_ticks(ax.xaxis, *ax.get_xlim())
-    # labels beside their markers, on the side away from the nearer vertical edge, spread apart vertically
-    to_axes = ax.transData + ax.transAxes.inverted()
-    frac = [to_axes.transform((p["gmacs"], p["top1"])) for p in points]
-    left_side = [bool(fx > 0.6) for fx, _ in frac]
-    line = 1.6 * 8 / 72 / ah                                           # an 8 pt line and a gap, in axes fractions
-    ys = [min(max(fy, line), 1 - line) for _, fy in frac]
-    for side in (True, False):
-        idx = [i for i, s in enumerate(left_side) if s is side]
-        for i, y in zip(idx, _spread([ys[i] for i in idx], line), strict=True):
-            ys[i] = min(max(y, line / 2), 1 - line / 2)
-    for p, (fx, _), on_left, y in zip(points, frac, left_side, ys, strict=True):
-        offset = (0.5 * math.sqrt(marker_area(p["trainable"], biggest)) + 2) / 72 / aw   # past the marker's edge
-        ax.annotate(p["label"], (p["gmacs"], p["top1"]), xytext=(fx - offset if on_left else fx + offset, y),
-                    textcoords="axes fraction", ha="right" if on_left else "left", va="center", fontsize=8,
-                    color="0.35" if p["paper"] else "black")
     ax.set_xlabel("multiply-adds per image (G, log scale; the paper's \"GFLOPs\")")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
     families = list(dict.fromkeys(p["family"] for p in points))
     fam = [Line2D([], [], ls="", marker="o", markersize=7, color=FAMILY_COLOURS[f], label=f) for f in families]
     if any(p["paper"] for p in points):
-        fam += [Line2D([], [], ls="", marker="o", markersize=7, color="0.4", label="ours"),
-                Line2D([], [], ls="", marker="o", markersize=7, mfc="none", color="0.4", label="paper (448 px)")]
+        fam += [Line2D([], [], ls="", marker="o", markersize=7, color="0.4", label="ours")] * any(not p["paper"] for p in points)
+        fam.append(Line2D([], [], ls="", marker="o", markersize=7, mfc="none", color="0.4", label="paper (448 px)"))
+    if any(p.get("std") for p in points):
+        fam.append(Line2D([], [], ls="", marker="|", markersize=10, markeredgewidth=1.2, color="0.4",
+                          label="± std over seeds"))
     first = ax.legend(handles=fam, title="method family", loc="upper left", bbox_to_anchor=(1.03, 1.0),
                       frameon=False, alignment="left")
     ax.add_artist(first)
@@ -473,9 +585,60 @@ def draw_compare(points: Sequence[dict], *, title: str = "") -> Figure:
              for s in _size_steps([p["trainable"] for p in points])]
     ax.legend(handles=sizes, title="trainable params", loc="lower left", bbox_to_anchor=(1.03, 0.0),
               frameon=False, labelspacing=1.5, borderpad=1.0, handletextpad=1.5, alignment="left")
+    return fig, ax, biggest
+
+
+def _in_points(ax, x: float, y: float) -> tuple[float, float]:
+    """Data coordinates -> points from the axes' lower left corner."""
+    px, py = ax.transData.transform((x, y))
+    return (px - ax.bbox.x0) * 72.0 / ax.figure.dpi, (py - ax.bbox.y0) * 72.0 / ax.figure.dpi
+
+
+@_styled
+def draw_compare(points: Sequence[dict], *, title: str = "") -> Figure:
+    """Top-1 against multiply-adds per image on a log axis, the paper's accuracy-vs-cost style: marker
+    area by trainable parameters (with a size legend), colour by method family, hollow markers for the
+    paper's numbers, error bars of ± one sample std where a point is the mean of several seeds.
+
+    ``points``: dicts with ``label``, ``gmacs``, ``top1``, ``trainable``, ``family`` (a key of
+    ``FAMILY_COLOURS``), ``paper`` (True for the paper's numbers) and optionally ``std``.
+
+    Every label sits beside its marker (its box within ``LABEL_MAX_GAP_PT`` of the marker's edge, with a
+    thin leader line when it does not touch it), never on another label (:func:`place_labels`); where the
+    labels do not fit, the axes grow until they do. The axes' annotations are the labels, in the order
+    of ``points``.
+    """
+    for scale in _COMPARE_SCALES:
+        fig, ax, biggest = _compare_axes(points, title, scale)
+        r = fig.canvas.get_renderer()
+        to_pt = 72.0 / fig.dpi
+        at = functools.partial(_in_points, ax)
+        centres = [at(p["gmacs"], p["top1"]) for p in points]
+        radii = [0.5 * math.sqrt(marker_area(p["trainable"], biggest)) for p in points]
+        sizes = []
+        for p in points:  # measured on the canvas, then removed: the labels are made once placed
+            t = ax.text(0, 0, p["label"], fontsize=LABEL_PT)
+            box = t.get_window_extent(r)
+            sizes.append((box.width * to_pt, box.height * to_pt))
+            t.remove()
+        bars = [(c[0] - 3.0, at(p["gmacs"], p["top1"] - p["std"])[1], c[0] + 3.0, at(p["gmacs"], p["top1"] + p["std"])[1])
+                for p, c in zip(points, centres, strict=True) if p.get("std")]
+        spots = place_labels(centres, radii, sizes, (ax.bbox.width * to_pt, ax.bbox.height * to_pt), bars)
+        if all(s is not None for s in spots):
+            break
+    for p, spot, (cx, cy), radius, (w, h) in zip(points, spots, centres, radii, sizes, strict=True):
+        if spot is None:  # no room even on the largest axes: right of its marker, where it may overlap
+            spot = (cx + radius + 2.0, cy - h / 2)
+        nx, ny = min(max(cx, spot[0]), spot[0] + w), min(max(cy, spot[1]), spot[1] + h)   # its point nearest the marker
+        leader = math.hypot(nx - cx, ny - cy) - radius > 3.0                              # not touching its marker
+        arrow = {"arrowstyle": "-", "lw": 0.6, "color": "0.45", "shrinkA": 0.0, "shrinkB": radius,
+                 "relpos": ((nx - spot[0]) / w, (ny - spot[1]) / h)} if leader else None
+        ax.annotate(p["label"], (p["gmacs"], p["top1"]), xytext=(spot[0] - cx, spot[1] - cy), textcoords="offset points",
+                    ha="left", va="bottom", fontsize=LABEL_PT, color="0.35" if p["paper"] else "black", zorder=4,
+                    arrowprops=arrow)
     return fig
 
 
-__all__ = ["DPI", "FAMILY_COLOURS", "FORMATS", "MAX_ASPECT", "MIN_FONT_PT", "STYLE", "blend",
+__all__ = ["CMAP", "DPI", "FAMILY_COLOURS", "FORMATS", "MAX_ASPECT", "MIN_FONT_PT", "STYLE", "blend",
            "draw_cka", "draw_compare", "draw_features", "draw_overlays", "draw_selection", "ds_positions", "marker_area",
-           "overlay_layout", "save", "save_overlay_folder"]
+           "overlay_layout", "place_labels", "save", "save_overlay_folder"]
