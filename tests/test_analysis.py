@@ -307,9 +307,9 @@ def test_cost_equals_inspect_for_vit_b16_ila_pp():
 # ---- figures and paper table -----------------------------------------------------------------
 
 
-def test_blend_is_half_image_half_jet():
+def test_blend_is_half_image_half_the_colour_map():
     img = np.full((2, 2, 3), 255, dtype=np.uint8)
-    out = figures.blend(img, np.zeros((2, 2)))
+    out = figures.blend(img, np.zeros((2, 2)), cmap="jet")
     np.testing.assert_allclose(out[0, 0], 0.5 + 0.5 * np.array([0.0, 0.0, 0.5]), atol=1e-6)  # jet(0) = dark blue
 
 

@@ -125,10 +125,15 @@ def test_the_paper_recipes_resolve_as_before_so_their_run_keys_stay():
         canon = canonical_recipe(r)
         assert not {*NUMERIC["model"]} & {*canon.get("model", {})} - {"mean", "std", "layer_norm_eps"}, name
         assert not {*NUMERIC["data"]} & {*canon.get("data", {})}, name
-        if name != "quickstart":  # quickstart sets the micro ViT's own eps, mean and std, as it always did
-            assert numerics(r) == geometry.REFERENCE_NUMERICS, name
+        # quickstart sets the micro ViT's own eps, mean and std, as it always did; simtrans the eps 1e-6
+        # of the reference's own ViT copy
+        own = {"quickstart": {"mean", "std", "layer_norm_eps"}, "simtrans": {"layer_norm_eps"}}.get(name, set())
+        assert {k: v for k, v in numerics(r).items() if k not in own} == \
+            {k: v for k, v in geometry.REFERENCE_NUMERICS.items() if k not in own}, name
+        if name != "quickstart":
             large = load_recipe(name, {"model": {"backbone": "vit_large_patch16_224.orig_in21k", "image_size": 448}}, env=False)
-            assert numerics(large) == geometry.REFERENCE_NUMERICS, name
+            assert {k: v for k, v in numerics(large).items() if k not in own} == \
+                {k: v for k, v in geometry.REFERENCE_NUMERICS.items() if k not in own}, name
 
 
 def test_another_backbone_on_a_paper_recipe_takes_its_own_numerics():
@@ -314,7 +319,7 @@ def test_no_selection_picks_a_register(narrow):
 # ---- 5. identity: added modules at their identity give timm's own pre-logits ---------------------------
 
 def identity_models(family: str) -> list[tuple[str, dict]]:
-    out = [("linear", {}), ("adapter", {"adapter_init": "zero"}), ("ila_pp", {"adapter_init": "zero", "ila_ds_locs": []})]
+    out = [("linear", {}), ("adapter", {"adapter_init": "zero"}), ("convpass", {"adapter_init": "zero"})]
     return out + ([("vqt", {})] if family in CLS_FAMILIES else [])
 
 
