@@ -50,3 +50,8 @@ class RunFolderError(TrainingError):
     """A new run's folder is taken: bad input (exit 2), fixed by another --name, --overwrite or --resume."""
 
     exit_code = 2
+
+
+class LaunchError(UfgirError):
+    """A scheduler refused the work (a submission Slurm rejects: the partition, GPUs, CPUs or time
+    asked for do not exist there): bad input, exit 2."""

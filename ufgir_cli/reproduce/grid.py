@@ -176,6 +176,19 @@ def bench_step_seconds(bench: Path, method: str, image_size: int, batch_size: in
     return None
 
 
+def method_step_seconds(grid: Grid, step_seconds: float | None, bench: Path) -> dict[str, float | None]:
+    """Seconds per training step of each method: ``step_seconds`` for all when given, else from the
+    ``make bench`` file at the method's recipe batch and precision (`bench_step_seconds`)."""
+    out = {}
+    for m in grid.methods:
+        if step_seconds is not None:
+            out[m] = step_seconds
+            continue
+        r = sweep_recipe(grid.sweep(m, grid.tasks[0]))
+        out[m] = bench_step_seconds(bench, m, grid.image_size, r.train.batch_size * r.train.grad_accum, r.train.precision)
+    return out
+
+
 # ---- status -----------------------------------------------------------------------------------
 
 
