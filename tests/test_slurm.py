@@ -235,6 +235,12 @@ def test_submission_records_its_jobs_and_status_asks_slurm(data_root, tmp_path, 
     assert res.exit_code == 0 and "job(s) as array" not in res.output, res.output
     assert "linear on cotton80: job 4242_0 is queued; not submitted again" in res.output
 
+    # a queued array task cancelled: Slurm drops it from the array's record and keeps none of its own
+    fake_slurm(bins, states={"4242_0": "PENDING"})
+    res = runner.invoke(app, ["reproduce", "status", "g", "--out", str(tmp_path / "r")])
+    assert res.output.count("queued (job 4242_0)") == 3, res.output
+    assert res.output.count("cancelled (job 4242_1: before it started)") == 3, res.output
+
     # cancelled and failed: the cause from the job's error log, and where the log is
     err = Path(jobs[1]["folder"]) / "4242_1_0_log.err"
     err.write_text("Traceback (most recent call last):\nOSError: [Errno 28] No space left on device\n"
@@ -253,6 +259,45 @@ def test_submission_records_its_jobs_and_status_asks_slurm(data_root, tmp_path, 
     assert res.exit_code == 0, res.output
     assert "0 of 2 cells with every seed" in res.output
     assert "| Linear probe | - ± - (39.03, -) | - ± - (21.31, -) |" in (tmp_path / "r" / "g" / "table1.md").read_text()
+
+
+def test_waiting_ends_for_a_task_cancelled_before_it_started(data_root, tmp_path, monkeypatch):
+    """sacct no longer lists it, which submitit's waiting alone would take as "not done yet", forever."""
+    from submitit.core.utils import cloudpickle_dump
+
+    from ufgir_cli.reproduce import slurm_executor, submit, wait_and_tabulate
+
+    bins = fake_slurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{bins}{os.pathsep}{os.environ['PATH']}")
+    grid = make_grid(["linear"], DATASETS, image_size=64, seeds=(1,), lrs=(0.1,), overrides=parse_overrides(sets(data_root)),
+                     name="w", out=tmp_path)
+    jobs = submit(grid, slurm_executor(grid, SlurmOptions(max_requeues=0)))
+    assert [j.job_id for j in jobs] == ["4242_0", "4242_1"]
+    jobs[0].paths.result_pickle.parent.mkdir(parents=True, exist_ok=True)
+    cloudpickle_dump(("success", {}), jobs[0].paths.result_pickle)  # the first finished
+    fake_slurm(bins, states={"4242_0": "COMPLETED"})  # the second is gone from sacct
+    with pytest.raises(TrainingError) as e:
+        wait_and_tabulate(grid, jobs, poll_s=0.05, vanished_every_s=0)
+    assert str(e.value).splitlines()[1] == "job 4242_1 (linear on soygene): cancelled before it started"
+
+
+def test_ctrl_c_stops_the_waiting_not_the_jobs(tmp_path):
+    from ufgir_cli.reproduce import wait_and_tabulate
+
+    class Waiting:
+        job_id = "7_0"
+
+        def done(self):
+            raise KeyboardInterrupt
+
+    grid = make_grid(["linear"], ["cotton80"], image_size=64, name="c", out=tmp_path,
+                     overrides=parse_overrides(["model.backbone=ufgir_vit_micro_patch8_64"]))
+    with pytest.raises(TrainingError) as e:
+        wait_and_tabulate(grid, [Waiting()])
+    assert e.value.exit_code == 130
+    assert str(e.value) == ("stopped waiting; the jobs go on in Slurm. Follow them with `ufgir reproduce status c`, "
+                            "and once they are done write the table with `ufgir reproduce table c`")
+    assert not (grid.root / "table1.md").exists()
 
 
 def test_a_refused_submission_is_one_line(data_root, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ through torchrun (the sweep's multi-GPU slot) on the GPUs Slurm assigned.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ..sweep import Run, Sweep, run_sweep
 from ..sweep.runner import OnEvent
 from .grid import Grid, plan_rows, sweep_recipe, write_grid
 from .slurm import (
+    CANCELLED_BEFORE_START,
     JobSignals,
     JobStopped,
     SlurmOptions,
@@ -31,6 +33,8 @@ from .slurm import (
     recorded_jobs,
     refused_as_one_line,
     sbatch_parameters,
+    slurm_states,
+    vanished,
 )
 from .table import write_table
 
@@ -136,18 +140,32 @@ def _finished(sweep: Sweep) -> bool:
     return len(seed_top1(sweep)) == len(sweep.seeds)
 
 
-def wait_and_tabulate(grid: Grid, jobs: list) -> Path:
+def wait_and_tabulate(grid: Grid, jobs: list, poll_s: float = 2.0, vanished_every_s: float = 60.0) -> Path:
     """Wait for the jobs, through requeues (a requeued job is not done), then write the table; a job
-    that failed or was cancelled is reported after the others with its cause and log. Ctrl-C stops
-    the waiting, not the jobs."""
+    that failed or was cancelled (also before it started: `slurm.vanished`, asked every
+    ``vanished_every_s``) is reported after the others with its cause and log. Ctrl-C stops the
+    waiting, not the jobs."""
     labels = {r["job_id"]: f"{r['method']} on {r['task']}" for r in recorded_jobs(grid.root)}
-    errors = []
+    slurm_ids = [job.job_id for job in jobs if type(job).__name__ == "SlurmJob"]
+    errors, left, next_ask = [], list(jobs), time.time() + vanished_every_s
     try:
-        for job in jobs:
-            try:
-                job.result()
-            except Exception:  # noqa: BLE001 - submitit re-raises the job's own error, of any type
-                errors.append(failure_line(job, labels.get(job.job_id, "a sweep")))
+        while left:
+            states = {}
+            if slurm_ids and time.time() >= next_ask:
+                states, next_ask = slurm_states(slurm_ids), time.time() + vanished_every_s
+            for job in list(left):
+                label = labels.get(job.job_id, "a sweep")
+                if job.done():
+                    left.remove(job)
+                    try:
+                        job.result()
+                    except Exception:  # noqa: BLE001 - submitit re-raises the job's own error, of any type
+                        errors.append(failure_line(job, label))
+                elif vanished(job.job_id, states):
+                    left.remove(job)
+                    errors.append(f"job {job.job_id} ({label}): cancelled {CANCELLED_BEFORE_START}")
+            if left:
+                time.sleep(poll_s)
     except KeyboardInterrupt:
         import signal
 

@@ -140,7 +140,10 @@ def sbatch_parameters(opts: SlurmOptions, *, name: str, cpus_per_task: int, n_jo
 
 def describe_request(params: dict, max_requeues: int, hours: float | None) -> str:
     """One line: what each job asks for and how often it may be requeued at its time limit."""
-    gpus = f"GPU {params['gres'].removeprefix('gpu:')}" if "gres" in params else "no GPU"
+    gpus = "no GPU"
+    if "gres" in params:  # gpu:N or gpu:TYPE:N
+        *kind, count = params["gres"].split(":")[1:]
+        gpus = " ".join([count, *kind, "GPU" if count == "1" else "GPUs"])
     parts = [f"partition {params.get('partition', '(default)')}", f"{params['cpus_per_task']} CPUs", gpus]
     if "mem" in params:
         parts.append(f"{params['mem']} memory")
@@ -260,7 +263,7 @@ def job_kind(state: str, started: bool) -> str:
 
 #: Lines of a job's error log that say why it ended, newest first wins.
 _TELLING = re.compile(r"(Error|Exception|error:|\*\*\*|Killed|oom|OOM|CANCELLED|TIMEOUT|not requeued)")
-_SUBMITIT_LOG = re.compile(r"^submitit (INFO|WARNING|DEBUG) ")
+_SUBMITIT_LOG = re.compile(r"^submitit (INFO|WARNING|ERROR|DEBUG) ")
 
 
 def log_cause(text: str) -> str | None:
@@ -311,29 +314,52 @@ def recorded_jobs(root: Path) -> list[dict]:
     return json.loads(path.read_text(encoding="utf-8"))["jobs"] if path.is_file() else []
 
 
-def job_states(root: Path) -> dict[tuple[str, str], JobInfo]:
-    """Every recorded Slurm job of a grid as Slurm says now (one ``sacct`` call through submitit's
-    watcher), by (method, task). Jobs of other executors (submitit's local one) are left out; without
-    submitit every state is unknown."""
-    recs = [r for r in recorded_jobs(root) if r.get("cluster") == "SlurmJob"]
-    infos = {(r["method"], r["task"]): JobInfo(r["method"], r["task"], r["job_id"], r["folder"]) for r in recs}
-    if not recs:
-        return infos
-    try:
-        from submitit import SlurmJob
-    except ImportError:
-        return infos
-    jobs = {(r["method"], r["task"]): SlurmJob(folder=r["folder"], job_id=r["job_id"]) for r in recs}
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """Slurm's state of each job now, by id: one ``sacct`` call through submitit's watcher (a fresh one,
+    which remembers nothing from earlier calls); "UNKNOWN" where sacct has no record or fails."""
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    watcher = SlurmInfoWatcher()
+    for job_id in job_ids:
+        watcher.register_job(job_id)
     quiet = logging.getLogger("submitit")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # a failing sacct is reported as "unknown", not as a warning
     try:
-        SlurmJob.watcher.update()
+        watcher.update()
     finally:
         quiet.setLevel(level)
-    for key, job in jobs.items():
-        info = infos[key]
-        info.state = SlurmJob.watcher.get_state(job.job_id, mode="cache")
+    return {job_id: watcher.get_state(job_id, mode="cache") for job_id in job_ids}
+
+
+#: Why a job is cancelled that Slurm has no record of (`vanished`).
+CANCELLED_BEFORE_START = "before it started"
+
+
+def vanished(job_id: str, states: dict[str, str]) -> bool:
+    """An array task of which Slurm's accounting knows nothing while it knows another task of its
+    array (``states``: `slurm_states` of them all): it was cancelled before it started. Slurm drops
+    such a task from its array's pending record and writes none of its own, so to sacct, and to
+    submitit's waiting, it would stay unknown forever."""
+    main, _, task = job_id.partition("_")
+    return bool(task) and states.get(job_id, "UNKNOWN") == "UNKNOWN" and any(
+        other != job_id and other.partition("_")[0] == main and state != "UNKNOWN" for other, state in states.items())
+
+
+def job_states(root: Path) -> dict[tuple[str, str], JobInfo]:
+    """Every recorded Slurm job of a grid as Slurm says now (`slurm_states`) and its logs tell, by
+    (method, task). Jobs of other executors (submitit's local one) are left out; without submitit
+    every state is unknown."""
+    recs = [r for r in recorded_jobs(root) if r.get("cluster") == "SlurmJob"]
+    infos = {(r["method"], r["task"]): JobInfo(r["method"], r["task"], r["job_id"], r["folder"]) for r in recs}
+    try:
+        from submitit import SlurmJob
+    except ImportError:
+        return infos
+    states = slurm_states([r["job_id"] for r in recs]) if recs else {}
+    for info in infos.values():
+        job = SlurmJob(folder=info.folder, job_id=info.job_id)
+        info.state = states[info.job_id]
         started = job.paths.stdout.exists() or job.paths.stderr.exists()
         info.kind = job_kind(info.state, started)
         info.log = str(job.paths.stderr)
@@ -343,6 +369,8 @@ def job_states(root: Path) -> dict[tuple[str, str], JobInfo]:
             info.cause = result_cause(job.paths.result_pickle) or _read_cause(job.paths.stderr) or info.state
         elif info.kind == "cancelled":
             info.cause = info.state.lower().replace("cancelled by ", "by uid ")
+        elif vanished(info.job_id, states):
+            info.kind, info.cause = "cancelled", CANCELLED_BEFORE_START
     return infos
 
 
@@ -404,7 +432,7 @@ def refused_as_one_line():
     except (FailedJobError, subprocess.CalledProcessError, OSError, ValueError) as e:
         # sbatch's refusal; sbatch missing; a parameter submitit cannot write
         text = f"{e}\n{printed.getvalue()}"
-        said = [ln.strip() for ln in text.splitlines() if "sbatch: error:" in ln or "error:" in ln.lower()]
+        said = [ln.strip() for ln in text.splitlines() if "error:" in ln.lower()]  # "sbatch: error: ..."
         why = said[-1] if said else (text.strip().splitlines() or [type(e).__name__])[-1]
         raise LaunchError(f"Slurm refused the jobs: {why.removeprefix('sbatch: error: ')}") from None
 
