@@ -92,11 +92,12 @@ CONF
     chmod 600 "$DIR/etc/slurmdbd.conf"
 }
 
-start_munge() {
-    if pgrep -x munged >/dev/null; then return; fi
+start_munge() {  # a munged that answers already (the machine's own) is used and left alone by `stop`
+    if munge -n >/dev/null 2>&1; then return; fi
     mkdir -p /run/munge && chown munge:munge /run/munge
-    runuser -u munge -- /usr/sbin/munged
+    runuser -u munge -- /usr/sbin/munged --force  # --force: over a socket a dead munged left
     wait_for 10 munge munge -n
+    cp /run/munge/munged.pid "$DIR/run/munged.pid"
 }
 
 start_db() {
@@ -152,6 +153,7 @@ stop() {
     stop_pidfile slurmd
     stop_pidfile slurmctld
     stop_pidfile slurmdbd
+    stop_pidfile munged
     if [ -S "$DIR/run/mysql.sock" ]; then mariadb-admin --socket="$DIR/run/mysql.sock" shutdown 2>/dev/null || true; fi
     log "stopped (state kept in $DIR)"
 }
