@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 UFGIR := $(VENV)/bin/ufgir
 DEMO_RUN := runs/demo_quickstart
 
-.PHONY: venv demo test bench backbone screenshot lint clean
+.PHONY: venv demo test test-slurm bench backbone screenshot lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ demo: venv
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -x --durations=15
+
+# Not part of `make test`: needs root and Debian's slurm-wlm, slurmdbd, munge and mariadb-server. Starts a
+# single-node Slurm on this machine (tests/slurm/cluster.sh), submits real jobs, stops it again.
+test-slurm: venv
+	tests/slurm/cluster.sh start
+	SLURM_CONF=$$(tests/slurm/cluster.sh conf) HF_HUB_OFFLINE=1 $(PY) -m pytest -q -x -s --run-slurm \
+		--durations=0 tests/test_slurm_cluster.py; rc=$$?; tests/slurm/cluster.sh stop; exit $$rc
 
 bench: venv
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.paired

@@ -18,6 +18,21 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("UFGIR_FIXTURES", REPO.parent / "shared" / "fixtures" / "upstream"))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slurm", action="store_true",
+                     help="run the tests marked slurm: they submit jobs to the Slurm that SLURM_CONF names")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that submit real Slurm jobs run only when asked (`make test-slurm`), never by `make test`."""
+    if config.getoption("--run-slurm"):
+        return
+    skip = pytest.mark.skip(reason="needs a running Slurm: make test-slurm (or pytest --run-slurm)")
+    for item in items:
+        if item.get_closest_marker("slurm") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch, tmp_path_factory):
     """No UFGIR_* variable from the caller leaks into a test; data goes to a per-session tmp dir."""

@@ -60,3 +60,8 @@ class RecipeNotice(UserWarning):
 class HubError(UfgirError):
     """A Hugging Face Hub push or pull failed: refused, unreachable (or offline with nothing cached),
     not a repo written by `ufgir push`, or files that do not match its ``ufgir.json``."""
+
+
+class LaunchError(UfgirError):
+    """A scheduler refused the work (a submission Slurm rejects: the partition, GPUs, CPUs or time
+    asked for do not exist there): bad input, exit 2."""

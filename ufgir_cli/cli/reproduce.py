@@ -64,17 +64,31 @@ def reproduce(
     out: OutOpt = Path("reproduce"),
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (runs, epochs, steps, hours) and exit.")] = False,
     step_seconds: Annotated[float | None, typer.Option(
-        "--step-seconds", min=0.0, help="Seconds per training step for --dry-run (default: from --bench).")] = None,
-    bench: Annotated[Path, typer.Option("--bench", help="A `make bench` result whose step times --dry-run uses.")]
+        "--step-seconds", min=0.0,
+        help="Seconds per training step for --dry-run and slurm's requeue count (default: from --bench).")] = None,
+    bench: Annotated[Path, typer.Option("--bench", help="A `make bench` result whose step times --dry-run and slurm use.")]
         = Path("benchmarks/results/cpu.json"),
     launcher: Annotated[str, typer.Option("--launcher", help="local (here) or slurm (a job array through submitit).")] = "local",
     gpus: Annotated[str | None, typer.Option(
         "--gpus", help="local: GPU ids to spread each sweep's runs over, e.g. 0,1,2,3 (default: one run after another).")] = None,
-    gpus_per_run: Annotated[int, typer.Option("--gpus-per-run", min=1, help="GPUs of one run; more than 1 starts it through torchrun.")] = 1,
+    gpus_per_run: Annotated[int | None, typer.Option(
+        "--gpus-per-run", min=1, help="GPUs of one run (default 1); more than 1 starts it through torchrun. "
+        "slurm: the GPUs each job asks for (default: none, a CPU job).")] = None,
     partition: Annotated[str | None, typer.Option("--partition", help="slurm: the partition.")] = None,
     time: Annotated[int, typer.Option("--time", min=1, help="slurm: minutes per job; a job at its limit is requeued and resumes.")] = 1440,
     account: Annotated[str | None, typer.Option("--account", help="slurm: the account to charge.")] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="slurm: submit and exit; `ufgir reproduce status` follows the runs.")] = False,
+    gpu_type: Annotated[str | None, typer.Option("--gpu-type", help="slurm: the GPU type, e.g. a100 (--gres=gpu:TYPE:N).")] = None,
+    cpus_per_task: Annotated[int | None, typer.Option(
+        "--cpus-per-task", min=1, help="slurm: CPUs per job (default: the recipes' data.num_workers + 1, per GPU).")] = None,
+    mem: Annotated[str | None, typer.Option("--mem", help="slurm: memory per job, e.g. 32G (default: the partition's).")] = None,
+    qos: Annotated[str | None, typer.Option("--qos", help="slurm: the quality of service.")] = None,
+    constraint: Annotated[str | None, typer.Option("--constraint", help="slurm: node features, e.g. 'a100|h100'.")] = None,
+    sbatch: Annotated[list[str] | None, typer.Option(
+        "--sbatch", help="slurm: any other sbatch option, KEY=VALUE or a bare flag (repeatable), e.g. mail-type=END.")] = None,
+    max_requeues: Annotated[int | None, typer.Option(
+        "--max-requeues", min=0, help="slurm: requeues at the time limit per job (default: from the planned hours and --time).")]
+        = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the paper's protocol (`ufgir sweep`) for every method x dataset and write
@@ -102,7 +116,12 @@ def reproduce(
     console.print(f"reproduce {grid.name}: {plural(len(grid.methods), 'method')} x {plural(len(grid.tasks), 'task')} x "
                   f"{plural(len(grid.seeds), 'seed')} · folder {grid.root}", soft_wrap=True)
     if launcher == "slurm":
-        _slurm(grid, partition, gpus_per_run, time, account, no_wait)
+        from ..reproduce import SlurmOptions
+
+        opts = SlurmOptions(partition=partition, account=account, qos=qos, constraint=constraint, time_min=time,
+                            gpus=gpus_per_run or 0, gpu_type=gpu_type, cpus_per_task=cpus_per_task, mem=mem,
+                            max_requeues=max_requeues, sbatch=tuple(sbatch or ()))
+        _slurm(grid, opts, no_wait, step_seconds, bench)
         return
     from ..engine.state import Interrupted
     from ..errors import TrainingError
@@ -125,7 +144,7 @@ def reproduce(
         return shown[-1:]
 
     try:
-        table, failed = run_local(grid, gpus=gpu_ids, gpus_per_run=gpus_per_run, on_event=on_event, callbacks=callbacks)
+        table, failed = run_local(grid, gpus=gpu_ids, gpus_per_run=gpus_per_run or 1, on_event=on_event, callbacks=callbacks)
     except Interrupted as stop:
         raise Interrupted(f"reproduce {grid.name} stopped by {signal.Signals(stop.signum).name}; finished runs are "
                           "kept and the stopped one saved its checkpoint: the same command continues it", stop.signum) from None
@@ -139,30 +158,51 @@ def reproduce(
                             "same command retries them")
 
 
-def _slurm(grid, partition, gpus_per_run, time, account, no_wait) -> None:
+def _slurm(grid, opts, no_wait: bool, step_seconds: float | None, bench: Path) -> None:
+    """Submit the sweeps not finished and not held by a job Slurm still has; wait for all (or not)."""
     try:
         import submitit  # noqa: F401
     except ImportError:
         raise typer.BadParameter("needs submitit: pip install 'ufgir[slurm]'", param_hint="--launcher") from None
-    from ..reproduce import check_grid, slurm_executor, submit, wait_and_tabulate
+    from ..reproduce import (
+        check_grid,
+        job_states,
+        longest_sweep_hours,
+        slurm_executor,
+        submit,
+        wait_and_tabulate,
+    )
+    from ..reproduce.grid import method_step_times
+    from ..reproduce.slurm import active, attach, describe_request
 
     check_grid(grid)  # every model builds, before anything is submitted
 
-    jobs = submit(grid, slurm_executor(grid, partition=partition, gpus_per_run=gpus_per_run, time_min=time,
-                                       account=account), gpus_per_run=gpus_per_run)
-    console.print(f"submitted {len(jobs)} job(s){': ' + jobs[0].job_id.split('_')[0] if jobs else ''}; "
-                  f"logs under {grid.root / 'submitit'}", soft_wrap=True)
+    hours = longest_sweep_hours(grid, method_step_times(grid, step_seconds, bench))
+    ex = slurm_executor(grid, opts, hours=hours)
+    busy = active(job_states(grid.root))
+    for (method, task), info in busy.items():
+        console.print(f"{method} on {task}: job {info.job_id} is {info.kind}; not submitted again", soft_wrap=True,
+                      markup=False)
+    jobs = submit(grid, ex, gpus_per_run=max(opts.gpus, 1), skip=set(busy))
+    if jobs:
+        console.print(f"submitted {len(jobs)} job(s) as array {jobs[0].job_id.split('_')[0]}: "
+                      f"{describe_request(ex.parameters, ex.max_num_timeout, hours)}; logs under "
+                      f"{grid.root / 'submitit'}", soft_wrap=True, markup=False)
+    elif not busy:
+        console.print("nothing to submit: every sweep is finished", soft_wrap=True)
     if no_wait:
-        console.print(f"follow: ufgir reproduce status {grid.name}", soft_wrap=True)
+        console.print(f"follow: ufgir reproduce status {grid.name}; once every job is done, "
+                      f"`ufgir reproduce table {grid.name}` writes {grid.root / 'table1.md'}", soft_wrap=True,
+                      markup=False)
         return
+    jobs += [attach(info) for info in busy.values()]
     console.print(f"table: {wait_and_tabulate(grid, jobs)}", soft_wrap=True)
 
 
 def _print_plan(grid, step_seconds: float | None, bench: Path) -> None:
-    from ..reproduce import StepTime, plan_rows, step_time
+    from ..reproduce import method_step_times, plan_rows
 
-    times = {m: StepTime(step_seconds, "given", "--step-seconds") if step_seconds is not None else step_time(grid, m, bench)
-             for m in grid.methods}
+    times = method_step_times(grid, step_seconds, bench)
     rows = plan_rows(grid, times)
     lrs = "each recipe's sweep.lrs (else the paper's)" if grid.lrs is None else ", ".join(f"{x:g}" for x in grid.lrs)
     console.print(f"plan {grid.name} ({grid.root}): phase 1 lr {lrs} on train, "
@@ -192,17 +232,20 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the runs as JSON.")] = False,
 ) -> None:
     """Every run of a reproduction: done, running (pid@host, step), resumable (step, why it stopped),
-    failed (reason) or pending; one line per run, the status first."""
+    failed (reason) or pending; one line per run, the status first. Sweeps submitted to Slurm also show
+    their job as Slurm has it: queued, requeued, cancelled or failed (the cause and the job's log)."""
     from ..errors import RecipeError
     from ..paths import STATUS_KINDS
-    from ..reproduce import load_grid, run_status
+    from ..reproduce import job_states, load_grid, run_status, with_jobs
+    from ..reproduce.slurm import JOB_KINDS
 
     if name is None:
         found = sorted(p.parent.name for p in out.glob("*/grid.json"))
         if len(found) != 1:
             raise RecipeError(f"give a reproduction name; under {out}/: {', '.join(found) or 'none'}")
         name = found[0]
-    rows = run_status(load_grid(name, out))
+    grid = load_grid(name, out)
+    rows = with_jobs(run_status(grid), job_states(grid.root))
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
@@ -211,4 +254,35 @@ def status(
         detail = f"  {r['detail']}" if r["detail"] != r["status"] else ""
         console.print(f"{r['status']:9} {r['method']:12} {r['task']:14} {what}{detail}", markup=False, soft_wrap=True)
     counts = Counter(r["status"] for r in rows)
-    console.print(" · ".join(f"{counts[k]} {k}" for k in STATUS_KINDS), soft_wrap=True)
+    console.print(" · ".join([f"{counts[k]} {k}" for k in STATUS_KINDS] + [f"{counts[k]} {k}" for k in JOB_KINDS if counts[k]]),
+                  soft_wrap=True)
+    if rows and counts["done"] == len(rows) and not (grid.root / "table1.md").is_file():
+        console.print(f"every run is done: `ufgir reproduce table {grid.name}` writes the table", soft_wrap=True,
+                      markup=False)
+
+
+@app.command("table", cls=PlainCommand)
+def table(
+    name: Annotated[str | None, typer.Argument(help="Reproduction name (default: the only one under --out).")] = None,
+    out: OutOpt = Path("reproduce"),
+) -> None:
+    """Write reproduce/<name>/table1.{md,csv,tex} from the runs as they are now: after
+    `--launcher slurm --no-wait`, once the jobs are done. A cell without finished seeds shows "-"."""
+    from ..errors import RecipeError
+    from ..reproduce import job_states, load_grid, table_rows, write_table
+    from ..reproduce.slurm import active
+
+    if name is None:
+        found = sorted(p.parent.name for p in out.glob("*/grid.json"))
+        if len(found) != 1:
+            raise RecipeError(f"give a reproduction name; under {out}/: {', '.join(found) or 'none'}")
+        name = found[0]
+    grid = load_grid(name, out)
+    path = write_table(grid)
+    rows = table_rows(grid)
+    full = sum(r["n"] == len(grid.seeds) for r in rows)
+    console.print(f"table: {path} ({full} of {len(rows)} cells with every seed)", soft_wrap=True, markup=False)
+    busy = active(job_states(grid.root))
+    if busy:
+        console.print(f"{len(busy)} job(s) still in Slurm ({', '.join(j.job_id for j in busy.values())}): run this again "
+                      "once they are done", soft_wrap=True, markup=False)

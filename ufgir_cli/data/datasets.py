@@ -245,7 +245,8 @@ class EpochSampler(Sampler):
 
 def init_worker(worker_id: int) -> None:
     """Data-loader worker set-up: seed python/numpy from torch's per-worker seed (augmentation
-    itself is keyed per sample) and ignore SIGINT/SIGTERM.
+    itself is keyed per sample) and ignore the signals that stop a run (``engine.state.STOP_SIGNALS``:
+    SIGINT, SIGTERM and Slurm's time-limit warning SIGUSR2).
 
     Ctrl-C and schedulers (Slurm, ``kill -TERM -PGID``) signal the whole process group. A worker
     that died of it would crash the main process ("DataLoader worker exited unexpectedly") before
@@ -255,8 +256,9 @@ def init_worker(worker_id: int) -> None:
     import random
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR2", None)):
+        if sig is not None:  # no SIGUSR2 on Windows
+            signal.signal(sig, signal.SIG_IGN)
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)

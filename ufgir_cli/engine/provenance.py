@@ -55,7 +55,10 @@ def provenance(recipe: Recipe, backbone_sha256: str, *, device: str | None = Non
         "torchvision": torchvision.__version__, "timm": timm.__version__, "git_commit": _git_commit(),
         "hardware": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                      "cpu_count": os.cpu_count(), "cpus_available": available_cores(), "gpus": gpus,
-                     "device": device, "precision": precision, "threads": threads},
+                     "device": device, "precision": precision, "threads": threads,
+                     # what a scheduler gave the run: its GPUs as this process sees them, and its job
+                     "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                     "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
         "backbone": {"name": recipe.model.backbone, "weights": recipe.model.weights, "sha256": backbone_sha256},
     }
     if split is not None:

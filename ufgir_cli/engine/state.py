@@ -125,8 +125,21 @@ def gathered_rng_states(dist: DistContext) -> list[dict]:
 # Signals
 
 
+#: Signals that stop a run cleanly: finish the step, save, exit with 128 + the signal. SIGINT is Ctrl-C,
+#: SIGTERM what schedulers send before they kill (pre-emption, ``scancel``, ``scontrol requeue``),
+#: SIGUSR2 the warning Slurm sends ahead of a job's time limit (``sbatch --signal=USR2@90``, what
+#: submitit asks for), so a job saves its exact step before it is requeued.
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR2", None)) if s is not None)
+
+
+def is_stop_exit(returncode: int) -> bool:
+    """True for the exit of a process that a stop signal ended: ``ufgir train``'s 128 + signal after
+    saving, or death by the signal itself (a launcher such as torchrun that does not catch it)."""
+    return any(returncode in (128 + s, -s) for s in STOP_SIGNALS)
+
+
 class Interrupted(TrainingError):
-    """SIGINT/SIGTERM: the current step finished, a checkpoint was written."""
+    """A stop signal (`STOP_SIGNALS`): the current step finished, a checkpoint was written."""
 
     def __init__(self, msg: str, signum: int):
         super().__init__(msg)
@@ -146,8 +159,8 @@ class StopRequested(Exception):
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second one stops at once.
-    Installed in the main thread only (Python delivers signals there)."""
+    """A stop signal (`STOP_SIGNALS`) asks the loop to stop after the current step; a second one stops
+    at once. Installed in the main thread only (Python delivers signals there)."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -155,7 +168,7 @@ class StopFlag:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
+            for s in STOP_SIGNALS:
                 self._old[s] = signal.signal(s, self._handle)
         return self
 

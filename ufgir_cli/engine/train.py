@@ -12,9 +12,9 @@ Never lose a run:
   atomically (`state.Checkpointer`). Augmentation is keyed per sample by (seed, epoch, index) and
   data-loader workers hold no other randomness, so a resumed run is bit-identical to an
   uninterrupted one.
-- SIGINT/SIGTERM finish the current step (or, in a single process, the current evaluation batch),
-  save, and stop with exit code 130/143 and the resume command; SIGKILL at any moment leaves the
-  last complete checkpoint.
+- SIGINT/SIGTERM, and SIGUSR2 (Slurm's warning ahead of a time limit), finish the current step (or,
+  in a single process, the current evaluation batch), save, and stop with exit code 130/143/140 and
+  the resume command; SIGKILL at any moment leaves the last complete checkpoint.
 - A non-finite loss or gradient stops training before the weights are touched, and a checkpoint is
   never written from non-finite weights, so the last good one survives.
 - Bad input (recipe, dataset folder, images, checkpoint) fails before anything is written.

@@ -259,6 +259,12 @@ def step_time(grid: Grid, row: str, bench: Path) -> StepTime:
                     f"the plain ViT's step in {where} x {ratio:.2f} (passes and GMACs)")
 
 
+def method_step_times(grid: Grid, step_seconds: float | None, bench: Path) -> dict[str, StepTime]:
+    """Each row's step time: ``step_seconds`` for all when given, else `step_time` from the bench file."""
+    return {m: StepTime(step_seconds, "given", "--step-seconds") if step_seconds is not None else step_time(grid, m, bench)
+            for m in grid.methods}
+
+
 # ---- status -----------------------------------------------------------------------------------
 
 

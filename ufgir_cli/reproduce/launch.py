@@ -2,22 +2,40 @@
 
 Each sweep is one unit of work: its phase 2 needs phase 1's choice, and ``run_sweep`` already skips
 finished runs and resumes killed ones, so running a sweep again *is* the restart. A Slurm job is a
-:class:`SweepJob`; when it nears its time limit submitit calls its ``checkpoint`` (the training run
-keeps its last checkpoint on disk) and requeues it, and the requeued job runs the same sweep, which
-resumes. A run that needs several GPUs starts through torchrun (the sweep's multi-GPU slot).
+:class:`SweepJob`. Near its time limit the training run saves its exact step and submitit requeues
+the job; a pre-empted job saves the same way and Slurm requeues it; either way the requeued job runs
+the same sweep, which resumes (`slurm` has the details). A run that needs several GPUs starts
+through torchrun (the sweep's multi-GPU slot) on the GPUs Slurm assigned.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from ..engine.callbacks import Callback
 from ..engine.state import Interrupted
-from ..errors import TrainingError, UfgirError
+from ..errors import LaunchError, TrainingError, UfgirError
 from ..sweep import Run, Sweep, run_sweep
 from ..sweep.runner import OnEvent
-from .grid import Grid, check_grid, read_failures, write_failures, write_grid
+from .grid import Grid, check_grid, plan_rows, read_failures, sweep_recipe, write_failures, write_grid
+from .slurm import (
+    CANCELLED_BEFORE_START,
+    JobSignals,
+    JobStopped,
+    SlurmOptions,
+    assigned_gpus,
+    default_cpus,
+    failure_line,
+    planned_requeues,
+    record_jobs,
+    recorded_jobs,
+    refused_as_one_line,
+    sbatch_parameters,
+    slurm_states,
+    vanished,
+)
 from .table import write_table
 
 
@@ -59,15 +77,22 @@ def run_local(grid: Grid, *, gpus: list[str] | None = None, gpus_per_run: int = 
 
 
 class SweepJob:
-    """One array task: run (or continue) one sweep. Submitit requeues it at its time limit through
-    ``checkpoint``; the run folders are the state, so the job resubmits itself unchanged."""
+    """One array task: run (or continue) one sweep. Stopped by Slurm (time limit, pre-emption), the
+    run saves its step and the job ends as `JobSignals.stop` says: requeued through ``checkpoint`` at
+    the time limit; without a result on SIGTERM, which Slurm requeues. The run folders are the state,
+    so the job resubmits itself unchanged."""
 
     def __init__(self, sweep: Sweep, gpus_per_run: int = 1):
         self.sweep, self.gpus_per_run = sweep, gpus_per_run
 
     def __call__(self) -> dict:
-        slots = [",".join(str(i) for i in range(self.gpus_per_run))] if self.gpus_per_run > 1 else None
-        report = run_sweep(self.sweep, gpus=slots)
+        with JobSignals() as signals:
+            try:
+                report = run_sweep(self.sweep, gpus=assigned_gpus(self.gpus_per_run))
+            except Interrupted as e:  # a run saved its step and stopped
+                signals.stop(e.signum)
+            except JobStopped as e:  # between runs: nothing unsaved
+                signals.stop(e.signum)
         return report["test"]
 
     def checkpoint(self, *args, **kwargs):
@@ -76,27 +101,43 @@ class SweepJob:
         return DelayedSubmission(self, *args, **kwargs)
 
 
-def slurm_executor(grid: Grid, *, partition: str | None, gpus_per_run: int, time_min: int,
-                   account: str | None = None, cpus_per_task: int = 8, parallel: int | None = None):
-    """A submitit executor for the cluster: one GPU node task per run, the job array's width capped."""
+def longest_sweep_hours(grid: Grid, step_seconds: dict[str, float | None]) -> float | None:
+    """The planned hours of the grid's longest sweep (one job runs one sweep); None when unknown."""
+    hours = [r["hours"] for r in plan_rows(grid, step_seconds)]
+    return None if any(h is None for h in hours) or not hours else max(hours)
+
+
+def slurm_executor(grid: Grid, opts: SlurmOptions, *, hours: float | None = None):
+    """A submitit ``SlurmExecutor`` for the grid's job array: what each job asks for
+    (`slurm.sbatch_parameters`; CPUs per task from the recipes' data loaders unless given) and how
+    many time-outs it may have (``opts.max_requeues``, else from ``hours``: `slurm.planned_requeues`)."""
     import submitit
 
-    ex = submitit.AutoExecutor(folder=grid.root / "submitit" / "%j", cluster="slurm")
-    extra = {"slurm_account": account} if account else {}
-    ex.update_parameters(name=f"ufgir-{grid.name}", timeout_min=time_min, gpus_per_node=gpus_per_run, nodes=1,
-                         tasks_per_node=1, cpus_per_task=cpus_per_task, slurm_partition=partition,
-                         slurm_array_parallelism=parallel or len(grid.methods) * len(grid.tasks), **extra)
+    workers = max(sweep_recipe(grid.sweep(m, grid.tasks[0])).data.num_workers for m in grid.methods)
+    params = sbatch_parameters(opts, name=f"ufgir-{grid.name}", n_jobs=len(grid.methods) * len(grid.tasks),
+                               cpus_per_task=opts.cpus_per_task or default_cpus(workers, opts.gpus))
+    requeues = opts.max_requeues if opts.max_requeues is not None else \
+        planned_requeues(hours, opts.time_min, opts.signal_delay_s)
+    try:
+        ex = submitit.SlurmExecutor(folder=grid.root / "submitit" / "%j", max_num_timeout=requeues)
+    except RuntimeError as e:  # no srun on this machine
+        raise LaunchError(f"--launcher slurm: {e}") from None
+    with refused_as_one_line():
+        ex.update_parameters(**params)
     return ex
 
 
-def submit(grid: Grid, executor, *, gpus_per_run: int = 1) -> list:
-    """Submit every sweep not finished yet as one job array; returns the submitit jobs."""
+def submit(grid: Grid, executor, *, gpus_per_run: int = 1, skip: set | frozenset = frozenset()) -> list:
+    """Submit every sweep not finished yet, and not in ``skip`` ((method, task) of sweeps whose job
+    Slurm still holds), as one job array; records the jobs in ``jobs.json``; returns them. A submission
+    Slurm refuses is one line (`LaunchError`)."""
     write_grid(grid)
-    todo = [s for _, _, s in grid.sweeps() if not _finished(s)]
+    todo = [(m, t, s) for m, t, s in grid.sweeps() if not _finished(s) and (m, t) not in skip]
     if not todo:
         return []
-    with executor.batch():
-        jobs = [executor.submit(SweepJob(s, gpus_per_run)) for s in todo]
+    with refused_as_one_line(), executor.batch():
+        jobs = [executor.submit(SweepJob(s, gpus_per_run)) for _, _, s in todo]
+    record_jobs(grid.root, [(m, t, job) for (m, t, _), job in zip(todo, jobs, strict=True)])
     return jobs
 
 
@@ -106,15 +147,40 @@ def _finished(sweep: Sweep) -> bool:
     return len(seed_top1(sweep)) == len(sweep.seeds)
 
 
-def wait_and_tabulate(grid: Grid, jobs: list) -> Path:
-    """Wait for the jobs (a failed one is reported after the others), then write the table."""
-    errors = []
-    for job in jobs:
-        try:
-            job.result()
-        except Exception as e:  # noqa: BLE001 - submitit re-raises the job's own error, of any type
-            errors.append(f"job {job.job_id}: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}")
+def wait_and_tabulate(grid: Grid, jobs: list, poll_s: float = 2.0, vanished_every_s: float = 60.0) -> Path:
+    """Wait for the jobs, through requeues (a requeued job is not done), then write the table; a job
+    that failed or was cancelled (also before it started: `slurm.vanished`, asked every
+    ``vanished_every_s``) is reported after the others with its cause and log. Ctrl-C stops the
+    waiting, not the jobs."""
+    labels = {r["job_id"]: f"{r['method']} on {r['task']}" for r in recorded_jobs(grid.root)}
+    slurm_ids = [job.job_id for job in jobs if type(job).__name__ == "SlurmJob"]
+    errors, left, next_ask = [], list(jobs), time.time() + vanished_every_s
+    try:
+        while left:
+            states = {}
+            if slurm_ids and time.time() >= next_ask:
+                states, next_ask = slurm_states(slurm_ids), time.time() + vanished_every_s
+            for job in list(left):
+                label = labels.get(job.job_id, "a sweep")
+                if job.done():
+                    left.remove(job)
+                    try:
+                        job.result()
+                    except Exception:  # noqa: BLE001 - submitit re-raises the job's own error, of any type
+                        errors.append(failure_line(job, label))
+                elif vanished(job.job_id, states):
+                    left.remove(job)
+                    errors.append(f"job {job.job_id} ({label}): cancelled {CANCELLED_BEFORE_START}")
+            if left:
+                time.sleep(poll_s)
+    except KeyboardInterrupt:
+        import signal
+
+        raise Interrupted(f"stopped waiting; the jobs go on in Slurm. Follow them with `ufgir reproduce status "
+                          f"{grid.name}`, and once they are done write the table with `ufgir reproduce table "
+                          f"{grid.name}`", signal.SIGINT) from None
     path = write_table(grid)
     if errors:
-        raise TrainingError(f"{len(errors)} job(s) of {grid.name} failed; submit again to retry them:\n" + "\n".join(errors))
+        raise TrainingError(f"{len(errors)} job(s) of {grid.name} failed; submit again to retry them "
+                            f"(the table holds what finished):\n" + "\n".join(errors))
     return path

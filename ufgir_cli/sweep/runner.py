@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..engine.callbacks import Callback
 from ..engine.report import eval_run
-from ..engine.state import Interrupted, StopFlag
+from ..engine.state import Interrupted, StopFlag, is_stop_exit
 from ..engine.train import fit, resume
 from ..errors import TrainingError
 from ..io import atomic_write_text
@@ -141,7 +141,7 @@ def run_on_gpus(sweep: Sweep, runs: list[Run], gpus: list[str], on_event: OnEven
                 info = {"gpu": gpu, "log": str(log), "time_s": time.time() - t0}
                 if rc == 0:
                     on_event("finished", run, info)
-                elif rc not in (130, 143):  # a stopped child saved its checkpoint: not a failure
+                elif not is_stop_exit(rc):  # a stopped child saved its checkpoint: not a failure
                     on_event("failed", run, {**info, "error": f"exit code {rc}, see {log}"})
                     bad_input = bad_input or (f"{run.label} stopped on bad input (exit code {rc}); see {log}"
                                               if rc == 2 else None)
