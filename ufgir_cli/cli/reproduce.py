@@ -225,6 +225,19 @@ def _print_plan(grid, step_seconds: float | None, bench: Path) -> None:
                       "and not on disk (`ufgir download` it first)", soft_wrap=True, markup=False)
 
 
+def _grid(name: str | None, out: Path):
+    """The reproduction called ``name`` under ``out``, or the only one there."""
+    from ..errors import RecipeError
+    from ..reproduce import load_grid
+
+    if name is None:
+        found = sorted(p.parent.name for p in out.glob("*/grid.json"))
+        if len(found) != 1:
+            raise RecipeError(f"give a reproduction name; under {out}/: {', '.join(found) or 'none'}")
+        name = found[0]
+    return load_grid(name, out)
+
+
 @app.command("status", cls=PlainCommand)
 def status(
     name: Annotated[str | None, typer.Argument(help="Reproduction name (default: the only one under --out).")] = None,
@@ -234,17 +247,11 @@ def status(
     """Every run of a reproduction: done, running (pid@host, step), resumable (step, why it stopped),
     failed (reason) or pending; one line per run, the status first. Sweeps submitted to Slurm also show
     their job as Slurm has it: queued, requeued, cancelled or failed (the cause and the job's log)."""
-    from ..errors import RecipeError
     from ..paths import STATUS_KINDS
-    from ..reproduce import job_states, load_grid, run_status, with_jobs
+    from ..reproduce import job_states, run_status, with_jobs
     from ..reproduce.slurm import JOB_KINDS
 
-    if name is None:
-        found = sorted(p.parent.name for p in out.glob("*/grid.json"))
-        if len(found) != 1:
-            raise RecipeError(f"give a reproduction name; under {out}/: {', '.join(found) or 'none'}")
-        name = found[0]
-    grid = load_grid(name, out)
+    grid = _grid(name, out)
     rows = with_jobs(run_status(grid), job_states(grid.root))
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
@@ -268,16 +275,10 @@ def table(
 ) -> None:
     """Write reproduce/<name>/table1.{md,csv,tex} from the runs as they are now: after
     `--launcher slurm --no-wait`, once the jobs are done. A cell without finished seeds shows "-"."""
-    from ..errors import RecipeError
-    from ..reproduce import job_states, load_grid, table_rows, write_table
+    from ..reproduce import job_states, table_rows, write_table
     from ..reproduce.slurm import active
 
-    if name is None:
-        found = sorted(p.parent.name for p in out.glob("*/grid.json"))
-        if len(found) != 1:
-            raise RecipeError(f"give a reproduction name; under {out}/: {', '.join(found) or 'none'}")
-        name = found[0]
-    grid = load_grid(name, out)
+    grid = _grid(name, out)
     path = write_table(grid)
     rows = table_rows(grid)
     full = sum(r["n"] == len(grid.seeds) for r in rows)
