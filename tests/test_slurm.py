@@ -21,7 +21,7 @@ from ufgir_cli.engine.callbacks import Callback
 from ufgir_cli.errors import LaunchError, OptionError, TrainingError
 from ufgir_cli.paths import RunDir
 from ufgir_cli.recipe import parse_overrides
-from ufgir_cli.reproduce import load_grid, longest_sweep_hours, make_grid, plan_rows
+from ufgir_cli.reproduce import StepTime, load_grid, longest_sweep_hours, make_grid, plan_rows
 from ufgir_cli.reproduce.slurm import (
     UNKNOWN_PLAN_REQUEUES,
     JobInfo,
@@ -205,8 +205,9 @@ def test_submission_records_its_jobs_and_status_asks_slurm(data_root, tmp_path, 
     assert res.exit_code == 0, res.output
     # the plan counts the catalog's images: SoyGene's sweep, 1 epoch of 1 lr + 2 seeds at batch 8, is the longest
     grid = load_grid("g", tmp_path / "r")
-    hours = longest_sweep_hours(grid, {"linear": 1.0})
-    assert hours == max(r["steps"] for r in plan_rows(grid, {"linear": 1.0})) / 3600 and 1 < hours < 2
+    one = {"linear": StepTime(1.0, "given")}
+    hours = longest_sweep_hours(grid, one)
+    assert hours == max(r["steps"] for r in plan_rows(grid, one)) / 3600 and 1 < hours < 2
     assert "submitted 2 job(s) as array 4242: partition (default), 1 CPUs, no GPU, 2:00 h per job, up to " \
            f"{planned_requeues(hours, 120)} requeues at the time limit (longest sweep {hours:.1f} h planned)" in res.output
     assert planned_requeues(hours, 120) == 2
@@ -258,7 +259,7 @@ def test_submission_records_its_jobs_and_status_asks_slurm(data_root, tmp_path, 
     res = runner.invoke(app, ["reproduce", "table", "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
     assert "0 of 2 cells with every seed" in res.output
-    assert "| Linear probe | - ± - (39.03, -) | - ± - (21.31, -) |" in (tmp_path / "r" / "g" / "table1.md").read_text()
+    assert "| Linear probe | - (39.03, -) | - (21.31, -) |" in (tmp_path / "r" / "g" / "table1.md").read_text()
 
 
 def test_waiting_ends_for_a_task_cancelled_before_it_started(data_root, tmp_path, monkeypatch):

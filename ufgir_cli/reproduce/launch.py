@@ -19,7 +19,16 @@ from ..engine.state import Interrupted
 from ..errors import LaunchError, TrainingError, UfgirError
 from ..sweep import Run, Sweep, run_sweep
 from ..sweep.runner import OnEvent
-from .grid import Grid, check_grid, plan_rows, read_failures, sweep_recipe, write_failures, write_grid
+from .grid import (
+    Grid,
+    StepTime,
+    check_grid,
+    plan_rows,
+    read_failures,
+    sweep_recipe,
+    write_failures,
+    write_grid,
+)
 from .slurm import (
     CANCELLED_BEFORE_START,
     JobSignals,
@@ -101,9 +110,9 @@ class SweepJob:
         return DelayedSubmission(self, *args, **kwargs)
 
 
-def longest_sweep_hours(grid: Grid, step_seconds: dict[str, float | None]) -> float | None:
+def longest_sweep_hours(grid: Grid, step_times: dict[str, StepTime]) -> float | None:
     """The planned hours of the grid's longest sweep (one job runs one sweep); None when unknown."""
-    hours = [r["hours"] for r in plan_rows(grid, step_seconds)]
+    hours = [r["hours"] for r in plan_rows(grid, step_times)]
     return None if any(h is None for h in hours) or not hours else max(hours)
 
 
