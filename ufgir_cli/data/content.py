@@ -63,18 +63,29 @@ def decode_rgb(src, draft: int | None = None):
 
     ``draft`` lets JPEG decode at a reduced scale (>= draft px a side): enough to prove the file
     decodes, at a fraction of the cost. Greyscale, palette, CMYK, 16-bit and animated files (first
-    frame) are converted.
+    frame) are converted (:func:`_rgb`).
     """
     import numpy as np
     from PIL import Image
 
     with Image.open(src) as im:
-        im.seek(0)
-        if draft is not None:
-            im.draft(im.mode, (draft, draft))
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8), mode="L")
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(_rgb(im, draft))
+
+
+def _rgb(im, draft: int | None = None):
+    """The RGB image of an open file, the one conversion behind :func:`decode_rgb` and :func:`hash_bytes`."""
+    import numpy as np
+    from PIL import Image
+
+    im.seek(0)
+    if draft is not None:
+        im.draft(im.mode, (draft, draft))
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8), mode="L")
+    if im.mode == "RGB":
+        im.load()
+        return im  # convert("RGB") would only copy it
+    return im.convert("RGB")
 
 
 def decode_errors() -> tuple[type[BaseException], ...]:
@@ -89,19 +100,24 @@ def _reason(err: BaseException) -> str:
 
 
 def hash_bytes(data: bytes) -> ImageHash:
-    """The three hashes of one image file's bytes."""
-    import numpy as np
+    """The three hashes of one image file's bytes, from one decode.
+
+    The pixel hash is over the bytes :func:`decode_rgb`'s array holds (``tobytes`` of the RGB image is
+    that array's buffer), so no array is made; the grey thumbnail is taken from the same image.
+    """
+    from PIL import Image
 
     digest = hashlib.sha256(data).hexdigest()
     try:
-        rgb = decode_rgb(io.BytesIO(data))
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = _rgb(im)
+            w, h = rgb.size
+            pixels = hashlib.sha256(f"{h}x{w}x3:".encode())
+            pixels.update(rgb.tobytes())
+            grey = _grey(rgb)
     except decode_errors() as e:
         return ImageHash(digest, error=_reason(e))
-    rgb = np.ascontiguousarray(rgb)
-    h = hashlib.sha256(f"{rgb.shape[0]}x{rgb.shape[1]}x3:".encode())
-    h.update(memoryview(rgb).cast("B"))
-    grey = _grey(rgb)
-    return ImageHash(digest, h.hexdigest(), _dct_bits(grey), error=None, grey=grey.tobytes())
+    return ImageHash(digest, pixels.hexdigest(), _dct_bits(grey), error=None, grey=grey.tobytes())
 
 
 def hash_file(path: str | os.PathLike) -> ImageHash:
@@ -138,15 +154,17 @@ def _dct_matrix():
 
 def dct_hash(rgb) -> int:
     """64-bit perceptual hash of an (H, W, 3) uint8 image (bit 63 is the lowest frequency)."""
-    return _dct_bits(_grey(rgb))
+    from PIL import Image
+
+    return _dct_bits(_grey(Image.fromarray(rgb)))
 
 
 def _grey(rgb):
-    """(32, 32) uint8 grey image, each pixel the mean of its box."""
+    """(32, 32) uint8 grey array of an RGB PIL image, each pixel the mean of its box."""
     import numpy as np
     from PIL import Image
 
-    return np.asarray(Image.fromarray(rgb).convert("L").resize((_GREY, _GREY), Image.Resampling.BOX))
+    return np.asarray(rgb.convert("L").resize((_GREY, _GREY), Image.Resampling.BOX))
 
 
 def _dct_bits(grey) -> int:
@@ -154,7 +172,7 @@ def _dct_bits(grey) -> int:
 
     d = _dct_matrix()
     coef = (d @ np.asarray(grey, dtype=np.float64) @ d.T)[:_LOW, :_LOW].ravel()  # (64,)
-    bits = coef > np.median(coef[1:])  # the DC term would dominate the median
+    bits = coef > np.partition(coef[1:], 31)[31]  # the median of the 63 (np.median's value); DC would dominate
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
