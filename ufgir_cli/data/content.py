@@ -8,8 +8,9 @@
   then confirmed by the pixels themselves (:func:`psnr`), since a hash alone can collide.
 
 The hashes of a dataset folder go to ``hashes.csv`` beside ``dataset.json`` (one row per image:
-``path,split,class_id,bytes_sha256,pixels_sha256,phash``). Decoding is what costs, so
-:func:`hash_files` spreads it over threads: Pillow and hashlib release the GIL.
+``path,split,class_id,bytes_sha256,pixels_sha256,phash``). Decoding is what costs, so a
+:class:`Hasher` spreads it over threads (Pillow, zlib and hashlib release the GIL) and takes each
+image's bytes as a source is unpacked: hashing overlaps with unpacking instead of following it.
 No torch here; numpy and PIL are imported where used.
 """
 
@@ -19,8 +20,9 @@ import csv
 import hashlib
 import io
 import os
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +34,9 @@ HASHES_FILE = "hashes.csv"
 HASH_COLUMNS = ("path", "split", "class_id", "bytes_sha256", "pixels_sha256", "phash")
 _GREY = 32  # the DCT is taken over a 32x32 grey image
 _LOW = 8  # of which the 8x8 lowest frequencies make the 64 bits
+#: Files whose bytes are handed to a :class:`Hasher` as an archive is unpacked (a file it was not
+#: handed is hashed from disk later, so this only decides what overlaps with unpacking).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 
 Progress = Callable[[str, int, int | None], None]
 
@@ -130,14 +135,49 @@ def hash_file(path: str | os.PathLike) -> ImageHash:
 
 def hash_files(paths: list[Path], progress: Progress | None = None, threads: int | None = None) -> list[ImageHash]:
     """:func:`hash_file` of each path, in order, on ``threads`` threads (default: every core)."""
-    workers = threads or os.cpu_count() or 1
-    out = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for n, h in enumerate(pool.map(hash_file, paths), start=1):
-            out.append(h)
-            if progress is not None and (n % 64 == 0 or n == len(paths)):
-                progress("hash", n, len(paths))
-    return out
+    with Hasher(threads) as hasher:
+        return hasher.hashes(paths, progress)
+
+
+class Hasher:
+    """Content hashes made on worker threads while a source is unpacked.
+
+    Whatever writes the image files hands each one's bytes to :meth:`add` as it writes them, so
+    decoding runs beside unpacking rather than after it, and no file is read back. At most
+    ``4 * threads`` images wait at a time (:meth:`add` blocks until a worker is free): memory stays
+    bounded when decoding is slower than unpacking. :meth:`hashes` collects them in any order asked,
+    hashing from disk each file that was not handed over. Use it as a context manager.
+    """
+
+    def __init__(self, threads: int | None = None) -> None:
+        workers = threads or os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ufgir-hash")
+        self._slots = threading.Semaphore(4 * workers)
+        self._handed: dict[Path, Future[ImageHash]] = {}
+
+    def add(self, path: Path, data: bytes) -> None:
+        """Hash ``data``, the bytes just written to ``path``, in the background."""
+        self._slots.acquire()
+        future = self._pool.submit(hash_bytes, data)
+        future.add_done_callback(lambda _: self._slots.release())
+        self._handed[Path(path)] = future
+
+    def hashes(self, paths: list[Path], progress: Progress | None = None) -> list[ImageHash]:
+        """The hashes of ``paths``, in order: those handed over, the rest read from disk now."""
+        futures = [self._handed.pop(Path(p), None) or self._pool.submit(hash_file, p) for p in paths]
+        out = []
+        for n, future in enumerate(futures, start=1):
+            out.append(future.result())
+            if progress is not None and (n % 64 == 0 or n == len(futures)):
+                progress("hash", n, len(futures))
+        return out
+
+    def __enter__(self) -> Hasher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handed.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @lru_cache(maxsize=1)

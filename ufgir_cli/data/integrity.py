@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import DatasetError
 from .catalog import DatasetSpec
-from .content import HASHES_FILE, ImageHash, decode_rgb, hash_files, psnr
+from .content import HASHES_FILE, Hasher, ImageHash, decode_rgb, psnr
 from .folder import read_info
 from .layouts import Groups, Row, check_counts
 from .parquet import SPLIT_NAMES, map_splits
@@ -185,12 +185,15 @@ def settle(
     *,
     by_counts: bool,
     allow_overlap: bool,
-    hashing: bool,
+    hasher: Hasher | None,
     verify: bool,
     progress: Progress,
     notify: Notify,
 ) -> Settled:
     """Hash every image, drop a split that copies another, map the rest, check counts and leakage.
+
+    ``hasher`` holds the images' hashes (those handed to it as the source was unpacked; it hashes any
+    other from disk); None skips the content checks.
 
     ``by_counts``: the copy's split values are mapped by the catalog's counts (parquet), else by
     their names. Overlap between train_val and test refuses a mirror unless ``allow_overlap``; from
@@ -199,9 +202,9 @@ def settle(
     items: list[Item] = []
     group: list[int] = []
     dropped = []
-    if hashing:
+    if hasher is not None:
         flat = [(split, row) for split, rows in groups.items() for row in rows]
-        hashes = hash_files([src for _, (_, src, _) in flat], progress)
+        hashes = hasher.hashes([src for _, (_, src, _) in flat], progress)
         items = [Item(src, f"images/{rel}", split, cid, h) for (split, (cid, src, rel)), h in zip(flat, hashes, strict=True)]
         group = pictures(items)
         for copy, original in copied_splits(items, group):
@@ -219,7 +222,7 @@ def settle(
     train_val = [r for s in groups if s in tv_splits for r in groups[s]]
     test = [r for s in groups if s in test_splits for r in groups[s]]
     check_counts(spec, names, train_val, test, meta["source"])
-    if not hashing:
+    if hasher is None:
         return Settled(train_val, test)
     rep = report(items, group, tv_splits, test_splits)
     _tell(spec, meta, rep, allow_overlap, verify, notify)
