@@ -165,7 +165,7 @@ def markdown(doc: dict) -> str:
         lines.append(f"- {line}; against the fastest unpack ({s['fastest_plain_s']:.2f} s), "
                      f"{s['overhead_vs_fastest_pct']:+.0f} %.")
     lines += ["", "The unpack alone is CPU-bound and swings with the file system's state from run to run (creating "
-              f"{n:,} files is mostly the kernel finding free inodes), so only times from one round are divided; "
+              f"{n:,} files is largely the kernel looking for free inodes), so only times from one round are divided; "
               "the fastest unpack shows what a lower baseline would make of the same hashing."]
     return "\n".join(lines) + "\n"
 
