@@ -26,10 +26,11 @@ from test_sources import (
     zip_bytes,
 )
 
+from ufgir_cli.data import content
 from ufgir_cli.data.catalog import CATALOG
-from ufgir_cli.data.content import dct_hash, hash_bytes, psnr
+from ufgir_cli.data.content import Hasher, ImageHash, dct_hash, hash_bytes, hash_file, psnr
 from ufgir_cli.data.download import download_dataset
-from ufgir_cli.data.integrity import check_recorded, dataset_notices
+from ufgir_cli.data.integrity import PSNR_DB, _close_pairs, check_recorded, dataset_notices
 from ufgir_cli.data.verify import verify_dataset
 from ufgir_cli.errors import DatasetError
 
@@ -114,6 +115,49 @@ def test_jpeg_resave_is_near_in_hash_and_pixels_and_a_lossless_one_is_exact():
     other = dct_hash(smooth(8))
     assert bin(h_png.phash ^ other).count("1") > 8
     assert hash_bytes(b"not an image").error and hash_bytes(b"not an image").pixels_sha256 is None
+
+
+def test_hasher_hashes_handed_bytes_and_reads_the_rest_from_disk_in_the_order_asked(tmp_path):
+    files = {tmp_path / f"{k}.png": _png(k) for k in range(5)} | {tmp_path / "x.jpg": encode(smooth(3), "JPEG")}
+    for path, data in files.items():
+        path.write_bytes(data)
+    handed = list(files)[::2]
+    with Hasher(threads=2) as hasher:
+        for path in handed:
+            hasher.add(path, files[path])
+        got = hasher.hashes(list(reversed(files)))
+    assert got == [hash_file(p) for p in reversed(files)]
+    assert [h.grey for h in got] == [hash_file(p).grey for p in reversed(files)]
+
+
+@pytest.mark.parametrize("source", ["zip", "parquet"])
+def test_unpacking_hands_every_image_to_the_hasher_none_is_read_back(tmp_path, hub, monkeypatch, source):
+    read_back = []
+    monkeypatch.setattr(content, "hash_file", lambda path: read_back.append(path) or hash_file(path))
+    if source == "zip":
+        hub.put(HUB_ZIPS, ZIP_PATH, anno_zip(leak=True))
+    else:
+        hub.put(HUB_PARQUET, PARQUET_PATH, parquet_bytes(leak_rows()))
+    root = download_dataset("cotton80", tmp_path / "data", source="mirror", allow_overlap=True).path
+
+    assert read_back == []
+    rows = [line.split(",") for line in (root / "hashes.csv").read_text().splitlines()[1:]]
+    assert len(rows) == 15
+    for path, _split, _cid, sha, pixels, phash in rows:
+        h = hash_file(root / path)
+        assert (sha, pixels, phash) == (h.bytes_sha256, h.pixels_sha256, f"{h.phash:016x}")
+
+
+def test_close_pairs_coarse_bound_drops_no_pair_the_thumbnails_keep():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, 1024)
+    greys = [np.clip(base + rng.integers(-s, s + 1, 1024), 0, 255).astype(np.uint8) for s in range(0, 120, 2)]
+    hashes = [ImageHash("", "", 0, grey=g.tobytes()) for g in greys]  # one phash: every pair is hash-close
+    max_mse = 255.0**2 / 10 ** (PSNR_DB / 10)
+    want = [(a, b) for a in range(len(greys)) for b in range(a + 1, len(greys))
+            if ((greys[a].astype(np.float32) - greys[b].astype(np.float32)) ** 2).mean() <= max_mse]
+    assert 0 < len(want) < len(greys) * (len(greys) - 1) // 2  # pairs on both sides of the bound
+    assert _close_pairs(hashes) == want
 
 
 # --------------------------------------------------------------------------- mirrors' shapes

@@ -18,18 +18,22 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Literal
 
 from ..errors import DatasetError
+from .content import IMAGE_SUFFIXES
 
 #: ``progress(stage, done, total)`` as `download_dataset` takes it; here the stage is "extract".
 Progress = Callable[[str, int, int | None], None]
+#: ``on_image(path, data)``: an image file was just written with these bytes (a :class:`~.content.Hasher`'s add).
+OnImage = Callable[[Path, bytes], None]
 _CHUNK = 1 << 20
 
 
-def extract_archive(archive: Path, dest: Path, progress: Progress) -> None:
+def extract_archive(archive: Path, dest: Path, progress: Progress, on_image: OnImage | None = None) -> None:
     """Unpack a zip or tar(.gz/.bz2/.xz) into ``dest`` member by member.
 
     Refuses, before writing it, any member that could land outside ``dest`` or is not a plain file
     or folder: absolute names, ``..`` components, symbolic and hard links, devices and fifos. The
     format is read from the bytes, not the file name, so a renamed or re-packed mirror still works.
+    Each member named like an image (``IMAGE_SUFFIXES``) is also handed to ``on_image`` once written.
     """
     size = archive.stat().st_size
     try:
@@ -41,7 +45,7 @@ def extract_archive(archive: Path, dest: Path, progress: Progress) -> None:
             if zipfile.is_zipfile(raw):
                 raw.seek(0)
                 with zipfile.ZipFile(raw) as zf:
-                    _unpack(_zip_members(zf), dest, archive, tick)
+                    _unpack(_zip_members(zf), dest, archive, tick, on_image)
                 return
             raw.seek(0)
             try:
@@ -52,7 +56,7 @@ def extract_archive(archive: Path, dest: Path, progress: Progress) -> None:
                     "fetch it again with --force"
                 ) from None
             with tf:
-                _unpack(_tar_members(tf), dest, archive, tick)
+                _unpack(_tar_members(tf), dest, archive, tick, on_image)
     except OSError as e:
         if e.errno is not None:  # the file system, not the archive (gzip and bz2 errors carry no errno)
             raise DatasetError(
@@ -100,7 +104,9 @@ def _tar_members(tf: tarfile.TarFile) -> Iterator[_Member]:
         yield m.name, kind, lambda m=m: tf.extractfile(m)
 
 
-def _unpack(members: Iterator[_Member], dest: Path, archive: Path, tick: Callable[[], None]) -> None:
+def _unpack(
+    members: Iterator[_Member], dest: Path, archive: Path, tick: Callable[[], None], on_image: OnImage | None
+) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name, kind, open_member in members:
         rel = _member_path(name, kind, archive)
@@ -111,8 +117,15 @@ def _unpack(members: Iterator[_Member], dest: Path, archive: Path, tick: Callabl
             target.mkdir(parents=True, exist_ok=True)
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
+            data = None
             with open_member() as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, _CHUNK)
+                if on_image is not None and target.suffix.lower() in IMAGE_SUFFIXES:
+                    data = src.read()  # an image: held whole once, for the file and the hasher
+                    dst.write(data)
+                else:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+            if data is not None:
+                on_image(target, data)
         tick()
 
 

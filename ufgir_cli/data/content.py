@@ -8,8 +8,9 @@
   then confirmed by the pixels themselves (:func:`psnr`), since a hash alone can collide.
 
 The hashes of a dataset folder go to ``hashes.csv`` beside ``dataset.json`` (one row per image:
-``path,split,class_id,bytes_sha256,pixels_sha256,phash``). Decoding is what costs, so
-:func:`hash_files` spreads it over threads: Pillow and hashlib release the GIL.
+``path,split,class_id,bytes_sha256,pixels_sha256,phash``). Decoding is what costs, so a
+:class:`Hasher` spreads it over threads (Pillow, zlib and hashlib release the GIL) and takes each
+image's bytes as a source is unpacked: hashing overlaps with unpacking instead of following it.
 No torch here; numpy and PIL are imported where used.
 """
 
@@ -19,8 +20,9 @@ import csv
 import hashlib
 import io
 import os
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +34,9 @@ HASHES_FILE = "hashes.csv"
 HASH_COLUMNS = ("path", "split", "class_id", "bytes_sha256", "pixels_sha256", "phash")
 _GREY = 32  # the DCT is taken over a 32x32 grey image
 _LOW = 8  # of which the 8x8 lowest frequencies make the 64 bits
+#: Files whose bytes are handed to a :class:`Hasher` as an archive is unpacked (a file it was not
+#: handed is hashed from disk later, so this only decides what overlaps with unpacking).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 
 Progress = Callable[[str, int, int | None], None]
 
@@ -63,18 +68,29 @@ def decode_rgb(src, draft: int | None = None):
 
     ``draft`` lets JPEG decode at a reduced scale (>= draft px a side): enough to prove the file
     decodes, at a fraction of the cost. Greyscale, palette, CMYK, 16-bit and animated files (first
-    frame) are converted.
+    frame) are converted (:func:`_rgb`).
     """
     import numpy as np
     from PIL import Image
 
     with Image.open(src) as im:
-        im.seek(0)
-        if draft is not None:
-            im.draft(im.mode, (draft, draft))
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8), mode="L")
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(_rgb(im, draft))
+
+
+def _rgb(im, draft: int | None = None):
+    """The RGB image of an open file, the one conversion behind :func:`decode_rgb` and :func:`hash_bytes`."""
+    import numpy as np
+    from PIL import Image
+
+    im.seek(0)
+    if draft is not None:
+        im.draft(im.mode, (draft, draft))
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8), mode="L")
+    if im.mode == "RGB":
+        im.load()
+        return im  # convert("RGB") would only copy it
+    return im.convert("RGB")
 
 
 def decode_errors() -> tuple[type[BaseException], ...]:
@@ -89,19 +105,24 @@ def _reason(err: BaseException) -> str:
 
 
 def hash_bytes(data: bytes) -> ImageHash:
-    """The three hashes of one image file's bytes."""
-    import numpy as np
+    """The three hashes of one image file's bytes, from one decode.
+
+    The pixel hash is over the bytes :func:`decode_rgb`'s array holds (``tobytes`` of the RGB image is
+    that array's buffer), so no array is made; the grey thumbnail is taken from the same image.
+    """
+    from PIL import Image
 
     digest = hashlib.sha256(data).hexdigest()
     try:
-        rgb = decode_rgb(io.BytesIO(data))
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = _rgb(im)
+            w, h = rgb.size
+            pixels = hashlib.sha256(f"{h}x{w}x3:".encode())
+            pixels.update(rgb.tobytes())
+            grey = _grey(rgb)
     except decode_errors() as e:
         return ImageHash(digest, error=_reason(e))
-    rgb = np.ascontiguousarray(rgb)
-    h = hashlib.sha256(f"{rgb.shape[0]}x{rgb.shape[1]}x3:".encode())
-    h.update(memoryview(rgb).cast("B"))
-    grey = _grey(rgb)
-    return ImageHash(digest, h.hexdigest(), _dct_bits(grey), error=None, grey=grey.tobytes())
+    return ImageHash(digest, pixels.hexdigest(), _dct_bits(grey), error=None, grey=grey.tobytes())
 
 
 def hash_file(path: str | os.PathLike) -> ImageHash:
@@ -114,14 +135,51 @@ def hash_file(path: str | os.PathLike) -> ImageHash:
 
 def hash_files(paths: list[Path], progress: Progress | None = None, threads: int | None = None) -> list[ImageHash]:
     """:func:`hash_file` of each path, in order, on ``threads`` threads (default: every core)."""
-    workers = threads or os.cpu_count() or 1
-    out = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for n, h in enumerate(pool.map(hash_file, paths), start=1):
-            out.append(h)
-            if progress is not None and (n % 64 == 0 or n == len(paths)):
-                progress("hash", n, len(paths))
-    return out
+    with Hasher(threads) as hasher:
+        return hasher.hashes(paths, progress)
+
+
+class Hasher:
+    """Content hashes made on worker threads while a source is unpacked.
+
+    Whatever writes the image files hands each one's bytes to :meth:`add` as it writes them, so
+    decoding runs beside unpacking rather than after it, and no file is read back. At most
+    ``max(32, 4 * threads)`` images wait at a time (:meth:`add` blocks until one is done): memory
+    stays bounded when decoding is slower than unpacking, yet the unpacking runs ahead rather than
+    waiting for each free slot (a window of 8 was 8 % slower on two cores). :meth:`hashes` collects
+    them in any order asked, hashing from disk each file that was not handed over. Use it as a
+    context manager.
+    """
+
+    def __init__(self, threads: int | None = None) -> None:
+        workers = threads or os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ufgir-hash")
+        self._slots = threading.Semaphore(max(32, 4 * workers))
+        self._handed: dict[Path, Future[ImageHash]] = {}
+
+    def add(self, path: Path, data: bytes) -> None:
+        """Hash ``data``, the bytes just written to ``path``, in the background."""
+        self._slots.acquire()
+        future = self._pool.submit(hash_bytes, data)
+        future.add_done_callback(lambda _: self._slots.release())
+        self._handed[Path(path)] = future
+
+    def hashes(self, paths: list[Path], progress: Progress | None = None) -> list[ImageHash]:
+        """The hashes of ``paths``, in order: those handed over, the rest read from disk now."""
+        futures = [self._handed.pop(Path(p), None) or self._pool.submit(hash_file, p) for p in paths]
+        out = []
+        for n, future in enumerate(futures, start=1):
+            out.append(future.result())
+            if progress is not None and (n % 64 == 0 or n == len(futures)):
+                progress("hash", n, len(futures))
+        return out
+
+    def __enter__(self) -> Hasher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handed.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @lru_cache(maxsize=1)
@@ -138,15 +196,17 @@ def _dct_matrix():
 
 def dct_hash(rgb) -> int:
     """64-bit perceptual hash of an (H, W, 3) uint8 image (bit 63 is the lowest frequency)."""
-    return _dct_bits(_grey(rgb))
+    from PIL import Image
+
+    return _dct_bits(_grey(Image.fromarray(rgb)))
 
 
 def _grey(rgb):
-    """(32, 32) uint8 grey image, each pixel the mean of its box."""
+    """(32, 32) uint8 grey array of an RGB PIL image, each pixel the mean of its box."""
     import numpy as np
     from PIL import Image
 
-    return np.asarray(Image.fromarray(rgb).convert("L").resize((_GREY, _GREY), Image.Resampling.BOX))
+    return np.asarray(rgb.convert("L").resize((_GREY, _GREY), Image.Resampling.BOX))
 
 
 def _dct_bits(grey) -> int:
@@ -154,7 +214,7 @@ def _dct_bits(grey) -> int:
 
     d = _dct_matrix()
     coef = (d @ np.asarray(grey, dtype=np.float64) @ d.T)[:_LOW, :_LOW].ravel()  # (64,)
-    bits = coef > np.median(coef[1:])  # the DC term would dominate the median
+    bits = coef > np.partition(coef[1:], 31)[31]  # the median of the 63 (np.median's value); DC would dominate
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 

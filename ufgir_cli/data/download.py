@@ -6,11 +6,12 @@ and the next is tried, and when none is left the error says how to get the offic
 ``--url``, ``--archive`` and ``--from-folder`` name the one source to use instead.
 
 Every source ends the same way: the published files are found in a scratch folder inside the data
-dir (an archive unpacked, a parquet copy written out as image files), labels and splits are read by
-the layout the copy has, every image is hashed by content and a split that copies another is
-dropped (``integrity.py``), counts are checked against the catalog and train_val / test overlap
-against the source's origin, the images are moved under ``images/``, the split files and
-``hashes.csv`` written, and only then is the folder renamed into place. An error or an interruption
+dir (an archive unpacked, a parquet copy written out as image files), each image hashed by content
+as it is written (``content.Hasher``, on worker threads beside the unpacking), labels and splits
+are read by the layout the copy has, a split that copies another is dropped (``integrity.py``),
+counts are checked against the catalog and train_val / test overlap against the source's origin,
+the images are moved under ``images/``, the split files and ``hashes.csv`` written, and only then
+is the folder renamed into place. An error or an interruption
 leaves what was there before (nothing, or the old dataset) plus at most a resumable
 ``downloads/<archive>.part``. (Unpacking, the published layouts and the content checks live in
 ``archive.py``, ``layouts.py`` and ``integrity.py``; this module is the one sequence from source to
@@ -40,9 +41,9 @@ from .. import __version__
 from ..errors import DatasetError
 from ..io import file_sha256
 from ..paths import data_dir as default_data_dir
-from .archive import extract_archive
+from .archive import OnImage, extract_archive
 from .catalog import DatasetSpec, Source, get_spec
-from .content import HASHES_FILE, write_hashes
+from .content import HASHES_FILE, Hasher, write_hashes
 from .folder import SPLITS, read_info, write_dataset_folder
 from .integrity import OverlapError, settle
 from .layouts import Groups, link_or_copy, place, read_labels
@@ -182,11 +183,11 @@ def download_dataset(
     checks = _Checks(verify, hash_images, allow_overlap)
     if from_folder is not None:
         folder = Path(from_folder).expanduser()
-        obtain = lambda tmp: _from_folder(spec, folder)  # noqa: E731
+        obtain = lambda tmp, on_image: _from_folder(spec, folder)  # noqa: E731
     elif archive is not None:
-        obtain = lambda tmp: _from_archive(spec, Path(archive).expanduser(), tmp, progress)  # noqa: E731
+        obtain = lambda tmp, on_image: _from_archive(spec, Path(archive).expanduser(), tmp, progress, on_image)  # noqa: E731
     elif url is not None:
-        obtain = lambda tmp: _from_url(spec, url, base, tmp, force, progress)  # noqa: E731
+        obtain = lambda tmp, on_image: _from_url(spec, url, base, tmp, force, progress, on_image)  # noqa: E731
     else:
         return _from_catalog(spec, base, root, source, force, checks, progress, notify)
     return _build(spec, base, root, obtain, checks, progress, notify)
@@ -212,7 +213,7 @@ def _from_catalog(
         if src.origin == "mirror":
             where = f"; the official one is {official.where}" if official else ""
             notify(f"{spec.name}: trying {src.where}, a community copy, not the authors'{where}")
-        obtain = lambda tmp, src=src: _from_source(spec, src, base, tmp, force, progress)  # noqa: E731
+        obtain = lambda tmp, on_image, src=src: _from_source(spec, src, base, tmp, force, progress, on_image)  # noqa: E731
         try:
             return _build(spec, base, root, obtain, checks, progress, notify)
         except OverlapError as e:
@@ -254,16 +255,19 @@ def _build(
     spec: DatasetSpec,
     base: Path,
     root: Path,
-    obtain: Callable[[Path], _Copy],
+    obtain: Callable[[Path, OnImage | None], _Copy],
     checks: _Checks,
     progress: Progress,
     notify: Notify,
 ) -> DownloadResult:
-    """Turn what ``obtain`` makes ready in a scratch folder into ``root``, checked, or leave nothing."""
-    with _scratch(base, spec.name) as tmp:
-        copy = obtain(tmp)
+    """Turn what ``obtain`` makes ready in a scratch folder into ``root``, checked, or leave nothing.
+
+    ``obtain`` hands each image it writes to the hasher (``on_image``), so hashing runs while it unpacks.
+    """
+    with _scratch(base, spec.name) as tmp, (Hasher() if checks.hashing else contextlib.nullcontext()) as hasher:
+        copy = obtain(tmp, hasher.add if hasher else None)
         got = settle(spec, copy.groups, copy.names, copy.meta, by_counts=copy.by_counts,
-                     allow_overlap=checks.allow_overlap, hashing=checks.hashing, verify=checks.verify,
+                     allow_overlap=checks.allow_overlap, hasher=hasher, verify=checks.verify,
                      progress=progress, notify=notify)
         ds = tmp / "dataset"
         placed = place(got.train_val + got.test, copy.top, ds, copy.transfer)
@@ -299,15 +303,15 @@ def _from_folder(spec: DatasetSpec, folder: Path) -> _Copy:
 
 
 def _unpacked(
-    spec: DatasetSpec, path: Path, tmp: Path, progress: Progress, meta: dict, kept: Path | None
+    spec: DatasetSpec, path: Path, tmp: Path, progress: Progress, meta: dict, kept: Path | None, on_image: OnImage | None
 ) -> _Copy:
     top = tmp / "archive"
-    extract_archive(path, top, progress)
+    extract_archive(path, top, progress, on_image)
     groups, names = read_labels(top, spec)
     return _Copy(groups, names, top, os.replace, meta, kept)
 
 
-def _from_archive(spec: DatasetSpec, path: Path, tmp: Path, progress: Progress) -> _Copy:
+def _from_archive(spec: DatasetSpec, path: Path, tmp: Path, progress: Progress, on_image: OnImage | None) -> _Copy:
     if not path.is_file():
         raise DatasetError(f"--archive {path} is not a file; pass the {spec.title} archive you downloaded")
     sha = file_sha256(path, lambda done, total: progress("checksum", done, total))
@@ -317,11 +321,12 @@ def _from_archive(spec: DatasetSpec, path: Path, tmp: Path, progress: Progress) 
             "pass that archive, or an extracted copy with --from-folder"
         )
     meta = _meta(str(path.resolve()), "user", sha, spec.sha256 is not None)
-    return _unpacked(spec, path, tmp, progress, meta, None)
+    return _unpacked(spec, path, tmp, progress, meta, None, on_image)
 
 
 def _from_url(
-    spec: DatasetSpec, url: str, base: Path, tmp: Path, force: bool, progress: Progress, origin: str = "user"
+    spec: DatasetSpec, url: str, base: Path, tmp: Path, force: bool, progress: Progress, on_image: OnImage | None,
+    origin: str = "user",
 ) -> _Copy:
     """An archive over plain HTTP(S), kept in ``downloads/`` (entries of one archive share it)."""
     dest = base / DOWNLOADS / (spec.archive or spec.name)
@@ -337,15 +342,15 @@ def _from_url(
     if sha is None:
         sha = fetch(url, dest, spec.sha256, progress)
     meta = _meta(url, origin, sha, spec.sha256 is not None)
-    return _unpacked(spec, dest, tmp, progress, meta, dest)
+    return _unpacked(spec, dest, tmp, progress, meta, dest, on_image)
 
 
 def _from_source(
-    spec: DatasetSpec, src: Source, base: Path, tmp: Path, force: bool, progress: Progress
+    spec: DatasetSpec, src: Source, base: Path, tmp: Path, force: bool, progress: Progress, on_image: OnImage | None
 ) -> _Copy:
     """A catalog source: a plain URL, or Hub files (one archive, or parquet files, one per round)."""
     if src.fetch == "url":
-        return _from_url(spec, src.url, base, tmp, force, progress, src.origin)
+        return _from_url(spec, src.url, base, tmp, force, progress, on_image, src.origin)
     from .hub import hub_file
 
     got = [hub_file(src.repo, f, src.revision, progress, force) for f in src.files]
@@ -353,11 +358,11 @@ def _from_source(
     shas = [file_sha256(p, lambda done, total: progress("checksum", done, total)) for p, _ in got]
     meta = _meta(where, src.origin, shas[0] if len(shas) == 1 else shas)
     if src.format == "archive":
-        return _unpacked(spec, got[0][0], tmp, progress, meta, None)
+        return _unpacked(spec, got[0][0], tmp, progress, meta, None, on_image)
     from .parquet import read_parquet
 
     top = tmp / "parquet"
-    groups, names = read_parquet(_by_round(spec, [path for path, _ in got]), spec, top, progress)
+    groups, names = read_parquet(_by_round(spec, [path for path, _ in got]), spec, top, progress, on_image)
     return _Copy(groups, names, top, os.replace, meta, by_counts=True)
 
 

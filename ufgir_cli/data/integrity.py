@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import DatasetError
 from .catalog import DatasetSpec
-from .content import HASHES_FILE, ImageHash, decode_rgb, hash_files, psnr
+from .content import HASHES_FILE, Hasher, ImageHash, decode_rgb, psnr
 from .folder import read_info
 from .layouts import Groups, Row, check_counts
 from .parquet import SPLIT_NAMES, map_splits
@@ -69,13 +69,22 @@ def pictures(items: list[Item]) -> list[int]:
 def _close_pairs(hashes: list[ImageHash]) -> list[tuple[int, int]]:
     """Index pairs ``(a, b)``, a < b, whose perceptual hashes differ in at most :data:`PHASH_BITS` bits
     and whose 32x32 grey thumbnails are within :data:`PSNR_DB` already (a thumbnail averages away the
-    noise a re-save adds, so this drops no true near copy; it spares decoding look-alike leaves)."""
+    noise a re-save adds, so this drops no true near copy; it spares decoding look-alike leaves).
+
+    Look-alike leaves make hundreds of thousands of hash-close pairs, so their thumbnails are first
+    compared as 8x8 sums of 4x4 boxes, in exact integers: a box's mean squared difference is at least
+    the square of its mean difference, so a pair too far apart there is too far apart in the
+    thumbnails too, and only the rest are compared pixel by pixel.
+    """
     import numpy as np
 
     h = np.array([x.phash for x in hashes], dtype=np.uint64)
     grey = np.stack([np.frombuffer(x.grey, np.uint8) if x.grey else np.zeros(1024, np.uint8) for x in hashes]) \
         if hashes else np.zeros((0, 1024), np.uint8)  # (n, 1024)
+    boxes = grey.reshape(-1, 8, 4, 8, 4).sum(axis=(2, 4), dtype=np.int32).reshape(-1, 64)  # (n, 64), each <= 16*255
     max_mse = 255.0**2 / 10 ** (PSNR_DB / 10)
+    max_box_ssd = max_mse * 64 * 16**2 * (1 + 1e-5)  # the same bound on squared box sums; the margin covers
+    # the float32 rounding of the thumbnail test below, so the coarse test never drops a pair that one keeps
     n, out = len(h), []
     step = max(1, (1 << 22) // max(n, 1))  # rows per block: a few million comparisons at a time
     for start in range(0, n, step):
@@ -83,6 +92,9 @@ def _close_pairs(hashes: list[ImageHash]) -> list[tuple[int, int]]:
         a, b = np.nonzero(np.bitwise_count(block) <= PHASH_BITS)
         a += start
         a, b = a[a < b], b[a < b]
+        d = boxes[a] - boxes[b]  # (pairs, 64) int32
+        close = np.einsum("ij,ij->i", d, d) <= max_box_ssd
+        a, b = a[close], b[close]
         for k in range(0, len(a), 4096):  # thumbnails' mean squared error, pair by pair in chunks
             d = grey[a[k : k + 4096]].astype(np.float32) - grey[b[k : k + 4096]].astype(np.float32)
             near = (d * d).mean(axis=1) <= max_mse
@@ -173,12 +185,15 @@ def settle(
     *,
     by_counts: bool,
     allow_overlap: bool,
-    hashing: bool,
+    hasher: Hasher | None,
     verify: bool,
     progress: Progress,
     notify: Notify,
 ) -> Settled:
     """Hash every image, drop a split that copies another, map the rest, check counts and leakage.
+
+    ``hasher`` holds the images' hashes (those handed to it as the source was unpacked; it hashes any
+    other from disk); None skips the content checks.
 
     ``by_counts``: the copy's split values are mapped by the catalog's counts (parquet), else by
     their names. Overlap between train_val and test refuses a mirror unless ``allow_overlap``; from
@@ -187,9 +202,9 @@ def settle(
     items: list[Item] = []
     group: list[int] = []
     dropped = []
-    if hashing:
+    if hasher is not None:
         flat = [(split, row) for split, rows in groups.items() for row in rows]
-        hashes = hash_files([src for _, (_, src, _) in flat], progress)
+        hashes = hasher.hashes([src for _, (_, src, _) in flat], progress)
         items = [Item(src, f"images/{rel}", split, cid, h) for (split, (cid, src, rel)), h in zip(flat, hashes, strict=True)]
         group = pictures(items)
         for copy, original in copied_splits(items, group):
@@ -207,7 +222,7 @@ def settle(
     train_val = [r for s in groups if s in tv_splits for r in groups[s]]
     test = [r for s in groups if s in test_splits for r in groups[s]]
     check_counts(spec, names, train_val, test, meta["source"])
-    if not hashing:
+    if hasher is None:
         return Settled(train_val, test)
     rep = report(items, group, tv_splits, test_splits)
     _tell(spec, meta, rep, allow_overlap, verify, notify)

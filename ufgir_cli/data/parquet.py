@@ -34,13 +34,15 @@ _BATCH = 64
 
 
 def read_parquet(
-    files: list[tuple[str, Path]], spec: DatasetSpec, out: Path, progress: Progress
+    files: list[tuple[str, Path]], spec: DatasetSpec, out: Path, progress: Progress,
+    on_image: Callable[[Path, bytes], None] | None = None,
 ) -> tuple[Groups, list[str]]:
     """The copy's splits (rows by its own ``split`` values) and class names, images written under ``out``.
 
     ``files`` pairs each file with the folder its images go to under ``images/`` ("" or ``R<r>/``),
-    in the catalog's round order. Which values make train_val and which test is decided by the
-    caller, once copied splits are dropped (:func:`map_splits`).
+    in the catalog's round order; each image is handed to ``on_image`` once written (a hasher's add).
+    Which values make train_val and which test is decided by the caller, once copied splits are
+    dropped (:func:`map_splits`).
     """
     import pyarrow.parquet as pq
 
@@ -66,6 +68,8 @@ def read_parquet(
                         f.write(data)
                 except FileExistsError:
                     raise DatasetError(f"{spec.name}: two rows hold the image {rel}; the copy is damaged") from None
+                if on_image is not None:
+                    on_image(target, data)
                 name = None if names[j] is None else str(names[j])
                 labels.add(splits[j], int(values[j]), target, rel, f"{path.name} row {j}", name)
                 j, k = j + 1, k + 1
