@@ -197,7 +197,8 @@ def test_analysis_report_as_a_library(runs):
     """What the commands draw is computed by ufgir_cli.analysis.report, callable without the CLI."""
     from functools import partial
 
-    from ufgir_cli.analysis.report import block_attention, compare_rows, rollout_maps, visualize
+    from ufgir_cli.analysis.compare import compare_rows
+    from ufgir_cli.analysis.report import block_attention, rollout_maps, visualize
     from ufgir_cli.errors import OptionError
 
     shown = visualize(runs["ila"], partial(rollout_maps, fusion="mean"), count=3, device="cpu")

@@ -34,7 +34,8 @@ from ufgir_cli.model.backbone import numerics_of
 from ufgir_cli.model.ila import ILA
 from ufgir_cli.model.methods.aggregator import maws_scores, psm_scores
 from ufgir_cli.model.methods.two_pass import glsim_scores, rollout_scores
-from ufgir_cli.recipe import dump_resolved, load_recipe, packaged_recipe_names, recipe_sources
+from ufgir_cli.recipe import dump_resolved, load_recipe, packaged_recipe_names
+from ufgir_cli.recipe_docs import recipe_sources
 from ufgir_cli.sweep.runkey import canonical_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,7 @@ import pytest
 from matplotlib.text import Text
 from PIL import Image
 
-from ufgir_cli.viz import figures
+from ufgir_cli.viz import figures, labels
 
 GROUPS_ILA = [[0, 2], [2, 4], [4, 6]]          # DS-ILA after blocks 1 and 3 of a 6-block model
 GROUPS_VIT = [[0, 6]]
@@ -239,11 +239,11 @@ def test_compare_labels_never_overlap_and_sit_by_their_markers(suffix):
 def test_place_labels_keeps_apart_or_says_none():
     """The placer alone: three labels around three touching markers all fit; one that cannot fit in a tiny
     area is None, never on top of another."""
-    spots = figures.place_labels([(50, 50), (58, 50), (54, 57)], [4, 4, 4], [(30, 10)] * 3, (200, 120))
+    spots = labels.place_labels([(50, 50), (58, 50), (54, 57)], [4, 4, 4], [(30, 10)] * 3, (200, 120))
     assert all(s is not None for s in spots)
     boxes = [(x, y, x + 30, y + 10) for x, y in spots]
-    assert all(figures._overlap(a, b) == 0 for k, a in enumerate(boxes) for b in boxes[:k])
-    assert figures.place_labels([(20, 10), (22, 10)], [4, 4], [(30, 10), (30, 10)], (44, 22)).count(None) >= 1
+    assert all(labels._overlap(a, b) == 0 for k, a in enumerate(boxes) for b in boxes[:k])
+    assert labels.place_labels([(20, 10), (22, 10)], [4, 4], [(30, 10), (30, 10)], (44, 22)).count(None) >= 1
 
 
 def test_save_png_at_dpi_and_vector_files(tmp_path):

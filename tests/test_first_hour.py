@@ -16,7 +16,8 @@ import torch
 from typer.testing import CliRunner
 
 from ufgir_cli.cli import app
-from ufgir_cli.recipe import dump_every_key, dump_resolved, load_recipe, recipe_sources
+from ufgir_cli.recipe import dump_resolved, load_recipe
+from ufgir_cli.recipe_docs import dump_every_key, recipe_sources
 
 try:
     import tomllib

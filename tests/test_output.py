@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ufgir_cli.cli import app
-from ufgir_cli.recipe import load_recipe, parse_overrides, recipe_keys
+from ufgir_cli.recipe import load_recipe, parse_overrides
+from ufgir_cli.recipe_docs import recipe_keys
 
 try:
     import tomllib

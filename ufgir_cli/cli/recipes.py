@@ -43,7 +43,7 @@ def show(
     """Print the resolved recipe (defaults, file, UFGIR_* environment and --set applied) as TOML: every
     key, an unset one as a comment that says what it is, a set one with its source as a comment (the
     text loads as a recipe as printed)."""
-    from ..recipe import dump_every_key, recipe_sources
+    from ..recipe_docs import dump_every_key, recipe_sources
 
     text = dump_every_key(*recipe_sources(name, parse_sets(sets)))
     if console.is_terminal:
@@ -61,7 +61,7 @@ def keys(
     """Every recipe key: its type, default and what it does (set one with --set KEY=VALUE or
     UFGIR_SECTION__KEY); one key per line when piped."""
     from ..io import to_toml
-    from ..recipe import recipe_keys
+    from ..recipe_docs import recipe_keys
 
     found = [k for k in recipe_keys() if prefix is None or k.key.startswith(prefix)]
     if not found:

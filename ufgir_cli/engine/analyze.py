@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from ..analysis import compare as ac
 from ..analysis import report as ar
 from ..io import atomic_write_json
 from ..paths import RunDir, runs_dir
@@ -165,13 +166,13 @@ def write_comparison(runs: Sequence[str | Path], *, split: str = "test", out: Pa
     checkpoints, sweep or reproduction folders; seeds of one setting as one point with a ± std error
     bar), with the paper's Table 1 numbers when ``paper``: the figure at ``out`` (default
     ``runs/compare_<split>.png``) and its ``.json`` table beside it."""
-    rows, missing = ar.compare_rows([Path(r) for r in runs], split)
+    rows, missing = ac.compare_rows([Path(r) for r in runs], split)
     if not rows:
         return Comparison(rows, missing=missing)
     out = Path(out or runs_dir() / f"compare_{split}").with_suffix(".png")
-    cited = ar.paper_points([r["dataset"] for r in rows]) if paper else []
+    cited = ac.paper_points([r["dataset"] for r in rows]) if paper else []
     datasets = list(dict.fromkeys(r["dataset_title"] for r in rows + cited))
-    points = ar.compare_points(rows, with_dataset=len(datasets) > 1)
+    points = ac.compare_points(rows, with_dataset=len(datasets) > 1)
     for c in cited:
         c["label"] = c["method_title"] if len(datasets) == 1 else f"{c['method_title']} · {c['dataset_title']}"
 

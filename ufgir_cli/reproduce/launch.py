@@ -72,7 +72,8 @@ def run_local(grid: Grid, *, gpus: list[str] | None = None, gpus_per_run: int = 
                 on_event(kind, f"{method} {task}", sweep, run, info)
         cell = f"{method} {task}"
         try:
-            run_sweep(sweep, gpus=gpu_slots(gpus, gpus_per_run) if gpus else None, on_event=hear, callbacks=callbacks)
+            run_sweep(sweep, gpus=gpu_slots(gpus, gpus_per_run) if gpus else None, on_event=hear, callbacks=callbacks,
+                      checked=True)  # check_grid built every model above
             failed.pop(cell, None)
         except Interrupted:
             raise

@@ -31,17 +31,19 @@ from .summary import choose_lr, write_report
 
 
 def run_sweep(sweep: Sweep, *, gpus: list[str] | None = None, on_event: OnEvent | None = None,
-              callbacks: Callable[[Run], list[Callback]] | None = None) -> dict:
+              callbacks: Callable[[Run], list[Callback]] | None = None, checked: bool = False) -> dict:
     """Run both phases (only what is not done yet) and return the report that ``sweep.json`` holds.
 
     ``on_event(kind, run, info)`` hears of every run started, finished, failed or skipped;
-    ``callbacks(run)`` gives the training callbacks of a run trained in this process.
+    ``callbacks(run)`` gives the training callbacks of a run trained in this process. The model is
+    built on the meta device first (`check_models`) unless the caller did so (``checked``).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise TrainingError("ufgir sweep starts its own runs; run it without torchrun (--gpus spreads runs over GPUs)")
     failed: dict[str, str] = {}  # key -> error, of this command's failed runs
     phase1, phase2 = phase1_runs(sweep), []
-    check_models([(f"sweep {sweep.name} (recipe {sweep.recipe})", load_recipe(sweep.recipe, sweep.overrides))])
+    if not checked:
+        check_models([(f"sweep {sweep.name} (recipe {sweep.recipe})", load_recipe(sweep.recipe, sweep.overrides))])
 
     def event(kind: str, run: Run, info: dict) -> None:
         if kind == "failed":

@@ -39,11 +39,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from ..io import to_toml
+from ..recipe import MACHINE_KEYS
 
 KEY_DIGITS = 12  # hex digits of a run key, legacy or canonical
 #: Keys left out of the run key: prose, the sweep's own settings, the machine's, and the choice of
 #: numerics whose resolved values are in it (see above).
-MACHINE_KEYS = ("data.num_workers", "train.threads", "train.device")
 NOT_IN_KEY = frozenset({"description", "sweep", "model.numerics", *MACHINE_KEYS})
 #: What an unset machine key resolved to before it could be unset (data.num_workers defaulted to 4).
 _THEN = {("data", "num_workers"): 4}
