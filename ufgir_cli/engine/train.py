@@ -43,8 +43,9 @@ from ..data.integrity import dataset_notices
 from ..data.loaders import make_loader, read_splits, with_num_classes
 from ..errors import RecipeError, RunFolderError, TrainingError
 from ..io import atomic_write_text, remove_stale_temps
+from ..model.build import build_model
 from ..model.checkpoint import load_into
-from ..model.vit import UfgirViT, build_model
+from ..model.vit import UfgirViT
 from ..paths import RunDir
 from ..recipe import Recipe, dump_resolved, load_saved_recipe
 from .callbacks import Callback, CallbackList, JsonlLogger, TensorBoardLogger

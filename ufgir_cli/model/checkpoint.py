@@ -23,10 +23,11 @@ from ..errors import CheckpointError, OptionError
 from ..io import atomic_save
 from ..paths import CHECKPOINTS, HubRef, RunDir
 from ..recipe import Recipe, load_saved_recipe, recipe_from_dict
+from .build import build_model
 from .delta import load_delta, read_safetensors_metadata
 from .hub import PulledRun, pull_run
 from .state import load_strict
-from .vit import UfgirViT, build_model
+from .vit import UfgirViT
 
 FORMAT = "ufgir-checkpoint"
 VERSION = 1

@@ -20,10 +20,11 @@ from ..errors import CheckpointError
 from ..geometry import REFERENCE_NUMERICS, backbone_depth
 from ..methods import METHOD_NAMES, MethodSpec, detect_upstream
 from ..recipe import Recipe, recipe_from_dict
+from .build import build_model
 from .checkpoint import torch_load_failure
 from .methods import method_class
 from .state import load_strict
-from .vit import UfgirViT, build_model
+from .vit import UfgirViT
 
 #: Reference model names -> timm backbones (the architecture; weights come from the checkpoint).
 UPSTREAM_BACKBONES = {

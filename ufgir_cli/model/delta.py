@@ -16,8 +16,9 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..recipe import Recipe, recipe_from_dict, tomllib
+from .build import build_model
 from .state import load_strict
-from .vit import UfgirViT, build_model
+from .vit import UfgirViT
 
 SAFETENSORS_FORMAT = "ufgir-safetensors"
 FORMAT_VERSION = 1  # of the safetensors metadata and of the ONNX/pt2 sidecars

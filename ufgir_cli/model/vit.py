@@ -25,7 +25,6 @@ from .adapters import BlockAdapters
 from .attention import autocast_input, cls_attention, explicit_attention
 from .backbone import (
     MICRO,
-    backbone_facts,
     create_backbone,
     embed_tokens,
     numerics_of,
@@ -34,8 +33,7 @@ from .backbone import (
 )
 from .feature_info import BlockInfo, take_indices
 from .ila import ILA, Dropout, prompt_init_bound, xavier_linear_
-from .methods import Method, MethodPlan, StreamEdit, TrainStep, build_method, check_plugin, method_plan
-from .methods.onpath import check_on_path
+from .methods import Method, MethodPlan, StreamEdit, TrainStep, build_method, method_plan
 
 #: Receives each block's post-softmax attention (B, heads, S, S) and, when asked, its key-0 logits
 #: (B, heads, S) (see `UfgirViT.encode`).
@@ -494,34 +492,4 @@ class UfgirViT(nn.Module):
     pretrained_cfg = default_cfg
 
 
-def build_model(model_cfg: ModelConfig, num_classes: int) -> UfgirViT:
-    """The model of a recipe: timm backbone with the recipe's weights, plus the method's modules."""
-    if num_classes is None or num_classes < 2:
-        raise RecipeError("model.num_classes must be >= 2 (set it, or let training take it from the dataset)")
-    if not (model_cfg.resolved and model_cfg.numerics_resolved):  # the name did not tell them: ask timm
-        depth, numerics = backbone_facts(model_cfg)
-        model_cfg = model_cfg.for_backbone(depth).with_numerics(numerics)
-    method = build_method(model_cfg)
-    vit = create_backbone(model_cfg, num_classes if method.timm_head else 0)
-    model = UfgirViT(vit, model_cfg, num_classes, method)
-    if not next(model.parameters()).is_meta:
-        if method.spec.origin:
-            check_plugin(model)
-        check = method.path_check(model)
-        if check is not None:
-            # One image: a forward and a backward per mode, once per configuration and process
-            # (about 1 % of an epoch of the smallest UFG dataset for ViT-B/16 on a CPU).
-            check_on_path(model, check, torch.randn(1, *model.data_config()["input_size"],
-                                                    generator=torch.Generator().manual_seed(0)))
-    return model
-
-
-def meta_model(model_cfg: ModelConfig, num_classes: int) -> UfgirViT:
-    """The recipe's model on the meta device: every check of the build, its structure, shapes and
-    cost, without weights or memory (a ViT-L in about a second)."""
-    with torch.device("meta"):
-        return build_model(model_cfg.model_copy(update={"weights": "none"}), num_classes)
-
-
-__all__ = ["MICRO", "BlockInfo", "UfgirViT", "build_model", "meta_model", "create_backbone", "explicit_attention", "resize_input",
-           "state_dict_sha256"]
+__all__ = ["MICRO", "BlockInfo", "UfgirViT", "create_backbone", "explicit_attention", "resize_input", "state_dict_sha256"]

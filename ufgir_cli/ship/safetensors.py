@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 from ..errors import ExportError
+from ..model.build import build_model
 from ..model.delta import FORMAT_VERSION, SAFETENSORS_FORMAT, load_delta
-from ..model.vit import UfgirViT, build_model
+from ..model.vit import UfgirViT
 from ..recipe import Recipe, dump_resolved
 from .parity import (
     DEFAULT_TOLERANCE,

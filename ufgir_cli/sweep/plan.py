@@ -167,7 +167,7 @@ def check_models(items: Iterable[tuple[str, Recipe]]) -> int:
     before anything trains, in one line that starts with the label. Models that differ only in their
     class count are built once; returns how many were built."""
     from ..data.folder import dataset_counts
-    from ..model.vit import meta_model
+    from ..model.build import meta_model
 
     built: set[str] = set()
     for label, recipe in items:
