@@ -123,12 +123,16 @@ def reproduce(
                             max_requeues=max_requeues, sbatch=tuple(sbatch or ()))
         _slurm(grid, opts, no_wait, step_seconds, bench)
         return
+    _local(grid, _names(gpus), gpus_per_run or 1, quiet)
+
+
+def _local(grid, gpu_ids: list[str] | None, gpus_per_run: int, quiet: bool) -> None:
+    """Run the grid here; print each run as it starts and ends, then the table; exit non-zero when a
+    sweep stopped on an error, 130 on Ctrl-C."""
     from ..engine.state import Interrupted
     from ..errors import TrainingError
     from ..reproduce import run_local
     from .progress import RichProgress
-
-    gpu_ids = _names(gpus)
 
     def on_event(kind: str, cell: str, sweep, run, info: dict) -> None:
         if kind == "sweep_failed":
@@ -144,7 +148,7 @@ def reproduce(
         return shown[-1:]
 
     try:
-        table, failed = run_local(grid, gpus=gpu_ids, gpus_per_run=gpus_per_run or 1, on_event=on_event, callbacks=callbacks)
+        table, failed = run_local(grid, gpus=gpu_ids, gpus_per_run=gpus_per_run, on_event=on_event, callbacks=callbacks)
     except Interrupted as stop:
         raise Interrupted(f"reproduce {grid.name} stopped by {signal.Signals(stop.signum).name}; finished runs are "
                           "kept and the stopped one saved its checkpoint: the same command continues it", stop.signum) from None
