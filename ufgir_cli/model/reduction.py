@@ -33,7 +33,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from ..errors import RecipeError
 from ..recipe import ModelConfig
 from .attention import _merge_heads, autocast_input
 from .feature_info import BlockInfo
@@ -156,10 +158,16 @@ class TokenReduction:
         self._record: list[dict] | None = None
 
     @classmethod
-    def of(cls, cfg: ModelConfig) -> TokenReduction | None:
+    def of(cls, cfg: ModelConfig, depth: int) -> TokenReduction | None:
+        """The model config's reduction on a ``depth``-block backbone (None without); blocks outside it are a
+        RecipeError (a backbone whose name did not tell its depth is checked here, at build)."""
         if cfg.token_reduction is None:
             return None
-        return cls(cfg.token_reduction, cfg.keep_rate, tuple(cfg.reduction_locs or ()))
+        locs = tuple(cfg.reduction_locs or ())
+        if any(i >= depth for i in locs):
+            raise RecipeError(f"model.reduction_locs {list(locs)} names a block outside the {depth}-block backbone "
+                              f"{cfg.backbone!r}")
+        return cls(cfg.token_reduction, cfg.keep_rate, locs)
 
     def __repr__(self) -> str:
         return f"TokenReduction({self.kind!r}, keep_rate={self.keep_rate}, locs={list(self.locs)})"
@@ -231,8 +239,10 @@ class ReducedPass:
                 tap(a, k0)
 
         t = keep if want_maps else tap
-        if b.index in self.reduction.locs or self.sizes is not None:
+        if b.index in self.reduction.locs or self.sizes is not None:  # never recomputed: it keeps state
             x = self._reduced_block(b, x, t, tap_key0)
+        elif model.grad_checkpointing and model.training and t is None:
+            x = checkpoint(model._block, b.index, x, b.grid, use_reentrant=False)
         else:
             x = model._block(b.index, x, b.grid, tap=t, tap_key0=tap_key0)
         if edit is not None:

@@ -63,7 +63,7 @@ class UfgirViT(nn.Module):
         #: The method object: head, passes, selection, loss, evaluation modes (``model/methods/``).
         self.method: Method = method or build_method(cfg)
         self.plan: MethodPlan = method_plan(cfg)
-        self.reduction = TokenReduction.of(cfg)  # EViT, ToMe or None (`model/reduction.py`)
+        self.reduction = TokenReduction.of(cfg, len(vit.blocks))  # EViT, ToMe or None (`model/reduction.py`)
         depth, D = len(vit.blocks), vit.embed_dim
         self.embed_dim = D
         self.num_features = vit.num_features
@@ -234,9 +234,9 @@ class UfgirViT(nn.Module):
 
     def timm_equivalent(self) -> VisionTransformer | None:
         """The timm ViT inside, when it holds every tensor of this model (no adapters, ILAs, prompts or
-        method head beside it: a linear probe, full fine-tuning), so that timm alone may compute the same
-        logits; None otherwise. Whether it does (LayerNorm eps, a dropped final norm) is for a parity check."""
-        if set(self.state_dict()) != {f"vit.{k}" for k in self.vit.state_dict()}:
+        method head beside it, no token reduction: a linear probe, full fine-tuning), so that timm alone may compute
+        the same logits; None otherwise. Whether it does (LayerNorm eps, a dropped final norm) is for a parity check."""
+        if self.reduction is not None or set(self.state_dict()) != {f"vit.{k}" for k in self.vit.state_dict()}:
             return None
         return self.vit
 
