@@ -263,6 +263,22 @@ def test_both_reductions_export(small_synthetic, tmp_path, one_thread, kind):
         assert export_model(run, fmt).max_abs_diff <= 1e-4, fmt
 
 
+def test_analysis_that_needs_the_grid_is_refused_in_one_line(small_synthetic, tmp_path, one_thread):
+    from typer.testing import CliRunner
+
+    from ufgir_cli.cli import app
+
+    run = tmp_path / "clca"
+    fit(_recipe(small_synthetic, epochs=1), run)
+    cli = CliRunner()
+    for args, says in ((["metrics", str(run)], "--no-attention-cka --no-features"),
+                       (["visualize", "rollout", str(run)], "attention rollout multiplies maps over a patch grid")):
+        res = cli.invoke(app, args, env={"COLUMNS": "300", "UFGIR_DATA_DIR": str(small_synthetic.parent)})
+        assert res.exit_code != 0 and says in res.output, res.output
+    res = cli.invoke(app, ["metrics", str(run), "--no-attention-cka", "--no-features"], env={"COLUMNS": "300"})
+    assert res.exit_code == 0, res.output
+
+
 def test_inspect_shows_tokens_per_block():
     from typer.testing import CliRunner
 
