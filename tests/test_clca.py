@@ -157,6 +157,9 @@ def test_macs_of_the_fixture_and_of_vit_b16_clip_at_448(upstream):
         meta = meta_model(load_recipe(recipe, {"model": {"image_size": 448}}).model, 10)
         assert count_flops(meta, 448) / 2e9 == pytest.approx(paper, rel=1e-3)
         assert sum(p.numel() for p in meta.parameters()) == params == 87_047_666 - 769_000
+    # DeiT 3 (no position for the class token): the carrier gets none either; 86,612,210 with the unused head.
+    deit3 = meta_model(load_recipe("clca", {"model": {"backbone": "deit3_base_patch16_224.fb_in22k_ft_in1k"}}).model, 10)
+    assert sum(p.numel() for p in deit3.parameters()) == 86_612_210 - 769_000 and getattr(deit3, "clr_pos", None) is None
 
 
 # ---- the recipes -------------------------------------------------------------------------------

@@ -193,3 +193,26 @@ def test_registers_stay_in_front_through_a_reduction():
     y = before + blk.ls1(blk.attn(blk.norm1(before)))
     y = y[:, :5] + blk.ls2(blk.mlp(blk.norm2(y[:, :5])))                      # token-wise: the prefix alone
     assert torch.allclose(after[:, :5], y, atol=1e-5)
+
+
+@pytest.mark.parametrize(("size", "rate", "gmacs"), [(224, 0.1, 11.197), (224, 0.7, 12.191), (448, 0.1, 46.256),
+                                                     (448, 0.7, 50.853)])
+def test_tome_with_clca_macs_of_vit_b16_clip(size, rate, gmacs):
+    """CLCA.md §6: ToMe + CLCA on CLIP ViT-B/16 (flop_counter), within 0.1 %."""
+    from ufgir_cli.model import meta_model
+
+    r = load_recipe("clca", {"model": {"token_reduction": "tome", "keep_rate": rate, "image_size": size}})
+    assert count_flops(meta_model(r.model, 10), size) / 2e9 == pytest.approx(gmacs, rel=1e-3)
+
+
+def test_shallow_prompts_are_protected_prefix_tokens():
+    model = _tiny(method="vpt_shallow", prompt_len=4, token_reduction="evit", keep_rate=0.1, drop=0.0)
+    assert model.num_prefix_tokens == 5
+    assert model.tokens_per_block[3] == 5 + math.ceil(0.1 * 196) + 1
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        _, (before, after) = model.encode(x, frozenset({2, 3}))
+        blk = model.vit.blocks[3]
+        y = before + blk.ls1(blk.attn(blk.norm1(before)))
+        y = y[:, :5] + blk.ls2(blk.mlp(blk.norm2(y[:, :5])))
+    assert torch.allclose(after[:, :5], y, atol=1e-5)                       # the prompts pass unscored, in front
