@@ -135,11 +135,13 @@ def test_every_method_forward_and_maps(method):
     assert len(maps) == len(m.vit.blocks) == (m.cfg.depth or 12)  # TransFG and FFVT run 11 blocks
     info = m.feature_info
     # A block attends over what the one before it output, plus its deep prompts, minus the query-only
-    # (VQT) prompt rows that the previous block passed on.
+    # (VQT) prompt rows that the previous block passed on; block 0 also over tokens appended after the patches
+    # (CLCA's carrier).
     kind = m.plan.prompts
     deep = m.prompt_len if kind and kind.replaced else 0
     dropped = m.prompt_len if kind and kind.query_only else 0
-    entering = [m.num_prefix_tokens - dropped + 36] + [b.tokens_out - dropped for b in info[:-1]]
+    suffix = m.method.suffix_count(m)
+    entering = [m.num_prefix_tokens - dropped + 36 + suffix] + [b.tokens_out - dropped for b in info[:-1]]
     for a, b, n in zip(maps, info, entering, strict=True):
         assert b.tokens_attended == n + deep
         assert a.shape == (2, 3, b.tokens_attended, b.tokens_attended)

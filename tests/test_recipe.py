@@ -22,7 +22,9 @@ def test_packaged_recipes_cover_every_method():
         r = load_recipe(m)
         assert r.model.method == m
         assert r.model.image_size == 224
-        assert r.model.backbone == "vit_base_patch16_224.orig_in21k"
+        # The paper's backbone, except CLCA's recipes, which carry its official CLIP ViT-B/16 (reference/CLCA.md §2).
+        paper = "vit_base_patch16_clip_224.laion2b" if m == "clca" else "vit_base_patch16_224.orig_in21k"
+        assert r.model.backbone == paper
 
 
 def test_paper_defaults():

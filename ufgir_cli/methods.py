@@ -61,6 +61,8 @@ class MethodSpec:
     #: The LoRA family's default rank (``model.lora_rank`` when the recipe leaves it unset); None for
     #: methods without LoRA.
     lora_rank: int | None = None
+    #: The method works around a token reduction (CLCA's cache): the recipe must set ``model.token_reduction``.
+    needs_reduction: bool = False
     upstream: tuple[tuple[str, FlagTest], ...] = ()  # how import-upstream recognises it
     recipe: str = ""  # packaged recipe name; the method's name when empty
     title: str = ""  # as the paper and figures name it ("ILA++"); the name when empty
@@ -73,6 +75,12 @@ class MethodSpec:
     @property
     def has_ila(self) -> bool:
         return self.family == "ila"
+
+    @property
+    def takes_reduction(self) -> bool:
+        """Whether a token reduction inside the backbone can run under it: it needs no patch grid, has no ILA and
+        no per-block prompts (shallow prompts are prefix tokens, protected like the CLS)."""
+        return not self.has_ila and "patch_grid" not in self.needs and self.prompts in (None, "shallow")
 
     @property
     def recipe_name(self) -> str:
@@ -157,6 +165,12 @@ TABLE: tuple[MethodSpec, ...] = (
                "patches above the mean CLS attention, placed around their anchor, go through a graph convolution "
                "whose anchor row is added to the CLS token; the 3 CLS tokens into a BatchNorm head; every weight trains",
                ("all",), impl="simtrans", needs=("cls_token", "patch_grid"), upstream=(("selector", "sil"), *_NO_EXTRAS), title="SimTrans"),
+    MethodSpec("clca", "fgir", "CLCA: a carrier token and a cache of per-block token means, recovered after each "
+               "token reduction (model.token_reduction) and after block D-2; the CLS tokens of the reduction blocks and "
+               "the last into a depthwise-conv head; no final LayerNorm; every weight trains", ("all",), impl="clca",
+               final_norm=False, needs=_CLS, needs_reduction=True,
+               upstream=(("clc", True), ("ifa_head", True), ("keep_rate", True), ("reduction_loc", True),
+                         ("freeze_backbone", False)), title="CLCA"),
     MethodSpec("ila", "ila", "Down-sampling ILA only, after blocks 3 and 7",
                (*_PETL, "ila"), ila_ds_locs=(3, 7), needs=_GRID,
                upstream=(("ila", True), ("adapter", False), ("ila_locs", False)), title="ILA (DS only)"),

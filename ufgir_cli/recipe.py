@@ -9,7 +9,7 @@ backbone's own numerics (mean/std, LayerNorm eps, resampling, resize: ``model.nu
 recipes mostly just pick a method and ask for the reference's numerics. What the backbone decides
 (depth-derived positions, numerics) is filled in on load where its name tells it, else at build, and
 saved with the run. This module imports no torch so that ``ufgir recipes`` stays instant. It is one
-piece (about 690 lines): the types, their resolution and their error messages belong together; how a
+piece (about 750 lines): the types, their resolution and their error messages belong together; how a
 recipe is described to a person (sources, every key, descriptions) is ``recipe_docs.py``.
 """
 
@@ -96,6 +96,8 @@ def _fill_layout(spec: MethodSpec, data: dict, backbone_depth: int | None, *, de
     depth = data.get("depth") or backbone_depth
     if depth is None or not isinstance(depth, int):  # unknown, or malformed (reported by field validation)
         return data
+    if data.get("token_reduction") and data.get("reduction_locs") is None:
+        data["reduction_locs"] = default_reduction_locs(depth)
     if data.get("ila_ds_locs") is None:
         data["ila_ds_locs"] = spec.ds_locs_for(depth)
     if data.get("ila_locs") is None:
@@ -103,6 +105,12 @@ def _fill_layout(spec: MethodSpec, data: dict, backbone_depth: int | None, *, de
         ok = isinstance(raw, list | tuple) and all(isinstance(i, int) for i in raw)
         data["ila_locs"] = spec.default_ila_locs(depth, tuple(raw) if ok else ())
     return data
+
+
+def default_reduction_locs(depth: int) -> tuple[int, ...]:
+    """Where a token reduction goes on a ``depth``-block backbone when ``model.reduction_locs`` is unset:
+    inside blocks floor(i * depth / 4), i = 1, 2, 3 (CLCA's 3, 6, 9 of 12)."""
+    return tuple(sorted({i * depth // 4 for i in (1, 2, 3)}))
 
 
 #: The LoRA family's keys (methods whose row has a ``lora_rank``).
@@ -163,6 +171,16 @@ class ModelConfig(Section):
                                   "of the image, its mirror and three crops of each (8 passes)")
     simtrans_eval_dropout: bool = Field(False, description="SimTrans: keep the GCN's middle dropout (p 0.1) on in "
                                         "evaluation too, as the reference's code does (its eval logits are then random)")
+    # Token reduction inside the backbone (model/reduction.py; CLCA caches around it).
+    token_reduction: Literal["evit", "tome"] | None = Field(
+        None, description="Token reduction inside the backbone, after the attention of each block of "
+        "model.reduction_locs: evit (keep the tokens the CLS attends to most, fuse the rest into one) or tome "
+        "(merge similar tokens, size-weighted); unset: none")
+    keep_rate: float | None = Field(None, gt=0.0, le=1.0, description="Token reduction: the share kept at each "
+                                    "reduction (EViT: of the tokens then; ToMe: of the patches, cumulatively)")
+    reduction_locs: tuple[int, ...] | None = Field(
+        None, description="Token reduction: the blocks (0-based) inside which tokens are reduced; unset: after "
+        "blocks floor(i * depth / 4), i = 1, 2, 3 (3, 6, 9 of 12)")
     # The LoRA family (lora, dora, glora, ila_lora), through peft.
     lora_rank: int | None = Field(None, ge=1, description="LoRA rank r; unset: the method's (8; ila_lora 9, "
                                   "its LoRA count the closest to ILA++'s adapters)")
@@ -203,7 +221,8 @@ class ModelConfig(Section):
         is built (`for_backbone`). ILA positions given to a method without ILA are dropped, with a
         notice, so one grid or ``--set`` can hold ILA and other methods. A LoRA method's unset rank
         is its row's (``MethodSpec.lora_rank``); LoRA keys given to another method are dropped the
-        same way."""
+        same way. A method that works around a token reduction (CLCA) given none gets EViT at keep
+        rate 1.0: its own modules at the default blocks, nothing reduced."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
@@ -220,6 +239,8 @@ class ModelConfig(Section):
                                            f"{spec.name!r} has no LoRA"), stacklevel=2)
             for k in given:
                 del data[k]
+        if spec.needs_reduction and data.get("token_reduction") is None and data.get("keep_rate") is None:
+            data.update(token_reduction="evit", keep_rate=1.0)  # CLCA alone: its cache and head, nothing reduced
         backbone = data.get("backbone", cls.model_fields["backbone"].default)
         if isinstance(backbone, str):
             _fill_numerics(data, "model", backbone, data.get("numerics", cls.model_fields["numerics"].default))
@@ -251,7 +272,8 @@ class ModelConfig(Section):
     def resolved(self) -> bool:
         """Whether every key the method derives from the backbone's depth is set."""
         return (self.ila_locs is not None and self.ila_ds_locs is not None
-                and not (method_spec(self.method).replaces_blocks and self.depth is None))
+                and not (method_spec(self.method).replaces_blocks and self.depth is None)
+                and not (self.token_reduction and self.reduction_locs is None))
 
     @field_validator("method")
     @classmethod
@@ -332,6 +354,34 @@ class ModelConfig(Section):
         return self
 
 
+    @model_validator(mode="after")
+    def _token_reduction(self) -> ModelConfig:
+        """A token reduction has a keep rate, blocks inside the backbone, and a method that works on any
+        sequence of tokens (no patch grid, ILA or per-block prompts); a method whose row needs one has it."""
+        spec = method_spec(self.method)
+        if self.token_reduction is None:
+            if spec.needs_reduction:
+                raise ValueError(f"method {self.method!r} caches around a token reduction: set model.token_reduction "
+                                 "= 'evit' or 'tome' with model.keep_rate")
+            given = [k for k in ("keep_rate", "reduction_locs") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{' and '.join('model.' + k for k in given)} set without model.token_reduction; "
+                                 "set model.token_reduction = 'evit' or 'tome', or remove them")
+            return self
+        if self.keep_rate is None:
+            raise ValueError(f"model.token_reduction {self.token_reduction!r} needs model.keep_rate (0 < rate <= 1)")
+        locs = self.reduction_locs or ()
+        if len(set(locs)) != len(locs) or any(i < 0 for i in locs) or list(locs) != sorted(locs):
+            raise ValueError(f"model.reduction_locs {list(locs)}: give distinct block indices >= 0, ascending")
+        depth = self.depth or backbone_depth(self.backbone)
+        if depth is not None and any(i >= depth for i in locs):
+            raise ValueError(f"model.reduction_locs {list(locs)} names a block outside the {depth}-block backbone")
+        if not spec.takes_reduction:
+            raise ValueError(f"method {self.method!r} needs the patch grid or per-block prompts, which a token reduction "
+                             "takes away; unset model.token_reduction or choose another method")
+        return self
+
+
 class OptimConfig(Section):
     name: Literal["sgd", "adamw"] = Field("sgd", description="Optimiser.")
     lr: float = Field(0.1, gt=0.0, description="Peak learning rate, reached at the end of the warmup.")
@@ -340,7 +390,7 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.0, ge=0.0, description="On weight matrices only (not on biases, norms, tokens).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0.0, description="AdamW eps.")
-    clip_grad: float | None = Field(1.0, gt=0.0, description="Max grad norm; unset to disable.")
+    clip_grad: float | None = Field(1.0, ge=0.0, description="Max grad norm; 0 (or unset) disables it.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
     layer_decay: float | None = Field(
         None, gt=0.0, le=1.0, description="Layer-wise learning-rate decay: the head at optim.lr, block i at "
@@ -353,6 +403,10 @@ class ScheduleConfig(Section):
     warmup_steps: int = Field(500, ge=0, description="Linear warmup iterations, counted inside the cosine.")
     warmup_lr: float = Field(1e-6, ge=0.0, description="Learning rate at the first step of the warmup.")
     min_lr: float = Field(1e-5, ge=0.0, description="Learning rate the cosine ends at.")
+    warmup_epochs: int | None = Field(None, ge=0, description="The warmup in epochs (replaces schedule.warmup_steps; "
+                                      "CLCA's 2); unset: schedule.warmup_steps")
+    cooldown_epochs: int = Field(0, ge=0, description="The last epochs at schedule.min_lr, after the cosine, which "
+                                 "ends before them (timm's cooldown; CLCA's 5)")
 
 
 class TrainConfig(Section):

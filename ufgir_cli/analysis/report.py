@@ -103,6 +103,10 @@ def measure(path: Path, *, split: str = "test", data_recipe: Recipe | None = Non
     """
     loaded = load_model(path, checkpoint, device)
     model, recipe, device = loaded.model, loaded.recipe, loaded.device
+    if (cka or features) and any(b.out_grid is None for b in model.feature_info):
+        raise OptionError(f"ufgir metrics {path}: attention CKA and the feature metrics read every block's patch grid, "
+                          "which the model's token reduction takes away; pass --no-attention-cka --no-features "
+                          "(parameters, MACs and throughput remain)")
     res: dict = {
         "run": str(run_dir_of(path)), "checkpoint": loaded.tag, "method": recipe.model.method,
         "backbone": recipe.model.backbone, "image_size": recipe.model.image_size,
@@ -342,6 +346,9 @@ def rollout_maps(model: nn.Module, attention: list[torch.Tensor], *, group: str 
                  across: bool = False, fusion: ro.Fusion = "mean", discard: float = 0.0) -> list[tuple[str, torch.Tensor]]:
     """Attention rollout per encoder group (or blocks ``group`` = "a-b", inclusive), or ``across`` all of
     them; labelled by their blocks, inclusive."""
+    if any(g is None for g in model.grids):
+        raise OptionError("attention rollout multiplies maps over a patch grid, which the model's token reduction "
+                          "takes away; visualize attention (--layer) on a block before the first reduction instead")
     grids = [tuple(g) for g in model.grids]
     if across:
         return [(block_range(0, len(grids)), ro.rollout_across(attention, grids, ro.downsample_kernels(model), fusion, discard))]
@@ -356,6 +363,10 @@ def block_attention(model: nn.Module, attention: list[torch.Tensor], *, layer: i
     block = depth - 1 if layer is None else layer
     if block >= depth:
         raise OptionError(f"--layer: {block} is not a block of this {depth}-block model (0-{depth - 1})")
+    if model.grids[block] is None:
+        first = next(i for i, g in enumerate(model.grids) if g is None)
+        raise OptionError(f"--layer: block {block} attends over tokens without a patch grid (a token reduction ends "
+                          f"it after block {first - 1}); give a block 0-{first - 1}")
     return [(block_range(block, block + 1), ro.attention_l(attention[block], tuple(model.grids[block]), fusion))]
 
 

@@ -72,8 +72,9 @@ def encoder_groups(grids: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     With DS-ILA after blocks 3 and 7 of a 12-block ViT: [(0, 4), (4, 8), (8, 12)].
     """
     groups, start = [], 0
+    key = [None if g is None else tuple(g) for g in grids]  # None: no grid (past a token reduction)
     for i in range(1, len(grids) + 1):
-        if i == len(grids) or tuple(grids[i]) != tuple(grids[start]):
+        if i == len(grids) or key[i] != key[start]:
             groups.append((start, i))
             start = i
     return groups

@@ -9,6 +9,9 @@ from rich.table import Table
 
 from ._common import RecipeOpt, SetOpt, console, parse_sets, print_eval_modes
 
+#: How ``ufgir inspect`` names a token reduction (``model.token_reduction``).
+_REDUCTION_TITLES = {"evit": "EViT", "tome": "ToMe"}
+
 
 def _class_count(r, given: int | None) -> tuple[int, str]:
     """The head size to build and where it comes from, so that inspect counts what training will train."""
@@ -109,9 +112,12 @@ def inspect(
         if b.ila is not None:
             parts.append(f"{'DS-ILA' if b.ila == 'down' else 'ILA'} {b.ila_kernel}x{b.ila_kernel}")
             n += sum(p.numel() for p in model.ila[str(b.index)].parameters())
+        if model.reduction is not None and b.index in model.reduction.locs:
+            parts.append(f"{_REDUCTION_TITLES[model.reduction.kind]} keep {model.reduction.keep_rate:g}")
         if b.index in notes:
             parts.append(notes[b.index])
-        grid = f"{b.grid[0]}x{b.grid[1]}" + (f" -> {b.out_grid[0]}x{b.out_grid[1]}" if b.out_grid != b.grid else "")
+        grid = "-" if b.grid is None else f"{b.grid[0]}x{b.grid[1]}" + (
+            "" if b.out_grid == b.grid else f" -> {'tokens' if b.out_grid is None else f'{b.out_grid[0]}x{b.out_grid[1]}'}")
         table.add_row(str(b.index), group_of[b.index], grid, str(b.tokens_attended), str(b.tokens_out),
                       ", ".join(parts) or "-", f"{n:,}")
     extra = _head_blocks(model)

@@ -46,13 +46,28 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
-def lr_at(step: int, total_steps: int, base_lr: float, cfg: ScheduleConfig) -> float:
-    """Learning rate for global iteration ``step`` (0-based) of ``total_steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.warmup_lr + step * (base_lr - cfg.warmup_lr) / cfg.warmup_steps
+def warmup_steps(cfg: ScheduleConfig, steps_per_epoch: int | None = None) -> int:
+    """The warmup's length in steps: ``schedule.warmup_epochs`` epochs where set, else ``warmup_steps``."""
+    if cfg.warmup_epochs is None:
+        return cfg.warmup_steps
+    if steps_per_epoch is None:
+        raise ValueError("schedule.warmup_epochs needs the steps per epoch")
+    return cfg.warmup_epochs * steps_per_epoch
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, cfg: ScheduleConfig, steps_per_epoch: int | None = None) -> float:
+    """Learning rate for global iteration ``step`` (0-based) of ``total_steps``: the warmup (counted inside the
+    cosine), the cosine down to ``min_lr`` over the steps before the last ``cooldown_epochs`` epochs, then
+    ``min_lr`` (timm's ``cooldown_epochs``). ``steps_per_epoch`` turns the epoch keys into steps."""
+    warm = warmup_steps(cfg, steps_per_epoch)
+    if step < warm:
+        return cfg.warmup_lr + step * (base_lr - cfg.warmup_lr) / warm
     if cfg.name == "constant":
         return base_lr
-    t = min(step, total_steps) / max(1, total_steps)
+    if cfg.cooldown_epochs and steps_per_epoch is None:
+        raise ValueError("schedule.cooldown_epochs needs the steps per epoch")
+    span = max(1, total_steps - cfg.cooldown_epochs * (steps_per_epoch or 0))
+    t = min(step, span) / span
     return cfg.min_lr + 0.5 * (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 

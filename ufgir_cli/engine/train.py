@@ -51,7 +51,7 @@ from ..recipe import Recipe, dump_resolved, load_saved_recipe
 from .callbacks import Callback, CallbackList, JsonlLogger, TensorBoardLogger
 from .dist import barrier, broadcast_flag, cleanup
 from .evaluate import EvalResult, evaluate
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, lr_at, set_lr, warmup_steps
 from .owner import RunOwner
 from .provenance import write_provenance
 from .report import write_eval
@@ -216,7 +216,7 @@ class Loop:
         self.may_skip = self.fp16_scaling and self.recipe.train.skip_nonfinite is not False
 
     def lr(self, step: int) -> float:
-        return lr_at(step, self.total_steps, self.recipe.optim.lr, self.recipe.schedule)
+        return lr_at(step, self.total_steps, self.recipe.optim.lr, self.recipe.schedule, self.steps_per_epoch)
 
 
 def train_one_epoch(loop: Loop, state: TrainState) -> tuple[float, int]:
@@ -379,7 +379,7 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
         "start_step": state.step, **params, "train_images": len(train_split.samples),
         "eval_images": len(eval_split.samples), "world": rt.dist.world, "skipped_images": len(skipped),
         # e.g. test images also in train_val, allowed at download
-        "warnings": dataset_notices(train_split.root) + schedule_warnings(recipe, loop.total_steps)})
+        "warnings": dataset_notices(train_split.root) + schedule_warnings(recipe, loop.total_steps, loop.steps_per_epoch)})
 
     # 5. Loop. The RNG is restored last, so that nothing above can shift it.
     if resume_ckpt is not None:
@@ -426,11 +426,13 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, rt: Runtime, state: TrainStat
     return loggers_for(run_dir, recipe, state.step if resume else None)
 
 
-def schedule_warnings(recipe: Recipe, total_steps: int) -> list[str]:
-    if recipe.schedule.warmup_steps >= total_steps:
-        return [f"schedule.warmup_steps={recipe.schedule.warmup_steps} is not shorter than the whole run "
+def schedule_warnings(recipe: Recipe, total_steps: int, steps_per_epoch: int | None = None) -> list[str]:
+    s = recipe.schedule
+    key = "warmup_steps" if s.warmup_epochs is None else "warmup_epochs"
+    if warmup_steps(s, steps_per_epoch) >= total_steps:
+        return [f"schedule.{key}={getattr(s, key)} is not shorter than the whole run "
                 f"({total_steps} steps): the learning rate never reaches optim.lr; lower it with "
-                f"--set schedule.warmup_steps=N"]
+                f"--set schedule.{key}=N"]
     return []
 
 

@@ -300,10 +300,12 @@ def new_block_like(vit: VisionTransformer, eps: float) -> nn.Module:
                  qkv_bias=last.attn.qkv.bias is not None, norm_layer=partial(nn.LayerNorm, eps=eps))
 
 
-def embed_tokens(vit: VisionTransformer, x: torch.Tensor, cls_token: torch.Tensor | None = None) -> torch.Tensor:
+def embed_tokens(vit: VisionTransformer, x: torch.Tensor, cls_token: torch.Tensor | None = None,
+                 suffix: torch.Tensor | None = None) -> torch.Tensor:
     """Images (B, 3, S, S) -> the tokens entering block 0, as timm's ``forward_features`` makes them:
     patch embedding, prefix tokens and position embedding, patch dropout, pre-norm. ``cls_token``
-    (1, 1, D) stands in for the model's own (GLSim's second pass), at the CLS position.
+    (1, 1, D) stands in for the model's own (GLSim's second pass), at the CLS position. ``suffix`` (1, n, D)
+    is appended after the patch tokens, before the pre-norm (CLCA's carrier token).
 
     The one call into timm's private API (``_pos_embed``); see the module docstring."""
     x = vit.patch_embed(x)                                                 # (B, HW, D)
@@ -313,6 +315,8 @@ def embed_tokens(vit: VisionTransformer, x: torch.Tensor, cls_token: torch.Tenso
             raise ValueError("a stand-in CLS token needs a ViT with a CLS token")
         cls = cls_token if vit.no_embed_class else cls_token + vit.pos_embed[:, :1]
         x = torch.cat([cls.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+    if suffix is not None:
+        x = torch.cat([x, suffix.expand(x.shape[0], -1, -1).to(x.dtype)], dim=1)    # (B, prefix + HW + n, D)
     return vit.norm_pre(vit.patch_drop(x))
 
 

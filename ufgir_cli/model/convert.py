@@ -1,6 +1,8 @@
 """Checkpoints written by the reference implementation (package ``fgir_vit``) -> our model.
 
-The reference stores ``{'config': argparse.Namespace, 'model': state_dict, ...}``. We read it with
+The reference stores ``{'config': argparse.Namespace, 'model': state_dict, ...}``; CLCA's official code
+``{'args': argparse.Namespace, 'model': state_dict, ...}`` (its method object reads those,
+`Method.upstream_recipe`). We read it with
 ``weights_only=True`` plus ``argparse.Namespace`` on the allow-list, infer the method from the config's
 flags (with the reference's meanings, see the fixtures README; each method's flags are its row's
 ``upstream`` in ``ufgir_cli/methods.py``), and map every key with strict
@@ -79,8 +81,10 @@ def read_upstream(path: str | Path) -> dict[str, Any]:
             f"{path} cannot be read as a reference checkpoint with weights_only=True "
             f"({torch_load_failure(path, e)}); is it complete and written by fgir_vit?"
         ) from None
+    if isinstance(ckpt, dict) and "config" not in ckpt and isinstance(ckpt.get("args"), argparse.Namespace):
+        ckpt = {**ckpt, "config": ckpt["args"]}  # CLCA's train.py saves its arguments as 'args'
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path} is not a reference checkpoint: expected keys 'config' and 'model'")
+        raise CheckpointError(f"{path} is not a reference checkpoint: expected keys 'config' (or 'args') and 'model'")
     return ckpt
 
 
@@ -102,12 +106,15 @@ def _flag(c: argparse.Namespace, name: str, default: Any) -> Any:
 
 def recipe_from_upstream(c: argparse.Namespace) -> Recipe:
     """Our recipe for a reference config: the architecture exactly, the training settings mapped."""
+    spec = _method(c)
+    own = method_class(spec).upstream_recipe(c)
+    if own is not None:
+        return recipe_from_dict(own)
     name = _flag(c, "model_name", "vit_b16")
     if name not in UPSTREAM_BACKBONES:
         raise CheckpointError(
             f"reference model_name {name!r} is not supported; known: {', '.join(UPSTREAM_BACKBONES)}"
         )
-    spec = _method(c)
     method = spec.name
     model: dict[str, Any] = {
         "backbone": UPSTREAM_BACKBONES[name],

@@ -31,9 +31,10 @@ from .backbone import (
     resize_input,
     state_dict_sha256,
 )
-from .feature_info import BlockInfo, take_indices
+from .feature_info import BlockInfo, check_output_fmt, take_indices
 from .ila import ILA, Dropout, prompt_init_bound, xavier_linear_
 from .methods import Method, MethodPlan, StreamEdit, TrainStep, build_method, method_plan
+from .reduction import TokenReduction
 
 #: Receives each block's post-softmax attention (B, heads, S, S) and, when asked, its key-0 logits
 #: (B, heads, S) (see `UfgirViT.encode`).
@@ -62,6 +63,7 @@ class UfgirViT(nn.Module):
         #: The method object: head, passes, selection, loss, evaluation modes (``model/methods/``).
         self.method: Method = method or build_method(cfg)
         self.plan: MethodPlan = method_plan(cfg)
+        self.reduction = TokenReduction.of(cfg, len(vit.blocks))  # EViT, ToMe or None (`model/reduction.py`)
         depth, D = len(vit.blocks), vit.embed_dim
         self.embed_dim = D
         self.num_features = vit.num_features
@@ -159,7 +161,7 @@ class UfgirViT(nn.Module):
                 ila_kernel=None if ila is None else ila.kernel_size, out_grid=g_out, tokens_out=P + g_out[0] * g_out[1],
             ))
             g = g_out
-        return out
+        return out if self.reduction is None else self.reduction.geometry(self, out)
 
     @property
     def grids(self) -> list[tuple[int, int]]:
@@ -232,9 +234,9 @@ class UfgirViT(nn.Module):
 
     def timm_equivalent(self) -> VisionTransformer | None:
         """The timm ViT inside, when it holds every tensor of this model (no adapters, ILAs, prompts or
-        method head beside it: a linear probe, full fine-tuning), so that timm alone may compute the same
-        logits; None otherwise. Whether it does (LayerNorm eps, a dropped final norm) is for a parity check."""
-        if set(self.state_dict()) != {f"vit.{k}" for k in self.vit.state_dict()}:
+        method head beside it, no token reduction: a linear probe, full fine-tuning), so that timm alone may compute
+        the same logits; None otherwise. Whether it does (LayerNorm eps, a dropped final norm) is for a parity check."""
+        if self.reduction is not None or set(self.state_dict()) != {f"vit.{k}" for k in self.vit.state_dict()}:
             return None
         return self.vit
 
@@ -244,7 +246,7 @@ class UfgirViT(nn.Module):
         out = {f"vit.{n}" for n in self.vit.no_weight_decay()}
         if self.prompts is not None:
             out.add("prompts")
-        return out
+        return out | self.method.no_weight_decay(self)
 
     def param_layers(self) -> dict[str, int]:
         """Each parameter's layer for layer-wise learning-rate decay (``optim.layer_decay``): 0 for the
@@ -349,7 +351,8 @@ class UfgirViT(nn.Module):
         attention path, whose maps its edit receives."""
         vit = self.vit
         edits = self.method.stream_edits(self) if edits is None else edits
-        x = embed_tokens(vit, x, cls_token)                                    # (B, 1 + HW, D)
+        x = embed_tokens(vit, x, cls_token, self.method.suffix_tokens(self))  # (B, 1 + HW (+ suffix), D)
+        run = self.reduction.start(self) if self.reduction is not None else None
         if self.plan.prompts is not None and self.plan.prompts.at_embedding:
             n = vit.num_prefix_tokens
             p = self.prompt_drop(self.prompts[0]).expand(x.shape[0], -1, -1).to(x.dtype)
@@ -358,9 +361,11 @@ class UfgirViT(nn.Module):
         outputs = []
         for b in blocks:
             edit = edits.get(b.index)
-            if last_cls_only and b.index == len(blocks) - 1 and edit is None:
+            if run is not None:  # token reduction: the pass runs each block, its reduction and edit
+                x = run.block(b, x, edit, tap, tap_key0)
+            elif last_cls_only and b.index == len(blocks) - 1 and edit is None:
                 return self._block(b.index, x, b.grid, cls_only=True), outputs  # (B, 1, D)
-            if edit is not None:
+            elif edit is not None:
                 x = self._edited_block(b, x, edit, tap, tap_key0)
             elif self.grad_checkpointing and self.training and tap is None and not torch.jit.is_scripting():
                 x = checkpoint(self._block, b.index, x, b.grid, use_reentrant=False)
@@ -408,10 +413,8 @@ class UfgirViT(nn.Module):
         applies the final norm to each; ``stop_early`` (and ``intermediates_only``, whose caller
         never sees the rest) stops after the last block asked for. ``tap`` receives each block's attention maps
         in the same pass (see `encode`; an addition to timm's signature)."""
-        if output_fmt not in ("NLC", "NCHW"):
-            raise ValueError(f"output_fmt {output_fmt!r} is not one of NLC, NCHW")
         info = self.feature_info
-        take = take_indices(len(info), indices)
+        take = check_output_fmt(info, take_indices(len(info), indices), output_fmt)
         stop = take[-1] if (stop_early or intermediates_only) and take else None
         x, inter = self.encode(x, frozenset(take), stop, tap=tap)
         if norm:

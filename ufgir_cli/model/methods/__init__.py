@@ -1,7 +1,7 @@
 """The method objects, one module per family, registered by the table's ``impl`` key.
 
 ``linear`` (timm's head: the probe, full fine-tuning, VPT, adapters, ConvPass, ILA), ``pooling``
-(IFA, MPN-COV, VQT), ``aggregator`` (TransFG, FFVT), ``two_pass`` (GLSim, RAMS), ``cal``, ``simtrans``, ``lora``
+(IFA, MPN-COV, VQT), ``aggregator`` (TransFG, FFVT), ``two_pass`` (GLSim, RAMS), ``cal``, ``simtrans``, ``clca`` (around the backbone's token reduction), ``lora``
 (LoRA, DoRA, GLoRA and ILA with LoRA, through peft, which only that module imports, when such a
 model is built), ``ssf`` (SSF, BitFit). A plugin's
 row names its class as ``"package.module:Class"``; it is imported here, when a model is built, never
@@ -20,6 +20,7 @@ from ...recipe import ModelConfig
 from .aggregator import FFVT, TransFG
 from .base import Method, PatchPanel, Selection, StreamEdit, TrainStep
 from .cal import CAL
+from .clca import CLCA
 from .linear import LinearHead
 from .lora import DoRA, GLoRA, LoRA
 from .plan import MethodPlan, method_plan
@@ -32,7 +33,7 @@ from .two_pass import RAMS, GLSim
 REGISTRY: dict[str, type[Method]] = {
     "linear": LinearHead, "ifa": IFA, "mpncov": MPNCov, "vqt": VQT, "transfg": TransFG, "ffvt": FFVT,
     "glsim": GLSim, "rams": RAMS, "cal": CAL, "simtrans": SimTrans, "lora": LoRA, "dora": DoRA, "glora": GLoRA,
-    "ssf": SSF, "bitfit": BitFit,
+    "ssf": SSF, "bitfit": BitFit, "clca": CLCA,
 }
 
 

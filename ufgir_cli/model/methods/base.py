@@ -132,6 +132,28 @@ class Method:
         maps, to its edit and goes on with what the edit returns. None by default."""
         return {}
 
+    #: Whether the edits of `stream_edits` read the block's attention maps (computing them costs the
+    #: explicit attention path); CLCA's cache does not.
+    edit_reads_maps: ClassVar[bool] = True
+
+    def no_weight_decay(self, model: UfgirViT) -> set[str]:
+        """Names of the method's own parameters (`extra_parameters`) kept out of weight decay."""
+        return set()
+
+    def suffix_tokens(self, model: UfgirViT) -> torch.Tensor | None:
+        """Tokens (1, n, D) the method appends after the patch tokens at the embedding, before the
+        pre-norm (CLCA's carrier token with its position); None by default."""
+        return None
+
+    def suffix_count(self, model: UfgirViT) -> int:
+        """How many tokens `suffix_tokens` appends."""
+        return 0
+
+    def tokens_added(self, model: UfgirViT) -> dict[int, int]:
+        """Per block, how many tokens its stream edit appends to the sequence (CLCA's recovered cache),
+        for the geometry; none by default."""
+        return {}
+
     def block_notes(self, model: UfgirViT) -> dict[int, str]:
         """What the method itself does after some blocks, in a few words (``ufgir inspect``)."""
         return {}
@@ -218,6 +240,12 @@ class Method:
     def upstream_settings(cls, config: argparse.Namespace) -> dict[str, Any]:
         """Model-config keys of this method that a reference config sets."""
         return {}
+
+    @classmethod
+    def upstream_recipe(cls, config: argparse.Namespace) -> dict[str, Any] | None:
+        """The whole recipe (as a dict) for a reference whose configuration is laid out its own way (CLCA's
+        ``train.py`` arguments); None: the fgir_vit layout, which `model.convert` reads."""
+        return None
 
     def map_upstream_key(self, key: str, state: dict[str, torch.Tensor]) -> str | None:
         """Our key for a reference key of this method's own modules, or None when it is not one.
