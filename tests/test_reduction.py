@@ -160,24 +160,28 @@ def test_geometry_past_a_reduction_counts_tokens_and_refuses_a_grid():
         assert model(x).shape == (2, 10)
 
 
+@pytest.mark.parametrize(("backbone", "size", "prefix"), [("vit_small_patch14_reg4_dinov2", 70, 5),
+                                                       ("deit3_small_patch16_224", 64, 1)])
 @pytest.mark.parametrize("kind", ["evit", "tome"])
-def test_nothing_reduced_is_timm_exactly_with_layerscale_and_registers(kind):
+def test_nothing_reduced_is_timm_exactly_with_layerscale_and_registers(kind, backbone, size, prefix):
     """A keep rate that reduces nothing runs the reduction blocks through the reduction's own path: it must
-    give timm's tokens (LayerScale, fused attention, four registers in front)."""
-    cfg = ModelConfig(backbone="vit_small_patch14_reg4_dinov2", weights="none", image_size=70, depth=4, num_classes=5,
+    give timm's tokens (LayerScale, fused attention; DINOv2's four registers in front, DeiT 3's positions
+    without the class token)."""
+    cfg = ModelConfig(backbone=backbone, weights="none", image_size=size, depth=4, num_classes=5,
                       method="full", drop=0.0, token_reduction=kind, keep_rate=1.0, reduction_locs=(1, 2))
     torch.manual_seed(0)
     model = build_model(cfg, 5).eval()
     for blk in model.vit.blocks:
         blk.ls1.gamma.data.uniform_(0.5, 1.5)
         blk.ls2.gamma.data.uniform_(0.5, 1.5)
-    assert model.num_prefix_tokens == 5
-    x = torch.randn(2, 3, 70, 70)
+    assert model.num_prefix_tokens == prefix
+    x = torch.randn(2, 3, size, size)
+    patches = (size // model.vit.patch_embed.patch_size[0]) ** 2
     with torch.no_grad():
         assert torch.allclose(model.forward_features(x), model.vit.forward_features(x), atol=1e-5)
         model.reduction.keep_rate = 0.5
         out = model.forward_features(x)
-    assert out.shape[1] == [b.tokens_out for b in model.feature_info][-1] < 5 + 25
+    assert out.shape[1] == [b.tokens_out for b in model.feature_info][-1] < prefix + patches
 
 
 def test_registers_stay_in_front_through_a_reduction():
