@@ -117,10 +117,12 @@ def numerics(r) -> dict:
 
 
 def test_the_paper_recipes_resolve_as_before_so_their_run_keys_stay():
-    """Every packaged recipe asks for the reference's numerics: on the paper's backbone (and the micro
+    """Every packaged recipe of the paper asks for the reference's numerics: on the paper's backbone (and the micro
     ViT) they are the values the defaults were, so no numeric key enters a run key (`KEYS_V1`'s
     baselines) and no run is trained again."""
     for name in packaged_recipe_names():
+        if name.startswith("clca"):  # new recipes on CLCA's own CLIP backbone and numerics: no earlier runs to keep
+            continue
         r = load_recipe(name, env=False)
         assert r.model.numerics == "reference", name
         canon = canonical_recipe(r)

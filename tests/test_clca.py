@@ -295,3 +295,18 @@ def test_inspect_shows_tokens_per_block():
     assert [int(rows[i][5]) for i in range(12)] == [198] * 3 + [28] * 3 + [11] * 3 + [9, 11, 11]  # tokens out
     assert rows[0][3].strip() == "14x14 -> tokens" and rows[5][3].strip() == "-"
     assert f"total {85_811_712 + 1_537 * 10:,}" in res.output and "5.96 GMACs" in res.output
+
+
+def test_import_upstream_makes_a_run_that_exports_and_evaluates_the_same(fixture_dir, tmp_path):
+    from ufgir_cli.recipe import load_saved_recipe
+    from ufgir_cli.ship import export_model, import_upstream
+
+    run = tmp_path / "clca"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecipeNotice)
+        model, recipe = import_upstream(fixture_dir / f"{NAME}.upstream.pth", run)
+    assert load_saved_recipe(run / "recipe.toml") == recipe
+    ex = torch.load(fixture_dir / f"{NAME}.expected.pt", weights_only=True)
+    with torch.no_grad():
+        assert _diff(model(ex["input"]), ex["logits"]) <= 1e-5
+    assert export_model(run, "onnx").max_abs_diff <= 1e-4

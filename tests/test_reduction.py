@@ -13,8 +13,9 @@ from torch import nn
 
 from ufgir_cli.analysis.cost import count_flops
 from ufgir_cli.errors import RecipeError
+from ufgir_cli.methods import TABLE
 from ufgir_cli.model import build_model
-from ufgir_cli.model.reduction import attend, evit_reduce, tome_merge, tome_requested
+from ufgir_cli.model.reduction import TokenReduction, attend, evit_reduce, tome_merge, tome_requested
 from ufgir_cli.recipe import ModelConfig, default_reduction_locs, load_recipe
 
 TINY = dict(backbone="vit_tiny_patch16_224", weights="none", num_classes=10, layer_norm_eps=1e-6, drop=0.0)
@@ -159,24 +160,28 @@ def test_geometry_past_a_reduction_counts_tokens_and_refuses_a_grid():
         assert model(x).shape == (2, 10)
 
 
+@pytest.mark.parametrize(("backbone", "size", "prefix"), [("vit_small_patch14_reg4_dinov2", 70, 5),
+                                                       ("deit3_small_patch16_224", 64, 1)])
 @pytest.mark.parametrize("kind", ["evit", "tome"])
-def test_nothing_reduced_is_timm_exactly_with_layerscale_and_registers(kind):
+def test_nothing_reduced_is_timm_exactly_with_layerscale_and_registers(kind, backbone, size, prefix):
     """A keep rate that reduces nothing runs the reduction blocks through the reduction's own path: it must
-    give timm's tokens (LayerScale, fused attention, four registers in front)."""
-    cfg = ModelConfig(backbone="vit_small_patch14_reg4_dinov2", weights="none", image_size=70, depth=4, num_classes=5,
+    give timm's tokens (LayerScale, fused attention; DINOv2's four registers in front, DeiT 3's positions
+    without the class token)."""
+    cfg = ModelConfig(backbone=backbone, weights="none", image_size=size, depth=4, num_classes=5,
                       method="full", drop=0.0, token_reduction=kind, keep_rate=1.0, reduction_locs=(1, 2))
     torch.manual_seed(0)
     model = build_model(cfg, 5).eval()
     for blk in model.vit.blocks:
         blk.ls1.gamma.data.uniform_(0.5, 1.5)
         blk.ls2.gamma.data.uniform_(0.5, 1.5)
-    assert model.num_prefix_tokens == 5
-    x = torch.randn(2, 3, 70, 70)
+    assert model.num_prefix_tokens == prefix
+    x = torch.randn(2, 3, size, size)
+    patches = (size // model.vit.patch_embed.patch_size[0]) ** 2
     with torch.no_grad():
         assert torch.allclose(model.forward_features(x), model.vit.forward_features(x), atol=1e-5)
         model.reduction.keep_rate = 0.5
         out = model.forward_features(x)
-    assert out.shape[1] == [b.tokens_out for b in model.feature_info][-1] < 5 + 25
+    assert out.shape[1] == [b.tokens_out for b in model.feature_info][-1] < prefix + patches
 
 
 def test_registers_stay_in_front_through_a_reduction():
@@ -216,3 +221,26 @@ def test_shallow_prompts_are_protected_prefix_tokens():
         y = before + blk.ls1(blk.attn(blk.norm1(before)))
         y = y[:, :5] + blk.ls2(blk.mlp(blk.norm2(y[:, :5])))
     assert torch.allclose(after[:, :5], y, atol=1e-5)                       # the prompts pass unscored, in front
+
+
+@pytest.mark.parametrize("method", [m.name for m in TABLE if m.takes_reduction])
+def test_every_method_that_takes_a_reduction_runs_with_one(method):
+    """Every method without a patch grid, ILA, per-block prompts or a token selection into a block of its own:
+    with EViT and with ToMe, logits in eval, a loss with a gradient in training, the maps of every block as long
+    as the tokens it attends over."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**TINY, "num_classes": 5}, image_size=64, method=method, token_reduction="evit",
+                                    keep_rate=0.5), 5)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 3])
+    for kind in ("evit", "tome"):
+        model.reduction = TokenReduction(kind, 0.5, model.reduction.locs)
+        model.zero_grad()
+        step = model.train()(x, y, nn.CrossEntropyLoss())
+        step.loss.backward()
+        assert math.isfinite(float(step.loss.detach())) and any(p.grad is not None for p in model.parameters())
+        with torch.no_grad(), model.reduction.recording() as did:
+            assert model.eval()(x).shape == (2, 5)
+        assert len(did) == 3 and all(d.get("r", 1) > 0 and "dropped" in d or "src" in d for d in did), kind
+        with torch.no_grad():
+            maps = model.attention_maps(x)
+        assert [a.shape[-1] for a in maps] == [b.tokens_attended for b in model.feature_info], kind

@@ -78,9 +78,11 @@ class MethodSpec:
 
     @property
     def takes_reduction(self) -> bool:
-        """Whether a token reduction inside the backbone can run under it: it needs no patch grid, has no ILA and
-        no per-block prompts (shallow prompts are prefix tokens, protected like the CLS)."""
-        return not self.has_ila and "patch_grid" not in self.needs and self.prompts in (None, "shallow")
+        """Whether a token reduction inside the backbone can run under it: it needs no patch grid, has no ILA, no
+        per-block prompts (shallow prompts are prefix tokens, protected like the CLS) and selects no fixed number of
+        tokens per block into a block of its own (FFVT)."""
+        return not self.has_ila and "patch_grid" not in self.needs and self.prompts in (None, "shallow") \
+            and not self.replaces_blocks
 
     @property
     def recipe_name(self) -> str:

@@ -447,7 +447,7 @@ class UfgirViT(nn.Module):
         prompts)."""
         last = str(len(self.vit.blocks) - 1)
         mixes = last in self.ila or (self.adapters is not None and self.adapters[-1].mixes_tokens) \
-            or (self.plan.prompts is not None and self.plan.prompts.replaced)
+            or (self.plan.prompts is not None and self.plan.prompts.replaced) or self.reduction is not None
         return self.method.pools_cls(self) and not mixes
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, criterion: nn.Module | None = None,
