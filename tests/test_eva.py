@@ -160,3 +160,17 @@ def test_rope_table_is_none_without_rope():
     with torch.device("meta"):
         vit = timm.create_model("eva02_tiny_patch14_224", pretrained=False, use_rot_pos_emb=False)
     assert rope_table(vit, (16, 16)) is None
+
+
+@pytest.mark.parametrize("name", [EVA02, DINOV3])
+def test_a_traced_export_holds_the_rotary_tables(name, narrow, tmp_path):
+    """torch.export of ILA++ with a down-sampling ILA: the cropped rotary tables are traced in, and the
+    reloaded program gives the eager logits (the export's own parity check, at its tolerance)."""
+    from ufgir_cli.ship.graph import export_pt2
+
+    size = 8 * int(name.split("patch")[1][:2])
+    r = load_recipe("ila_pp", {"model": {"backbone": name, "weights": "none", "image_size": size, "depth": 2,
+                                         "ila_ds_locs": [0]}}, env=False)
+    torch.manual_seed(0)
+    result = export_pt2(build_model(r.model, 7).eval(), r, tmp_path / "m.pt2")
+    assert result.max_abs_diff <= result.tolerance and (tmp_path / "m.pt2").is_file()
