@@ -86,11 +86,14 @@ def test_every_family_is_as_timm_builds_it():
             vit = timm.create_model(name, pretrained=False)
         assert (vit.cls_token is not None, vit.num_prefix_tokens) == (family.cls_token, family.prefix_tokens(name)), name
         with_prefix = family.prefix_tokens(name) if family.pos_embed == "prefix+patches" else 0
-        assert vit.pos_embed.shape[1] == vit.patch_embed.num_patches + with_prefix, name
+        if family.pos_embed == "none":  # rotary positions alone
+            assert vit.pos_embed is None and vit.rope is not None, name
+        else:
+            assert vit.pos_embed.shape[1] == vit.patch_embed.num_patches + with_prefix, name
         assert vit.global_pool == family.pool and len(vit.blocks) == depth == geometry.backbone_depth(name), name
         assert {m.eps for m in vit.modules() if isinstance(m, nn.LayerNorm)} == {family.layer_norm_eps}, name
         assert vit.patch_embed.patch_size[0] == geometry.backbone_patch(name), name
-    assert seen >= {"vit", "deit3", "clip", "dinov2", "dinov2_reg", "siglip"}
+    assert seen >= {"vit", "deit3", "clip", "dinov2", "dinov2_reg", "siglip", "eva02", "dinov3"}
     assert geometry.backbone_family("vit_base_patch14_reg4_dinov2.lvd142m").prefix_tokens("vit_base_patch14_reg4_dinov2") == 5
     assert geometry.backbone_family("vit_small_patch16_36x1_224") is None  # no family: the build reads it
 
@@ -201,9 +204,10 @@ def test_numerics_a_name_does_not_tell_are_read_at_build_and_saved_with_the_run(
 def matrix_markdown() -> str:
     """The README's method x family table, from the methods' needs and the family table."""
     cells = {"yes": "✓", "cls_token": "no: reads the CLS token", "patch_grid": "no: needs a patch grid",
-             "abs_pos_embed": "no: needs absolute positions"}
+             "abs_pos_embed": "no: needs absolute positions", "token_reduction": "no: needs plain ViT blocks"}
     fams = geometry.FAMILIES
-    lines = ["| method | " + " | ".join(f.title for f in fams) + " |", "|---|" + "---|" * len(fams)]
+    lines = ["| method | " + " | ".join(f.title for f in fams) + " |", "|---|" + "---|" * len(fams),
+             "| *the linear probe reads* | " + " | ".join(f.pooled for f in fams) + " |"]
     for name, row in support_matrix().items():
         lines.append(f"| `{name}` | " + " | ".join(cells[row[f.key]] for f in fams) + " |")
     return "\n".join(lines)
@@ -219,16 +223,23 @@ def test_each_method_builds_on_each_family_or_is_refused_at_load(family):
     (B, C) logits; the others are refused when the recipe loads, in one line naming why."""
     name, allowed = FAMILY_OF[family], support_matrix()
     for spec in TABLE:
-        overrides = {"model": {"backbone": name, "weights": "none"}}
+        overrides = {"model": {"backbone": name, "weights": "none", **lora_targets(spec, family)}}
         if allowed[spec.name][family] != "yes":
             with pytest.raises(RecipeError) as e:
                 load_recipe(spec.recipe_name, overrides, env=False)
-            assert "\n" not in str(e.value) and f"method {spec.name!r} reads the CLS token" in str(e.value)
+            why = {"cls_token": "reads the CLS token", "abs_pos_embed": "resamples an absolute position embedding",
+                   "token_reduction": "reduces tokens inside plain ViT blocks"}
+            assert "\n" not in str(e.value) and f"method {spec.name!r} {why[allowed[spec.name][family]]}" in str(e.value)
             continue
         r = load_recipe(spec.recipe_name, overrides, env=False)
         model = meta_model(r.model, 10)
         with torch.no_grad():
             assert model.eval()(torch.empty(2, 3, 224, 224, device="meta")).shape == (2, 10), spec.name
+
+
+def lora_targets(spec, family: str) -> dict:
+    """EVA-02 B/L project q, k and v apart: the LoRA family names them (the LoRA paper's W_q and W_v)."""
+    return {"lora_targets": r"blocks\.\d+\.attn\.(q|v)_proj"} if spec.lora_rank and family == "eva02" else {}
 
 
 def test_mpncov_and_cal_run_on_siglip(narrow):
@@ -326,6 +337,19 @@ def identity_models(family: str) -> list[tuple[str, dict]]:
     return out + ([("vqt", {})] if family in CLS_FAMILIES else [])
 
 
+def lively(model: nn.Module) -> nn.Module:
+    """LayerScale at O(1) and random attention biases (timm starts them at 1e-5 and 0, where a block
+    barely changes its input and a wrong attention would still pass), so that every block counts."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.vit.named_parameters():
+            if n.endswith(("gamma", "gamma_1", "gamma_2")):
+                p.normal_(1.0, 0.2)
+            elif n.endswith(("q_bias", "v_bias")):
+                p.normal_(0.0, 0.1)
+    return model
+
+
 @pytest.mark.parametrize("size", [224, 448])
 @pytest.mark.parametrize("family", [f.key for f in geometry.FAMILIES])
 def test_identity_initialised_models_give_timms_pre_logits(family, size, narrow):
@@ -335,7 +359,7 @@ def test_identity_initialised_models_give_timms_pre_logits(family, size, narrow)
     name = FAMILY_OF[family]
     x = torch.randn(2, 3, size, size)
     for method, extra in identity_models(family):
-        ours = build(method, name, size, numerics="backbone", **extra)
+        ours = lively(build(method, name, size, numerics="backbone", **extra))
         twin = timm_twin(name, size, num_classes=7)
         twin.load_state_dict({k[4:]: v for k, v in ours.state_dict().items() if k.startswith("vit.")}, strict=False)
         with torch.no_grad():

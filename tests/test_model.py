@@ -438,3 +438,19 @@ def test_timm_private_api():
             ours = blk(ours)
         assert torch.equal(vit.norm(ours), vit.forward_features(x)), (
             f"timm {timm.__version__} embeds tokens differently; update ufgir_cli.model.backbone.embed_tokens")
+    from timm.models.eva import Eva
+
+    from ufgir_cli.model.eva import EvaRunner, rope_table
+
+    assert callable(getattr(Eva, "_pos_embed", None)), (
+        f"timm {timm.__version__} has no Eva._pos_embed; update ufgir_cli.model.eva.EvaRunner.embed")
+    for name in ("eva02_tiny_patch14_224", "vit_small_patch16_dinov3"):
+        eva = timm.create_model(name, img_size=64, num_classes=0, depth=2).eval()
+        with torch.no_grad():
+            ours = EvaRunner(eva).embed(eva, x)
+            theirs, table = eva._pos_embed(eva.patch_embed(x))
+            assert torch.equal(rope_table(eva, eva.patch_embed.grid_size), table), name
+            for blk in eva.blocks:
+                ours = blk(ours, rope=table)
+            assert torch.equal(eva.norm(ours), eva.forward_features(x)), (
+                f"timm {timm.__version__} embeds {name}'s tokens differently; update ufgir_cli.model.eva")

@@ -173,9 +173,10 @@ def test_table_says_n1_the_chosen_lr_and_writes_a_long_csv_and_a_tex_float(tmp_p
     md = write_table(grid).read_text()
     assert "± -" not in md and "1 tasks" not in md and "TTP (M, 1 task)" in md
     linear = [top1["linear", s] for s in (1, 10)]
-    assert f"| Linear probe | {statistics.mean(linear):.2f} ± {statistics.stdev(linear):.2f} (39.03, " in md
-    assert f"| ILA++ | {top1['ila_pp', 1]:.2f} (n=1) (" in md
-    assert "- Linear probe: Cotton80 0.03" in md and "- ILA++: Cotton80 0.03" in md  # the learning rate each chose
+    assert f"| Linear probe | `ufgir_vit_micro_patch8_64` | {statistics.mean(linear):.2f} ± {statistics.stdev(linear):.2f} (39.03, " in md
+    assert f"| ILA++ | `ufgir_vit_micro_patch8_64` | {top1['ila_pp', 1]:.2f} (n=1) (" in md
+    assert "- Linear probe (ufgir_vit_micro_patch8_64): Cotton80 0.03" in md  # the learning rate each chose
+    assert "- ILA++ (ufgir_vit_micro_patch8_64): Cotton80 0.03" in md
     wide = list(csv.DictReader(io.StringIO((grid.root / "table1.csv").read_text())))
     assert [(r["method"], r["n"], r["lr"]) for r in wide] == [("linear", "2", "0.03"), ("ila_pp", "1", "0.03")]
     assert wide[1]["std"] == "" and "seeds" not in wide[0]  # no per-seed values packed into one field

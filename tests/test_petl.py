@@ -176,7 +176,7 @@ def test_a_module_the_forward_bypasses_is_refused_in_one_line():
 
 def test_a_last_block_that_reads_the_qkv_weight_is_refused(monkeypatch, fresh_checks):
     """The fast path as it was: the last block's qkv weight applied directly, so its LoRA never runs."""
-    from ufgir_cli.model import vit as vit_module
+    from ufgir_cli.model import runner as runner_module  # the plain ViT's block runner calls it
     from ufgir_cli.model.attention import _attend, _merge_heads
 
     def weight_only(attn, x):
@@ -186,7 +186,7 @@ def test_a_last_block_that_reads_the_qkv_weight_is_refused(monkeypatch, fresh_ch
         k, v = F.linear(x, w[C:], b[C:]).reshape(B, N, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         return _merge_heads(attn, _attend(attn, q, k, v, None))
 
-    monkeypatch.setattr(vit_module, "cls_attention", weight_only)
+    monkeypatch.setattr(runner_module, "cls_attention", weight_only)
     with pytest.raises(RecipeError) as e:
         micro("lora")
     msg = str(e.value)

@@ -83,12 +83,13 @@ def killed(data_root, tmp_path_factory):
 
 
 def cells(markdown: str) -> dict[str, list[str]]:
-    """table1.md's rows by method title."""
+    """table1.md's rows by method title, after its backbone column (every row names its backbone)."""
     rows = {}
     for line in markdown.splitlines():
         if line.startswith("| ") and not line.startswith("| Method"):
             c = [x.strip() for x in line.strip("|").split("|")]
-            rows[c[0]] = c[1:]
+            assert c[1] == "`ufgir_vit_micro_patch8_64`", line
+            rows[c[0]] = c[2:]
     return rows
 
 
@@ -107,7 +108,8 @@ def assert_table_is_the_runs_own(grid):
             p = paper[method][d]
             assert rows[title][i] == f"{mean:.2f} ± {std:.2f} ({p:.2f}, {mean - p:+.2f})"
     csv_rows = (grid.root / "table1.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("method,column,n,") and len(csv_rows) == 1 + 4
+    assert csv_rows[0].startswith("method,backbone,column,n,") and len(csv_rows) == 1 + 4
+    assert all(",ufgir_vit_micro_patch8_64," in r for r in csv_rows[1:])
     assert r"\pm" in (grid.root / "table1.tex").read_text()
 
 

@@ -259,7 +259,7 @@ def test_submission_records_its_jobs_and_status_asks_slurm(data_root, tmp_path, 
     res = runner.invoke(app, ["reproduce", "table", "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
     assert "0 of 2 cells with every seed" in res.output
-    assert "| Linear probe | - (39.03, -) | - (21.31, -) |" in (tmp_path / "r" / "g" / "table1.md").read_text()
+    assert "| Linear probe | `ufgir_vit_micro_patch8_64` | - (39.03, -) | - (21.31, -) |" in (tmp_path / "r" / "g" / "table1.md").read_text()
 
 
 def test_waiting_ends_for_a_task_cancelled_before_it_started(data_root, tmp_path, monkeypatch):

@@ -30,6 +30,11 @@ BACKBONE_DEPTHS: dict[str, int] = {
     "vit_small_patch14_reg4_dinov2": 12, "vit_base_patch14_reg4_dinov2": 12, "vit_large_patch14_reg4_dinov2": 24,
     "vit_base_patch16_siglip_224": 12, "vit_base_patch16_siglip_256": 12, "vit_so400m_patch14_siglip_224": 27,
     "deit3_small_patch16_224": 12, "deit3_base_patch16_224": 12, "deit3_large_patch16_224": 24,
+    # timm's Eva class: EVA-02 (MIM-pretrained, rotary + absolute positions) and DINOv3 (rotary only)
+    **{f"eva02_{s}_patch14_{px}": d for s, d in (("tiny", 12), ("small", 12), ("base", 12), ("large", 24))
+       for px in (224, 336, 448) if not (px == 336 and s in ("base", "large")) and not (px == 448 and s in ("tiny", "small"))},
+    **{f"vit_{s}_patch16_dinov3{q}": d for s, d in (("small", 12), ("small_plus", 12), ("base", 12), ("large", 24),
+                                                    ("huge_plus", 32)) for q in ("", "_qkvb")},
 }
 #: timm's plain ViT naming: the size word gives the depth (not for the 18x2 / 36x1 variants).
 _SIZE_DEPTH = {"tiny": 12, "small": 12, "base": 12, "large": 24, "huge": 32, "giant": 40}
@@ -100,29 +105,41 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class Family:
     """A kind of timm ViT. ``registers``: prefix tokens besides the CLS token (DINOv2's ``regN``
     archs say N in their name); ``pos_embed``: "prefix+patches" when the prefix tokens have positions
-    of their own, "patches" when only the patch tokens do (timm's ``no_embed_class``); ``pool``: what
-    timm's head reads (the CLS token, an attention-pooling head, or the patch average)."""
+    of their own, "patches" when only the patch tokens do (timm's ``no_embed_class``), "none" when the
+    positions are rotary alone (DINOv3); ``pool``: what timm's head reads (the CLS token, an
+    attention-pooling head, or the patch average), which is what the linear probe classifies;
+    ``fixed_registers``: registers that every arch of the family has, unnamed (DINOv3's 4);
+    ``plain_blocks``: timm's ``VisionTransformer`` blocks (fused ``qkv``, absolute positions), which token
+    reduction runs inside; False for timm's ``Eva`` class."""
 
     key: str
     title: str
     pattern: re.Pattern
     example: str  # a pretrained tag of the family (README, tests)
     cls_token: bool
-    pos_embed: Literal["prefix+patches", "patches"]
+    pos_embed: Literal["prefix+patches", "patches", "none"]
     pool: Literal["token", "map", "avg"]
     layer_norm_eps: float
     blocks: str  # in words: pre-norm, LayerScale, ...
+    fixed_registers: int = 0
+    plain_blocks: bool = True
 
     def registers(self, name: str) -> int:
         m = re.search(r"_reg(\d+)_", name.split(".")[0])
-        return int(m.group(1)) if m else 0
+        return int(m.group(1)) if m else self.fixed_registers
+
+    @property
+    def pooled(self) -> str:
+        """What the linear probe reads, in words (timm's head on this family)."""
+        return {"token": "CLS token", "map": "attention pool", "avg": "patch average"}[self.pool]
 
     def prefix_tokens(self, name: str) -> int:
         return int(self.cls_token) + self.registers(name)
 
     def has(self, need: str) -> bool:
         """Whether backbones of this family have what a method may need (``methods.Need``)."""
-        return {"cls_token": self.cls_token, "patch_grid": True, "abs_pos_embed": True}[need]
+        return {"cls_token": self.cls_token, "patch_grid": True, "abs_pos_embed": self.pos_embed != "none",
+                "token_reduction": self.plain_blocks}[need]
 
 
 _SIZE = r"(?:tiny|small|medium|base|large|huge|giant|so400m|betwixt|giantopt|gigantic)"
@@ -141,6 +158,12 @@ FAMILIES: tuple[Family, ...] = (
            "vit_base_patch16_siglip_224.v2_webli", False, "patches", "map", 1e-6, "no CLS token; attention-pooling head"),
     Family("siglip_gap", "SigLIP / SigLIP 2, average-pooled", re.compile(rf"^vit_{_SIZE}_patch\d+_siglip_gap_\d+$"),
            "vit_base_patch16_siglip_gap_224.v2_webli", False, "patches", "avg", 1e-6, "no CLS token; average pooling"),
+    Family("eva02", "EVA-02", re.compile(rf"^eva02_{_SIZE}_patch14_\d+$"), "eva02_base_patch14_224.mim_in22k",
+           True, "prefix+patches", "avg", 1e-6, "timm's Eva: rotary positions, SwiGLU, separate q/k/v (B, L); "
+           "patch average, then LayerNorm", plain_blocks=False),
+    Family("dinov3", "DINOv3", re.compile(rf"^vit_{_SIZE}(?:_plus)?_patch16_dinov3(?:_qkvb)?$"),
+           "vit_base_patch16_dinov3.lvd1689m", True, "none", "avg", 1e-5, "timm's Eva: rotary positions only, "
+           "LayerScale; 4 registers", fixed_registers=4, plain_blocks=False),
 )
 
 
@@ -164,12 +187,17 @@ _DINOV2 = {f"vit_{s}_patch14_{r}dinov2{t}": (IMAGENET_MEAN, IMAGENET_STD, 1.0)
 _SIGLIP = {f"{a}{t}": (HALF, HALF, 0.9) for t in ("", ".v2_webli", ".webli")
            for a in ("vit_base_patch16_siglip_224", "vit_base_patch16_siglip_256", "vit_so400m_patch14_siglip_224",
                      "vit_base_patch16_siglip_gap_224", "vit_large_patch16_siglip_256")}
+_EVA02 = {f"eva02_{s}_patch14_{px}{t}": (CLIP_MEAN, CLIP_STD, c) for s in ("tiny", "small", "base", "large")
+          for px, t, c in ((224, "", 0.9), (224, ".mim_in22k", 0.9), (448, "", 1.0), (448, ".mim_in22k_ft_in22k_in1k", 1.0))
+          if not (px == 448 and s in ("tiny", "small"))}
+_DINOV3 = {f"vit_{s}_patch16_dinov3{q}{t}": (IMAGENET_MEAN, IMAGENET_STD, 1.0)
+           for s in ("small", "small_plus", "base", "large", "huge_plus") for q in ("", "_qkvb") for t in ("", ".lvd1689m")}
 _DEIT3 = {f"deit3_{s}_patch16_224{t}": (IMAGENET_MEAN, IMAGENET_STD, c) for s in ("small", "medium", "base", "large")
           for t, c in (("", 0.9), (".fb_in1k", 0.9), (".fb_in22k_ft_in1k", 1.0))}
 PRETRAINED: dict[str, tuple[tuple[float, float, float], tuple[float, float, float], float]] = {
     "ufgir_vit_micro_patch8_64": (HALF, HALF, 1.0), "ufgir_vit_micro_patch8_64.synthetic": (HALF, HALF, 1.0),
     **{f"vit_{s}_patch16_224": (HALF, HALF, 0.9) for s in ("tiny", "small", "base", "large")},
-    **_IN21K, **_DEIT3, **_DINOV2, **_SIGLIP,
+    **_IN21K, **_DEIT3, **_DINOV2, **_SIGLIP, **_EVA02, **_DINOV3,
     "vit_base_patch16_clip_224": (CLIP_MEAN, CLIP_STD, 0.95),
     "vit_base_patch16_clip_224.openai": (CLIP_MEAN, CLIP_STD, 0.9),
     "vit_base_patch16_clip_224.laion2b": (CLIP_MEAN, CLIP_STD, 1.0),

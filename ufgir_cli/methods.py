@@ -33,7 +33,7 @@ FlagTest = bool | str
 #: loads, not at the first forward: a CLS token to read, a patch grid up to its last block (convolutions,
 #: boxes, maps on the grid), an absolute position embedding (resampled to the input size). A method that
 #: classifies what timm's head pools (the CLS token, an attention pool, the patch average) needs none.
-Need = Literal["cls_token", "patch_grid", "abs_pos_embed"]
+Need = Literal["cls_token", "patch_grid", "abs_pos_embed", "token_reduction"]
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ TABLE: tuple[MethodSpec, ...] = (
     MethodSpec("clca", "fgir", "CLCA: a carrier token and a cache of per-block token means, recovered after each "
                "token reduction (model.token_reduction) and after block D-2; the CLS tokens of the reduction blocks and "
                "the last into a depthwise-conv head; no final LayerNorm; every weight trains", ("all",), impl="clca",
-               final_norm=False, needs=_CLS, needs_reduction=True,
+               final_norm=False, needs=(*_CLS, "token_reduction"), needs_reduction=True,
                upstream=(("clc", True), ("ifa_head", True), ("keep_rate", True), ("reduction_loc", True),
                          ("freeze_backbone", False)), title="CLCA"),
     MethodSpec("ila", "ila", "Down-sampling ILA only, after blocks 3 and 7",
@@ -195,8 +195,10 @@ METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 ILA_METHODS: tuple[str, ...] = tuple(m.name for m in TABLE if m.has_ila)
 
 _NEED_WORDS = {"cls_token": "reads the CLS token", "patch_grid": "works on the patch grid",
-               "abs_pos_embed": "resamples an absolute position embedding"}
-_LACK_WORDS = {"cls_token": "has none", "patch_grid": "has no patch grid", "abs_pos_embed": "has none"}
+               "abs_pos_embed": "resamples an absolute position embedding",
+               "token_reduction": "reduces tokens inside plain ViT blocks"}
+_LACK_WORDS = {"cls_token": "has none", "patch_grid": "has no patch grid", "abs_pos_embed": "has none",
+               "token_reduction": "has timm's Eva blocks"}
 
 
 def backbone_refusal(spec: MethodSpec, backbone: str) -> str | None:

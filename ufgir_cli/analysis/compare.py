@@ -89,6 +89,7 @@ def compare_rows(runs: Sequence[Path], split: str = "test") -> tuple[list[dict],
         c = static_cost(recipe, m["num_classes"])
         rows.append({
             "run": str(run_dir.root), "label": run_dir.name, "method": recipe.model.method, "dataset": recipe.data.dataset,
+            "backbone": recipe.model.backbone,
             "method_title": method_title(recipe.model.method), "family": method_family(recipe.model.method),
             "dataset_title": dataset_title(recipe.data.dataset),
             "image_size": recipe.model.image_size, "checkpoint": m.get("checkpoint"), "top1": m["top1"],
@@ -120,7 +121,7 @@ def compare_points(rows: Sequence[dict], with_dataset: bool) -> list[dict]:
     for members in groups.values():
         first, values = members[0], [r["top1"] for r in members]
         base = first["method_title"] + (f" · {first['dataset_title']}" if with_dataset else "")
-        points.append({**{k: first[k] for k in ("method", "dataset", "method_title", "dataset_title", "family",
+        points.append({**{k: first[k] for k in ("method", "dataset", "backbone", "method_title", "dataset_title", "family",
                                                  "image_size", "paper_top1_448px", "macs", "gmacs", "trainable",
                                                  "total", "settings")},
                        "label": base, "top1": statistics.fmean(values),
@@ -159,7 +160,7 @@ def paper_points(datasets: Sequence[str]) -> list[dict]:
             # a row that trains every weight is named as the paper stars it ("SIMT* (full fine-tuning)")
             starred = recipe.model.train_backbone or "all" in all_methods()[method].trains
             title = PAPER_ROWS[name].title if name != method or starred else method_title(method)
-            points.append({"method": name, "dataset": dataset, "method_title": title,
+            points.append({"method": name, "dataset": dataset, "backbone": recipe.model.backbone, "method_title": title,
                            "dataset_title": dataset_title(dataset), "family": method_family(method), "top1": top1,
                            "gmacs": c["macs"] / 1e9, "trainable": c["params_trainable"], "image_size": PAPER_IMAGE_SIZE})
     return points

@@ -51,6 +51,9 @@ def reproduce(
         "method with a number in the paper's Table 1).")] = None,
     datasets: Annotated[str, typer.Option("--datasets", help="Datasets, comma-separated; soyageing adds its rounds.")]
         = "cotton80,soyageing,soygene,soyglobal,soylocal",
+    backbones: Annotated[str | None, typer.Option(
+        "--backbones", help="timm backbones, comma-separated: every row runs on each (model.backbone per sweep, above "
+        "--set and below --set ROW:key=value); default: the recipes' own.")] = None,
     image_size: Annotated[int, typer.Option("--image-size", min=16, help="Image size of every run (the paper's: 448).")] = 448,
     seeds: Annotated[str, typer.Option("--seeds", help="Seeds of each sweep's phase 2, comma-separated.")] = "1,10,100",
     lr: Annotated[str | None, typer.Option(
@@ -106,14 +109,15 @@ def reproduce(
     plain, per_row = _row_sets(sets)
     grid = make_grid(_names(methods), _names(datasets) or [], image_size=image_size,
                      seeds=_numbers(seeds, int, "--seeds"), lrs=_numbers(lr, float, "--lr"),
-                     overrides=plain, row_overrides=per_row, name=name, out=out)
+                     overrides=plain, row_overrides=per_row, name=name, out=out, backbones=_names(backbones) or ())
     if dry_run:
         built = check_grid(grid)
         _print_plan(grid, step_seconds, bench)
-        console.print(f"checked: {built} distinct model(s) of {len(grid.methods) * len(grid.tasks)} sweeps built "
+        console.print(f"checked: {built} distinct model(s) of {len(grid.rows) * len(grid.tasks)} sweeps built "
                       "on the meta device", soft_wrap=True)
         return
-    console.print(f"reproduce {grid.name}: {plural(len(grid.methods), 'method')} x {plural(len(grid.tasks), 'task')} x "
+    axis = f" x {plural(len(grid.backbones), 'backbone')}" if grid.backbones else ""
+    console.print(f"reproduce {grid.name}: {plural(len(grid.methods), 'method')}{axis} x {plural(len(grid.tasks), 'task')} x "
                   f"{plural(len(grid.seeds), 'seed')} · folder {grid.root}", soft_wrap=True)
     if launcher == "slurm":
         from ..reproduce import SlurmOptions
@@ -157,7 +161,7 @@ def _local(grid, gpu_ids: list[str] | None, gpus_per_run: int, quiet: bool) -> N
             p.progress.stop()
     console.print(f"table: {table}", soft_wrap=True)
     if failed:
-        raise TrainingError(f"{len(failed)} of {len(grid.methods) * len(grid.tasks)} sweeps of {grid.name} stopped on "
+        raise TrainingError(f"{len(failed)} of {len(grid.rows) * len(grid.tasks)} sweeps of {grid.name} stopped on "
                             f"an error (listed under the table and in `ufgir reproduce status {grid.name}`); the "
                             "same command retries them")
 
@@ -205,22 +209,34 @@ def _slurm(grid, opts, no_wait: bool, step_seconds: float | None, bench: Path) -
 
 def _print_plan(grid, step_seconds: float | None, bench: Path) -> None:
     from ..reproduce import method_step_times, plan_rows
+    from ..reproduce.grid import split_row
 
     times = method_step_times(grid, step_seconds, bench)
     rows = plan_rows(grid, times)
     lrs = "each recipe's sweep.lrs (else the paper's)" if grid.lrs is None else ", ".join(f"{x:g}" for x in grid.lrs)
     console.print(f"plan {grid.name} ({grid.root}): phase 1 lr {lrs} on train, "
                   f"phase 2 seeds {', '.join(map(str, grid.seeds))} on train_val", soft_wrap=True)
-    console.print(f"{'method':12} {'task':14} {'runs':>4} {'epochs':>6} {'batch':>5} {'steps':>9} {'s/step':>7} "
+    width = max((len(b) for b in grid.backbones), default=0)
+
+    def who(method: str, backbone: str) -> str:  # the backbone column only with --backbones
+        return f"{split_row(method)[0]:12} {backbone:{width}} " if width else f"{method:12} "
+
+    console.print(f"{who('method', 'backbone')}{'task':14} {'runs':>4} {'epochs':>6} {'batch':>5} {'steps':>9} {'s/step':>7} "
                   f"{'hours':>8}  step time", markup=False)
     for r in rows:
-        console.print(f"{r['method']:12} {r['task']:14} {r['runs']:>4} {r['epochs']:>6} {r['batch_size']:>5} "
+        console.print(f"{who(r['method'], r['backbone'])}{r['task']:14} {r['runs']:>4} {r['epochs']:>6} {r['batch_size']:>5} "
                       f"{fmt(r['steps'], 'd'):>9} {fmt(r['step_s'], '.2f'):>7} {fmt(r['hours'], '.1f'):>8}  {r['step_how']}",
                       markup=False, soft_wrap=True)
     hours = [r["hours"] for r in rows]
     total = f"{sum(hours):.1f} h" if all(h is not None for h in hours) else "unknown (give --step-seconds)"
     console.print(f"total: {sum(r['runs'] for r in rows)} runs, {sum(r['steps'] or 0 for r in rows)} steps, "
                   f"{total} on one device", soft_wrap=True, markup=False)
+    for b in grid.backbones:
+        mine = [r for r in rows if split_row(r["method"])[1] == b]
+        h = [r["hours"] for r in mine]
+        console.print(f"backbone {b}: {sum(r['runs'] for r in mine)} runs, "
+                      + (f"{sum(h):.1f} h" if all(x is not None for x in h) else "hours unknown"),
+                      soft_wrap=True, markup=False)
     for m, t in times.items():
         console.print(f"step time {m}: {t.how}" + (f", {t.note}" if t.note else ""), soft_wrap=True, markup=False)
     unlisted = [r for r in rows if r["steps"] is None]

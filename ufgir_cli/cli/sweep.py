@@ -30,8 +30,12 @@ def sweep(
     seeds: Annotated[str | None, typer.Option(
         "--seeds", help="Seeds of phase 2, comma-separated; phase 1 trains with the first (default 1,10,100).")] = None,
     sets: SetOpt = None,
+    backbones: Annotated[str | None, typer.Option(
+        "--backbones", help="timm backbones, comma-separated: one sweep per backbone, one after another "
+        "(model.backbone above --set; default: the recipe's own).")] = None,
     name: Annotated[str | None, typer.Option(
-        "--name", help="Sweep folder name (default from recipe, dataset and --set: the same command continues it).")] = None,
+        "--name", help="Sweep folder name (default from recipe, dataset and --set: the same command continues it; "
+        "with several --backbones, NAME_BACKBONE).")] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder that holds sweep folders.")] = Path("sweeps"),
     gpus: Annotated[str | None, typer.Option(
         "--gpus", help="Run one run per listed GPU at a time, e.g. 0,1,2,3 (default: one run after another).")] = None,
@@ -43,8 +47,9 @@ def sweep(
     Writes sweeps/<name>/{plan.json,sweep.json,summary.md}; run folders go under sweeps/<name>/runs/.
     The same command again skips finished runs and resumes killed ones from their checkpoints.
     """
-    from ..sweep import DEFAULT_SEEDS, RULE, make_sweep, run_sweep
-    from .progress import RichProgress
+    from ..errors import RecipeError
+    from ..recipe import load_recipe
+    from ..sweep import DEFAULT_SEEDS, check_models, make_sweep
 
     overrides = parse_sets(sets)
     if dataset:
@@ -52,8 +57,26 @@ def sweep(
     gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus is not None else None
     if gpu_ids is not None and (not gpu_ids or len(set(gpu_ids)) != len(gpu_ids)):
         raise typer.BadParameter(f"{gpus!r}: expected distinct GPU ids such as 0,1,2,3", param_hint="--gpus")
-    s = make_sweep(recipe, overrides, lrs=_numbers(lr, float, "--lr"),
-                   seeds=_numbers(seeds, int, "--seeds") or DEFAULT_SEEDS, name=name, out=out)
+    axis = [b.strip() for b in backbones.split(",") if b.strip()] if backbones is not None else []
+    if axis and "backbone" in (overrides.get("model") or {}):
+        raise RecipeError("--set model.backbone and --backbones: give the backbones in one place")
+    if backbones is not None and (not axis or len(set(axis)) != len(axis)):
+        raise RecipeError(f"--backbones {backbones!r}: give distinct timm names")
+    # Every sweep is checked (its recipe loads on its backbone) before the first one trains.
+    todo = [make_sweep(recipe, {**overrides, "model": {**(overrides.get("model") or {}), "backbone": b}} if b else overrides,
+                       lrs=_numbers(lr, float, "--lr"), seeds=_numbers(seeds, int, "--seeds") or DEFAULT_SEEDS,
+                       name=f"{name}_{b}" if name and len(axis) > 1 else name, out=out) for b in axis or [None]]
+    if len(todo) > 1:  # every backbone's model builds (meta device) before the first sweep trains
+        check_models([(f"sweep {s.name} (recipe {s.recipe})", load_recipe(s.recipe, s.overrides)) for s in todo])
+    for s in todo:
+        _run_one(s, gpu_ids, quiet, checked=len(todo) > 1)
+
+
+def _run_one(s, gpu_ids: list[str] | None, quiet: bool, checked: bool) -> None:
+    """Run one sweep, printing each run as it starts and ends, then the chosen rate and the test top-1."""
+    from ..sweep import RULE, run_sweep
+    from .progress import RichProgress
+
     console.print(f"sweep {s.name}: lr {', '.join(f'{x:g}' for x in s.lrs)} · seeds "
                   f"{', '.join(map(str, s.seeds))} · chosen by {RULE} · folder {s.root}", soft_wrap=True)
 
@@ -79,7 +102,7 @@ def sweep(
         return shown[-1:]
 
     try:
-        report = run_sweep(s, gpus=gpu_ids, on_event=on_event, callbacks=callbacks)
+        report = run_sweep(s, gpus=gpu_ids, on_event=on_event, callbacks=callbacks, checked=checked)
     finally:
         for p in shown:
             p.progress.stop()  # after an error or a stop signal too: the terminal gets its cursor back

@@ -178,7 +178,7 @@ def write_comparison(runs: Sequence[str | Path], *, split: str = "test", out: Pa
 
     def point(r: dict, from_paper: bool) -> dict:
         return {"label": r["label"], "gmacs": r["gmacs"], "top1": r["top1"], "trainable": r["trainable"],
-                "family": r["family"], "paper": from_paper, "std": r.get("std")}
+                "family": r["family"], "paper": from_paper, "std": r.get("std"), "backbone": r.get("backbone")}
 
     seen = f"{datasets[0]} · " if len(datasets) == 1 else ""
     fig = vf.draw_compare([point(r, False) for r in points] + [point(r, True) for r in cited],

@@ -6,20 +6,29 @@ block can run for the CLS query alone, and the CPU bf16 training path differs (s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: Rotates the (normed) queries and keys by their positions (a rope backbone's; see ``model/eva.py``).
+Rotate = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
 
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            probs: list[torch.Tensor] | None, key0: list[torch.Tensor] | None = None) -> torch.Tensor:
+            probs: list[torch.Tensor] | None, key0: list[torch.Tensor] | None = None,
+            rotate: Rotate | None = None) -> torch.Tensor:
     """Softmax attention over (B, heads, N, hd) tensors: fused SDPA, or the explicit path when
     ``probs`` asks for the maps (the one place they are taken; see the ``tap`` of ``UfgirViT.encode``).
     On a CPU, bf16 training also takes the explicit path: the CPU flash-attention backward is about
     2.7x slower than two bf16 matmuls there (ViT-B/16, batch 8, measured); the forward and every
     other device/precision use SDPA. ``key0`` receives the pre-softmax logits of every query against
-    the first key, (B, heads, Nq) (FFVT's selection needs them; the maps cannot give them back)."""
+    the first key, (B, heads, Nq) (FFVT's selection needs them; the maps cannot give them back).
+    ``rotate`` turns the normed queries and keys by their positions (rotary embeddings), as timm does."""
     q, k = attn.q_norm(q), attn.k_norm(k)
+    if rotate is not None:
+        q, k = rotate(q, k)
     cpu_bf16_backward = q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
     if probs is None and key0 is None and not cpu_bf16_backward:
         drop = attn.attn_drop.p if attn.training else 0.0
@@ -60,12 +69,20 @@ def explicit_attention(attn: nn.Module, x: torch.Tensor, probs: list[torch.Tenso
     other rows attend exactly as without them, and the maps handed out are those rows' (square)."""
     B, N, C = x.shape
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
-    q, k, v = qkv.unbind(0)
+    return attend_heads(attn, *qkv.unbind(0), probs, query_only, key0)
+
+
+def attend_heads(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 probs: list[torch.Tensor] | None = None, query_only: int = 0,
+                 key0: list[torch.Tensor] | None = None, rotate: Rotate | None = None) -> torch.Tensor:
+    """Projected queries, keys and values (B, heads, N, hd) -> the attention's output (B, N, D), through
+    ``attn``'s norms, inner norm and output projection: `explicit_attention` once the projections are
+    made (a backbone whose projections differ makes its own; see ``model/eva.py``)."""
     if not query_only:
-        return _merge_heads(attn, _attend(attn, q, k, v, probs, key0))
+        return _merge_heads(attn, _attend(attn, q, k, v, probs, key0, rotate))
     k, v = k[:, :, query_only:], v[:, :, query_only:]                      # (B, heads, N - query_only, hd)
     maps: list[torch.Tensor] | None = [] if probs is not None else None
-    out = _attend(attn, q, k, v, maps)
+    out = _attend(attn, q, k, v, maps, rotate=rotate)
     if probs is not None:
         probs.append(maps[0][:, :, query_only:])                           # (B, heads, N - q, N - q)
     return _merge_heads(attn, out)
@@ -95,7 +112,7 @@ def cls_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _merge_heads(attn, _attend(attn, q, k, v, None))
 
 
-__all__ = ["autocast_input", "cls_attention", "explicit_attention"]
+__all__ = ["attend_heads", "autocast_input", "cls_attention", "explicit_attention"]
 
 
 def rollout_factor(attn: torch.Tensor) -> torch.Tensor:

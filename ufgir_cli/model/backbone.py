@@ -2,9 +2,9 @@
 
 Everything ufgir needs from timm goes through here, through timm's public API (``create_model``,
 ``build_model_with_cfg``, ``VisionTransformer.load_pretrained``/``set_input_size``), with one
-exception: :func:`embed_tokens` calls the private ``VisionTransformer._pos_embed``, isolated in that one
-function and checked by ``tests/test_model.py::test_timm_private_api`` so that a timm release that
-changes it fails loudly. Elsewhere timm appears only as ``timm.create_model`` when pretraining the
+exception: :func:`embed_tokens` calls the private ``VisionTransformer._pos_embed`` (and
+``model/eva.py``'s ``EvaRunner.embed`` the ``Eva._pos_embed``), isolated in those functions and checked
+by ``tests/test_model.py::test_timm_private_api`` so that a timm release that changes it fails loudly. Elsewhere timm appears only as ``timm.create_model`` when pretraining the
 micro backbone (engine/pretrain.py) and as a version string in run provenance.
 """
 
@@ -18,7 +18,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, eva, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
@@ -84,9 +84,11 @@ def _drop_class_token(vit: VisionTransformer, name: str, kwargs: dict) -> Vision
     if getattr(vit, "cls_token", None) is None:
         return vit
     size = int(vit.patch_embed.img_size[0])
+    if isinstance(vit, eva.Eva):  # its final norm stays where it was (EVA-02's after the pooling)
+        kwargs = {**kwargs, "use_fc_norm": not isinstance(vit.fc_norm, nn.Identity)}
     bare = timm.create_model(name, pretrained=False, img_size=size, class_token=False, global_pool="", **kwargs)
     state = {k: v for k, v in vit.state_dict().items() if k != "cls_token"}
-    if not vit.no_embed_class:
+    if not vit.no_embed_class and vit.pos_embed is not None:
         state["pos_embed"] = state["pos_embed"][:, 1:]                                # (1, reg + HW, D)
     load_strict(bare, state, f"model.backbone {name!r} without its CLS token")
     return bare
@@ -192,8 +194,9 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
                 "vit_base_patch16_224.orig_in21k (list them with timm.list_models('vit_*'))"
             ) from None
         raise
-    if not isinstance(vit, VisionTransformer):
-        raise RecipeError(f"model.backbone {cfg.backbone!r} is not a plain timm VisionTransformer")
+    if not isinstance(vit, VisionTransformer | eva.Eva):
+        raise RecipeError(f"model.backbone {cfg.backbone!r} is neither a plain timm VisionTransformer nor timm's "
+                          "Eva (EVA-02, DINOv3)")
     if tuple(vit.patch_embed.img_size) != (cfg.image_size, cfg.image_size):
         resize_input(vit, cfg.image_size, cfg.pos_embed_resize)
     if not method_spec(cfg.method).class_token:
@@ -239,7 +242,7 @@ def load_weights_file(vit: VisionTransformer, path: Path) -> None:
         if head:
             vit.head.load_state_dict(head)
         return
-    sd = checkpoint_filter_fn(_read_state_dict(path), vit)
+    sd = (eva.checkpoint_filter_fn if isinstance(vit, eva.Eva) else checkpoint_filter_fn)(_read_state_dict(path), vit)
     own = vit.state_dict()
     head_keys = {f"head.{k}" for k in vit.head.state_dict()}
     sd = {k: v for k, v in sd.items() if not (k in head_keys and v.shape != own[k].shape)}
@@ -252,10 +255,10 @@ def resize_input(vit: VisionTransformer, size: int, mode: str) -> None:
 
     ``bilinear_corners`` is the reference's corner-aligned bilinear resize; ``bicubic`` is timm's.
     """
-    old = vit.pos_embed.detach().clone()
+    old = vit.pos_embed.detach().clone() if vit.pos_embed is not None else None
     gh, gw = vit.patch_embed.grid_size
     vit.set_input_size(img_size=(size, size))
-    if mode != "bilinear_corners":
+    if mode != "bilinear_corners" or old is None:  # rotary positions alone (DINOv3): timm's own resize
         return
     npt = 0 if vit.no_embed_class else vit.num_prefix_tokens
     D = old.shape[-1]
@@ -296,8 +299,11 @@ def new_block_like(vit: VisionTransformer, eps: float) -> nn.Module:
     """A fresh transformer block of the backbone's width, heads and MLP ratio (random init, no
     dropout of its own): TransFG's and FFVT's aggregator, which never takes the backbone's weights."""
     last = vit.blocks[-1]
-    return Block(vit.embed_dim, last.attn.num_heads, mlp_ratio=last.mlp.fc1.out_features / vit.embed_dim,
-                 qkv_bias=last.attn.qkv.bias is not None, norm_layer=partial(nn.LayerNorm, eps=eps))
+    attn = last.attn
+    bias = any(getattr(m, "bias", None) is not None for m in (attn.qkv, getattr(attn, "q_proj", None)) if m is not None) \
+        or getattr(attn, "q_bias", None) is not None                       # timm's Eva holds q/v biases apart
+    return Block(vit.embed_dim, attn.num_heads, mlp_ratio=last.mlp.fc2.in_features / vit.embed_dim,
+                 qkv_bias=bias, norm_layer=partial(nn.LayerNorm, eps=eps))
 
 
 def embed_tokens(vit: VisionTransformer, x: torch.Tensor, cls_token: torch.Tensor | None = None,
@@ -310,15 +316,23 @@ def embed_tokens(vit: VisionTransformer, x: torch.Tensor, cls_token: torch.Tenso
     The one call into timm's private API (``_pos_embed``); see the module docstring."""
     x = vit.patch_embed(x)                                                 # (B, HW, D)
     x = vit._pos_embed(x)                                                  # (B, prefix + HW, D)
-    if cls_token is not None:  # at position 0, with the CLS position where it has one; registers stay
-        if getattr(vit, "cls_token", None) is None:
-            raise ValueError("a stand-in CLS token needs a ViT with a CLS token")
-        cls = cls_token if vit.no_embed_class else cls_token + vit.pos_embed[:, :1]
-        x = torch.cat([cls.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+    x = stand_in_cls(vit, x, cls_token)
     if suffix is not None:
         x = torch.cat([x, suffix.expand(x.shape[0], -1, -1).to(x.dtype)], dim=1)    # (B, prefix + HW + n, D)
     return vit.norm_pre(vit.patch_drop(x))
 
 
+def stand_in_cls(vit: nn.Module, x: torch.Tensor, cls_token: torch.Tensor | None) -> torch.Tensor:
+    """Embedded tokens (B, prefix + HW, D) with ``cls_token`` (1, 1, D) in the CLS token's place, with
+    the CLS position where it has one (registers stay); ``x`` as it is when ``cls_token`` is None."""
+    if cls_token is None:
+        return x
+    if getattr(vit, "cls_token", None) is None:
+        raise ValueError("a stand-in CLS token needs a ViT with a CLS token")
+    cls = cls_token if vit.no_embed_class or vit.pos_embed is None else cls_token + vit.pos_embed[:, :1]
+    return torch.cat([cls.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+
+
 __all__ = ["MICRO", "MICRO_WEIGHTS", "backbone_facts", "create_backbone", "embed_tokens", "load_timm_folder",
-           "load_weights_file", "new_block_like", "numerics_of", "resize_input", "save_timm_folder", "state_dict_sha256"]
+           "load_weights_file", "new_block_like", "numerics_of", "resize_input", "save_timm_folder", "stand_in_cls",
+           "state_dict_sha256"]

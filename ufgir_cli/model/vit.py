@@ -22,15 +22,9 @@ from ..geometry import check_geometry
 from ..methods import method_spec
 from ..recipe import ModelConfig
 from .adapters import BlockAdapters
-from .attention import autocast_input, cls_attention, explicit_attention
-from .backbone import (
-    MICRO,
-    create_backbone,
-    embed_tokens,
-    numerics_of,
-    resize_input,
-    state_dict_sha256,
-)
+from .attention import autocast_input, explicit_attention
+from .backbone import MICRO, create_backbone, numerics_of, resize_input, state_dict_sha256
+from .eva import block_runner
 from .feature_info import BlockInfo, check_output_fmt, take_indices
 from .ila import ILA, Dropout, prompt_init_bound, xavier_linear_
 from .methods import Method, MethodPlan, StreamEdit, TrainStep, build_method, method_plan
@@ -50,9 +44,9 @@ class UfgirViT(nn.Module):
     def __init__(self, vit: VisionTransformer, cfg: ModelConfig, num_classes: int | None = None,
                  method: Method | None = None):
         super().__init__()
-        for blk in vit.blocks:
-            if not all(hasattr(blk, a) for a in ("norm1", "attn", "norm2", "mlp")) or not hasattr(blk.attn, "qkv"):
-                raise RecipeError(f"model.backbone {cfg.backbone!r}: blocks are not pre-norm ViT blocks")
+        #: How the blocks of this backbone's class run (a plain ViT's, timm's Eva: ``model/eva.py``).
+        self.runner = block_runner(vit)
+        self.runner.check(vit, cfg.backbone)
         if not cfg.resolved:  # positions from the blocks at hand (build_model resolves before building)
             cfg = cfg.for_backbone(len(vit.blocks) + method_spec(cfg.method).replaces_blocks)
         if not cfg.numerics_resolved:  # likewise the numerics, from the backbone at hand
@@ -64,6 +58,10 @@ class UfgirViT(nn.Module):
         self.method: Method = method or build_method(cfg)
         self.plan: MethodPlan = method_plan(cfg)
         self.reduction = TokenReduction.of(cfg, len(vit.blocks))  # EViT, ToMe or None (`model/reduction.py`)
+        if self.reduction is not None and not self.runner.reduces_tokens:
+            raise RecipeError(f"model.token_reduction {cfg.token_reduction!r} runs on plain timm ViT blocks, and "
+                              f"model.backbone {cfg.backbone!r} has timm's Eva blocks; drop model.token_reduction "
+                              "or choose a plain ViT backbone")
         depth, D = len(vit.blocks), vit.embed_dim
         self.embed_dim = D
         self.num_features = vit.num_features
@@ -303,16 +301,16 @@ class UfgirViT(nn.Module):
         ad = self.adapters[i] if self.adapters is not None else None
         h = autocast_input(blk.norm1(x))
         if cls_only:
-            a = cls_attention(blk.attn, h)
+            a = self.runner.cls_attention(blk, h, grid)
             h, x = h[:, :1], x[:, :1]                                          # (B, 1, D) from here on
         else:
-            a = self._attention(blk.attn, h, L, tap, tap_key0)
-        a = self.drop(blk.ls1(a))
+            a = self._attention(blk, h, grid, L, tap, tap_key0)
+        a = self.drop(self.runner.scale_attn(blk, a))
         if ad is not None:
             a = a + ad.attn(h, grid, P)
         x = x + blk.drop_path1(a)
         h = autocast_input(blk.norm2(x))
-        m = self.drop(blk.ls2(blk.mlp(h)))
+        m = self.drop(self.runner.scale_mlp(blk, blk.mlp(h)))
         if ad is not None:
             m = m + ad.mlp(h, grid, P)
         x = x + blk.drop_path2(m)
@@ -323,16 +321,15 @@ class UfgirViT(nn.Module):
             x = ila(x, grid, self.num_prefix_tokens)
         return x
 
-    @staticmethod
-    def _attention(attn: nn.Module, h: torch.Tensor, query_only: int, tap: AttentionTap | None,
-                   tap_key0: bool) -> torch.Tensor:
+    def _attention(self, blk: nn.Module, h: torch.Tensor, grid: tuple[int, int], query_only: int,
+                   tap: AttentionTap | None, tap_key0: bool) -> torch.Tensor:
         """A block's attention; with a ``tap``, the explicit path, whose maps (and key-0 logits when
         ``tap_key0``) the tap receives."""
         if tap is None:
-            return explicit_attention(attn, h, None, query_only=query_only)
+            return self.runner.attention(blk, h, grid, None, query_only)
         maps: list[torch.Tensor] = []
         key0: list[torch.Tensor] | None = [] if tap_key0 else None
-        out = explicit_attention(attn, h, maps, query_only=query_only, key0=key0)
+        out = self.runner.attention(blk, h, grid, maps, query_only, key0)
         tap(maps[0], key0[0] if key0 is not None else None)
         return out
 
@@ -351,7 +348,7 @@ class UfgirViT(nn.Module):
         attention path, whose maps its edit receives."""
         vit = self.vit
         edits = self.method.stream_edits(self) if edits is None else edits
-        x = embed_tokens(vit, x, cls_token, self.method.suffix_tokens(self))  # (B, 1 + HW (+ suffix), D)
+        x = self.runner.embed(vit, x, cls_token, self.method.suffix_tokens(self))  # (B, 1 + HW (+ suffix), D)
         run = self.reduction.start(self) if self.reduction is not None else None
         if self.plan.prompts is not None and self.plan.prompts.at_embedding:
             n = vit.num_prefix_tokens

@@ -7,6 +7,11 @@ the per-row ``--set ROW:key=value`` included, so ``ufgir reproduce status NAME``
 rebuild the same sweeps, and the sweep folders under ``sweeps/`` keep their runs between commands (a
 finished run is never trained again). Every (row, task) model is built on the meta device before
 the first run (`check_grid`), so a layout that cannot work stops the command at once.
+
+With ``--backbones``, every row runs on each backbone (``model.backbone`` set per sweep, above the
+plain ``--set`` and below the row's own ``--set ROW:key=value``): a cell's row is then the method and
+the backbone (`row_key`, ``ila_pp+vit_base_patch16_dinov3.lvd1689m``), which names its sweeps; without
+it, rows, sweep names and run keys are what they always were.
 """
 
 from __future__ import annotations
@@ -55,6 +60,21 @@ def row_recipe(row: str) -> str:
                           f"nor a method: {e}") from None
 
 
+#: Between a row and its backbone in a cell's row key and sweep names (no method, recipe or timm name has it).
+BACKBONE_SEP = "+"
+
+
+def row_key(row: str, backbone: str | None) -> str:
+    """A cell's row: the method (or recipe) row, and the backbone when the grid has a backbone axis."""
+    return row if backbone is None else f"{row}{BACKBONE_SEP}{backbone}"
+
+
+def split_row(key: str) -> tuple[str, str | None]:
+    """`row_key`'s inverse: (method or recipe row, backbone or None)."""
+    row, sep, backbone = key.partition(BACKBONE_SEP)
+    return row, (backbone if sep else None)
+
+
 def merged(base: dict, extra: dict) -> dict:
     """``base`` with ``extra`` laid over it, section by section (nested dicts merged)."""
     out = dict(base)
@@ -76,21 +96,30 @@ class Grid:
     lrs: tuple[float, ...] | None  # None: each recipe's own sweep.lrs, else the paper's
     overrides: dict  # --set, applied to every sweep
     row_overrides: dict = field(default_factory=dict)  # --set ROW:key=value, over --set for that row
+    backbones: tuple[str, ...] = ()  # --backbones: every row on each; empty: model.backbone as the recipes say
 
     @property
     def tasks(self) -> tuple[str, ...]:
         """Every dataset a sweep trains on: the columns, each pooled set followed by its rounds."""
         return tuple(t for d in self.datasets for t in (d, *rounds_of(d)))
 
+    @property
+    def rows(self) -> tuple[str, ...]:
+        """The table's rows (`row_key`): each method, on each backbone of the axis, methods outermost."""
+        return tuple(row_key(m, b) for m in self.methods for b in (self.backbones or (None,)))
+
     def sweep(self, row: str, task: str) -> Sweep:
-        over = merged(self.overrides, self.row_overrides.get(row) or {})
+        """The sweep of a cell: --set, then the row's backbone, then --set ROW:key=value, then the task."""
+        method, backbone = split_row(row)
+        over = merged(self.overrides, {"model": {"backbone": backbone}} if backbone else {})
+        over = merged(over, self.row_overrides.get(method) or {})
         over = merged(over, {"data": {"dataset": task}, "model": {"image_size": self.image_size}})
-        return make_sweep(row_recipe(row), over, lrs=self.lrs, seeds=self.seeds, name=f"{row}_{task}",
+        return make_sweep(row_recipe(method), over, lrs=self.lrs, seeds=self.seeds, name=f"{row}_{task}",
                           out=self.root / "sweeps")
 
     def sweeps(self) -> list[tuple[str, str, Sweep]]:
         """(row, task, sweep) for every cell of the grid, rows outermost."""
-        return [(m, t, self.sweep(m, t)) for m in self.methods for t in self.tasks]
+        return [(r, t, self.sweep(r, t)) for r in self.rows for t in self.tasks]
 
 
 def check_grid(grid: Grid) -> int:
@@ -102,9 +131,10 @@ def check_grid(grid: Grid) -> int:
 
 def make_grid(methods=None, datasets=TABLE1_DATASETS, *, image_size: int = 448, seeds=DEFAULT_SEEDS,
               lrs=None, overrides: dict | None = None, row_overrides: dict | None = None, name: str | None = None,
-              out: str | Path = "reproduce") -> Grid:
+              out: str | Path = "reproduce", backbones=()) -> Grid:
     """Check what is asked (known rows, known datasets, every sweep's recipe loads) before anything
     is written."""
+    backbones = tuple(backbones or ())
     methods = tuple(methods or PAPER_METHODS)
     for m in methods:
         row_recipe(m)
@@ -115,22 +145,32 @@ def make_grid(methods=None, datasets=TABLE1_DATASETS, *, image_size: int = 448, 
     if len(set(methods)) != len(methods) or not methods:
         raise RecipeError(f"--methods {','.join(methods)}: give distinct method names")
     overrides, row_overrides = overrides or {}, row_overrides or {}
+    check_backbones(backbones)
+    per_sweep = (("data", "dataset", "--datasets"), ("model", "image_size", "--image-size"))
     for row, over in [("", overrides), *row_overrides.items()]:
-        for section, key in (("data", "dataset"), ("model", "image_size")):
+        for section, key, flag in (*per_sweep, *((("model", "backbone", "--backbones"),) if backbones else ())):
             if key in (over.get(section) or {}):
                 raise RecipeError(f"--set {row + ':' if row else ''}{section}.{key}: reproduce sets it per sweep "
-                                  "(use --datasets / --image-size)")
+                                  f"(use {flag})")
     unknown_rows = [r for r in row_overrides if r not in methods]
     if unknown_rows:
         raise RecipeError(f"--set {unknown_rows[0]}:...: {unknown_rows[0]!r} is not one of --methods "
                           f"({', '.join(methods)})")
-    name = name or default_grid_name(image_size, merged(overrides, {f"{r}:": o for r, o in row_overrides.items()}))
+    hashed = merged(overrides, {f"{r}:": o for r, o in row_overrides.items()})
+    name = name or default_grid_name(image_size, merged(hashed, {"--backbones": list(backbones)} if backbones else {}))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", name):
         raise RecipeError(f"--name {name!r}: use letters, digits and . _ = + - (it names a folder)")
     grid = Grid(name, Path(out) / name, methods, datasets, int(image_size), tuple(int(s) for s in seeds),
-                None if lrs is None else tuple(float(x) for x in lrs), overrides, row_overrides)
+                None if lrs is None else tuple(float(x) for x in lrs), overrides, row_overrides, backbones)
     grid.sweeps()  # every sweep's recipe loads and its overrides are allowed
     return grid
+
+
+def check_backbones(backbones: tuple[str, ...]) -> None:
+    """--backbones: distinct names, none with `BACKBONE_SEP` (it would split the row key)."""
+    if len(set(backbones)) != len(backbones) or any(not b or BACKBONE_SEP in b for b in backbones):
+        raise RecipeError(f"--backbones {','.join(backbones)}: give distinct timm names, e.g. "
+                          "vit_base_patch16_224.orig_in21k,vit_base_patch16_dinov3.lvd1689m")
 
 
 def default_grid_name(image_size: int, overrides: dict) -> str:
@@ -155,7 +195,7 @@ def load_grid(name: str, out: str | Path = "reproduce") -> Grid:
     g = json.loads(path.read_text(encoding="utf-8"))
     return Grid(g["name"], Path(out) / name, tuple(g["methods"]), tuple(g["datasets"]), g["image_size"],
                 tuple(g["seeds"]), None if g["lrs"] is None else tuple(g["lrs"]), g["overrides"],
-                g.get("row_overrides") or {})
+                g.get("row_overrides") or {}, tuple(g.get("backbones") or ()))
 
 
 # ---- the plan ---------------------------------------------------------------------------------
@@ -193,7 +233,7 @@ def plan_rows(grid: Grid, step_times: dict[str, StepTime]) -> list[dict]:
             n = images_per_epoch(task, phase, recipe.data.root)
             steps = None if n is None or steps is None else steps + n_runs * recipe.train.epochs * math.ceil(n / per_step)
         t = step_times.get(row) or StepTime(None, "unknown")
-        rows.append({"method": row, "task": task, "runs": len(sweep.lrs) + len(sweep.seeds), "lrs": list(sweep.lrs),
+        rows.append({"method": row, "backbone": recipe.model.backbone, "task": task, "runs": len(sweep.lrs) + len(sweep.seeds), "lrs": list(sweep.lrs),
                      "epochs": recipe.train.epochs, "batch_size": per_step, "steps": steps, "step_s": t.seconds,
                      "step_how": t.how, "hours": steps * t.seconds / 3600 if steps is not None and t.seconds is not None
                      else None})
@@ -215,11 +255,12 @@ def _bench_rows(bench: Path, image_size: int) -> tuple[dict, list[dict]]:
     return data, rows
 
 
-def _bench_hit(rows: list[dict], name: str, precision: str) -> dict | None:
+def _bench_hit(rows: list[dict], name: str, precision: str, backbone: str | None = None) -> dict | None:
     """The bench row of ``name`` at ``precision``; ``auto`` takes bf16 where the file has it (what auto
-    picks on bf16-capable hardware), else fp32."""
+    picks on bf16-capable hardware), else fp32. With ``backbone``, a row that names another is no hit."""
     for prec in (("bf16", "fp32") if precision == "auto" else (precision,)):
-        hit = [r for r in rows if r["method"] == name and r.get("precision") == prec]
+        hit = [r for r in rows if r["method"] == name and r.get("precision") == prec
+               and (backbone is None or r.get("backbone", backbone) == backbone)]
         if hit:
             return hit[0]
     return None
@@ -235,16 +276,17 @@ def bench_step_seconds(bench: Path, method: str, image_size: int, batch_size: in
 
 def step_time(grid: Grid, row: str, bench: Path) -> StepTime:
     """A row's step time from a ``make bench`` file: measured where the file has the row's method at the
-    grid's image size, else estimated from the plain ViT's measured step (``timm``), scaled by the
-    method's training cost per image (its passes and GMACs, counted on the meta device) over the plain
-    ViT's. The note says which file and machine measured it."""
+    grid's image size (on the row's backbone, where the file names one), else estimated from the plain
+    ViT's measured step (``timm``), scaled by the method's training cost per image on its backbone (its
+    passes and GMACs, counted on the meta device) over the plain ViT's on the bench's backbone. The
+    note says which file and machine measured it."""
     from ..analysis.report import static_cost
 
     recipe = sweep_recipe(grid.sweep(row, grid.tasks[0]))
     batch, precision = recipe.train.batch_size * recipe.train.grad_accum, recipe.train.precision
     data, rows = _bench_rows(bench, grid.image_size)
     where = f"{bench} ({data.get('machine', 'machine not recorded')}, {data.get('date', 'undated')})"
-    hit = _bench_hit(rows, recipe.model.method, precision)
+    hit = _bench_hit(rows, recipe.model.method, precision, recipe.model.backbone)
     if hit is not None:
         return StepTime(hit["s_per_batch"] * batch / hit["batch"], "measured", where)
     base = _bench_hit(rows, "timm", precision)
@@ -253,7 +295,8 @@ def step_time(grid: Grid, row: str, bench: Path) -> StepTime:
                         else f"no bench file {bench}")
     classes = dataset_counts(grid.tasks[0], recipe.data.root).num_classes or 2
     plain = recipe.model_copy(update={"model": recipe.model.model_copy(update={
-        "method": "linear", "ila_locs": (), "ila_ds_locs": (), "depth": None, "train_backbone": False})})
+        "method": "linear", "ila_locs": (), "ila_ds_locs": (), "depth": None, "train_backbone": False,
+        "backbone": base.get("backbone", recipe.model.backbone)})})
     ratio = static_cost(recipe, classes)["train_macs"] / static_cost(plain, classes)["train_macs"]
     return StepTime(base["s_per_batch"] * batch / base["batch"] * ratio, "estimated",
                     f"the plain ViT's step in {where} x {ratio:.2f} (passes and GMACs)")
@@ -261,8 +304,8 @@ def step_time(grid: Grid, row: str, bench: Path) -> StepTime:
 
 def method_step_times(grid: Grid, step_seconds: float | None, bench: Path) -> dict[str, StepTime]:
     """Each row's step time: ``step_seconds`` for all when given, else `step_time` from the bench file."""
-    return {m: StepTime(step_seconds, "given", "--step-seconds") if step_seconds is not None else step_time(grid, m, bench)
-            for m in grid.methods}
+    return {r: StepTime(step_seconds, "given", "--step-seconds") if step_seconds is not None else step_time(grid, r, bench)
+            for r in grid.rows}
 
 
 # ---- status -----------------------------------------------------------------------------------

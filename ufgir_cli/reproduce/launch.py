@@ -123,8 +123,8 @@ def slurm_executor(grid: Grid, opts: SlurmOptions, *, hours: float | None = None
     many time-outs it may have (``opts.max_requeues``, else from ``hours``: `slurm.planned_requeues`)."""
     import submitit
 
-    workers = max(sweep_recipe(grid.sweep(m, grid.tasks[0])).data.num_workers for m in grid.methods)
-    params = sbatch_parameters(opts, name=f"ufgir-{grid.name}", n_jobs=len(grid.methods) * len(grid.tasks),
+    workers = max(sweep_recipe(grid.sweep(r, grid.tasks[0])).data.num_workers for r in grid.rows)
+    params = sbatch_parameters(opts, name=f"ufgir-{grid.name}", n_jobs=len(grid.rows) * len(grid.tasks),
                                cpus_per_task=opts.cpus_per_task or default_cpus(workers, opts.gpus))
     requeues = opts.max_requeues if opts.max_requeues is not None else \
         planned_requeues(hours, opts.time_min, opts.signal_delay_s)

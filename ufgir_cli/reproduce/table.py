@@ -25,7 +25,7 @@ from ..methods import METHODS, method_spec
 from ..paths import RunDir
 from ..recipe import load_recipe
 from ..sweep import Sweep
-from .grid import Grid, read_failures, rounds_of, row_recipe, sweep_recipe
+from .grid import Grid, read_failures, rounds_of, row_recipe, split_row, sweep_recipe
 
 
 def _phase2(sweep: Sweep) -> dict:
@@ -81,14 +81,14 @@ def row_title(row: str) -> str:
     return f"{method_spec(load_recipe(row).model.method).display_name} ({row})"
 
 
-def method_cost(grid: Grid, method: str) -> dict:
+def method_cost(grid: Grid, row: str) -> dict:
     """TTP (trainable parameters summed over the table's datasets, SoyAgeing once, pooled) and MACs
     per image of the first dataset's model, built on the meta device from the sweeps' recipe."""
     from ..analysis.report import static_cost
 
     ttp, macs = 0, None
     for d in grid.datasets:
-        sweep = grid.sweep(method, d)
+        sweep = grid.sweep(row, d)
         c = static_cost(sweep_recipe(sweep), _num_classes(sweep, d))
         ttp += c["params_trainable"]
         macs = c["macs"] if macs is None else macs
@@ -108,23 +108,25 @@ def columns(grid: Grid) -> list[tuple[str, str, tuple[str, ...]]]:
 
 
 def table_rows(grid: Grid) -> list[dict]:
-    """One row per (method, column): the per-seed numbers, their mean and std, the paper's number, the
-    learning rate each of the column's sweeps chose (None where it has not chosen yet) and the backbone."""
+    """One row per (row, column), a row being a method (or recipe) on a backbone: the per-seed numbers,
+    their mean and std, the paper's number, the learning rate each of the column's sweeps chose (None
+    where it has not chosen yet) and the backbone."""
     rows = []
-    for method in grid.methods:
-        cost = method_cost(grid, method)
-        backbone = sweep_recipe(grid.sweep(method, grid.tasks[0])).model.backbone
+    for row in grid.rows:
+        method = split_row(row)[0]
+        cost = method_cost(grid, row)
+        backbone = sweep_recipe(grid.sweep(row, grid.tasks[0])).model.backbone
         for key, title, tasks in columns(grid):
-            per_task = [seed_top1(grid.sweep(method, t)) for t in tasks]
+            per_task = [seed_top1(grid.sweep(row, t)) for t in tasks]
             seeds = [s for s in grid.seeds if all(s in p for p in per_task)]
             values = [statistics.fmean(p[s] for p in per_task) for s in seeds]
             mean, std = mean_std(values)
             paper = paper_top1(row_recipe(method), key.removesuffix("_rounds"))
             rows.append({
-                "method": method, "title": row_title(method), "column": key, "column_title": title,
+                "method": method, "row": row, "title": row_title(method), "column": key, "column_title": title,
                 "n": len(values), "seeds": seeds, "top1": values, "mean": mean, "std": std, "paper": paper,
                 "diff": mean - paper if mean is not None and paper is not None else None,
-                "lr": [chosen_lr(grid.sweep(method, t)) for t in tasks], "backbone": backbone,
+                "lr": [chosen_lr(grid.sweep(row, t)) for t in tasks], "backbone": backbone,
                 "ttp_m": cost["ttp"] / 1e6, "gmacs": cost["macs"] / 1e9,
             })
     return rows
@@ -161,20 +163,19 @@ def lr_cell(row: dict) -> str:
 
 
 def _by_method(grid: Grid, rows: list[dict]) -> list[tuple[str, list[dict]]]:
-    return [(m, [r for r in rows if r["method"] == m]) for m in grid.methods]
+    """The table's rows in order (a method on a backbone), each with its cells."""
+    return [(k, [r for r in rows if r["row"] == k]) for k in grid.rows]
 
 
 def _backbones(rows: list[dict]) -> str:
-    """The backbone of every row, or each row's where they differ."""
+    """The backbone of every row, or the list of them where they differ (each row names its own)."""
     names = list(dict.fromkeys(r["backbone"] for r in rows))
-    if len(names) == 1:
-        return names[0]
-    return "; ".join(f"{r['title']}: {r['backbone']}" for r in {r["method"]: r for r in rows}.values())
+    return names[0] if len(names) == 1 else f"per row ({', '.join(names)})"
 
 
 def markdown(grid: Grid, rows: list[dict]) -> str:
     cols = columns(grid)
-    head = ["Method", *(t for _, t, _ in cols), f"TTP (M, {plural(len(grid.datasets), 'task')})",
+    head = ["Method", "Backbone", *(t for _, t, _ in cols), f"TTP (M, {plural(len(grid.datasets), 'task')})",
             f"GMACs ({grid.image_size} px)"]
     lines = [f"# Table 1: `{grid.name}`", "",
              f"Test top-1 % at the last epoch, {grid.image_size} px, backbone {_backbones(rows)}: mean ± sample std "
@@ -183,10 +184,10 @@ def markdown(grid: Grid, rows: list[dict]) -> str:
              "its learning rate on val first (listed below the table). \"-\" where there is no number yet.", "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for _, rs in _by_method(grid, rows):
-        lines.append(f"| {rs[0]['title']} | " + " | ".join(cell(r) for r in rs)
+        lines.append(f"| {rs[0]['title']} | `{rs[0]['backbone']}` | " + " | ".join(cell(r) for r in rs)
                      + f" | {rs[0]['ttp_m']:.3f} | {rs[0]['gmacs']:.3f} |")
     lines += ["", "Learning rate chosen on val (phase 1) per cell; a rounds column lists each round's:", ""]
-    lines += [f"- {rs[0]['title']}: " + " · ".join(f"{r['column_title']} {lr_cell(r)}" for r in rs)
+    lines += [f"- {rs[0]['title']} ({rs[0]['backbone']}): " + " · ".join(f"{r['column_title']} {lr_cell(r)}" for r in rs)
               for _, rs in _by_method(grid, rows)]
     failures = read_failures(grid)
     if failures:
@@ -195,7 +196,7 @@ def markdown(grid: Grid, rows: list[dict]) -> str:
     return "\n".join([*lines, ""])
 
 
-CSV_FIELDS = ("method", "column", "n", "mean", "std", "paper", "diff", "lr", "ttp_m", "gmacs")
+CSV_FIELDS = ("method", "backbone", "column", "n", "mean", "std", "paper", "diff", "lr", "ttp_m", "gmacs")
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -219,10 +220,11 @@ def long_rows(grid: Grid) -> list[dict]:
     ``dataset`` the task (a SoyAgeing round is its own), ``paper_top1`` the paper's number for the task's
     dataset (rounds: the pooled set's row of the paper, where it has one)."""
     out = []
-    for row in grid.methods:
+    for key in grid.rows:
+        row = split_row(key)[0]
         recipe = row_recipe(row)
         for task in grid.tasks:
-            sweep = grid.sweep(row, task)
+            sweep = grid.sweep(key, task)
             model = sweep_recipe(sweep).model
             for seed, r in sorted(seed_runs(sweep).items()):
                 m = r["metrics"]
@@ -273,8 +275,8 @@ def latex(grid: Grid, rows: list[dict]) -> str:
            rf"parameters summed over the {plural(len(grid.datasets), 'task')} (millions); GMACs: multiply-adds per "
            rf"image at {grid.image_size}\,px.}}",
            rf"\label{{tab:ufgir-{re.sub(r'[^A-Za-z0-9_.:-]', '-', grid.name)}}}",
-           r"\begin{tabular}{l" + "c" * len(cols) + "rr}", r"\toprule",
-           "Method & " + " & ".join(tex_escape(t) for _, t, _ in cols) + r" & TTP (M) & GMACs \\", r"\midrule"]
+           r"\begin{tabular}{ll" + "c" * len(cols) + "rr}", r"\toprule",
+           "Method & Backbone & " + " & ".join(tex_escape(t) for _, t, _ in cols) + r" & TTP (M) & GMACs \\", r"\midrule"]
     for _, rs in _by_method(grid, rows):
         cells = []
         for r in rs:
@@ -283,7 +285,7 @@ def latex(grid: Grid, rows: list[dict]) -> str:
                 c += f" {{\\scriptsize ({_f(r['paper'])}, {_f(r['diff'], '+.2f')})}}"
             cells.append(c)
         title = tex_escape(rs[0]["title"]).replace("+", "{+}")
-        out.append(f"{title} & " + " & ".join(cells) + f" & {rs[0]['ttp_m']:.3f} & {rs[0]['gmacs']:.3f} \\\\")
+        out.append(f"{title} & {tex_escape(rs[0]['backbone'])} & " + " & ".join(cells) + f" & {rs[0]['ttp_m']:.3f} & {rs[0]['gmacs']:.3f} \\\\")
     apart = ([f"{grid.image_size}\\,px"] if grid.image_size != PAPER_IMAGE_SIZE else []) + \
         ([f"backbone {tex_escape(_backbones(rows))}"] if {r["backbone"] for r in rows} != {PAPER_BACKBONE} else [])
     paper_note = f"the paper's numbers are {tex_escape(TABLE1)}" + (

@@ -8,7 +8,7 @@ publishers ask for) and SVG on request, without time stamps so that equal figure
 
 Figures are drawn on a ``Figure`` with an Agg canvas, never through pyplot, so nothing global
 (backend, current figure) changes and no display is needed; ``draw_*`` return the figure (tests read
-it), :func:`save` writes it atomically. One module (about 570 lines) because every figure
+it), :func:`save` writes it atomically. One module (about 580 lines) because every figure
 shares the style, the inch-based layout helpers and :func:`save`; splitting it would scatter those.
 """
 
@@ -464,6 +464,17 @@ def _log_ticks(axis, lo: float, hi: float) -> None:
 _COMPARE_SCALES = (1.0, 1.2, 1.45, 1.75, 2.1)     # the axes grow until every label finds a place
 
 
+#: Marker shapes of the compare plot's backbones, in the order they first appear (one backbone: circles).
+BACKBONE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "p")
+
+
+def backbone_markers(points: Sequence[dict]) -> dict[str, str]:
+    """Backbone -> marker shape where the points name more than one backbone, else empty (all circles)."""
+    names = list(dict.fromkeys(p["backbone"] for p in points if p.get("backbone")))
+    return dict(zip(names, BACKBONE_MARKERS * (len(names) // len(BACKBONE_MARKERS) + 1), strict=False)) \
+        if len(names) > 1 else {}
+
+
 def _compare_axes(points: Sequence[dict], title: str, scale: float):
     """The compare figure without its point labels, its axes ``scale`` times the usual size."""
     aw, ah, left, bottom, right = 4.6 * scale, 3.4 * scale, 0.7, 0.6, 1.9
@@ -474,12 +485,14 @@ def _compare_axes(points: Sequence[dict], title: str, scale: float):
     _suptitle(fig, title, 0.1)
     ax = _axes(fig, left, bottom, aw, ah)
     biggest = max(p["trainable"] for p in points) or 1
+    shapes = backbone_markers(points)
     for p in points:
         colour = FAMILY_COLOURS[p["family"]]
         if p.get("std"):  # mean ± sample std over seeds
             ax.errorbar(p["gmacs"], p["top1"], yerr=p["std"], fmt="none", ecolor=colour, elinewidth=1.2, capsize=3,
                         capthick=1.2, zorder=2)
         ax.scatter(p["gmacs"], p["top1"], s=marker_area(p["trainable"], biggest), zorder=3, linewidths=1.2,
+                   marker=shapes.get(p.get("backbone"), "o"),
                    facecolors="none" if p["paper"] else colour, edgecolors=colour, alpha=1.0 if p["paper"] else 0.75)
     ax.set_xscale("log")
     gmacs = np.array([p["gmacs"] for p in points])
@@ -501,7 +514,9 @@ def _compare_axes(points: Sequence[dict], title: str, scale: float):
     if any(p.get("std") for p in points):
         fam.append(Line2D([], [], ls="", marker="|", markersize=10, markeredgewidth=1.2, color="0.4",
                           label="± std over seeds"))
-    first = ax.legend(handles=fam, title="method family", loc="upper left", bbox_to_anchor=(1.03, 1.0),
+    fam += [Line2D([], [], ls="", marker=m, markersize=7, color="0.4", label=b.split(".")[0]) for b, m in shapes.items()]
+    first = ax.legend(handles=fam, title="method family" + (" · backbone" if shapes else ""), loc="upper left",
+                      bbox_to_anchor=(1.03, 1.0),
                       frameon=False, alignment="left")
     ax.add_artist(first)
     sizes = [Line2D([], [], ls="", marker="o", color="0.6", markersize=math.sqrt(marker_area(s, biggest)),
@@ -525,7 +540,8 @@ def draw_compare(points: Sequence[dict], *, title: str = "") -> Figure:
     paper's numbers, error bars of ± one sample std where a point is the mean of several seeds.
 
     ``points``: dicts with ``label``, ``gmacs``, ``top1``, ``trainable``, ``family`` (a key of
-    ``FAMILY_COLOURS``), ``paper`` (True for the paper's numbers) and optionally ``std``.
+    ``FAMILY_COLOURS``), ``paper`` (True for the paper's numbers) and optionally ``std`` and ``backbone``
+    (where points name several, each backbone has its marker shape, `backbone_markers`).
 
     Every label sits beside its marker (its box within ``LABEL_MAX_GAP_PT`` of the marker's edge, with a
     thin leader line when it does not touch it), never on another label (:func:`place_labels`); where the
@@ -563,6 +579,6 @@ def draw_compare(points: Sequence[dict], *, title: str = "") -> Figure:
     return fig
 
 
-__all__ = ["CMAP", "DPI", "FAMILY_COLOURS", "FORMATS", "MAX_ASPECT", "MIN_FONT_PT", "STYLE", "blend",
-           "draw_cka", "draw_compare", "draw_features", "draw_overlays", "draw_selection", "ds_positions", "marker_area",
+__all__ = ["BACKBONE_MARKERS", "CMAP", "DPI", "FAMILY_COLOURS", "FORMATS", "MAX_ASPECT", "MIN_FONT_PT", "STYLE", "blend",
+           "backbone_markers", "draw_cka", "draw_compare", "draw_features", "draw_overlays", "draw_selection", "ds_positions", "marker_area",
            "overlay_layout", "place_labels", "save", "save_overlay_folder"]

@@ -131,18 +131,19 @@ class BitFit(LinearHead):
     block_label = "BitFit (biases)"
 
     @staticmethod
-    def _biases(model: UfgirViT) -> dict[str, nn.Parameter]:
-        """Module name -> its bias, for every module of the backbone but the head."""
-        return {n: m.bias for n, m in model.vit.named_modules()
-                if n and n != "head" and not n.startswith("head.") and isinstance(getattr(m, "bias", None), nn.Parameter)}
+    def _biases(model: UfgirViT) -> dict[str, list[nn.Parameter]]:
+        """Module name -> its biases, for every module of the backbone but the head: a layer's ``bias``, and
+        the query and value biases that timm's Eva attention holds apart from its fused qkv."""
+        return {n: bs for n, m in model.vit.named_modules() if n and n != "head" and not n.startswith("head.")
+                if (bs := [p for k, p in m.named_parameters(recurse=False) if k in ("bias", "q_bias", "v_bias")])}
 
     def trainable_parts(self, model: UfgirViT) -> dict[str, list[nn.Module | nn.Parameter]]:
-        return {"bias": list(self._biases(model).values())}
+        return {"bias": [b for bs in self._biases(model).values() for b in bs]}
 
     def path_check(self, model: UfgirViT) -> PathCheck:
         biases = self._biases(model)
         key = f"{type(self).__name__}|" + model.cfg.model_dump_json(exclude={"weights", "num_classes", "image_size"})
-        return PathCheck(f"bitfit on {model.cfg.backbone}", {n: [b] for n, b in biases.items()},
+        return PathCheck(f"bitfit on {model.cfg.backbone}", biases,
                          {n: model.vit.get_submodule(n) for n in biases}, key=key)
 
 
