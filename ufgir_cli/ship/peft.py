@@ -248,8 +248,8 @@ def import_peft(folder: str | os.PathLike, out: str | os.PathLike, backbone: str
                               "trained on") from None
     try:
         with torch.no_grad():
-            for ours, t in _pairs(model.vit, theirs.base_model.model, saved):
-                ours.copy_(t)
+            for p, t in _pairs(model.vit, theirs.base_model.model, saved):
+                p.copy_(t)
     except ValueError as e:
         raise CheckpointError(f"{folder}: {e}; import-peft reads LoRA, DoRA and GLoRA adapters of a timm ViT") from None
     x = parity_batch(2, model_image_size(model))
@@ -258,7 +258,8 @@ def import_peft(folder: str | os.PathLike, out: str | os.PathLike, backbone: str
     except ExportError as e:
         raise CheckpointError(f"{folder}: {e}") from None
     write_imported_run(out, model, recipe, imported_from=folder / WEIGHTS_FILE, overwrite=overwrite,
-                       import_format=f"peft adapter folder ({type(config).__name__}, peft {config.peft_version})")
+                       import_format=f"peft adapter folder ({type(config).__name__}, peft "
+                                     f"{getattr(config, 'peft_version', None) or 'of unknown version'})")
     return model, recipe
 
 
