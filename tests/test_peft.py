@@ -59,6 +59,7 @@ def made_run(root: Path, method: str, **model) -> Path:
         for p in m.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
+    root.mkdir(parents=True, exist_ok=True)
     stand_in = root / f"{method}.source"
     stand_in.write_text("made by the test")
     return write_imported_run(root / method, m, recipe, imported_from=stand_in, import_format="test",
@@ -148,6 +149,25 @@ def test_methods_peft_lacks_are_refused_in_one_line_and_write_nothing(method, ma
     run = made(method)
     one_line_error(invoke("export", run, "--format", "peft"), "--format peft", *words)
     assert not (run / "export" / "peft").exists()
+
+
+def test_a_weights_file_and_another_input_size_reach_the_readme(tmp_path):
+    """A local weights file goes through timm's ``pretrained_cfg_overlay``; an input size other than timm's
+    default through ``img_size`` (timm resamples the positions bicubic, as the run did)."""
+    from ufgir_cli.model.backbone import MICRO_WEIGHTS
+
+    run = made_run(tmp_path, "lora", weights=str(MICRO_WEIGHTS), image_size=96, numerics="backbone")
+    res = invoke("export", run, "--format", "peft")
+    assert res.exit_code == 0, res.output
+    folder = run / "export" / "peft"
+    readme = (folder / "README.md").read_text()
+    assert "img_size=96" in readme and "pretrained_cfg_overlay={'file': " in readme and "m.eps" not in readme
+    model, _ = ufgir_cli.load_run(run)
+    x = parity_batch(2, 96)
+    assert (logits(readme_model(folder), x) - logits(model, x)).abs().max().item() <= 1e-5
+    # the reference's corner-aligned resampling is not timm's: refused rather than approximated
+    other = made_run(tmp_path / "ref", "lora", image_size=96)
+    one_line_error(invoke("export", other, "--format", "peft"), "bilinear_corners", "model.pos_embed_resize")
 
 
 def test_merge_and_peft_together_are_refused(made):
