@@ -1,4 +1,4 @@
-"""`ufgir export`, `ufgir import-upstream`, `ufgir predict`: getting models out of and into ufgir."""
+"""`ufgir export`, `ufgir import-upstream`, `ufgir import-peft`, `ufgir predict`: getting models out of and into ufgir."""
 
 from __future__ import annotations
 
@@ -20,30 +20,41 @@ SourceArg = Annotated[Path | None, typer.Argument(
 
 def export(
     source: SourceArg = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="safetensors, onnx or pt2.")] = "safetensors",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="safetensors, onnx, pt2, or peft (a peft adapter folder "
+                                     "for a plain timm ViT: LoRA, DoRA, GLoRA).")] = "safetensors",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="File to write (default: <run>/export/model.<ext>, "
-                                             "or <run>/export/adapter.safetensors with --adapter-only).")] = None,
+                                             "<run>/export/adapter.safetensors with --adapter-only, "
+                                             "model.merged.safetensors with --merge, the folder peft/).")] = None,
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="safetensors: only the trainable PETL tensors "
                                                "(re-attach to the same backbone with load_run).")] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="Fold LoRA/DoRA/GLoRA, SSF (and BitFit's biases) into the "
+                                        "backbone's weights: a plain timm ViT (ILA with LoRA keeps its ILAs); checked "
+                                        "against the unmerged model.")] = False,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 18,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--static-batch",
                                                 help="Any batch size, or a fixed batch of 1.")] = True,
     image_size: Annotated[int | None, typer.Option("--image-size", help="onnx/pt2: input size in px "
                                                    "(position embeddings resampled; default: the trained size).")] = None,
     checkpoint: CheckpointOpt = "auto",
-    tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, help="Max abs logit difference vs eager PyTorch.")] = 1e-4,
+    tolerance: Annotated[float | None, typer.Option("--tolerance", min=0.0, help="Max abs logit difference vs eager "
+                                                    "PyTorch (default: 1e-4; peft: 1e-5).")] = None,
 ) -> None:
-    """Export a model (safetensors, ONNX or torch.export pt2), check it against eager PyTorch, write MODEL_CARD.md."""
+    """Export a model (safetensors, ONNX, torch.export pt2 or a peft adapter folder), check it against eager
+    PyTorch, write MODEL_CARD.md."""
     from ..ship import export_model, human_bytes
 
     r = export_model(resolve_run(source), fmt, out, checkpoint=checkpoint, adapter_only=adapter_only, opset=opset,
-                     dynamic_batch=dynamic_batch, image_size=image_size, tolerance=tolerance)
-    what = f"{r.format}" + (f" opset {r.opset}" if r.opset else "") + (" adapter-only" if adapter_only else "")
+                     dynamic_batch=dynamic_batch, image_size=image_size, tolerance=tolerance, merge=merge)
+    what = f"{r.format}" + (f" opset {r.opset}" if r.opset else "") + (" adapter-only" if adapter_only else "") + \
+        (" merged" if merge else "")
     console.print(f"wrote {escape(str(r.path))} ({what}, {human_bytes(r.size_bytes)}) in {r.seconds:.1f} s", soft_wrap=True)
     console.print(f"parity vs eager PyTorch: max |diff| = {r.max_abs_diff:.3g} (tolerance {r.tolerance:g})")
     if r.sidecar is not None:
         console.print(f"recipe sidecar: {escape(str(r.sidecar))}", soft_wrap=True)
-    console.print(f"model card: {escape(str(r.card))}", soft_wrap=True)
+    if r.card is not None:
+        console.print(f"model card: {escape(str(r.card))}", soft_wrap=True)
+    else:
+        console.print(f"README: {escape(str(r.path / 'README.md'))} (the timm + peft call that loads it)", soft_wrap=True)
 
 
 def import_upstream(
@@ -65,6 +76,34 @@ def import_upstream(
     console.print(f"imported {m.method} on {m.backbone} ({model.num_classes} classes, {m.image_size} px) "
                   f"into {escape(str(out))}", soft_wrap=True)
     console.print(f"next: ufgir eval {escape(str(out))}   ·   ufgir export {escape(str(out))} --format onnx", soft_wrap=True)
+
+
+def import_peft(
+    folder: Annotated[Path, typer.Argument(help="A peft adapter folder (adapter_config.json, adapter_model.safetensors) "
+                                           "trained on a timm ViT, its classifier in modules_to_save.",
+                                           show_default=False)],
+    backbone: Annotated[str, typer.Option("--backbone", help="The timm model it was trained on "
+                                          "(e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k).", show_default=False)],
+    weights: Annotated[str, typer.Option("--weights", help="The backbone's weights: timm (its pretrained tag) or a "
+                                         "local .safetensors/.pth/.npz file.")] = "timm",
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Input size in px (default: timm's for "
+                                                   "the backbone).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder to create "
+                                             "(default: ./runs/<folder name>).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset the run evaluates on.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+) -> None:
+    """Turn a peft adapter folder (LoRA, DoRA, GLoRA on a timm ViT) into a run folder for eval, analyse, export."""
+    from ..paths import runs_dir
+    from ..ship import import_peft as do_import
+
+    out = out or runs_dir() / folder.resolve().name
+    model, recipe = do_import(folder, out, backbone, weights=weights, image_size=image_size, dataset=dataset,
+                              overwrite=overwrite)
+    m = recipe.model
+    console.print(f"imported {m.method} on {m.backbone} ({model.num_classes} classes, {m.image_size} px) "
+                  f"into {escape(str(out))}; its logits match peft's", soft_wrap=True)
+    console.print(f"next: ufgir eval {escape(str(out))}   ·   ufgir export {escape(str(out))} --merge", soft_wrap=True)
 
 
 def predict(

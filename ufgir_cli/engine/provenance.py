@@ -40,8 +40,10 @@ def _git_commit() -> str | None:
 
 def provenance(recipe: Recipe, backbone_sha256: str, *, device: str | None = None, precision: str | None = None,
                threads: int | None = None, split: SplitFile | None = None, skipped: Sequence[str] = (),
-               imported_from: Path | None = None) -> dict[str, Any]:
-    """The provenance record; ``split`` adds the ``dataset`` section, ``imported_from`` its own.
+               imported_from: Path | None = None,
+               import_format: str = "reference implementation (fgir_vit) checkpoint") -> dict[str, Any]:
+    """The provenance record; ``split`` adds the ``dataset`` section, ``imported_from`` (the file whose
+    tensors were imported, ``import_format`` says what it is) its own.
 
     ``device``, ``precision`` and ``threads`` (torch's intra-op threads) are what training ran with;
     an import computes nothing, so they are None there.
@@ -72,7 +74,7 @@ def provenance(recipe: Recipe, backbone_sha256: str, *, device: str | None = Non
                              "skipped_images": list(skipped)}
     if imported_from is not None:
         record["imported_from"] = {"path": str(imported_from.resolve()), "sha256": file_sha256(imported_from),
-                                   "format": "reference implementation (fgir_vit) checkpoint",
+                                   "format": import_format,
                                    "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return record
 

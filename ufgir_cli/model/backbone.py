@@ -285,6 +285,37 @@ def load_timm_folder(folder: Path) -> VisionTransformer:
     return timm.create_model(f"local-dir:{folder}", pretrained=True)
 
 
+def timm_call(cfg: ModelConfig, num_classes: int) -> dict:
+    """The keyword arguments of ``timm.create_model(cfg.backbone, **kwargs)`` that build the recipe's
+    backbone the way a timm user would, with its weights and timm's head of ``num_classes``: what a peft
+    adapter folder attaches to (``img_size`` only where the recipe's differs from timm's default; a
+    weights file through ``pretrained_cfg_overlay``)."""
+    kwargs: dict = {"pretrained": cfg.weights != "none", "num_classes": num_classes}
+    if cfg.weights not in ("timm", "none"):
+        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(cfg.weights).expanduser().resolve())}
+    if default_image_size(cfg.backbone) != cfg.image_size:
+        kwargs["img_size"] = cfg.image_size
+    return kwargs
+
+
+def default_image_size(name: str) -> int:
+    """The input size timm builds ``name`` for when no ``img_size`` is given (on the meta device)."""
+    with torch.device("meta"):
+        return int(create_timm(name, {"pretrained": False}).patch_embed.img_size[0])
+
+
+def create_timm(name: str, kwargs: dict) -> VisionTransformer:
+    """``timm.create_model(name, **kwargs)``, as a user of timm alone writes it (see `timm_call`); weights
+    that cannot be fetched are a one-line ModelError."""
+    try:
+        return timm.create_model(name, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        if "Unknown model" in str(e):
+            raise RecipeError(f"model.backbone {name!r} is not a timm model; use a ViT name such as "
+                              "vit_base_patch16_224.orig_in21k (list them with timm.list_models('vit_*'))") from None
+        raise _pretrained_failure(name, e) from None
+
+
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     """sha256 over tensors in name order (names, dtypes, shapes and bytes; not file bytes)."""
     h = hashlib.sha256()

@@ -22,6 +22,9 @@ from .vit import UfgirViT
 
 SAFETENSORS_FORMAT = "ufgir-safetensors"
 FORMAT_VERSION = 1  # of the safetensors metadata and of the ONNX/pt2 sidecars
+#: How a full export names its tensors: the model's own names, or timm's (a merged model that is a plain
+#: timm ViT, ``ufgir export --merge``: timm loads the file as it is).
+LAYOUT_UFGIR, LAYOUT_TIMM = "ufgir", "timm"
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
@@ -57,7 +60,8 @@ def load_delta(path: str | os.PathLike, device: str = "cpu", weights: str | None
 
     A delta is attached to the backbone re-created from the stored recipe's ``model.weights`` (or
     ``weights``, e.g. the same file at another path), after checking its sha256. A full export is
-    rebuilt without fetching any backbone weights, since every tensor is in the file. Loading is
+    rebuilt without fetching any backbone weights, since every tensor is in the file; a merged one
+    (``ufgir export --merge``) into the method's merged structure (`Method.export_model`). Loading is
     strict: missing or unexpected tensors are errors that list them.
     """
     from safetensors import safe_open
@@ -90,5 +94,8 @@ def load_delta(path: str | os.PathLike, device: str = "cpu", weights: str | None
     else:
         model = build_model(m.model_copy(update={"weights": "none"}), num_classes)
         expected = None
-    load_strict(model, state, str(path), expected=expected, hint="re-export it from its run")
+        if meta.get("merged") == "true":
+            model = model.method.export_model(model)
+    target = model.vit if meta.get("layout") == LAYOUT_TIMM else model
+    load_strict(target, state, str(path), expected=expected, hint="re-export it from its run")
     return model.to(device).eval(), recipe

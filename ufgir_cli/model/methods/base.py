@@ -23,6 +23,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from ...errors import ExportError
 from ...methods import MethodSpec
 from ...recipe import ModelConfig
 from ..precision import float32_region
@@ -95,6 +96,9 @@ class Method:
     min_train_batch: ClassVar[int] = 1
     #: What the method tunes inside the backbone's blocks, as ``ufgir inspect`` lists it ("LoRA").
     block_label: ClassVar[str] = ""
+    #: What `export_model` folds into the backbone's weights, in words, for ``ufgir export --merge`` ("the
+    #: LoRA updates"); empty when nothing folds (the export model is then the model itself).
+    merges: ClassVar[str] = ""
     #: Reference-checkpoint key prefixes of the head -> ours (see `map_upstream_key`).
     upstream_head_keys: ClassVar[tuple[tuple[str, str], ...]] = ()
 
@@ -174,9 +178,17 @@ class Method:
         return None
 
     def export_model(self, model: UfgirViT) -> UfgirViT:
-        """The model a traced graph (ONNX, pt2) holds, the same function as ``model``: LoRA and SSF
-        give a copy with their updates merged into the weights. By default the model itself."""
+        """The model a traced graph (ONNX, pt2) and ``ufgir export --merge`` hold, the same function as
+        ``model``: LoRA and SSF give a copy with their updates merged into the weights (`merges` says
+        what). By default the model itself."""
         return model
+
+    def peft_export_config(self, model: UfgirViT) -> Any:
+        """The peft configuration of an adapter folder that holds this trained model on a plain timm
+        ViT, the classifier in ``modules_to_save`` (``ufgir export --format peft``). By default refused
+        in one line: peft holds nothing like the method."""
+        raise ExportError(f"--format peft: method {self.name!r} ({self.spec.display_name}) has no peft equivalent; "
+                          "export --format safetensors, onnx or pt2 instead")
 
     # ---- evaluation modes -----------------------------------------------------------------
     @property

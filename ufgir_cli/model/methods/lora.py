@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ...errors import RecipeError
+from ...errors import CheckpointError, ExportError, RecipeError
 from ...methods import MethodSpec
 from ...recipe import ModelConfig
 from ..wrapped import keep_unwrapped_names
@@ -69,6 +69,9 @@ class LoRA(LinearHead):
     block_label = "LoRA"
     #: The layer types it adapts (peft's LoRA takes a few more; the ViT has these).
     layer_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
+    merges = "the LoRA updates (peft's merge)"
+    #: The parts of a model that a peft adapter folder of a timm ViT holds: its adapters and the classifier.
+    peft_parts: ClassVar[tuple[str, ...]] = ("head", "lora")
     #: Recipe keys the method reads besides ``lora_rank`` and ``lora_targets``.
     keys: ClassVar[tuple[str, ...]] = ("lora_alpha", "lora_dropout", "lora_use_rslora", "lora_init_weights")
 
@@ -145,6 +148,18 @@ class LoRA(LinearHead):
         return PathCheck(self._subject(), self._adapter_params(model), candidates,
                          hint_run=lambda x: model.forward_head(model.forward_features(x)), key=key)
 
+    def peft_export_config(self, model: UfgirViT):
+        """This method's peft configuration with timm's classifier (``head``) as a module to save; refused
+        when the model trains more than peft's adapter folder holds (ILA with LoRA: the ILAs, the CLS token)."""
+        extra = [p for p in model.plan.trains if p not in self.peft_parts]
+        if extra:
+            raise ExportError(f"--format peft: method {self.name!r} also trains {', '.join(extra)}, which a peft "
+                              "adapter folder cannot hold; export --format safetensors, onnx or pt2 (--merge folds "
+                              "its LoRA)")
+        config = self.peft_config()
+        config.modules_to_save = ["head"]
+        return config
+
     def export_model(self, model: UfgirViT) -> UfgirViT:
         """A copy whose wrapped layers are their base layers with the update merged in (peft's merge)."""
         merged = copy.deepcopy(model)
@@ -159,6 +174,7 @@ class DoRA(LoRA):
     """peft's DoRA: LoRA on the direction of each target weight and a learned magnitude per output."""
 
     kind = block_label = "DoRA"
+    merges = "the DoRA updates (peft's merge)"
 
     def peft_config(self):
         config = super().peft_config()
@@ -173,6 +189,7 @@ class GLoRA(LoRA):
     each target module; a traced export merges it."""
 
     kind = block_label = "GLoRA"
+    merges = "the GLoRA updates (peft's merge)"
     keys = ("lora_init_weights",)
     layer_types = (nn.Linear,)
 
@@ -186,4 +203,50 @@ class GLoRA(LoRA):
         return _peft().GloraConfig(r=self.rank, target_modules=self.targets, init_weights=self.init == "default")
 
 
-__all__ = ["DoRA", "GLoRA", "LORA_INIT", "LoRA"]
+#: peft configuration fields that every adapter folder carries (bookkeeping) or that the method's own
+#: keys answer; any other field away from peft's default is a setting ufgir's LoRA family lacks.
+_PEFT_ANSWERED = frozenset({"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                            "revision", "inference_mode", "modules_to_save", "r", "target_modules", "lora_alpha",
+                            "lora_dropout", "use_rslora", "init_lora_weights", "use_dora", "init_weights"})
+
+
+def _targets_regex(targets: str | list[str] | set[str] | None) -> str:
+    """peft's ``target_modules`` as ``model.lora_targets``, a regex matched against whole module names: a
+    string is one already (peft full-matches it too); a list names modules by their last name parts."""
+    if isinstance(targets, str):
+        return targets
+    names = sorted(targets or [])
+    return "(?:.*\\.)?(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def settings_from_peft(config: Any, where: str) -> dict[str, Any]:
+    """The method (``lora``, ``dora`` or ``glora``) and the ``model.*`` keys that run a peft adapter
+    configuration (``ufgir import-peft``); a CheckpointError naming the first setting ufgir lacks."""
+    peft = _peft()
+    kind = type(config).__name__
+    if isinstance(config, peft.GloraConfig):
+        out = {"method": "glora", "lora_init_weights": "default" if config.init_weights else "random"}
+    elif isinstance(config, peft.LoraConfig):
+        inits = {v: k for k, v in LORA_INIT.items()}
+        init = config.init_lora_weights
+        if not isinstance(init, bool | str) or init not in inits:
+            raise CheckpointError(f"{where}: init_lora_weights={init!r} rewrites the frozen weights or needs data; "
+                                  f"ufgir attaches adapters to the backbone as it is ({', '.join(map(repr, inits))})")
+        out = {"method": "dora" if config.use_dora else "lora", "lora_alpha": float(config.lora_alpha),
+               "lora_dropout": float(config.lora_dropout), "lora_use_rslora": bool(config.use_rslora),
+               "lora_init_weights": inits[init]}
+    else:
+        raise CheckpointError(f"{where}: a {kind} ({config.peft_type}) is not one ufgir runs; it imports LoRA, DoRA "
+                              "and GLoRA adapters (LoraConfig, GloraConfig)")
+    if config.task_type is not None:
+        raise CheckpointError(f"{where}: task_type {config.task_type} is for a transformers model; a timm ViT's "
+                              "adapter has none")
+    default = type(config)().to_dict()
+    for key, value in config.to_dict().items():
+        if key not in _PEFT_ANSWERED and value != default.get(key):
+            raise CheckpointError(f"{where}: {kind}.{key} = {value!r}, a setting ufgir's {out['method']} lacks "
+                                  "(it takes r, lora_alpha, lora_dropout, use_rslora, target_modules)")
+    return {**out, "lora_rank": int(config.r), "lora_targets": _targets_regex(config.target_modules)}
+
+
+__all__ = ["DoRA", "GLoRA", "LORA_INIT", "LoRA", "settings_from_peft"]

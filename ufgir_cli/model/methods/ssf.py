@@ -95,6 +95,7 @@ class SSF(LinearHead):
     """A learned per-channel scale and shift after every operation of the frozen backbone."""
 
     block_label = "SSF"
+    merges = "the scales and shifts"
 
     def adapt_backbone(self, model: UfgirViT) -> None:
         for name, (layer, dim) in _backbone_layers(model.vit).items():
@@ -129,6 +130,8 @@ class BitFit(LinearHead):
     """Every bias of the backbone trains, with the head."""
 
     block_label = "BitFit (biases)"
+    # Nothing to merge: its trained biases are the backbone's own (`export_model` is the model itself,
+    # already a plain timm ViT).
 
     @staticmethod
     def _biases(model: UfgirViT) -> dict[str, list[nn.Parameter]]:
