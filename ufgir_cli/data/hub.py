@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import DatasetError
 from ..paths import hub_client_settings
+from .fetch import check_host
 
 Progress = Callable[[str, int, int | None], None]
 
@@ -20,17 +21,21 @@ def hub_file(repo: str, path: str, revision: str, progress: Progress, force: boo
     """The local copy of ``path`` in dataset repo ``repo`` at ``revision``, and the commit it came from.
 
     Any failure (offline, no such repo or file, HTTP error, cut transfer) is one DatasetError line
-    naming the file, so the caller can report it and try its next source.
+    naming the file, so the caller can report it and try its next source; a host name that does not
+    resolve is :class:`~.fetch.Unreachable`, which ends the attempt (every source would fail alike).
     """
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
 
+    settings = hub_client_settings()
+    if not constants.HF_HUB_OFFLINE:  # offline mode reads the cache only; else a host that does not resolve
+        check_host(settings["endpoint"] or constants.ENDPOINT)  # ends here, before the client's retries
     try:
         local = hf_hub_download(
             repo,
             path,
             repo_type="dataset",
             revision=revision,
-            **hub_client_settings(),
+            **settings,
             force_download=force,
             tqdm_class=_bar_class(progress),
         )
