@@ -21,7 +21,6 @@ shrink entries with :func:`dataclasses.replace`.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..errors import DatasetError
+from ..errors import DatasetError, did_you_mean
 from ..paths import data_dir as default_data_dir
 from ..paths import dataset_dir
 
@@ -258,14 +257,6 @@ def catalog_name(name: str) -> str | None:
     return next((k for k in CATALOG if k.lower() == name.lower()), None)
 
 
-def suggest(name: str, known: list[str]) -> str:
-    """`` (did you mean 'x'?)`` for a near miss among ``known``, else ``""``."""
-    close = difflib.get_close_matches(name.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
-    if not close:
-        return ""
-    return f" (did you mean {next(k for k in known if k.lower() == close[0])!r}?)"
-
-
 def get_spec(name: str, data_dir: str | os.PathLike | None = None) -> DatasetSpec:
     """The dataset called ``name``: a catalog entry (any case), else a dataset of the user's own that
     `ufgir datasets add` recorded in ``<data dir>/<name>/dataset.json``; an unknown name lists the
@@ -278,7 +269,7 @@ def get_spec(name: str, data_dir: str | os.PathLike | None = None) -> DatasetSpe
         return user_spec(name, info)
     own = user_datasets(data_dir)
     known = [*CATALOG, *own]
-    raise DatasetError(f"unknown dataset {name!r}{suggest(name, known)}; choose one of: {', '.join(known)}, "
+    raise DatasetError(f"unknown dataset {name!r}{did_you_mean(name, known)}; choose one of: {', '.join(known)}, "
                        "or add your own with `ufgir datasets add NAME --from-folder DIR`")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import DatasetError
+from ..paths import unresolvable
 
 Progress = Callable[[str, int, int | None], None]
 
@@ -34,13 +35,9 @@ class Unreachable(DatasetError):
 def check_host(url: str) -> None:
     """Raise :class:`Unreachable` when the host of ``url`` does not resolve (a quick local lookup,
     no connection): clients that retry (huggingface_hub backs off for tens of seconds) are not started."""
-    host = urllib.parse.urlsplit(url).hostname
-    if not host:
-        return
-    try:
-        socket.getaddrinfo(host, None)
-    except (socket.gaierror, UnicodeError) as e:
-        raise Unreachable(f"cannot resolve {host} ({e.strerror or e}): this machine looks offline") from None
+    why = unresolvable(url)
+    if why is not None:
+        raise Unreachable(f"{why}: this machine looks offline")
 
 
 def _no_progress(stage: str, done: int, total: int | None) -> None:

@@ -10,6 +10,7 @@ micro backbone (engine/pretrain.py) and as a version string in run provenance.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ModelError, RecipeError
 from ..methods import method_spec
+from ..paths import hub_client_settings, unresolvable
 from ..recipe import ModelConfig
 from .state import load_strict
 
@@ -146,6 +148,22 @@ def _gated(e: BaseException) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _offline_if_unreachable():
+    """huggingface_hub's offline mode while the Hub's host does not resolve: cached weights still load,
+    missing ones fail at once (one line, below) instead of after the client's retries (about 50 s)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or unresolvable(hub_client_settings()["endpoint"] or constants.ENDPOINT) is None:
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
 def _pretrained_failure(name: str, e: BaseException) -> ModelError:
     """One line for pretrained weights that cannot be had: gated (naming the licence and HF_TOKEN), or
     not cached and not fetchable."""
@@ -162,7 +180,8 @@ def _pretrained_failure(name: str, e: BaseException) -> ModelError:
     return ModelError(
         f"pretrained weights for model.backbone {name!r} are not in timm's cache and "
         f"cannot be fetched ({type(e).__name__}); run once with network access, or set "
-        "model.weights to a local .npz/.safetensors/.pth file, or to none"
+        "model.weights to a local .npz/.safetensors/.pth file, or to none; or, offline, train the method on the "
+        "shipped micro ViT: `ufgir train -r quickstart --set model.method=METHOD` (README: every method on a laptop)"
     )
 
 
@@ -177,7 +196,8 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
             vit = timm.create_model(cfg.backbone, pretrained=False, img_size=cfg.image_size, **kwargs)
         elif weights == "timm":
             try:
-                vit = timm.create_model(cfg.backbone, pretrained=True, **kwargs)
+                with _offline_if_unreachable():
+                    vit = timm.create_model(cfg.backbone, pretrained=True, **kwargs)
             except (OSError, RuntimeError, ValueError) as e:
                 if "Unknown model" in str(e):
                     raise
