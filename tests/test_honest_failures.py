@@ -104,6 +104,17 @@ def test_dataset_names_are_case_insensitive(tmp_path, monkeypatch):
 
 # ---- one line instead of a traceback --------------------------------------------------------------
 
+@pytest.mark.parametrize("backbone, says", [
+    ("resnet50", "model.backbone 'resnet50' is not a plain timm VisionTransformer"),
+    ("vit_smal_patch16_224", "is not a timm model (did you mean 'vit_small_patch16_224'?)"),
+])
+def test_a_backbone_that_cannot_work_is_one_line(backbone, says, small_synthetic, tmp_path):
+    res = runner.invoke(app, ["train", "-r", "linear", "--out", str(tmp_path), "--set", f"model.backbone='{backbone}'",
+                              "--set", f"data.root='{small_synthetic}'", "--set", "model.weights='timm'"])
+    assert says in _one_error_line(res)
+    assert not any(tmp_path.iterdir())  # nothing written, nothing downloaded
+
+
 def test_slurm_launcher_without_slurm_is_one_line(tmp_path, monkeypatch, small_synthetic):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no sacct
     monkeypatch.setenv("UFGIR_DATA_DIR", str(small_synthetic.parent))

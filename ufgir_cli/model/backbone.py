@@ -23,7 +23,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from ..errors import CheckpointError, ModelError, RecipeError
+from ..errors import CheckpointError, ModelError, RecipeError, did_you_mean
 from ..methods import method_spec
 from ..paths import hub_client_settings, unresolvable
 from ..recipe import ModelConfig
@@ -94,6 +94,16 @@ def _drop_class_token(vit: VisionTransformer, name: str, kwargs: dict) -> Vision
     return bare
 
 
+def unknown_backbone(name: str) -> RecipeError:
+    """The one line for a name timm does not know, with the nearest of timm's ViT names."""
+    arch, _, tag = name.partition(".")
+    near = did_you_mean(arch, timm.list_models("*vit*"))
+    if near and tag:
+        near = near.replace("?)", f" with .{tag}?)")
+    return RecipeError(f"model.backbone {name!r} is not a timm model{near}; use a ViT name such as "
+                       "vit_base_patch16_224.orig_in21k (list them with timm.list_models('vit_*'))")
+
+
 def backbone_facts(cfg: ModelConfig) -> tuple[int, dict]:
     """Blocks and numerics (`numerics_of`) of the recipe's backbone as timm builds it (on the meta
     device: no weights, no memory), for a backbone whose name does not tell them."""
@@ -102,8 +112,7 @@ def backbone_facts(cfg: ModelConfig) -> tuple[int, dict]:
             vit = timm.create_model(cfg.backbone, pretrained=False)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise RecipeError(f"model.backbone {cfg.backbone!r} is not a timm model; use a ViT name such as "
-                              "vit_base_patch16_224.orig_in21k (list them with timm.list_models('vit_*'))") from None
+            raise unknown_backbone(cfg.backbone) from None
         raise
     blocks = getattr(vit, "blocks", None)
     if blocks is None:
@@ -207,10 +216,7 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
             load_weights_file(vit, Path(weights).expanduser())
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise RecipeError(
-                f"model.backbone {cfg.backbone!r} is not a timm model; use a ViT name such as "
-                "vit_base_patch16_224.orig_in21k (list them with timm.list_models('vit_*'))"
-            ) from None
+            raise unknown_backbone(cfg.backbone) from None
         raise
     if not isinstance(vit, VisionTransformer):
         raise RecipeError(f"model.backbone {cfg.backbone!r} is not a plain timm VisionTransformer")
