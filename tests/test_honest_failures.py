@@ -77,6 +77,14 @@ def test_near_miss_keys_and_methods_are_suggested(overrides, says):
     assert says in str(err.value)
 
 
+def test_near_miss_checkpoint_tag_is_suggested(tmp_path):
+    from ufgir_cli.errors import CheckpointError
+    from ufgir_cli.model.checkpoint import resolve_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"--checkpoint 'bset' is neither .* \(did you mean 'best'\?\)"):
+        resolve_checkpoint(tmp_path, "bset")
+
+
 def test_near_miss_recipe_is_suggested():
     with pytest.raises(RecipeError, match=r"recipe 'quikstart' not found \(did you mean 'quickstart'\?\)"):
         load_recipe("quikstart")

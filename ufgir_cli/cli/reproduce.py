@@ -101,10 +101,7 @@ def reproduce(
         return
     from ..reproduce import check_grid, make_grid
 
-    if launcher not in ("local", "slurm"):
-        raise typer.BadParameter(f"{launcher!r} is not local or slurm", param_hint="--launcher")
-    if launcher == "slurm" and not dry_run:
-        _need_slurm()
+    _check_launcher(launcher, dry_run)
     plain, per_row = _row_sets(sets)
     grid = make_grid(_names(methods), _names(datasets) or [], image_size=image_size,
                      seeds=_numbers(seeds, int, "--seeds"), lrs=_numbers(lr, float, "--lr"),
@@ -164,12 +161,17 @@ def _local(grid, gpu_ids: list[str] | None, gpus_per_run: int, quiet: bool) -> N
                             "same command retries them")
 
 
-def _need_slurm() -> None:
-    """A one-line LaunchError where Slurm's commands are missing (a laptop), before anything is built or written."""
+def _check_launcher(launcher: str, dry_run: bool) -> None:
+    """local or slurm; for slurm (unless a dry run), a one-line LaunchError where Slurm's commands are
+    missing (a laptop), before anything is built or written."""
     import shutil
 
     from ..errors import LaunchError
 
+    if launcher not in ("local", "slurm"):
+        raise typer.BadParameter(f"{launcher!r} is not local or slurm", param_hint="--launcher")
+    if launcher == "local" or dry_run:
+        return
     missing = [tool for tool in ("sbatch", "sacct") if shutil.which(tool) is None]
     if missing:
         raise LaunchError(f"--launcher slurm: no Slurm here ({' and '.join(missing)} not on PATH); run the same "

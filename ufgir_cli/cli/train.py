@@ -11,6 +11,23 @@ import typer
 from ._common import DEVICE_HELP, QuietOpt, SetOpt, check_device, console, err_console, parse_sets
 
 
+def _resume_epochs(sets: list[str] | None, flags) -> int | None:
+    """With --resume: the one --set it takes (``train.epochs=N``, to train longer), or None; any other
+    option (``flags``: (flag, value) pairs) is refused, since a resume continues the saved recipe."""
+    from ..errors import RecipeError
+
+    overrides = parse_sets(sets)
+    epochs = (overrides.get("train") or {}).get("epochs") if overrides.keys() == {"train"} else None
+    other_sets = bool(sets) and (epochs is None or overrides["train"].keys() != {"epochs"})
+    given = [flag for flag, v in (*flags, ("--set", other_sets)) if v]
+    if given:
+        raise RecipeError(f"--resume continues a run in place with its saved recipe (only --set train.epochs=N "
+                          f"may extend it); drop {', '.join(given)}")
+    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
+        raise RecipeError(f"--set train.epochs={epochs!r}: give a whole number of epochs, at least 1")
+    return epochs
+
+
 def train(
     recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Recipe name or TOML path.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Shortcut for --set data.dataset=NAME.")] = None,
@@ -40,17 +57,9 @@ def train(
 
     epochs = None
     if resume is not None:
-        overrides = parse_sets(sets)
-        epochs = (overrides.get("train") or {}).get("epochs") if overrides.keys() == {"train"} else None
-        other_sets = bool(sets) and (epochs is None or overrides["train"].keys() != {"epochs"})
-        given = [flag for flag, v in (("--recipe", recipe), ("--dataset", dataset), ("--set", other_sets), ("--out", out),
-                                      ("--name", name), ("--overwrite", overwrite), ("--skip-corrupt", skip_corrupt),
-                                      ("--device", device), ("--threads", threads is not None)) if v]
-        if given:
-            raise RecipeError(f"--resume continues a run in place with its saved recipe (only --set train.epochs=N "
-                              f"may extend it); drop {', '.join(given)}")
-        if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
-            raise RecipeError(f"--set train.epochs={epochs!r}: give a whole number of epochs, at least 1")
+        epochs = _resume_epochs(sets, (("--recipe", recipe), ("--dataset", dataset), ("--out", out), ("--name", name),
+                                       ("--overwrite", overwrite), ("--skip-corrupt", skip_corrupt),
+                                       ("--device", device), ("--threads", threads is not None)))
         r, run_dir = None, resume
     else:
         if recipe is None:

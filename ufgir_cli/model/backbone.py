@@ -157,6 +157,23 @@ def _gated(e: BaseException) -> bool:
     return False
 
 
+def _pretrained(name: str, kwargs: dict) -> VisionTransformer:
+    """timm's pretrained model; with a ``depth`` below the published one (TransFG and FFVT keep D - 1
+    blocks), its first ``depth`` blocks: timm loads pretrained weights strictly, so the published model
+    is built and its state, less the blocks past ``depth``, loaded into the shorter one."""
+    depth = kwargs.get("depth")
+    if depth is None:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    full = timm.create_model(name, pretrained=True, **{k: v for k, v in kwargs.items() if k != "depth"})
+    if depth > len(full.blocks):
+        raise RecipeError(f"model.depth {depth} is more than the {len(full.blocks)} blocks of model.backbone {name!r}")
+    vit = timm.create_model(name, pretrained=False, **kwargs)
+    beyond = tuple(f"blocks.{i}." for i in range(depth, len(full.blocks)))
+    load_strict(vit, {k: v for k, v in full.state_dict().items() if not k.startswith(beyond)},
+                f"model.backbone {name!r} cut to its first {depth} blocks")
+    return vit
+
+
 @contextlib.contextmanager
 def _offline_if_unreachable():
     """huggingface_hub's offline mode while the Hub's host does not resolve: cached weights still load,
@@ -206,7 +223,7 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
         elif weights == "timm":
             try:
                 with _offline_if_unreachable():
-                    vit = timm.create_model(cfg.backbone, pretrained=True, **kwargs)
+                    vit = _pretrained(cfg.backbone, kwargs)
             except (OSError, RuntimeError, ValueError) as e:
                 if "Unknown model" in str(e):
                     raise
