@@ -205,7 +205,8 @@ def test_offline_download_ends_at_once_in_one_line(tmp_path, no_dns):
     assert res.exit_code == 2
     lines = [line for line in res.output.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and "cannot resolve hub.ufgir-test.invalid" in errors[0], res.output
+    assert lines == errors and len(errors) == 1, res.output  # not even the "trying a community copy" note
+    assert "cannot resolve hub.ufgir-test.invalid" in errors[0] and "no source of it" not in errors[0]
     assert "ufgir download cotton80 --archive Cotton80.zip" in errors[0]
     assert not any("Retry" in line for line in lines), res.output  # no client retries (they took 47 s)
 

@@ -39,7 +39,7 @@ from ..paths import data_dir as default_data_dir
 from .archive import OnImage, extract_archive
 from .catalog import USER_KIND, DatasetSpec, Source, catalog_name, get_spec, rebuild_command, user_spec
 from .content import HASHES_FILE, Hasher, write_hashes
-from .fetch import Unreachable, fetch, part_file
+from .fetch import Unreachable, check_host, fetch, part_file
 from .folder import SPLITS, read_info, write_dataset_folder
 from .integrity import OverlapError, settle
 from .layouts import Groups, link_or_copy, place, read_labels
@@ -247,17 +247,18 @@ def _from_catalog(
     for src in spec.sources:
         if src.fetch == "manual" or (only and src.origin != only):
             continue
-        if src.origin == "mirror":
-            where = f"; the official one is {official.where}" if official else ""
-            notify(f"{spec.name}: trying {src.where}, a community copy, not the authors'{where}")
         obtain = lambda tmp, on_image, src=src: _from_source(spec, src, base, tmp, force, progress, on_image)  # noqa: E731
         try:
+            _check_reachable(src)
+            if src.origin == "mirror":
+                where = f"; the official one is {official.where}" if official else ""
+                notify(f"{spec.name}: trying {src.where}, a community copy, not the authors'{where}")
             return _build(spec, base, root, obtain, checks, progress, notify)
         except OverlapError as e:
             overlap = e
             tried.append(src.repo or src.url)
         except Unreachable as e:  # offline: every other source would fail the same way, after its timeouts
-            raise DatasetError(f"{spec.name}: {e}; {_by_hand(spec, only, [])}") from None
+            raise DatasetError(_by_hand(spec, only, [], why=str(e))) from None
         except DatasetError as e:
             tried.append(src.repo or src.url)
             notify(f"{spec.name}: {src.where} failed: {e}")
@@ -266,9 +267,21 @@ def _from_catalog(
     raise DatasetError(_by_hand(spec, only, tried))
 
 
-def _by_hand(spec: DatasetSpec, only: str | None, tried: list[str]) -> str:
+def _check_reachable(src: Source) -> None:
+    """:class:`Unreachable` at once when the source's host does not resolve (this machine is offline)."""
+    if src.fetch == "url":
+        check_host(src.url)
+    else:
+        from .hub import check_hub
+
+        check_hub()
+
+
+def _by_hand(spec: DatasetSpec, only: str | None, tried: list[str], why: str | None = None) -> str:
     """The one-line error when nothing could be fetched: the official link, the file, the command."""
-    if tried:
+    if why:
+        what = why
+    elif tried:
         what = f"could not fetch it from {', '.join(tried)}"
     else:
         what = f"no {only + ' ' if only else ''}source of it can be fetched by a program"

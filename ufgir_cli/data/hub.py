@@ -24,18 +24,16 @@ def hub_file(repo: str, path: str, revision: str, progress: Progress, force: boo
     naming the file, so the caller can report it and try its next source; a host name that does not
     resolve is :class:`~.fetch.Unreachable`, which ends the attempt (every source would fail alike).
     """
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import hf_hub_download
 
-    settings = hub_client_settings()
-    if not constants.HF_HUB_OFFLINE:  # offline mode reads the cache only; else a host that does not resolve
-        check_host(settings["endpoint"] or constants.ENDPOINT)  # ends here, before the client's retries
+    check_hub()
     try:
         local = hf_hub_download(
             repo,
             path,
             repo_type="dataset",
             revision=revision,
-            **settings,
+            **hub_client_settings(),
             force_download=force,
             tqdm_class=_bar_class(progress),
         )
@@ -46,6 +44,15 @@ def hub_file(repo: str, path: str, revision: str, progress: Progress, force: boo
     # the cache keeps each file at <repo folder>/snapshots/<commit>/<path>
     commit = local.parts[-len(Path(path).parts) - 1]
     return local, commit
+
+
+def check_hub() -> None:
+    """:class:`~.fetch.Unreachable` when the Hub's host does not resolve, before the client's retries start
+    (in offline mode, ``HF_HUB_OFFLINE``, the client reads its cache only: nothing to check)."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        check_host(hub_client_settings()["endpoint"] or constants.ENDPOINT)
 
 
 def _bar_class(progress: Progress) -> type:
