@@ -519,7 +519,7 @@ def test_truncated_archive_is_a_clear_error(tmp_path, fmt):
         assert msg.startswith(f"{path} is not a zip or tar(.gz/.bz2/.xz) archive, or it is truncated")
     else:
         assert msg.startswith(f"cannot extract {path}: it is truncated or corrupt (")
-    assert msg.endswith("; fetch it again with --force") and "\n" not in msg
+    assert msg.endswith("; your own file: a complete copy)") and "\n" not in msg
     assert list(data.iterdir()) == []
 
 
@@ -599,13 +599,15 @@ def test_verify_lists_unreadable_images(tmp_path):
     files["Cotton80/cotton_square_new/2_1_train.png"] = b"not an image"
     archive = make_zip(tmp_path / "Cotton80.zip", files)
     data = tmp_path / "data"
-    bad = r"cotton80: 1 images cannot be decoded: images/2_1_train.png; fetch a fresh copy"
+    bad = r"cotton80: 1 images cannot be decoded: images/2_1_train.png; .*Cotton80.zip is damaged: pass a complete copy"
 
     with pytest.raises(DatasetError, match=bad):
         download_dataset(COTTON, data, archive=archive, verify=True)
     assert list(data.iterdir()) == []  # a dataset that fails verification is not installed
 
     assert download_dataset(COTTON, data, archive=archive).status == "created"
+    bad = re.escape(f"cotton80: 1 images cannot be decoded: images/2_1_train.png; re-create it from a complete copy "
+                    f"with `ufgir download cotton80 --archive {archive.resolve()} --force`")
     with pytest.raises(DatasetError, match=bad):
         download_dataset(COTTON, data, verify=True)
 

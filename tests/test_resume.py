@@ -319,8 +319,42 @@ def test_resume_refusals_are_one_line(finished, tmp_path):
     msg = _one_line_error(runner.invoke(app, ["train", "--resume", str(finished)]))
     assert "already finished its 1 epochs" in msg and "ufgir eval" in msg
 
-    msg = _one_line_error(runner.invoke(app, ["train", "--resume", str(finished), "--set", "train.epochs=3"]))
-    assert "drop --set" in msg
+    msg = _one_line_error(runner.invoke(app, ["train", "--resume", str(finished), "--set", "optim.lr=0.1"]))
+    assert "drop --set" in msg and "only --set train.epochs=N may extend it" in msg
+    msg = _one_line_error(runner.invoke(app, ["train", "--resume", str(finished), "--set", "train.epochs=0"]))
+    assert "train.epochs=0" in msg
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_resume_may_train_longer_over_the_new_total(finished, tmp_path, quiet):
+    """--resume --set train.epochs=N: the steps from the checkpoint on follow the schedule over the new
+    total (recorded, with the note that it is not a longer run from the start); both output modes say
+    where it resumes."""
+    import shutil
+
+    from ufgir_cli.engine.optim import lr_at
+    from ufgir_cli.recipe import load_saved_recipe
+
+    run = tmp_path / "longer"
+    shutil.copytree(finished, run)
+    start = read_checkpoint(run / "checkpoints" / "last.pt")["train_state"]["step"]
+    res = runner.invoke(app, ["train", "--resume", str(run), "--set", "train.epochs=3", *(["--quiet"] if quiet else [])])
+    assert res.exit_code == 0, res.output
+    assert f"resuming from step {start} (epoch 2 of 3)" in res.output
+    assert "train.epochs raised from 1 to 3" in res.output
+    recipe = load_saved_recipe(run / "recipe.toml")
+    assert recipe.train.epochs == 3
+    (ext,) = json.loads((run / "provenance.json").read_text())["schedule_extensions"]
+    total = 3 * start
+    assert ext["at_step"] == start and (ext["epochs_before"], ext["epochs_after"]) == (1, 3)
+    assert ext["total_steps_after"] == total and "not equal to one that was 3 epochs long" in ext["note"]
+    logged = records(run)
+    assert [r["step"] for r in logged] == list(range(1, total + 1))
+    for r in logged[start:]:  # after the checkpoint: the schedule over the new total
+        assert r["train/lr"] == pytest.approx(lr_at(r["step"] - 1, total, recipe.optim.lr, recipe.schedule))
+    assert read_checkpoint(run / "checkpoints" / "last.pt")["train_state"]["epoch"] == 3
+    msg = _one_line_error(runner.invoke(app, ["train", "--resume", str(run), "--set", "train.epochs=2"]))
+    assert "fewer than the run's 3" in msg
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(finished, tmp_path):

@@ -74,7 +74,8 @@ def test_the_layout_is_named_in_one_place(tmp_path):
     assert foreign.parent.parent == run.eval_root / "other" and foreign.name == "test"
     assert foreign.parent.name.startswith("last_") and foreign != run.eval_dir("test")
     assert run.eval_dir_for("test", run.best) == run.eval_dir("test")
-    assert run.eval_dir_for("val", run.export("model.safetensors")) == run.eval_dir("val")
+    exported = run.eval_dir_for("val", run.export("model.safetensors"))  # never over the run's own results
+    assert exported == run.export_eval_dir("val", "model.safetensors") == run.root / "eval/export/model.safetensors/val"
     assert run.foreign_eval_dir("test", tmp_path / "a" / "x.pt") != run.foreign_eval_dir("test", tmp_path / "b" / "x.pt")
 
 

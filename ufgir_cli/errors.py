@@ -8,6 +8,16 @@ Any other exception is a bug and always shows its traceback.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the nearest of ``known`` to a mistyped ``name`` (any case), else ``""``."""
+    known = list(known)
+    close = difflib.get_close_matches(name.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {next(k for k in known if k.lower() == close[0])!r}?)" if close else ""
+
 
 class UfgirError(Exception):
     """Base class: a one-line message that names the thing and the fix."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from .errors import did_you_mean
 from .geometry import FAMILIES, backbone_family, scale_block
 
 Family = Literal["petl", "ila", "fgir", "full"]
@@ -283,7 +284,7 @@ def method_spec(name: str) -> MethodSpec:
         return METHODS[name]
     found = plugins().get(name)
     if found is None:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(all_methods())}")
+        raise ValueError(f"unknown method {name!r}{did_you_mean(name, all_methods())}; known: {', '.join(all_methods())}")
     return found
 
 

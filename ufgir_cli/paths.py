@@ -54,6 +54,21 @@ def hub_client_settings() -> dict[str, str | None]:
     return {"endpoint": os.environ.get("HF_ENDPOINT") or None, "cache_dir": os.environ.get("HF_HUB_CACHE") or None}
 
 
+def unresolvable(url: str) -> str | None:
+    """Why the host of ``url`` does not resolve (this machine, or its DNS, is offline), else None. A local
+    lookup, no connection: callers use it to fail at once instead of starting a client that retries."""
+    import urllib.parse
+
+    host = urllib.parse.urlsplit(url).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError) as e:
+        return f"cannot resolve {host} ({getattr(e, 'strerror', None) or e})"
+    return None
+
+
 HUB_SCHEME = "hf://"
 # ``hf:/`` too: pathlib folds the double slash (``Path("hf://a/b")`` is ``hf:/a/b``), and commands take Paths.
 _HUB_REF = re.compile(r"hf:/{1,2}(?P<owner>[A-Za-z0-9][\w.-]*)/(?P<name>[\w.-]+)(?:@(?P<rev>[^\s@]+))?/?")
@@ -265,12 +280,19 @@ class RunDir:
         p = Path(path)
         return p.parent.name == CHECKPOINTS and p.parent.parent.resolve() == self.root.resolve()
 
+    def export_eval_dir(self, split: str, file: str | os.PathLike) -> Path:
+        """``eval/export/<file name>/<split>/``: the evaluation of an exported file of this run (say
+        ``export/model.safetensors``), beside the run's own results, which it never replaces."""
+        return self.eval_root / EXPORT / Path(file).name / split
+
     def eval_dir_for(self, split: str, checkpoint: str | os.PathLike) -> Path:
         """Where an evaluation of ``checkpoint`` on ``split`` goes: ``eval/<split>/`` for the run's own
-        checkpoint (or a loose file's own folder), else :meth:`foreign_eval_dir`."""
+        checkpoint (or a loose file's own folder), :meth:`export_eval_dir` for a file in its ``export/``,
+        else :meth:`foreign_eval_dir`."""
         p = Path(checkpoint)
-        own = self.is_own_checkpoint(p) or p == self.root or p.parent.resolve() == self.root.resolve() \
-            or (p.parent.name == EXPORT and p.parent.parent.resolve() == self.root.resolve())
+        if p.parent.name == EXPORT and p.parent.parent.resolve() == self.root.resolve():
+            return self.export_eval_dir(split, p)
+        own = self.is_own_checkpoint(p) or p == self.root or p.parent.resolve() == self.root.resolve()
         return self.eval_dir(split) if own else self.foreign_eval_dir(split, p)
 
     @property

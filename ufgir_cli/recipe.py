@@ -9,7 +9,7 @@ backbone's own numerics (mean/std, LayerNorm eps, resampling, resize: ``model.nu
 recipes mostly just pick a method and ask for the reference's numerics. What the backbone decides
 (depth-derived positions, numerics) is filled in on load where its name tells it, else at build, and
 saved with the run. This module imports no torch so that ``ufgir recipes`` stays instant. It is one
-piece (about 750 lines): the types, their resolution and their error messages belong together; how a
+piece (about 800 lines): the types, their resolution and their error messages belong together; how a
 recipe is described to a person (sources, every key, descriptions) is ``recipe_docs.py``.
 """
 
@@ -35,11 +35,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from .errors import RecipeError, RecipeNotice
+from .errors import RecipeError, RecipeNotice, did_you_mean
 from .geometry import NUMERIC_KEYS, backbone_depth, backbone_numerics, backbone_patch, check_geometry
 from .io import to_toml
 from .methods import MethodSpec, backbone_refusal, method_spec
 from .paths import NON_RECIPE_ENV
+
+#: ``train.precision`` values (and `ufgir eval --precision`'s).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 SPLITS = ("train", "val", "train_val", "test")
 Split = Literal["train", "val", "train_val", "test"]
@@ -413,7 +416,7 @@ class TrainConfig(Section):
     epochs: int = Field(50, ge=1, description="Passes over the training split.")
     batch_size: int = Field(8, ge=1, description="Images per micro-batch and process.")
     split: Split = Field("train_val", description="The split trained on.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Literal[PRECISIONS] = Field(
         "auto", description="auto: bf16 where the device supports it (fp16 on older GPUs), else fp32.")
     seed: int = Field(1, description="Seeds Python, NumPy and torch: initialisation, data order, augmentation.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
@@ -586,7 +589,8 @@ def resolve_recipe_path(name_or_path: str | os.PathLike) -> Path:
         if q.is_file():
             return q
     known = ", ".join(packaged_recipe_names())
-    raise RecipeError(f"recipe {s!r} not found: give a TOML file path or a packaged recipe ({known})")
+    raise RecipeError(f"recipe {s!r} not found{did_you_mean(stem, packaged_recipe_names())}: give a TOML file path "
+                      f"or a packaged recipe ({known})")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -649,25 +653,39 @@ def _format_validation(e: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             section = ".".join(str(x) for x in err["loc"][:-1])
-            parts.append(f"unknown recipe key {loc!r}" + _suggest(section))
+            leaf = str(err["loc"][-1])
+            parts.append(f"unknown recipe key {loc!r}{did_you_mean(leaf, _keys_of(section))}" + _suggest(section))
         elif "model." in msg or "train.split" in msg:
             parts.append(msg)
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            parts.append(f"recipe key {loc!r}: {msg}{shown}" if loc else msg)
+            parts.append(f"recipe key {loc!r}{_env_source(loc, got)}: {msg}{shown}" if loc else msg)
     return "; ".join(parts)
 
 
-def _suggest(section: str) -> str:
+def _keys_of(section: str) -> list[str]:
+    """The keys allowed in a recipe section ("" for the top level); none for a path that is no section."""
     model = Recipe
     for part in filter(None, section.split(".")):
         ann = model.model_fields[part].annotation if part in model.model_fields else None
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return ""
+            return []
         model = ann
-    keys = ", ".join(model.model_fields)
-    return f"; allowed {'in [' + section + '] ' if section else 'at top level '}are: {keys}"
+    return list(model.model_fields)
+
+
+def _suggest(section: str) -> str:
+    keys = _keys_of(section)
+    if not keys:
+        return ""
+    return f"; allowed {'in [' + section + '] ' if section else 'at top level '}are: {', '.join(keys)}"
+
+
+def _env_source(key: str, got: Any) -> str:
+    """`` (from UFGIR_TRAIN__EPOCHS)`` when the bad value is the one an environment variable gives the key."""
+    var = "UFGIR_" + key.replace(".", "__").upper()
+    return f" (from environment variable {var})" if var in os.environ and os.environ[var] == str(got) else ""
 
 
 def load_recipe(

@@ -155,11 +155,42 @@ RunArg = Annotated[Path | None, typer.Argument(
 CheckpointOpt = Annotated[
     str, typer.Option("--checkpoint", help="Which checkpoint of a run folder: best, last or auto (best if present).")
 ]
-SplitOpt = Annotated[str | None, typer.Option("--split", help="Dataset split: train, val, train_val or test.")]
+def check_split(value: str | None) -> str | None:
+    """``--split``: a split of the dataset folder format, refused at parse time (before torch is imported)."""
+    from ..data.folder import SPLITS  # no torch there
+
+    if value is not None and value not in SPLITS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(SPLITS)}")
+    return value
+
+
+SplitOpt = Annotated[str | None, typer.Option("--split", callback=check_split,
+                                              help="Dataset split: train, val, train_val or test.")]
 TopkOpt = Annotated[int, typer.Option("--topk", "-k", min=1, help="Classes to show per image.")]
 BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Batch size (default: the recipe's).")]
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto (cuda when available)."
-DeviceOpt = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
+_DEVICE = r"auto|cpu|mps|cuda(:\d+)?"
+
+
+def check_device(value: str | None) -> str | None:
+    """``--device``: auto, cpu, mps, cuda or cuda:N, refused at parse time (before torch is imported)."""
+    import re
+
+    if value is not None and not re.fullmatch(_DEVICE, value):
+        raise typer.BadParameter(f"{value!r} is not a device; use {DEVICE_HELP}")
+    return value
+
+
+DeviceOpt = Annotated[str, typer.Option("--device", help=DEVICE_HELP, callback=check_device)]
+
+
+def check_precision(value: str | None) -> str | None:
+    """``--precision``: one of the recipe's ``train.precision`` values (pydantic only, no torch)."""
+    from ..recipe import PRECISIONS
+
+    if value is not None and value not in PRECISIONS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(PRECISIONS)}")
+    return value
 DpiOpt = Annotated[int, typer.Option("--dpi", min=50, max=1200, help="Resolution of the PNG figures (dots per inch).")]
 FormatOpt = Annotated[
     list[str] | None,

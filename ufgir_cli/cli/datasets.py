@@ -21,11 +21,11 @@ app = typer.Typer(cls=PlainGroup, invoke_without_command=True)
 def datasets(ctx: typer.Context, data_dir: DataDirOpt = None) -> None:
     """The catalog: classes, images per split, whether each dataset is on disk, and where it comes from.
 
-    `ufgir datasets verify NAME` checks a downloaded one.
+    `ufgir datasets verify NAME` checks a downloaded one; `ufgir datasets add NAME --from-folder DIR` adds your own.
     """
     if ctx.invoked_subcommand is not None:
         return
-    from ..data.catalog import CATALOG
+    from ..data.catalog import CATALOG, get_spec, user_datasets
     from ..data.download import dataset_status
     from ..data.folder import read_info
     from ..paths import dataset_dir
@@ -37,15 +37,16 @@ def datasets(ctx: typer.Context, data_dir: DataDirOpt = None) -> None:
         table.add_column(col, justify="right")
     table.add_column("status")
     table.add_column("path")
-    for spec in CATALOG.values():
+    own = [get_spec(name, data_dir) for name in user_datasets(data_dir)]  # `ufgir datasets add`
+    for spec in [*CATALOG.values(), *own]:
         root = dataset_dir(spec.name, data_dir)
         status = dataset_status(spec, root)
         sizes = (spec.num_classes, spec.train_val, spec.test)
-        if spec.kind == "generated":  # its size is whatever the generator made
+        if spec.kind in ("generated", "user"):  # its size is whatever the generator or the user's folder made
             info = read_info(root) if status == "ready" else {}
             counts = info.get("counts", {})
             sizes = (info.get("num_classes"), counts.get("train_val"), counts.get("test"))
-        cells = ["generated" if n is None else f"{n:,}" for n in sizes]
+        cells = [spec.kind if n is None else f"{n:,}" for n in sizes]
         table.add_row(spec.name, *cells, f"[{styles[status]}]{status}[/]", str(root))
     console.print(table)
     console.print("\nsources, in the order `ufgir download` tries them (by hand: get the file, then --archive):")
@@ -76,7 +77,7 @@ def verify(
     from ..data.verify import verify_dataset
     from ..paths import dataset_dir
 
-    spec = get_spec(name)
+    spec = get_spec(name, data_dir)
     root: Path = dataset_dir(spec.name, data_dir)
     columns = (TextColumn("{task.description:>9}"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[amount]}"))
     with Progress(*columns, console=err_console, transient=True) as bars:
@@ -111,3 +112,34 @@ def _print(r: dict) -> None:
         say("ok")
     for line in r["problems"]:
         err_console.print(f"[bold red]problem:[/] {escape(line)}", soft_wrap=True, highlight=False)
+
+
+@app.command("add", cls=PlainCommand)
+def add(
+    name: Annotated[str, typer.Argument(help="A name of your own for it (letters, digits, _ . -).", show_default=False)],
+    from_folder: Annotated[Path | None, typer.Option(
+        "--from-folder", help="DIR/<class>/<images>, or DIR/train/<class>/... and DIR/test/<class>/... "
+        "(left untouched; images are hard-linked or copied).", show_default=False)] = None,
+    from_csv: Annotated[Path | None, typer.Option(
+        "--from-csv", help="A CSV with the header path,label or path,label,split (paths relative to the CSV).",
+        show_default=False)] = None,
+    test_fraction: Annotated[float, typer.Option(
+        "--test-fraction", min=0.0, max=1.0, help="Without a test split: the share of each class held out for test, "
+        "spread evenly through its images in name order (see the README).")] = 0.5,
+    data_dir: DataDirOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild it even when it is complete.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Fail on any image that cannot be decoded.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line (name, status, path, counts) on stdout.")] = False,
+) -> None:
+    """Add a dataset of your own: class folders or a CSV, checked like a download (content hashes, duplicates,
+    test images also in train_val), then `ufgir train --dataset NAME` uses it like a catalog one."""
+    from ..data.download import add_dataset
+    from ..errors import DatasetError
+    from .download import report_result
+
+    given = [s for s in (from_folder, from_csv) if s is not None]
+    if len(given) != 1:
+        raise DatasetError("pass exactly one of --from-folder DIR and --from-csv FILE")
+    run = lambda progress, notify: add_dataset(name, given[0], data_dir, test_fraction=test_fraction,  # noqa: E731
+                                                force=force, verify=verify, progress=progress, notify=notify)
+    report_result(name, run, as_json=as_json, verify=verify)

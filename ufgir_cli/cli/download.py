@@ -78,34 +78,36 @@ def download(
     """Download, check and unpack a dataset into <data-dir>/<name>/ (images, splits, classes, dataset.json)."""
     from ..data.download import download_dataset
 
-    columns = (
-        TextColumn("{task.description:>9}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[amount]}"),
-        TimeRemainingColumn(),
-    )
+    def run(progress, notify):
+        return download_dataset(name, data_dir, url=url, archive=archive, from_folder=from_folder,
+                                source=source.value if source else None, force=force, verify=verify,
+                                allow_overlap=allow_overlap, progress=progress, notify=notify)
+
+    report_result(name, run, as_json=as_json, verify=verify)
+
+
+def report_result(name: str, run, *, as_json: bool, verify: bool) -> None:
+    """Run ``run(progress, notify)`` (a download or `datasets add`) under progress bars and report it:
+    for a person, or as one JSON line, on failure too (``"status": "failed"`` and the error)."""
+    from ..errors import UfgirError
+
+    columns = (TextColumn("{task.description:>9}"), BarColumn(), TaskProgressColumn(),
+               TextColumn("{task.fields[amount]}"), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=True) as bars:
-        result = download_dataset(
-            name,
-            data_dir,
-            url=url,
-            archive=archive,
-            from_folder=from_folder,
-            source=source.value if source else None,
-            force=force,
-            verify=verify,
-            allow_overlap=allow_overlap,
-            progress=_Bars(bars),
-            notify=lambda line: bars.console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True),
-        )
+        try:
+            result = run(_Bars(bars), lambda line: bars.console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True))
+        except UfgirError as e:
+            if not as_json:
+                raise
+            print(json.dumps({"name": name, "status": "failed", "error": str(e)}))
+            raise typer.Exit(e.exit_code) from None
     counts = result.info.get("counts", {})
     if as_json:
         keys = ("source", "origin", "archive_sha256", "num_classes", "counts", "integrity")
-        summary = {"name": name, "status": result.status, "path": str(result.path)}
+        summary = {"name": result.name, "status": result.status, "path": str(result.path)}
         print(json.dumps({**summary, **{k: result.info.get(k) for k in keys}, "verified": verify}))
         return
-    _print_result(name, result)
+    _print_result(result.name, result)
     if verify:
         console.print(f"verified: all {counts.get('train_val', 0) + counts.get('test', 0)} images decode")
 
@@ -115,6 +117,8 @@ def _print_result(name: str, result) -> None:
     counts = result.info.get("counts", {})
     if result.status == "present":
         console.print(f"{name} is already complete at {result.path}; --force rebuilds it", soft_wrap=True)
+        if result.info.get("split_rule"):
+            console.print(f"test split by the rule: {result.info['split_rule']}", soft_wrap=True, highlight=False)
     else:
         console.print(
             f"{name}: {result.info.get('num_classes')} classes, "
@@ -123,6 +127,8 @@ def _print_result(name: str, result) -> None:
             soft_wrap=True,
         )
         console.print(f"from {result.info.get('source')}", soft_wrap=True, highlight=False)
+        if result.info.get("split_rule"):
+            console.print(f"test split by the rule: {result.info['split_rule']}", soft_wrap=True, highlight=False)
         integ = result.info.get("integrity")
         if integ:
             dups = sum(d["images"] for d in integ["duplicates"].values())

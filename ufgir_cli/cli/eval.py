@@ -13,6 +13,7 @@ from ._common import (
     DeviceOpt,
     RunArg,
     SplitOpt,
+    check_precision,
     console,
     err_console,
     resolve_run,
@@ -24,7 +25,8 @@ def eval_cmd(
     split: SplitOpt = None,
     checkpoint: CheckpointOpt = "auto",
     batch_size: BatchSizeOpt = None,
-    precision: Annotated[str | None, typer.Option(help="fp32, bf16, fp16 (default: the run's).")] = None,
+    precision: Annotated[str | None, typer.Option(callback=check_precision,
+                                                  help="fp32, bf16, fp16 or auto (default: the run's).")] = None,
     device: DeviceOpt = "auto",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model first (weights frozen "
                                            "into the graph): tens of seconds once, faster batches after; "
@@ -32,10 +34,16 @@ def eval_cmd(
 ) -> None:
     """Evaluate --split (default: the recipe's eval.split) and write
     eval/<split>/{metrics.json,per_class.csv,predictions.csv} under the run."""
+    from ..errors import OptionError
+
+    run = resolve_run(run)
+    if run.suffix.lower() in (".onnx", ".pt2"):  # before torch: this is not a file eval reads
+        raise OptionError(f"{run}: `ufgir eval` reads run folders, checkpoints (.pt) and .safetensors exports, not "
+                          f"{run.suffix} graphs; run an exported graph on images with `ufgir predict {run} IMAGES`")
     from ..engine.report import eval_run
     from ..recipe import splits_share_images
 
-    m, out, recipe = eval_run(resolve_run(run), split, checkpoint, batch_size, precision, device, compile_model=compile_)
+    m, out, recipe = eval_run(run, split, checkpoint, batch_size, precision, device, compile_model=compile_)
     if splits_share_images(recipe.train.split, m["split"]):
         err_console.print(f"[yellow]warning:[/] the model trained on {recipe.train.split}, which shares its images with "
                           f"{m['split']}: these numbers are not on held-out images (this run holds out "

@@ -43,6 +43,14 @@ class RichProgress(Callback):
             f"{info['params_trainable']:,} of {info['params_total']:,} parameters trainable · run {info['run_dir']}",
             soft_wrap=True, markup=False,
         )
+        if info.get("resumed"):  # every mode, live or --quiet: where this run goes on from
+            epoch = info["start_step"] // max(info["steps_per_epoch"], 1)
+            console.print(f"resuming from step {info['start_step']} (epoch {epoch + 1} of {info['epochs']})",
+                          soft_wrap=True, markup=False)
+        if info.get("extension"):
+            ext = info["extension"]
+            console.print(f"[yellow]note:[/] train.epochs raised from {ext['epochs_before']} to {ext['epochs_after']}: "
+                          f"{escape(ext['note'])} (recorded in provenance.json)", soft_wrap=True)
         for line in info.get("warnings", ()):
             console.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
         if not self.quiet:

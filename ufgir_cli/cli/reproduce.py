@@ -104,8 +104,7 @@ def reproduce(
         return
     from ..reproduce import check_grid, make_grid
 
-    if launcher not in ("local", "slurm"):
-        raise typer.BadParameter(f"{launcher!r} is not local or slurm", param_hint="--launcher")
+    _check_launcher(launcher, dry_run)
     plain, per_row = _row_sets(sets)
     grid = make_grid(_names(methods), _names(datasets) or [], image_size=image_size,
                      seeds=_numbers(seeds, int, "--seeds"), lrs=_numbers(lr, float, "--lr"),
@@ -164,6 +163,23 @@ def _local(grid, gpu_ids: list[str] | None, gpus_per_run: int, quiet: bool) -> N
         raise TrainingError(f"{len(failed)} of {len(grid.rows) * len(grid.tasks)} sweeps of {grid.name} stopped on "
                             f"an error (listed under the table and in `ufgir reproduce status {grid.name}`); the "
                             "same command retries them")
+
+
+def _check_launcher(launcher: str, dry_run: bool) -> None:
+    """local or slurm; for slurm (unless a dry run), a one-line LaunchError where Slurm's commands are
+    missing (a laptop), before anything is built or written."""
+    import shutil
+
+    from ..errors import LaunchError
+
+    if launcher not in ("local", "slurm"):
+        raise typer.BadParameter(f"{launcher!r} is not local or slurm", param_hint="--launcher")
+    if launcher == "local" or dry_run:
+        return
+    missing = [tool for tool in ("sbatch", "sacct") if shutil.which(tool) is None]
+    if missing:
+        raise LaunchError(f"--launcher slurm: no Slurm here ({' and '.join(missing)} not on PATH); run the same "
+                          "command on the cluster's login node, or use --launcher local")
 
 
 def _slurm(grid, opts, no_wait: bool, step_seconds: float | None, bench: Path) -> None:

@@ -53,7 +53,9 @@ def sweep(
 
     overrides = parse_sets(sets)
     if dataset:
-        overrides.setdefault("data", {})["dataset"] = dataset
+        from ..data.catalog import catalog_name
+
+        overrides.setdefault("data", {})["dataset"] = catalog_name(dataset) or dataset  # any case
     gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus is not None else None
     if gpu_ids is not None and (not gpu_ids or len(set(gpu_ids)) != len(gpu_ids)):
         raise typer.BadParameter(f"{gpus!r}: expected distinct GPU ids such as 0,1,2,3", param_hint="--gpus")

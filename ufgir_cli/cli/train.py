@@ -8,7 +8,24 @@ from typing import Annotated
 
 import typer
 
-from ._common import DEVICE_HELP, QuietOpt, SetOpt, console, err_console, parse_sets
+from ._common import DEVICE_HELP, QuietOpt, SetOpt, check_device, console, err_console, parse_sets
+
+
+def _resume_epochs(sets: list[str] | None, flags) -> int | None:
+    """With --resume: the one --set it takes (``train.epochs=N``, to train longer), or None; any other
+    option (``flags``: (flag, value) pairs) is refused, since a resume continues the saved recipe."""
+    from ..errors import RecipeError
+
+    overrides = parse_sets(sets)
+    epochs = (overrides.get("train") or {}).get("epochs") if overrides.keys() == {"train"} else None
+    other_sets = bool(sets) and (epochs is None or overrides["train"].keys() != {"epochs"})
+    given = [flag for flag, v in (*flags, ("--set", other_sets)) if v]
+    if given:
+        raise RecipeError(f"--resume continues a run in place with its saved recipe (only --set train.epochs=N "
+                          f"may extend it); drop {', '.join(given)}")
+    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
+        raise RecipeError(f"--set train.epochs={epochs!r}: give a whole number of epochs, at least 1")
+    return epochs
 
 
 def train(
@@ -23,7 +40,8 @@ def train(
     skip_corrupt: Annotated[bool, typer.Option(
         "--skip-corrupt", help="Leave out missing or undecodable images (counted) instead of stopping; "
         "same as --set data.skip_corrupt=true.")] = False,
-    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP, show_default=False)] = None,
+    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP, show_default=False,
+                                               callback=check_device)] = None,
     threads: Annotated[int | None, typer.Option(
         "--threads", min=0, show_default=False, help="torch CPU threads (0: the cores this process may use, less one "
         "per data-loader worker; the default). Same as --set train.threads=N.")] = None,
@@ -37,19 +55,20 @@ def train(
     from ..paths import RunDir, runs_dir
     from ..recipe import load_recipe
 
+    epochs = None
     if resume is not None:
-        given = [flag for flag, v in (("--recipe", recipe), ("--dataset", dataset), ("--set", sets), ("--out", out),
-                                      ("--name", name), ("--overwrite", overwrite), ("--skip-corrupt", skip_corrupt),
-                                      ("--device", device), ("--threads", threads is not None)) if v]
-        if given:
-            raise RecipeError(f"--resume continues a run in place with its saved recipe; drop {', '.join(given)}")
+        epochs = _resume_epochs(sets, (("--recipe", recipe), ("--dataset", dataset), ("--out", out), ("--name", name),
+                                       ("--overwrite", overwrite), ("--skip-corrupt", skip_corrupt),
+                                       ("--device", device), ("--threads", threads is not None)))
         r, run_dir = None, resume
     else:
         if recipe is None:
             raise RecipeError("--recipe is required: a packaged name (see `ufgir recipes list`) or a TOML path")
         overrides = parse_sets(sets)
         if dataset:
-            overrides.setdefault("data", {})["dataset"] = dataset
+            from ..data.catalog import catalog_name
+
+            overrides.setdefault("data", {})["dataset"] = catalog_name(dataset) or dataset  # any case
         if skip_corrupt:
             overrides.setdefault("data", {})["skip_corrupt"] = True
         if device is not None:
@@ -71,7 +90,7 @@ def train(
     progress = RichProgress(quiet)
     try:
         shown = [progress] if main_rank else []
-        summary = resume_run(run_dir, callbacks=shown) if r is None else \
+        summary = resume_run(run_dir, callbacks=shown, epochs=epochs) if r is None else \
             fit(r, run_dir, callbacks=shown, resume=False, overwrite=overwrite)
     except Interrupted as stop:
         # The live display redraws until stopped: stop it first, so that the resume command is the last

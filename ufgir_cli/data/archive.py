@@ -27,6 +27,10 @@ OnImage = Callable[[Path, bytes], None]
 _CHUNK = 1 << 20
 
 
+#: How a damaged archive is fixed, whichever way it came: `--force` fetches a download again; a file of
+#: the user's own (--archive) has to be got again by hand.
+_AGAIN = "get it again (fetched by ufgir: the same command with --force fetches it anew; your own file: a complete copy)"
+
 def extract_archive(archive: Path, dest: Path, progress: Progress, on_image: OnImage | None = None) -> None:
     """Unpack a zip or tar(.gz/.bz2/.xz) into ``dest`` member by member.
 
@@ -52,8 +56,7 @@ def extract_archive(archive: Path, dest: Path, progress: Progress, on_image: OnI
                 tf = tarfile.open(fileobj=raw, mode="r:*")
             except tarfile.ReadError:
                 raise DatasetError(
-                    f"{archive} is not a zip or tar(.gz/.bz2/.xz) archive, or it is truncated; "
-                    "fetch it again with --force"
+                    f"{archive} is not a zip or tar(.gz/.bz2/.xz) archive, or it is truncated; {_AGAIN}"
                 ) from None
             with tf:
                 _unpack(_tar_members(tf), dest, archive, tick, on_image)
@@ -70,7 +73,7 @@ def extract_archive(archive: Path, dest: Path, progress: Progress, on_image: OnI
 def _corrupt(archive: Path, err: Exception) -> DatasetError:
     return DatasetError(
         f"cannot extract {archive}: it is truncated or corrupt ({' '.join(str(err).split()) or type(err).__name__}); "
-        "fetch it again with --force"
+        f"{_AGAIN}"
     )
 
 

@@ -21,10 +21,16 @@ shrink entries with :func:`dataclasses.replace`.
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
-from ..errors import DatasetError
+from ..errors import DatasetError, did_you_mean
+from ..paths import data_dir as default_data_dir
+from ..paths import dataset_dir
 
 UFG_REPO = "https://github.com/XiaohanYu-GU/Ultra-FGVC"
 BAIDU_SHARE = "https://pan.baidu.com/s/1bPJYmFGWJg2eTr5Ipfw6uA"
@@ -115,12 +121,14 @@ DEMO_CLASSES, DEMO_TRAIN_VAL, DEMO_TEST = 10, 40, 20
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One catalog entry. Expected sizes are ``None`` only for generated datasets."""
+    """One catalog entry, or a dataset of the user's own (``kind="user"``, made by `ufgir datasets add`
+    and described by its own ``dataset.json``: :func:`user_spec`). Expected sizes are ``None`` for
+    generated and user datasets."""
 
     name: str
     title: str
-    kind: Literal["archive", "generated"]
-    labels: Literal["anno", "cub", "generated"]
+    kind: Literal["archive", "generated", "user"]
+    labels: Literal["anno", "cub", "generated", "folder"]
     num_classes: int | None
     train_val: int | None
     test: int | None
@@ -130,6 +138,7 @@ class DatasetSpec:
     rounds: tuple[int, ...] = ()  # `anno` scheme: the R<r>/ folders to pool, one class id per label
     sources: tuple[Source, ...] = ()  # tried in order by `ufgir download`
     terms: str | None = None  # licence / terms of use of the dataset itself
+    test_fraction: float = 0.5  # `folder` scheme without a test split: the share of each class held out
 
     @property
     def num_images(self) -> int | None:
@@ -237,9 +246,75 @@ _ENTRIES: tuple[DatasetSpec, ...] = (
 CATALOG: dict[str, DatasetSpec] = {spec.name: spec for spec in _ENTRIES}
 
 
-def get_spec(name: str) -> DatasetSpec:
-    """The catalog entry called ``name``; an unknown name lists the known ones."""
+USER_KIND = "user"  # dataset.json's "kind" for a dataset made by `ufgir datasets add`
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def catalog_name(name: str) -> str | None:
+    """The catalog's own spelling of ``name`` (names are case-insensitive: ``Cotton80`` is ``cotton80``)."""
+    if name in CATALOG:
+        return name
+    return next((k for k in CATALOG if k.lower() == name.lower()), None)
+
+
+def get_spec(name: str, data_dir: str | os.PathLike | None = None) -> DatasetSpec:
+    """The dataset called ``name``: a catalog entry (any case), else a dataset of the user's own that
+    `ufgir datasets add` recorded in ``<data dir>/<name>/dataset.json``; an unknown name lists the
+    known ones and suggests the nearest."""
+    found = catalog_name(name)
+    if found is not None:
+        return CATALOG[found]
+    info = _read_json(dataset_dir(name, data_dir) / "dataset.json")
+    if info.get("kind") == USER_KIND:
+        return user_spec(name, info)
+    own = user_datasets(data_dir)
+    known = [*CATALOG, *own]
+    raise DatasetError(f"unknown dataset {name!r}{did_you_mean(name, known)}; choose one of: {', '.join(known)}, "
+                       "or add your own with `ufgir datasets add NAME --from-folder DIR`")
+
+
+def user_spec(name: str, info: dict | None = None, test_fraction: float = 0.5) -> DatasetSpec:
+    """The entry of a dataset of the user's own; ``info`` (its dataset.json) gives the sizes it was made with."""
+    if not _SAFE_NAME.fullmatch(name):
+        raise DatasetError(f"dataset name {name!r}: use letters, digits, '_', '.' or '-' (at most 64), "
+                           "starting with a letter or digit")
+    info = info or {}
+    counts = info.get("counts") or {}
+    return DatasetSpec(name=name, title=info.get("title") or name, kind=USER_KIND, labels="folder",
+                       num_classes=info.get("num_classes"), train_val=counts.get("train_val"), test=counts.get("test"),
+                       terms=info.get("terms") or "your own data", test_fraction=info.get("test_fraction", test_fraction))
+
+
+def user_datasets(data_dir: str | os.PathLike | None = None) -> dict[str, dict]:
+    """Datasets of the user's own in the data dir, by name -> their dataset.json (one source of truth:
+    the folder describes itself; nothing else records them)."""
+    base = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    if not base.is_dir():
+        return {}
+    found = {}
+    for folder in sorted(base.iterdir()):
+        info = _read_json(folder / "dataset.json") if folder.is_dir() and folder.name not in CATALOG else {}
+        if info.get("kind") == USER_KIND:
+            found[folder.name] = info
+    return found
+
+
+def rebuild_command(name: str, info: dict) -> str:
+    """The command that makes dataset ``name`` again, given its dataset.json: `ufgir datasets add ...
+    --force` for one of the user's own (from the folder it came from), `ufgir download NAME --force` else."""
+    src = str(info.get("source") or "")
+    if info.get("kind") == USER_KIND:
+        flag = "--from-csv" if src.lower().endswith(".csv") else "--from-folder"
+        return f"ufgir datasets add {name} {flag} {src or 'DIR'} --force"
+    if info.get("origin") == "user" and src:  # made from a copy of the user's: `--force` alone goes to the mirrors
+        flag = "--url" if "://" in src else "--from-folder" if Path(src).is_dir() else "--archive"
+        return f"ufgir download {name} {flag} {src} --force"
+    return f"ufgir download {name} --force"
+
+
+def _read_json(path: Path) -> dict:
     try:
-        return CATALOG[name]
-    except KeyError:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(CATALOG)}") from None
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}

@@ -24,29 +24,26 @@ stays instant.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import http.client
 import os
 import re
 import shutil
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .. import __version__
 from ..errors import DatasetError
 from ..io import file_sha256
 from ..paths import data_dir as default_data_dir
 from .archive import OnImage, extract_archive
-from .catalog import DatasetSpec, Source, get_spec
+from .catalog import USER_KIND, DatasetSpec, Source, catalog_name, get_spec, rebuild_command, user_spec
 from .content import HASHES_FILE, Hasher, write_hashes
+from .fetch import Unreachable, check_host, fetch, part_file
 from .folder import SPLITS, read_info, write_dataset_folder
 from .integrity import OverlapError, settle
 from .layouts import Groups, link_or_copy, place, read_labels
+from .own import read_user
 from .verify import check_images
 
 #: ``progress(stage, done, total)``; stages "download", "checksum" and "extract" count bytes,
@@ -57,8 +54,6 @@ Notify = Callable[[str], None]
 Status = Literal["missing", "ready", "incomplete"]
 
 DOWNLOADS = "downloads"  # <data_dir>/downloads/: archives (kept: entries share them) and .part files
-_CHUNK = 1 << 20
-_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
@@ -150,7 +145,7 @@ def download_dataset(
     folder is then like one made before content checks, as the benchmark's baseline); a mirror whose
     test images are also in its train_val is refused unless ``allow_overlap``.
     """
-    spec = get_spec(spec) if isinstance(spec, str) else spec
+    spec = get_spec(spec, data_dir) if isinstance(spec, str) else spec
     progress = progress or _no_progress
     notify = notify or _no_notes
     given = [opt for opt, v in (("--url", url), ("--archive", archive), ("--from-folder", from_folder)) if v]
@@ -169,11 +164,13 @@ def download_dataset(
         if verify:
             check_images(spec.name, root, progress)
         return DownloadResult(spec.name, root, "present", read_info(root))
+    if spec.kind == USER_KIND and from_folder is None:
+        raise DatasetError(f"{spec.name} is a dataset of your own, it has no source to fetch; re-create it with "
+                           f"`{rebuild_command(spec.name, _old_info(root, spec))}`")
     if state == "incomplete" and not force:
-        raise DatasetError(
-            f"{root} exists but is not a complete {spec.name} dataset; "
-            f"re-create it with `ufgir download {spec.name} --force`"
-        )
+        again = rebuild_command(spec.name, {**_old_info(root, spec), "source": str(from_folder or "") or None}
+                                if spec.kind == USER_KIND else {})
+        raise DatasetError(f"{root} exists but is not a complete {spec.name} dataset; re-create it with `{again}`")
     if spec.kind == "generated":
         result = _generate(spec, root)
         if verify:
@@ -193,6 +190,46 @@ def download_dataset(
     return _build(spec, base, root, obtain, checks, progress, notify)
 
 
+def add_dataset(
+    name: str,
+    source: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    test_fraction: float = 0.5,
+    force: bool = False,
+    verify: bool = False,
+    progress: Progress | None = None,
+    notify: Notify | None = None,
+) -> DownloadResult:
+    """`ufgir datasets add`: make ``<data_dir>/<name>/`` from class folders or a CSV of the user's own
+    (``own.py`` reads them and holds the split rule), checked like a download: content hashes,
+    duplicates, test/train_val leakage (reported and recorded, not refused: the data is the user's).
+    Its dataset.json says ``"kind": "user"``, which is how every command finds it by name."""
+    if catalog_name(name) is not None:
+        raise DatasetError(f"{name!r} is a catalog dataset (`ufgir download {catalog_name(name)}`); "
+                           "give your own dataset another name")
+    root = _base(data_dir) / name
+    try:
+        old = read_info(root)
+    except DatasetError:
+        old = {}
+    if old and old.get("kind") != USER_KIND:
+        raise DatasetError(f"{root} holds a dataset that `ufgir datasets add` did not make; give another name")
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise DatasetError(f"{src} does not exist; pass a folder of class folders or a .csv of path,label[,split]")
+    return download_dataset(user_spec(name, test_fraction=test_fraction), data_dir, from_folder=src, force=force,
+                            verify=verify, progress=progress, notify=notify)
+
+
+def _old_info(root: Path, spec: DatasetSpec) -> dict:
+    """What a user dataset's folder records about itself (its source), even when the folder is damaged."""
+    try:
+        return {"kind": spec.kind, **read_info(root)}
+    except DatasetError:
+        return {"kind": spec.kind}
+
+
 def _from_catalog(
     spec: DatasetSpec,
     base: Path,
@@ -210,15 +247,18 @@ def _from_catalog(
     for src in spec.sources:
         if src.fetch == "manual" or (only and src.origin != only):
             continue
-        if src.origin == "mirror":
-            where = f"; the official one is {official.where}" if official else ""
-            notify(f"{spec.name}: trying {src.where}, a community copy, not the authors'{where}")
         obtain = lambda tmp, on_image, src=src: _from_source(spec, src, base, tmp, force, progress, on_image)  # noqa: E731
         try:
+            _check_reachable(src)
+            if src.origin == "mirror":
+                where = f"; the official one is {official.where}" if official else ""
+                notify(f"{spec.name}: trying {src.where}, a community copy, not the authors'{where}")
             return _build(spec, base, root, obtain, checks, progress, notify)
         except OverlapError as e:
             overlap = e
             tried.append(src.repo or src.url)
+        except Unreachable as e:  # offline: every other source would fail the same way, after its timeouts
+            raise DatasetError(_by_hand(spec, only, [], why=str(e))) from None
         except DatasetError as e:
             tried.append(src.repo or src.url)
             notify(f"{spec.name}: {src.where} failed: {e}")
@@ -227,9 +267,21 @@ def _from_catalog(
     raise DatasetError(_by_hand(spec, only, tried))
 
 
-def _by_hand(spec: DatasetSpec, only: str | None, tried: list[str]) -> str:
+def _check_reachable(src: Source) -> None:
+    """:class:`Unreachable` at once when the source's host does not resolve (this machine is offline)."""
+    if src.fetch == "url":
+        check_host(src.url)
+    else:
+        from .hub import check_hub
+
+        check_hub()
+
+
+def _by_hand(spec: DatasetSpec, only: str | None, tried: list[str], why: str | None = None) -> str:
     """The one-line error when nothing could be fetched: the official link, the file, the command."""
-    if tried:
+    if why:
+        what = why
+    elif tried:
         what = f"could not fetch it from {', '.join(tried)}"
     else:
         what = f"no {only + ' ' if only else ''}source of it can be fetched by a program"
@@ -294,11 +346,14 @@ def _meta(source: str, origin: str, sha: str | list[str] | None, verified: bool 
 
 
 def _from_folder(spec: DatasetSpec, folder: Path) -> _Copy:
+    if spec.kind == USER_KIND:  # class folders or a CSV (`ufgir datasets add`)
+        groups, names, top, extra = read_user(folder, spec)
+        return _Copy(groups, names, top, link_or_copy, {**_meta(str(folder.resolve()), "user", None), **extra})
     if not folder.is_dir():
         raise DatasetError(
             f"--from-folder {folder} is not a folder; pass the folder the {spec.title} archive was extracted into"
         )
-    groups, names = read_labels(folder, spec)
+    groups, names = read_labels(folder, spec, f"pass a complete extracted copy of the {spec.title} archive")
     return _Copy(groups, names, folder, link_or_copy, _meta(str(folder.resolve()), "user", None))
 
 
@@ -307,7 +362,10 @@ def _unpacked(
 ) -> _Copy:
     top = tmp / "archive"
     extract_archive(path, top, progress, on_image)
-    groups, names = read_labels(top, spec)
+    fetched = kept is not None or meta["origin"] != "user"
+    again = "run the same command with --force to fetch it again" if fetched else \
+        f"pass the complete published {spec.title} archive"
+    groups, names = read_labels(top, spec, again)
     return _Copy(groups, names, top, os.replace, meta, kept)
 
 
@@ -332,7 +390,7 @@ def _from_url(
     dest = base / DOWNLOADS / (spec.archive or spec.name)
     if force:
         dest.unlink(missing_ok=True)
-        _part(dest).unlink(missing_ok=True)
+        part_file(dest).unlink(missing_ok=True)
     sha = None
     if dest.is_file():
         sha = file_sha256(dest, lambda done, total: progress("checksum", done, total))
@@ -392,97 +450,3 @@ def _scratch(base: Path, name: str) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------- fetching
-
-
-def _part(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".part")
-
-
-def fetch(url: str, dest: Path, sha256: str | None = None, progress: Progress | None = None) -> str:
-    """Download ``url`` to ``dest`` through ``<dest>.part`` and return the file's sha256.
-
-    The partial file survives an interruption, and the next call asks only for the rest (HTTP
-    Range). A server that ignores Range answers 200 with the whole file, which then replaces the
-    partial one; a 416 or a 206 for another offset drops the partial file and starts over. With
-    ``sha256`` given, a mismatch deletes the download: a corrupt prefix must not be resumed.
-    """
-    progress = progress or _no_progress
-    part = _part(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for _attempt in range(2):
-        have = part.stat().st_size if part.is_file() else 0
-        resp = _open(url, have)
-        if resp is None:  # the server cannot serve the rest of this partial file
-            part.unlink()
-            continue
-        with resp:
-            start = _range_start(resp) if resp.status == 206 else 0
-            if start not in (0, have):
-                part.unlink()
-                continue
-            h = hashlib.sha256()
-            if start:
-                with open(part, "rb") as f:
-                    while chunk := f.read(_CHUNK):
-                        h.update(chunk)
-            length = resp.headers.get("Content-Length")
-            total = start + int(length) if length and length.isdigit() else None
-            done = start
-            with open(part, "ab" if start else "wb") as f:
-                try:
-                    while chunk := resp.read(_CHUNK):
-                        f.write(chunk)
-                        h.update(chunk)
-                        done += len(chunk)
-                        progress("download", done, total)
-                except (OSError, http.client.HTTPException) as e:
-                    raise DatasetError(
-                        f"download of {url} stopped at {done} bytes ({e}); run the same command again to resume"
-                    ) from None
-            if total is not None and done < total:
-                raise DatasetError(
-                    f"download of {url} stopped at {done} of {total} bytes; run the same command again to resume"
-                )
-        break
-    else:
-        raise DatasetError(
-            f"{url} does not serve the file consistently; try again later or pass --archive FILE"
-        )
-    actual = h.hexdigest()
-    if sha256 and actual != sha256:
-        part.unlink()
-        raise DatasetError(
-            f"sha256 of {url} is {actual}, expected {sha256}; the download was deleted: "
-            "run again to fetch it anew, or check --url"
-        )
-    os.replace(part, dest)
-    return actual
-
-
-def _open(url: str, have: int) -> http.client.HTTPResponse | None:
-    """GET ``url`` from byte ``have`` on; None when the server answers 416 to that range."""
-    headers = {"User-Agent": f"ufgir/{__version__}"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=_TIMEOUT_S)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:
-            return None
-        raise DatasetError(
-            f"download of {url} failed: HTTP {e.code} {e.reason}; check --url or pass --archive FILE"
-        ) from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise DatasetError(
-            f"cannot reach {url} ({reason}); check the network or --url, or pass --archive FILE"
-        ) from None
-
-
-def _range_start(resp: http.client.HTTPResponse) -> int | None:
-    """The first byte of a 206 body from ``Content-Range: bytes <start>-<end>/<size>``."""
-    m = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
-    return int(m.group(1)) if m else None

@@ -28,7 +28,7 @@ from pathlib import Path
 from ..errors import DatasetError
 from ..io import atomic_write_json, atomic_write_text
 from ..paths import dataset_dir
-from .catalog import CATALOG, DEMO_CLASSES, DEMO_TEST, DEMO_TRAIN_VAL
+from .catalog import CATALOG, DEMO_CLASSES, DEMO_TEST, DEMO_TRAIN_VAL, USER_KIND, rebuild_command
 
 SPLITS = ("train", "val", "train_val", "test")
 
@@ -93,7 +93,7 @@ class SplitFile:
 def read_classes(root: Path) -> list[str]:
     path = root / "classes.csv"
     if not path.is_file():
-        raise DatasetError(f"{path} is missing; re-create the dataset with `ufgir download`")
+        raise DatasetError(f"{path} is missing; {_missing_hint(root)}")
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     if not rows or rows[0] != ["class_id", "name"]:
@@ -115,12 +115,7 @@ def read_split(root: str | Path, split: str, check_files: bool = True) -> SplitF
         raise DatasetError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     path = root / "splits" / f"{split}.csv"
     if not path.is_file():
-        if root.exists():
-            hint = f"re-create it with `ufgir download {root.name} --force`"
-        elif root.name in CATALOG:
-            hint = f"run `ufgir download {root.name}`"
-        else:
-            hint = f"{root.name!r} is not in `ufgir datasets`; point data.root at your own dataset folder"
+        hint = _missing_hint(root)
         raise DatasetError(f"split file {path} is missing; {hint}")
     classes = read_classes(root)
     C = len(classes)
@@ -150,6 +145,20 @@ def read_split(root: str | Path, split: str, check_files: bool = True) -> SplitF
     return SplitFile(root, split, samples, C, classes)
 
 
+def _missing_hint(root: Path) -> str:
+    """What makes a dataset folder whose files are missing: the command that fits how it was made."""
+    info = read_info(root) if root.exists() else {}
+    if info.get("kind") == USER_KIND or (root.name in CATALOG and root.exists()):
+        return f"re-create it with `{rebuild_command(root.name, info)}`"
+    if root.name in CATALOG:
+        return f"run `ufgir download {root.name}`"
+    if root.exists():
+        return (f"{root} is not a dataset folder; make it one with `ufgir datasets add {root.name} --from-folder DIR` "
+                "(class folders), or point data.root at a dataset folder")
+    return (f"{root.name!r} is not in `ufgir datasets`; add your own with `ufgir datasets add {root.name} "
+            "--from-folder DIR`, or point data.root at a dataset folder")
+
+
 def read_info(root: Path) -> dict:
     p = root / "dataset.json"
     try:
@@ -157,7 +166,9 @@ def read_info(root: Path) -> dict:
     except FileNotFoundError:
         return {}
     except json.JSONDecodeError as e:
-        raise DatasetError(f"{p} is not valid JSON ({e}); re-create the dataset with --force") from None
+        how = f"`ufgir download {root.name} --force`" if root.name in CATALOG else \
+            f"`ufgir datasets add {root.name} --from-folder DIR --force` (DIR: where its images came from)"
+        raise DatasetError(f"{p} is not valid JSON ({e}); re-create the dataset with {how}") from None
 
 
 @dataclass(frozen=True)

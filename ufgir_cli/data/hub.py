@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import DatasetError
 from ..paths import hub_client_settings
+from .fetch import check_host
 
 Progress = Callable[[str, int, int | None], None]
 
@@ -20,10 +21,12 @@ def hub_file(repo: str, path: str, revision: str, progress: Progress, force: boo
     """The local copy of ``path`` in dataset repo ``repo`` at ``revision``, and the commit it came from.
 
     Any failure (offline, no such repo or file, HTTP error, cut transfer) is one DatasetError line
-    naming the file, so the caller can report it and try its next source.
+    naming the file, so the caller can report it and try its next source; a host name that does not
+    resolve is :class:`~.fetch.Unreachable`, which ends the attempt (every source would fail alike).
     """
     from huggingface_hub import hf_hub_download
 
+    check_hub()
     try:
         local = hf_hub_download(
             repo,
@@ -41,6 +44,15 @@ def hub_file(repo: str, path: str, revision: str, progress: Progress, force: boo
     # the cache keeps each file at <repo folder>/snapshots/<commit>/<path>
     commit = local.parts[-len(Path(path).parts) - 1]
     return local, commit
+
+
+def check_hub() -> None:
+    """:class:`~.fetch.Unreachable` when the Hub's host does not resolve, before the client's retries start
+    (in offline mode, ``HF_HUB_OFFLINE``, the client reads its cache only: nothing to check)."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        check_host(hub_client_settings()["endpoint"] or constants.ENDPOINT)
 
 
 def _bar_class(progress: Progress) -> type:

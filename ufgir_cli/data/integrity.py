@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import DatasetError
-from .catalog import DatasetSpec
+from .catalog import DatasetSpec, rebuild_command
 from .content import HASHES_FILE, Hasher, ImageHash, decode_rgb, psnr
 from .folder import read_info
 from .layouts import Groups, Row, check_counts
@@ -252,7 +252,12 @@ def _tell(spec: DatasetSpec, meta: dict, rep: dict, allow_overlap: bool, verify:
     if bad:
         line = f"{spec.name}: {len(bad)} images cannot be decoded: {shown(bad, len(bad))}"
         if verify:
-            raise DatasetError(f"{line}; fetch a fresh copy with `ufgir download {spec.name} --force`")
+            again = f"fetch a fresh copy with `ufgir download {spec.name} --force`"
+            if spec.kind == "user":
+                again = f"fix or remove them in {meta['source']}, then add it again"
+            elif meta.get("origin") == "user":
+                again = f"{meta['source']} is damaged: pass a complete copy"
+            raise DatasetError(f"{line}; {again}")
         notify(f"{line}; training stops at them unless --skip-corrupt")
     for s, d in rep["duplicates"].items():
         if d["images"]:
@@ -284,13 +289,13 @@ def check_recorded(root: Path, info: dict, found: dict[str, int]) -> None:
             raise DatasetError(
                 f"{root / 'splits' / f'{split}.csv'} lists {n} images but dataset.json records {counts[split]}; "
                 f"the split files were changed: check with `ufgir datasets verify {root.name}`, or re-create "
-                f"it with `ufgir download {root.name} --force`"
+                f"it with `{rebuild_command(root.name, info)}`"
             )
     verdict = (info.get("integrity") or {}).get("verdict")
     if verdict not in (None, "ok", "overlap"):
         raise DatasetError(
             f"{root / 'dataset.json'} records the verdict {verdict!r}; run `ufgir datasets verify {root.name}` "
-            f"and re-create it with `ufgir download {root.name} --force`"
+            f"and re-create it with `{rebuild_command(root.name, info)}`"
         )
 
 

@@ -27,16 +27,17 @@ Row = tuple[int, Path, str]  # 0-based class id, source file, path under images/
 Groups = dict[str, list[Row]]  # the copy's own splits ("train", "val", "test", ...) -> its rows
 
 
-def read_labels(top: Path, spec: DatasetSpec) -> tuple[Groups, list[str]]:
+def read_labels(top: Path, spec: DatasetSpec, again: str) -> tuple[Groups, list[str]]:
     """The copy's splits (rows by its own split names) and class names, by whichever of the entry's
-    layouts ``top`` holds."""
+    layouts ``top`` holds. ``again`` ends the message about an incomplete copy: what fixes it depends
+    on where the copy came from (a fetch: fetch again; the user's archive or folder: a complete one)."""
     if spec.labels == "cub":
         markers = {"image_class_labels.txt": _cub_labels}
     else:
         anno = f"R{spec.rounds[0]}/anno/train.txt" if spec.rounds else "anno/train.txt"
         markers = {anno: _anno_labels, **({f"{spec.image_dir}/": _filename_labels} if spec.image_dir else {})}
     base, reader = _find_base(top, spec, markers)
-    return reader(base, spec)
+    return reader(base, spec, again)
 
 
 def _find_base(top: Path, spec: DatasetSpec, markers: dict[str, Callable]) -> tuple[Path, Callable]:
@@ -111,7 +112,7 @@ class Labels:
         return groups, [named[cid][0] if cid in named else str(cid + 1) for cid in range(top + 1)]
 
 
-def _filename_labels(base: Path, spec: DatasetSpec) -> tuple[Groups, list[str]]:
+def _filename_labels(base: Path, spec: DatasetSpec, again: str) -> tuple[Groups, list[str]]:
     """``<image_dir>/<label>_<index>_<train|val|test>.<ext>``; other files (notes, thumbnails) are ignored."""
     labels = Labels(spec.name)
     for f in sorted((base / spec.image_dir).iterdir(), key=lambda p: natural_key(p.name)):
@@ -121,7 +122,7 @@ def _filename_labels(base: Path, spec: DatasetSpec) -> tuple[Groups, list[str]]:
     return labels.result()
 
 
-def _anno_labels(base: Path, spec: DatasetSpec) -> tuple[Groups, list[str]]:
+def _anno_labels(base: Path, spec: DatasetSpec, again: str) -> tuple[Groups, list[str]]:
     """``[R<r>/]anno/{train,val,test}.txt`` lines ``<file> <label>`` (val optional), files under
     ``[R<r>/]images/``; a file in a folder (``<class>/<file>``) names its class by that folder.
 
@@ -133,36 +134,36 @@ def _anno_labels(base: Path, spec: DatasetSpec) -> tuple[Groups, list[str]]:
         for split in ("train", "val", "test"):
             if split == "val" and not (base / prefix / "anno" / "val.txt").is_file():
                 continue
-            for where, file, label in _pairs(base, f"{prefix}anno/{split}.txt"):
+            for where, file, label in _pairs(base, f"{prefix}anno/{split}.txt", again):
                 if why := unsafe_name(file):
                     raise DatasetError(f"{where}: file name {file!r} {why}; the copy is not the published one")
                 src = base / prefix / "images" / file
                 if not src.is_file():
                     raise DatasetError(
-                        f"{where}: {prefix}images/{file} is missing; the copy is incomplete, fetch it again with --force"
+                        f"{where}: {prefix}images/{file} is missing; the copy is incomplete: {again}"
                     )
                 folder = file.replace("\\", "/").split("/")
                 labels.add(split, label, src, prefix + file, where, folder[0] if len(folder) > 1 else None)
     return labels.result()
 
 
-def _cub_labels(base: Path, spec: DatasetSpec) -> tuple[Groups, list[str]]:
+def _cub_labels(base: Path, spec: DatasetSpec, again: str) -> tuple[Groups, list[str]]:
     """CUB-200-2011: image ids joined across images.txt, image_class_labels.txt, train_test_split.txt.
 
     classes.txt numbers the classes (from 1 as published, or from 0) and names them; an image's
     class folder must carry the name of its label.
     """
-    classes = sorted((_int(label, where), name) for where, label, name in _pairs(base, "classes.txt"))
+    classes = sorted((_int(label, where), name) for where, label, name in _pairs(base, "classes.txt", again))
     names = [name for _, name in classes]
     low = classes[0][0] if classes else 1
     if low not in (0, 1) or [label for label, _ in classes] != list(range(low, low + len(names))):
         raise DatasetError(
             f"classes.txt must number its classes 1..{len(names)} (or 0..{len(names) - 1}) in order; the copy is damaged"
         )
-    found = {i: (where, label) for where, i, label in _pairs(base, "image_class_labels.txt")}
-    is_train = {i: flag == "1" for _, i, flag in _pairs(base, "train_test_split.txt")}
+    found = {i: (where, label) for where, i, label in _pairs(base, "image_class_labels.txt", again)}
+    is_train = {i: flag == "1" for _, i, flag in _pairs(base, "train_test_split.txt", again)}
     labels = Labels(spec.name, folders=True)
-    for where, i, rel in _pairs(base, "images.txt"):
+    for where, i, rel in _pairs(base, "images.txt", again):
         if i not in found or i not in is_train:
             raise DatasetError(
                 f"{where}: image {i} has no line in image_class_labels.txt or train_test_split.txt"
@@ -171,20 +172,20 @@ def _cub_labels(base: Path, spec: DatasetSpec) -> tuple[Groups, list[str]]:
         src = base / "images" / rel
         if not src.is_file():
             raise DatasetError(
-                f"{where}: images/{rel} is missing; the copy is incomplete, fetch it again with --force"
+                f"{where}: images/{rel} is missing; the copy is incomplete: {again}"
             )
         folder = rel.replace("\\", "/").split("/")
         labels.add("train" if is_train[i] else "test", label, src, rel, label_at, folder[0] if len(folder) > 1 else None)
     return labels.result(low, names)
 
 
-def _pairs(base: Path, rel: str) -> Iterator[tuple[str, str, str]]:
+def _pairs(base: Path, rel: str, again: str) -> Iterator[tuple[str, str, str]]:
     """``(file:line, first, second)`` for each non-blank line of a two-column text file."""
     path = base / rel
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DatasetError(f"{rel} is missing from the dataset copy; fetch it again with --force") from None
+        raise DatasetError(f"{rel} is missing from the dataset copy: {again}") from None
     for n, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:

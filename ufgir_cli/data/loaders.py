@@ -17,6 +17,7 @@ from ..cores import data_workers
 from ..errors import DatasetError, RecipeError
 from ..paths import dataset_dir
 from ..recipe import Recipe
+from .catalog import catalog_name
 from .datasets import EpochSampler, ImageFolderSplit, collate, find_unreadable, init_worker, preprocess_for
 from .folder import SplitFile, read_info, read_split
 from .integrity import check_recorded
@@ -25,7 +26,7 @@ from .integrity import check_recorded
 def dataset_root(recipe: Recipe) -> Path:
     """The recipe's dataset folder. The ``synthetic`` set is generated here by whichever command
     first needs it, so `make demo` and the tests need no download step."""
-    name = recipe.data.dataset
+    name = catalog_name(recipe.data.dataset) or recipe.data.dataset  # `Cotton80` is `cotton80`
     root = dataset_dir(name, recipe.data.root)
     if name == "synthetic":
         from .synthetic import ensure_synthetic

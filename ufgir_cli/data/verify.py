@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import DatasetError
 from ..io import atomic_write_json
-from .catalog import CATALOG
+from .catalog import CATALOG, rebuild_command
 from .content import HASHES_FILE, hash_files, read_hashes, write_hashes
 from .folder import SPLITS, natural_key, read_classes, read_info, read_split
 from .integrity import Item, pictures, report, shown
@@ -50,14 +50,15 @@ def check_images(name: str, root: Path, progress: Progress | None = None) -> Non
     if bad:
         raise DatasetError(
             f"{name}: {len(bad)} images cannot be decoded: {shown(bad, len(bad))}; "
-            f"fetch a fresh copy with `ufgir download {name} --force`"
+            f"re-create it from a complete copy with `{rebuild_command(name, read_info(root))}`"
         )
 
 
 def verify_dataset(name: str, root: Path, *, record: bool = False, progress: Progress | None = None) -> dict:
     """Everything `ufgir datasets verify` reports, as a JSON-able dict; ``ok`` is False when something is wrong."""
     if not (root / "dataset.json").is_file():
-        raise DatasetError(f"{name} is not downloaded ({root} has no dataset.json); run `ufgir download {name}`")
+        how = f"`ufgir download {name}`" if name in CATALOG else f"`ufgir datasets add {name} --from-folder DIR`"
+        raise DatasetError(f"{name} is not downloaded ({root} has no dataset.json); make it with {how}")
     info = read_info(root)
     problems: list[str] = []
     classes = read_classes(root)
@@ -97,7 +98,7 @@ def verify_dataset(name: str, root: Path, *, record: bool = False, progress: Pro
     accepted = bool((integ or {}).get("allow_overlap")) or info.get("origin") != "mirror"
     if n and not accepted:
         problems.append(f"{n} test images are also in train_val by content (e.g. "
-                        f"{shown(found['overlap']['examples'], n)}); re-download with `ufgir download {name} --force`")
+                        f"{shown(found['overlap']['examples'], n)}); re-create it with `{rebuild_command(name, info)}`")
     result = {"name": name, "path": str(root), "ok": not problems, "problems": problems, "notes": notes,
               "classes": len(classes), "counts": counts, "missing": missing, "changed": changed, "removed": removed,
               "origin": info.get("origin"), "allow_overlap": bool((integ or {}).get("allow_overlap")), **found}
@@ -142,7 +143,7 @@ def _record(name: str, root: Path, info: dict, items: list[Item], found: dict, p
     """Write hashes.csv and dataset.json's "integrity" now; refused while something is wrong."""
     if problems:
         raise DatasetError(f"{name}: not recorded, the folder has problems ({problems[0]}); "
-                           f"re-create it with `ufgir download {name} --force`")
+                           f"re-create it with `{rebuild_command(name, info)}`")
     rows = [(it.name, it.split, it.label, it.hash) for it in items]
     sha = write_hashes(root / HASHES_FILE, rows)
     old = info.get("integrity") or {}

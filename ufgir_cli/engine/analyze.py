@@ -14,6 +14,7 @@ the figures), which may not import each other.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -73,8 +74,43 @@ def write_metrics(run: str | Path, *, split: str = "test", batches: int | None =
     doc = {**res, "figures": {k: p.name for k, p in figures.items()}}
     if vs is not None:
         doc["vs"] = results[1]
+    doc = merge_metrics(_read_json(out / "metrics.json"), doc)
     atomic_write_json(out / "metrics.json", doc)
     return MetricsReport(out / "metrics.json", doc, figures, results, labels)
+
+
+#: What `ufgir metrics` measures on images of one split, and what it measures of the model alone.
+_ON_IMAGES = ("attention_cka", "features")
+_OF_MODEL = ("cost",)
+
+
+def merge_metrics(old: dict, new: dict) -> dict:
+    """``new`` with the blocks it did not compute kept from ``old`` (the earlier metrics.json), so that
+    `metrics --no-cost` after `metrics` keeps the cost. Only a block of the same run and checkpoint
+    carries over, and an image block only when it is of the same split as this call's (or this call
+    measured no images); a comparison (``vs``) merges likewise, and an earlier one stays when none is asked."""
+    if not old or (old.get("run"), old.get("checkpoint")) != (new.get("run"), new.get("checkpoint")):
+        return new
+    out = dict(new)
+    for key in _OF_MODEL:
+        if key not in out and key in old:
+            out[key] = old[key]
+    if not any(k in new for k in _ON_IMAGES):  # no images measured now: the earlier image blocks stand as they were
+        out.update({k: old[k] for k in ("split", "batch_size", "dataset", *_ON_IMAGES) if k in old})
+    elif old.get("split") == new.get("split"):
+        out.update({k: old[k] for k in _ON_IMAGES if k in old and k not in new})
+    out["figures"] = {**(old.get("figures") or {}), **(new.get("figures") or {})}
+    if isinstance(old.get("vs"), dict):
+        out["vs"] = merge_metrics(old["vs"], new["vs"]) if isinstance(new.get("vs"), dict) else old["vs"]
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def visualize_folder(run: str | Path, kind: str, split: str, images: Sequence[Path] | None) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, TrainingError
+from ..errors import CheckpointError, RecipeError, TrainingError
 from ..model.checkpoint import check_identity, checkpoint_payload, read_checkpoint, save_checkpoint
 from ..model.precision import FrozenCast
 from ..model.vit import UfgirViT
@@ -212,9 +212,55 @@ def read_resume_checkpoint(run_dir: Path, recipe: Recipe) -> dict:
     if ts["epoch"] >= recipe.train.epochs:
         raise CheckpointError(
             f"run {run_dir} already finished its {recipe.train.epochs} epochs; nothing to resume "
-            f"(evaluate it with `ufgir eval {shlex.quote(str(run_dir))}`)"
+            f"(evaluate it with `ufgir eval {shlex.quote(str(run_dir))}`, or train it longer with "
+            f"`ufgir train --resume {shlex.quote(str(run_dir))} --set train.epochs=N`)"
         )
     return ckpt
+
+
+#: What `ufgir train --resume RUN --set train.epochs=N` records of a longer run: the schedule over the new total.
+EXTENDED_SCHEDULE = ("from step {step} on, the learning rate follows the schedule over the new total of {steps} "
+                     "steps (where a run of {epochs} epochs from the start would be at step {step}); the steps before "
+                     "followed the schedule over {old} epochs, so this run is not equal to one that was {epochs} "
+                     "epochs long from the start")
+
+
+def with_epochs(recipe: Recipe, epochs: int, run_dir: Path) -> Recipe:
+    """The saved recipe with ``train.epochs`` raised to ``epochs``, for a resume that trains longer; the
+    only key a resume may change (anything else would not be the run that was saved)."""
+    if epochs < recipe.train.epochs:
+        raise RecipeError(f"--resume {run_dir}: train.epochs={epochs} is fewer than the run's {recipe.train.epochs}; "
+                          "a resume may extend a run, not shorten it")
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"epochs": epochs})})
+
+
+def schedule_extension(ckpt: dict, recipe: Recipe, steps_per_epoch: int) -> dict | None:
+    """The record of a resume with more epochs than the checkpoint was trained for (None when the same)."""
+    old = int(ckpt["recipe"]["train"]["epochs"])
+    if old == recipe.train.epochs:
+        return None
+    step = int(ckpt["train_state"]["step"])
+    new, total = recipe.train.epochs, recipe.train.epochs * steps_per_epoch
+    return {"at_step": step, "epochs_before": old, "epochs_after": new, "total_steps_after": total,
+            "note": EXTENDED_SCHEDULE.format(step=step, steps=total, epochs=new, old=old)}
+
+
+def record_extension(run_dir: Path, recipe: Recipe, extension: dict) -> None:
+    """A longer resume, kept in the run: ``recipe.toml`` with the new ``train.epochs`` (what a later resume
+    and `ufgir eval` read) and ``provenance.json``'s ``schedule_extensions`` (each one, in order)."""
+    import json
+
+    from ..io import atomic_write_json, atomic_write_text
+    from ..recipe import dump_resolved
+
+    run = RunDir(run_dir)
+    atomic_write_text(run.recipe_file, dump_resolved(recipe))
+    try:
+        prov = json.loads(run.provenance_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        prov = {}
+    prov["schedule_extensions"] = [*prov.get("schedule_extensions", []), extension]
+    atomic_write_json(run.provenance_file, prov)
 
 
 def restore_training(ckpt: dict, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> TrainState:

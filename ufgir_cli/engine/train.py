@@ -63,9 +63,12 @@ from .state import (
     StopRequested,
     TrainState,
     read_resume_checkpoint,
+    record_extension,
     restore_rng,
     restore_training,
+    schedule_extension,
     seed_everything,
+    with_epochs,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -371,12 +374,15 @@ def _fit(recipe: Recipe, run_dir: Path, *, callbacks: list[Callback] | None, res
                 make_loader(eval_split, recipe, train=False, batch_size=recipe.eval.batch_size or bs,
                             rank=rt.dist.rank, world=rt.dist.world),
                 CallbackList([*(callbacks or []), *loggers]))
+    extension = schedule_extension(resume_ckpt, recipe, loop.steps_per_epoch) if resume_ckpt is not None else None
+    if extension is not None and rt.is_main:  # a resume with more epochs: the new total, recorded
+        record_extension(run_dir, recipe, extension)
     params = {"params_total": sum(p.numel() for p in model.parameters()),
               "params_trainable": sum(p.numel() for p in loop.trainable)}
     loop.cbs.on_train_start({
         "run_dir": str(run_dir), "device": rt.device, "precision": rt.precision, "threads": threads,
         "epochs": recipe.train.epochs, "steps_per_epoch": loop.steps_per_epoch, "total_steps": loop.total_steps,
-        "start_step": state.step, **params, "train_images": len(train_split.samples),
+        "start_step": state.step, "resumed": resume_ckpt is not None, "extension": extension, **params, "train_images": len(train_split.samples),
         "eval_images": len(eval_split.samples), "world": rt.dist.world, "skipped_images": len(skipped),
         # e.g. test images also in train_val, allowed at download
         "warnings": dataset_notices(train_split.root) + schedule_warnings(recipe, loop.total_steps, loop.steps_per_epoch)})
@@ -476,15 +482,19 @@ def macs_per_image(model: UfgirViT, recipe: Recipe) -> int:
     return count_flops(model, recipe.model.image_size) // 2
 
 
-def resume(run_dir: Path, *, callbacks: list[Callback] | None = None) -> dict:
+def resume(run_dir: Path, *, callbacks: list[Callback] | None = None, epochs: int | None = None) -> dict:
     """Continue a run folder in place with its saved recipe (`ufgir train --resume`, a sweep's
-    killed run): the one way to resume; `read_resume_checkpoint` says whether it can be."""
+    killed run): the one way to resume; `read_resume_checkpoint` says whether it can be. ``epochs``
+    more than the recipe's trains longer (`with_epochs`; the schedule then follows the new total)."""
     run = RunDir(run_dir)
     if not run.root.is_dir():
         raise RecipeError(f"--resume {run_dir}: no such run folder; give the folder that holds recipe.toml")
     if not run.is_run():
         raise RecipeError(f"--resume {run_dir}: not a run folder (no recipe.toml); give the folder `ufgir train` made")
-    return fit(load_saved_recipe(run.recipe_file), run.root, callbacks=callbacks, resume=True)
+    recipe = load_saved_recipe(run.recipe_file)
+    if epochs is not None:
+        recipe = with_epochs(recipe, epochs, run.root)
+    return fit(recipe, run.root, callbacks=callbacks, resume=True)
 
 
 __all__ = ["Interrupted", "TrainState", "apply_update", "default_run_name", "fit"]

@@ -10,6 +10,7 @@ micro backbone (engine/pretrain.py) and as a version string in run provenance.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from functools import partial
 from pathlib import Path
@@ -22,8 +23,9 @@ from timm.models import build_model_with_cfg, eva, generate_default_cfgs, regist
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from ..errors import CheckpointError, ModelError, RecipeError
+from ..errors import CheckpointError, ModelError, RecipeError, did_you_mean
 from ..methods import method_spec
+from ..paths import hub_client_settings, unresolvable
 from ..recipe import ModelConfig
 from .state import load_strict
 
@@ -94,6 +96,16 @@ def _drop_class_token(vit: VisionTransformer, name: str, kwargs: dict) -> Vision
     return bare
 
 
+def unknown_backbone(name: str) -> RecipeError:
+    """The one line for a name timm does not know, with the nearest of timm's ViT names."""
+    arch, _, tag = name.partition(".")
+    near = did_you_mean(arch, timm.list_models("*vit*"))
+    if near and tag:
+        near = near.replace("?)", f" with .{tag}?)")
+    return RecipeError(f"model.backbone {name!r} is not a timm model{near}; use a ViT name such as "
+                       "vit_base_patch16_224.orig_in21k (list them with timm.list_models('vit_*'))")
+
+
 def backbone_facts(cfg: ModelConfig) -> tuple[int, dict]:
     """Blocks and numerics (`numerics_of`) of the recipe's backbone as timm builds it (on the meta
     device: no weights, no memory), for a backbone whose name does not tell them."""
@@ -102,8 +114,7 @@ def backbone_facts(cfg: ModelConfig) -> tuple[int, dict]:
             vit = timm.create_model(cfg.backbone, pretrained=False)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise RecipeError(f"model.backbone {cfg.backbone!r} is not a timm model; use a ViT name such as "
-                              "vit_base_patch16_224.orig_in21k (list them with timm.list_models('vit_*'))") from None
+            raise unknown_backbone(cfg.backbone) from None
         raise
     blocks = getattr(vit, "blocks", None)
     if blocks is None:
@@ -148,6 +159,39 @@ def _gated(e: BaseException) -> bool:
     return False
 
 
+def _pretrained(name: str, kwargs: dict) -> VisionTransformer:
+    """timm's pretrained model; with a ``depth`` below the published one (TransFG and FFVT keep D - 1
+    blocks), its first ``depth`` blocks: timm loads pretrained weights strictly, so the published model
+    is built and its state, less the blocks past ``depth``, loaded into the shorter one."""
+    depth = kwargs.get("depth")
+    if depth is None:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    full = timm.create_model(name, pretrained=True, **{k: v for k, v in kwargs.items() if k != "depth"})
+    if depth > len(full.blocks):
+        raise RecipeError(f"model.depth {depth} is more than the {len(full.blocks)} blocks of model.backbone {name!r}")
+    vit = timm.create_model(name, pretrained=False, **kwargs)
+    beyond = tuple(f"blocks.{i}." for i in range(depth, len(full.blocks)))
+    load_strict(vit, {k: v for k, v in full.state_dict().items() if not k.startswith(beyond)},
+                f"model.backbone {name!r} cut to its first {depth} blocks")
+    return vit
+
+
+@contextlib.contextmanager
+def _offline_if_unreachable():
+    """huggingface_hub's offline mode while the Hub's host does not resolve: cached weights still load,
+    missing ones fail at once (one line, below) instead of after the client's retries (about 50 s)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or unresolvable(hub_client_settings()["endpoint"] or constants.ENDPOINT) is None:
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
 def _pretrained_failure(name: str, e: BaseException) -> ModelError:
     """One line for pretrained weights that cannot be had: gated (naming the licence and HF_TOKEN), or
     not cached and not fetchable."""
@@ -164,7 +208,8 @@ def _pretrained_failure(name: str, e: BaseException) -> ModelError:
     return ModelError(
         f"pretrained weights for model.backbone {name!r} are not in timm's cache and "
         f"cannot be fetched ({type(e).__name__}); run once with network access, or set "
-        "model.weights to a local .npz/.safetensors/.pth file, or to none"
+        "model.weights to a local .npz/.safetensors/.pth file, or to none; or, offline, train the method on the "
+        "shipped micro ViT: `ufgir train -r quickstart --set model.method=METHOD` (README: every method on a laptop)"
     )
 
 
@@ -179,7 +224,8 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
             vit = timm.create_model(cfg.backbone, pretrained=False, img_size=cfg.image_size, **kwargs)
         elif weights == "timm":
             try:
-                vit = timm.create_model(cfg.backbone, pretrained=True, **kwargs)
+                with _offline_if_unreachable():
+                    vit = _pretrained(cfg.backbone, kwargs)
             except (OSError, RuntimeError, ValueError) as e:
                 if "Unknown model" in str(e):
                     raise
@@ -189,10 +235,7 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
             load_weights_file(vit, Path(weights).expanduser())
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise RecipeError(
-                f"model.backbone {cfg.backbone!r} is not a timm model; use a ViT name such as "
-                "vit_base_patch16_224.orig_in21k (list them with timm.list_models('vit_*'))"
-            ) from None
+            raise unknown_backbone(cfg.backbone) from None
         raise
     if not isinstance(vit, VisionTransformer | eva.Eva):
         raise RecipeError(f"model.backbone {cfg.backbone!r} is neither a plain timm VisionTransformer nor timm's "

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, OptionError
+from ..errors import CheckpointError, OptionError, did_you_mean
 from ..io import atomic_save
 from ..paths import CHECKPOINTS, HubRef, RunDir
 from ..recipe import Recipe, load_saved_recipe, recipe_from_dict
@@ -226,6 +226,9 @@ def resolve_checkpoint(path: str | os.PathLike | RunDir, checkpoint: str = "auto
             raise CheckpointError(f"run {p} has no {checkpoint} checkpoint{hint}")
         return f
     if checkpoint != "auto":
+        if not Path(checkpoint).exists() and did_you_mean(checkpoint, ("best", "last", "auto")):
+            raise CheckpointError(f"--checkpoint {checkpoint!r} is neither best, last, auto nor a checkpoint file"
+                                  f"{did_you_mean(checkpoint, ('best', 'last', 'auto'))}")
         return resolve_checkpoint(checkpoint)
     for f in (run.best, run.last):
         if f.is_file():

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..analysis.paper import PAPER_ROWS
-from ..data.catalog import CATALOG
+from ..data.catalog import CATALOG, catalog_name, get_spec
 from ..data.folder import dataset_counts
 from ..errors import RecipeError
 from ..io import atomic_write_json
@@ -138,9 +138,8 @@ def make_grid(methods=None, datasets=TABLE1_DATASETS, *, image_size: int = 448, 
     methods = tuple(methods or PAPER_METHODS)
     for m in methods:
         row_recipe(m)
-    datasets = tuple(datasets)
-    unknown = [d for d in datasets if d not in CATALOG]
-    if unknown or not datasets or len(set(datasets)) != len(datasets):
+    datasets = tuple(catalog_name(d) or get_spec(d).name for d in datasets)  # any case; your own (`datasets add`) too
+    if not datasets or len(set(datasets)) != len(datasets):
         raise RecipeError(f"--datasets {','.join(datasets)}: give distinct names from `ufgir datasets`")
     if len(set(methods)) != len(methods) or not methods:
         raise RecipeError(f"--methods {','.join(methods)}: give distinct method names")

@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 
 from ..analysis.paper import PAPER_IMAGE_SIZE, PAPER_ROWS, TABLE1, paper_top1
-from ..data.catalog import CATALOG
+from ..data.catalog import get_spec
 from ..data.folder import dataset_counts
 from ..io import atomic_write_text, plural
 from ..methods import METHODS, method_spec
@@ -99,7 +99,7 @@ def columns(grid: Grid) -> list[tuple[str, str, tuple[str, ...]]]:
     """(column key, title, tasks averaged per seed): a dataset, and after a pooled one its rounds' mean."""
     cols = []
     for d in grid.datasets:
-        title = CATALOG[d].title.split(" (")[0]
+        title = get_spec(d).title.split(" (")[0]
         rounds = rounds_of(d)
         cols.append((d, f"{title} (pooled)" if rounds else title, (d,)))
         if rounds:

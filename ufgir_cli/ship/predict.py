@@ -64,7 +64,12 @@ def load_predictor(source: str | os.PathLike) -> Predictor:
             require(("onnxruntime",), "predicting with an ONNX export")
             import onnxruntime as ort
 
-            session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+            try:
+                session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for a bad file
+                why = " ".join(str(e).split())[:200] or type(e).__name__
+                raise CheckpointError(f"{source} is not a readable ONNX model ({why}); it is truncated or damaged: "
+                                      "export it again with `ufgir export RUN --format onnx`") from None
 
             def forward(x: torch.Tensor) -> torch.Tensor:
                 return torch.from_numpy(session.run([meta["output"]], {meta["input"]: x.numpy()})[0])
