@@ -9,7 +9,7 @@ backbone's own numerics (mean/std, LayerNorm eps, resampling, resize: ``model.nu
 recipes mostly just pick a method and ask for the reference's numerics. What the backbone decides
 (depth-derived positions, numerics) is filled in on load where its name tells it, else at build, and
 saved with the run. This module imports no torch so that ``ufgir recipes`` stays instant. It is one
-piece (about 800 lines): the types, their resolution and their error messages belong together; how a
+piece (about 770 lines): the types, their resolution and their error messages belong together; how a
 recipe is described to a person (sources, every key, descriptions) is ``recipe_docs.py``.
 """
 
