@@ -26,7 +26,7 @@ from pathlib import Path
 from ..analysis.paper import PAPER_ROWS
 from ..data.catalog import CATALOG, catalog_name, get_spec
 from ..data.folder import dataset_counts
-from ..errors import RecipeError
+from ..errors import DatasetError, RecipeError
 from ..io import atomic_write_json
 from ..methods import TABLE, method_spec
 from ..paths import RunDir, RunStatus
@@ -129,6 +129,14 @@ def check_grid(grid: Grid) -> int:
                         for row, task, sweep in grid.sweeps())
 
 
+def _dataset_name(name: str) -> str:
+    """A catalog dataset in any case, or one of the user's own (`ufgir datasets add`); else --datasets' error."""
+    try:
+        return catalog_name(name) or get_spec(name).name
+    except DatasetError as e:
+        raise RecipeError(f"--datasets: {e}") from None
+
+
 def make_grid(methods=None, datasets=TABLE1_DATASETS, *, image_size: int = 448, seeds=DEFAULT_SEEDS,
               lrs=None, overrides: dict | None = None, row_overrides: dict | None = None, name: str | None = None,
               out: str | Path = "reproduce", backbones=()) -> Grid:
@@ -138,7 +146,7 @@ def make_grid(methods=None, datasets=TABLE1_DATASETS, *, image_size: int = 448, 
     methods = tuple(methods or PAPER_METHODS)
     for m in methods:
         row_recipe(m)
-    datasets = tuple(catalog_name(d) or get_spec(d).name for d in datasets)  # any case; your own (`datasets add`) too
+    datasets = tuple(_dataset_name(d) for d in datasets)
     if not datasets or len(set(datasets)) != len(datasets):
         raise RecipeError(f"--datasets {','.join(datasets)}: give distinct names from `ufgir datasets`")
     if len(set(methods)) != len(methods) or not methods:
