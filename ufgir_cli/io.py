@@ -93,6 +93,22 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[IO[bytes]], None]) ->
         writer(f)
 
 
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Folder ``tmp`` becomes ``out``; an earlier ``out`` goes only once the new one is in place (a
+    crash in between leaves it as ``.<name>.replaced`` beside, never half of each)."""
+    import shutil
+
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        old = out.parent / f".{out.name}.replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 def file_sha256(path: str | os.PathLike, on_chunk: Callable[[int, int], None] | None = None) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB chunks (archives run to gigabytes);
     ``on_chunk(done, total)`` reports progress in bytes."""

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ExportError
 from ..geometry import NUMERIC_KEYS
-from ..io import atomic_write_text
+from ..io import atomic_write_text, replace_dir
 from ..model.backbone import MICRO, create_timm, default_image_size, timm_call
 from ..model.build import build_model
 from ..model.methods.lora import settings_from_peft
@@ -113,18 +113,6 @@ def _readme(model: UfgirViT, recipe: Recipe, code: str, diff: float) -> str:
         f"`ufgir import-peft FOLDER --backbone {m.backbone}` turns it back into a ufgir run.", ""])
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """``tmp`` becomes ``out``; an earlier ``out`` goes only once the new one is in place."""
-    if out.exists():
-        old = out.parent / f".{out.name}.replaced"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def export_peft(model: UfgirViT, recipe: Recipe, out: str | os.PathLike, *,
                 tolerance: float = PEFT_TOLERANCE) -> ExportResult:
     """Write a peft adapter folder for ``model`` at ``out``, checked with peft itself; the method
@@ -164,7 +152,7 @@ def export_peft(model: UfgirViT, recipe: Recipe, out: str | os.PathLike, *,
         code = _timm_code(m.backbone, kwargs, str(out), eps)
         atomic_write_text(tmp / README_FILE, _readme(model, recipe, code, diff))
         atomic_write_text(tmp / RECIPE_FILE, dump_resolved(recipe))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())

@@ -1,4 +1,5 @@
-"""A run folder for a model that ufgir did not train (``import-peft``): the files a training run leaves.
+"""A run folder for a model that ufgir did not train (``import-peft``, ``import-upstream``): the files a
+training run leaves.
 
 The recipe, the ``last`` checkpoint and the provenance are written with the training loop's own code
 (`checkpoint_payload`, `save_checkpoint`, `write_provenance`) into the layout `RunDir` names, so every
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from ..engine.provenance import write_provenance
 from ..errors import CheckpointError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, replace_dir
 from ..model.checkpoint import checkpoint_payload, save_checkpoint
 from ..model.vit import UfgirViT
 from ..paths import RunDir
@@ -31,7 +32,7 @@ def check_new_run(out: Path, overwrite: bool) -> None:
 
 
 def write_imported_run(out: str | os.PathLike, model: UfgirViT, recipe: Recipe, *, imported_from: Path,
-                       import_format: str, overwrite: bool = False, backbone_sha256: str | None = None) -> RunDir:
+                       import_format: str | None = None, overwrite: bool = False, backbone_sha256: str | None = None) -> RunDir:
     """Write ``model`` and ``recipe`` as the run folder ``out`` (see the module's docstring); the
     provenance names ``imported_from``, the file whose tensors were imported, and what it is.
     ``backbone_sha256``: the backbone the model started from, when it trained backbone tensors (the
@@ -47,16 +48,9 @@ def write_imported_run(out: str | os.PathLike, model: UfgirViT, recipe: Recipe, 
         atomic_write_text(run.recipe_file, dump_resolved(recipe))
         sha = backbone_sha256 or model.backbone_sha256()
         save_checkpoint(run.last, checkpoint_payload(model, recipe, backbone_sha256=sha))
-        write_provenance(tmp, recipe, sha, imported_from=Path(imported_from),
-                         import_format=import_format)
-        if out.exists():
-            old = out.parent / f".{out.name}.replaced"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        what = {} if import_format is None else {"import_format": import_format}  # None: provenance's default
+        write_provenance(tmp, recipe, sha, imported_from=Path(imported_from), **what)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

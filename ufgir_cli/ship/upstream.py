@@ -7,17 +7,13 @@ assembles the run folder (recipe, checkpoint, provenance) so every ufgir command
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
-from ..engine.provenance import write_provenance
 from ..errors import CheckpointError
-from ..io import atomic_write_text
-from ..model.checkpoint import checkpoint_payload, save_checkpoint
 from ..model.convert import load_upstream_checkpoint
 from ..model.vit import UfgirViT
-from ..paths import RunDir
-from ..recipe import Recipe, dump_resolved, recipe_from_dict
+from ..recipe import Recipe, recipe_from_dict
+from .runs import check_new_run, write_imported_run
 
 
 def import_upstream(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
@@ -31,10 +27,7 @@ def import_upstream(src: str | os.PathLike, out: str | os.PathLike, overwrite: b
     result of another model must not survive next to the imported weights).
     """
     src, out = Path(src), Path(out)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"--out {out} is a file; give a folder for the new run")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"run folder {out} exists and is not empty; pass --overwrite to replace it, or another --out")
+    check_new_run(out, overwrite)
     try:
         model, recipe = load_upstream_checkpoint(src)
     except (AttributeError, KeyError, IndexError, TypeError, ValueError) as e:  # a config or tensors of another layout
@@ -46,23 +39,5 @@ def import_upstream(src: str | os.PathLike, out: str | os.PathLike, overwrite: b
         data = recipe.model_dump(mode="json")
         data["data"]["dataset"] = dataset
         recipe = recipe_from_dict(data)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.importing"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        atomic_write_text(RunDir(tmp).recipe_file, dump_resolved(recipe))
-        save_checkpoint(RunDir(tmp).last, checkpoint_payload(model, recipe))
-        write_provenance(tmp, recipe, model.backbone_sha256(), imported_from=src)
-        if out.exists():
-            old = out.parent / f".{out.name}.replaced"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_imported_run(out, model, recipe, imported_from=src, overwrite=overwrite)
     return model, recipe
