@@ -108,3 +108,78 @@ def test_the_combination_recipes_and_their_gmacs_at_448():
     assert _gmacs("linear_evit") == pytest.approx(24.789, rel=1e-3)
     assert _gmacs("linear_evit") < _gmacs("adapter_evit") < _gmacs("linear_evit") * 1.01
     assert _gmacs("ila_pp_evit") < _gmacs("ila_pp") == pytest.approx(67.06, rel=1e-3)
+
+
+# ---- the rows: CLCA's Table I beside the ILA paper's ------------------------------------------
+
+def test_clcas_table_i_rows_name_their_source():
+    from ufgir_cli.analysis.paper import (
+        CLCA_TABLE1,
+        PAPER_TOP1,
+        TABLE1,
+        paper_source,
+        paper_sources,
+        paper_top1,
+    )
+    from ufgir_cli.reproduce import PAPER_METHODS
+
+    assert [paper_top1("clca", d) for d in ("cotton80", "soyageing", "soyglobal")] == [55.6, 87.4, 61.1]
+    assert [paper_top1("clca_keep07", d) for d in ("cotton80", "soyageing", "soyglobal")] == [67.8, 88.3, 58.2]
+    assert paper_top1("clca", "soygene") is None and paper_top1("clca_keep07", "soylocal") is None
+    assert paper_source("clca") == CLCA_TABLE1 == "CLCA (Rios et al., ICASSP 2025) Table I; backbone not stated in its repository"
+    assert paper_source("ila_pp") == TABLE1 and paper_sources(["clca", "linear", "ila_pp_evit"]) == [TABLE1, CLCA_TABLE1]
+    assert len(PAPER_TOP1) == 16 * 5 + 2 * 3
+    assert "clca" in PAPER_METHODS and PAPER_METHODS[-1] == "clca_keep07"
+
+
+def test_reproduce_puts_accuracy_and_gmacs_side_by_side_with_both_sources(tmp_path):
+    import json
+
+    from ufgir_cli.analysis.paper import CLCA_TABLE1, TABLE1
+    from ufgir_cli.reproduce import make_grid, write_table
+
+    rows = ("ila_pp", "ila_pp_evit", "adapter_evit", "clca")
+    grid = make_grid(rows, ["cotton80"], seeds=(1,), lrs=(0.1,), out=tmp_path)
+    for row, top1 in zip(rows, (50.0, 45.0, 40.0, 52.0), strict=True):
+        sweep = grid.sweep(row, "cotton80")
+        (sweep.root / "runs/p2/eval/test").mkdir(parents=True)
+        (sweep.root / "runs/p2/eval/test/metrics.json").write_text(json.dumps({"top1": top1, "num_classes": 80}))
+        (sweep.root / "plan.json").write_text(json.dumps({"phase2": {"lr": 0.1, "runs": [{"seed": 1, "run": "runs/p2"}]}}))
+    md = write_table(grid).read_text()
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    # accuracy (ours, the paper's, the difference), then TTP and GMACs at 448 px, on one line per row
+    assert lines["ILA++"].endswith("| 50.00 (n=1) (55.42, -5.42) | 0.416 | 67.063 |")
+    assert lines["ILA++ (ila_pp_evit)"].endswith("| 45.00 (n=1) | 0.416 | 50.884 |")
+    assert "| 40.00 (n=1) |" in lines["Adapter (adapter_evit)"] and "| 24.86" in lines["Adapter (adapter_evit)"]
+    assert "| 52.00 (n=1) (55.60, -3.60) |" in lines["CLCA (keep 10 %)"] and lines["CLCA (keep 10 %)"].endswith("| 25.165 |")
+    assert f"the paper's numbers: {TABLE1}; {CLCA_TABLE1}." in md
+    assert CLCA_TABLE1.replace("_", r"\_") in (grid.root / "table1.tex").read_text()
+
+
+def test_compare_paper_points_name_clcas_source_and_a_keep07_run_its_row():
+    from ufgir_cli.analysis.compare import paper_points, paper_row_of
+    from ufgir_cli.analysis.paper import CLCA_TABLE1
+
+    pts = {p["method"]: p for p in paper_points(["cotton80"])}
+    assert pts["clca"]["source"] == CLCA_TABLE1 and pts["clca"]["cite"] == "CLCA, Table I"
+    assert pts["clca"]["backbone"] is None and pts["ila_pp"]["backbone"] is not None   # not stated: no backbone shape
+    assert pts["clca"]["gmacs"] == pytest.approx(25.165, rel=1e-3) and pts["clca_keep07"]["top1"] == 67.8
+    assert paper_row_of(load_recipe("clca_keep07", env=False)) == "clca_keep07"
+    assert paper_row_of(load_recipe("clca", env=False)) == "clca"
+    assert paper_row_of(load_recipe("clca", {"model": {"keep_rate": 0.7}}, env=False)) == "clca_keep07"
+    assert paper_row_of(load_recipe("ila_pp_evit", env=False)) == "ila_pp"
+
+
+def test_the_compare_figure_has_a_legend_entry_per_source():
+    from ufgir_cli.viz.figures import draw_compare
+
+    pts = [{"label": "ILA++", "gmacs": 67.1, "top1": 75.0, "trainable": 354_800, "family": "ILA", "paper": True,
+            "cite": "ILA paper, Table 1"},
+           {"label": "CLCA (keep 10 %) [CLCA, Table I]", "gmacs": 25.2, "top1": 87.4, "trainable": 86_278_666,
+            "family": "FGIR", "paper": True, "cite": "CLCA, Table I", "backbone": None},
+           {"label": "ILA++ (ila_pp_evit)", "gmacs": 50.9, "top1": 70.0, "trainable": 362_490, "family": "ILA", "paper": False}]
+    fig = draw_compare(pts)
+    ax = fig.axes[0]
+    texts = [t.get_text() for leg in [*ax.artists, ax.get_legend()] if leg is not None for t in leg.get_texts()]
+    assert "ILA paper, Table 1\n(448 px)" in texts and "CLCA, Table I\n(448 px)" in texts and "ours" in texts
+    assert [a.get_text() for a in ax.texts] == [p["label"] for p in pts]

@@ -209,12 +209,15 @@ def write_comparison(runs: Sequence[str | Path], *, split: str = "test", out: Pa
     cited = ac.paper_points([r["dataset"] for r in rows]) if paper else []
     datasets = list(dict.fromkeys(r["dataset_title"] for r in rows + cited))
     points = ac.compare_points(rows, with_dataset=len(datasets) > 1)
-    for c in cited:
-        c["label"] = c["method_title"] if len(datasets) == 1 else f"{c['method_title']} · {c['dataset_title']}"
+    first_cite = cited[0]["cite"] if cited else None
+    for c in cited:  # a point from another source than the ILA paper's names it
+        c["label"] = (c["method_title"] if len(datasets) == 1 else f"{c['method_title']} · {c['dataset_title']}") + \
+            (f" [{c['cite']}]" if c["cite"] != first_cite else "")
 
     def point(r: dict, from_paper: bool) -> dict:
         return {"label": r["label"], "gmacs": r["gmacs"], "top1": r["top1"], "trainable": r["trainable"],
-                "family": r["family"], "paper": from_paper, "std": r.get("std"), "backbone": r.get("backbone")}
+                "family": r["family"], "paper": from_paper, "std": r.get("std"), "backbone": r.get("backbone"),
+                "cite": r.get("cite")}
 
     seen = f"{datasets[0]} · " if len(datasets) == 1 else ""
     fig = vf.draw_compare([point(r, False) for r in points] + [point(r, True) for r in cited],
