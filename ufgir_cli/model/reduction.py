@@ -196,14 +196,19 @@ class TokenReduction:
     def start(self, model: nn.Module) -> ReducedPass:
         return ReducedPass(self, model)
 
-    def patches_entering(self, model: nn.Module) -> int:
-        """The patches that enter the first reduction: the patch grid after the down-sampling ILAs before it (ToMe's
-        N_p). ILAs run only before the first reduction (`MethodSpec.reduction_refusal`)."""
+    def grid_entering(self, model: nn.Module) -> tuple[int, int]:
+        """The patch grid that enters the first reduction: the backbone's, after the down-sampling ILAs before it.
+        ILAs run only before the first reduction (`MethodSpec.reduction_refusal`)."""
         g = tuple(model.vit.patch_embed.grid_size)
         first = min(self.locs, default=len(model.vit.blocks))
         for i in range(first):
             if str(i) in model.ila:
                 g = model.ila[str(i)].out_grid(g)
+        return g
+
+    def patches_entering(self, model: nn.Module) -> int:
+        """The patches that enter the first reduction (ToMe's N_p)."""
+        g = self.grid_entering(model)
         return g[0] * g[1]
 
     def geometry(self, model: nn.Module, info: list[BlockInfo]) -> list[BlockInfo]:
