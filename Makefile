@@ -41,6 +41,7 @@ bench: venv
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.threads
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.integrity
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.peft
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.reduction
 
 backbone: venv
 	HF_HUB_OFFLINE=1 $(UFGIR) pretrain-backbone --out ufgir_cli/assets

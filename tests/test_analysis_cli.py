@@ -242,7 +242,9 @@ def test_compare_table_plot_and_paper_number(runs, tmp_path):
     assert (rows["soy"]["family"], rows["soy"]["method_title"], rows["lin"]["family"]) == ("ILA", "ILA++", "PETL")
     # --paper: Table 1's SoyAgeing row, at the cost we count for ViT-B/16 at 448 px (ILA.md: 67.06 G for ILA++)
     paper = {p["method"]: p for p in table["paper"]}
-    assert len(paper) == 16 and {p["dataset"] for p in paper.values()} == {"soyageing"}
+    assert len(paper) == 16 + 2 and {p["dataset"] for p in paper.values()} == {"soyageing"}  # + CLCA's Table I
+    assert (paper["clca"]["top1"], paper["clca"]["label"]) == (87.4, "CLCA (keep 10 %) · SoyAgeing [CLCA, Table I]")
+    assert paper["ila_pp"]["label"] == "ILA++ · SoyAgeing" and "paper points: CLCA (Rios et al., ICASSP 2025) Table I" in _text(res)
     assert (paper["simtrans"]["method_title"], paper["simtrans"]["top1"]) == ("SIMT* (full fine-tuning)", 34.76)
     assert paper["transfg_ft"]["method_title"] == "TrFG* (full fine-tuning)" and paper["ifa"]["method_title"] == "IFA"
     assert (paper["ifa"]["family"], paper["ifa"]["top1"], paper["mpncov"]["family"]) == ("FGIR", 56.01, "FGIR")

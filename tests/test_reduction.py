@@ -223,9 +223,10 @@ def test_shallow_prompts_are_protected_prefix_tokens():
     assert torch.allclose(after[:, :5], y, atol=1e-5)                       # the prompts pass unscored, in front
 
 
-@pytest.mark.parametrize("method", [m.name for m in TABLE if m.takes_reduction])
+@pytest.mark.parametrize("method", [m.name for m in TABLE if m.takes_reduction and not m.has_ila])
 def test_every_method_that_takes_a_reduction_runs_with_one(method):
-    """Every method without a patch grid, ILA, per-block prompts or a token selection into a block of its own:
+    """Every method without a patch grid, ILA, per-block prompts or a token selection into a block of its own
+    (ILA methods, whose reductions must follow their ILAs: tests/test_combinations.py):
     with EViT and with ToMe, logits in eval, a loss with a gradient in training, the maps of every block as long
     as the tokens it attends over."""
     torch.manual_seed(0)

@@ -278,4 +278,4 @@ def test_default_rows_are_the_papers_methods():
     from ufgir_cli.reproduce import PAPER_METHODS
 
     assert set(PAPER_METHODS) == {"linear", "vpt_shallow", "vpt_deep", "adapter", "convpass", "ifa", "mpncov", "glsim", "rams",
-                                  "transfg", "ffvt", "cal", "simtrans", "ila_plus", "ila_pp"}
+                                  "transfg", "ffvt", "cal", "simtrans", "ila_plus", "ila_pp", "clca", "clca_keep07"}

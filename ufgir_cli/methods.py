@@ -64,6 +64,10 @@ class MethodSpec:
     lora_rank: int | None = None
     #: The method works around a token reduction (CLCA's cache): the recipe must set ``model.token_reduction``.
     needs_reduction: bool = False
+    #: Where a method that needs the patch grid needs it: after every block ("every_block": convolutions,
+    #: boxes, maps on the grid), or only up to its last ILA ("ila": the ILA family with plain parallel
+    #: adapters or LoRA, which past its last ILA runs on any sequence of tokens, so a token reduction may follow).
+    grid_for: Literal["every_block", "ila"] = "every_block"
     upstream: tuple[tuple[str, FlagTest], ...] = ()  # how import-upstream recognises it
     recipe: str = ""  # packaged recipe name; the method's name when empty
     title: str = ""  # as the paper and figures name it ("ILA++"); the name when empty
@@ -79,11 +83,35 @@ class MethodSpec:
 
     @property
     def takes_reduction(self) -> bool:
-        """Whether a token reduction inside the backbone can run under it: it needs no patch grid, has no ILA, no
-        per-block prompts (shallow prompts are prefix tokens, protected like the CLS) and selects no fixed number of
-        tokens per block into a block of its own (FFVT)."""
-        return not self.has_ila and "patch_grid" not in self.needs and self.prompts in (None, "shallow") \
-            and not self.replaces_blocks
+        """Whether a token reduction inside the backbone can run under it somewhere: it needs no patch grid past
+        its ILAs, no per-block prompts (shallow prompts are prefix tokens, protected like the CLS) and selects no
+        fixed number of tokens per block into a block of its own (FFVT). Where its ILAs allow one: `reduction_refusal`."""
+        return self._reduction_obstacle() is None
+
+    def _reduction_obstacle(self) -> str | None:
+        if "patch_grid" in self.needs and self.grid_for == "every_block":
+            return f"{_NEED_WORDS['patch_grid']} up to its last block"
+        if self.prompts not in (None, "shallow"):
+            return f"inserts per-block prompts ({self.prompts})"
+        if self.replaces_blocks:
+            return "selects a fixed number of tokens per block into a block of its own"
+        return None
+
+    def reduction_refusal(self, first: int, ila_blocks: tuple[int, ...]) -> str | None:
+        """Why a token reduction whose first reduction is inside block ``first`` cannot run under this method with
+        ILAs after ``ila_blocks``, in one line, from its declared needs; None when it can. A reduction leaves no patch
+        grid, so every part that needs one (an ILA included) must come before it."""
+        obstacle = self._reduction_obstacle()
+        if obstacle is not None:
+            return (f"method {self.name!r} {obstacle}, which a token reduction takes away; unset model.token_reduction "
+                    f"or choose a method that can take one ({', '.join(m.name for m in TABLE if m.takes_reduction)})")
+        late = sorted(i for i in ila_blocks if i >= first)
+        if late:
+            return (f"method {self.name!r} puts an ILA after block{'s' if len(late) > 1 else ''} "
+                    f"{', '.join(map(str, late))}, which needs the patch grid that the token reduction inside block "
+                    f"{first} takes away; reduce only after its last ILA (model.reduction_locs all > {max(ila_blocks)}) "
+                    "or unset model.token_reduction")
+        return None
 
     @property
     def recipe_name(self) -> str:
@@ -175,17 +203,17 @@ TABLE: tuple[MethodSpec, ...] = (
                upstream=(("clc", True), ("ifa_head", True), ("keep_rate", True), ("reduction_loc", True),
                          ("freeze_backbone", False)), title="CLCA"),
     MethodSpec("ila", "ila", "Down-sampling ILA only, after blocks 3 and 7",
-               (*_PETL, "ila"), ila_ds_locs=(3, 7), needs=_GRID,
+               (*_PETL, "ila"), ila_ds_locs=(3, 7), needs=_GRID, grid_for="ila",
                upstream=(("ila", True), ("adapter", False), ("ila_locs", False)), title="ILA (DS only)"),
     MethodSpec("ila_plus", "ila", "ILA+: down-sampling ILA after blocks 3 and 7, same-resolution ILA after the rest",
-               (*_PETL, "ila"), ila_ds_locs=(3, 7), ila_rest=True, needs=_GRID,
+               (*_PETL, "ila"), ila_ds_locs=(3, 7), ila_rest=True, needs=_GRID, grid_for="ila",
                upstream=(("ila", True), ("adapter", False), ("ila_locs", True)), title="ILA+"),
     MethodSpec("ila_pp", "ila", "ILA++: down-sampling ILA after blocks 3 and 7 + parallel adapters in every block",
-               (*_PETL, "adapters", "ila"), adapter="adapter", ila_ds_locs=(3, 7), needs=_GRID,
+               (*_PETL, "adapters", "ila"), adapter="adapter", ila_ds_locs=(3, 7), needs=_GRID, grid_for="ila",
                upstream=(("ila", True), ("adapter", True)), title="ILA++"),
     MethodSpec("ila_lora", "ila", "Down-sampling ILA after blocks 3 and 7 + LoRA (peft) in place of ILA++'s adapters, "
                "rank 9: its LoRA count is the closest to ILA++'s adapters", (*_PETL, "lora", "ila"), impl="lora",
-               ila_ds_locs=(3, 7), needs=_GRID, lora_rank=9, title="ILA + LoRA"),
+               ila_ds_locs=(3, 7), needs=_GRID, grid_for="ila", lora_rank=9, title="ILA + LoRA"),
 )
 
 #: How figures and tables name a family.

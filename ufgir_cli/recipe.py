@@ -359,8 +359,9 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _token_reduction(self) -> ModelConfig:
-        """A token reduction has a keep rate, blocks inside the backbone, and a method that works on any
-        sequence of tokens (no patch grid, ILA or per-block prompts); a method whose row needs one has it."""
+        """A token reduction has a keep rate, blocks inside the backbone, and a method whose every part that needs
+        the patch grid (ILAs included) comes before its first reduction (`MethodSpec.reduction_refusal`); a method
+        whose row needs one has it."""
         spec = method_spec(self.method)
         if self.token_reduction is None:
             if spec.needs_reduction:
@@ -379,9 +380,10 @@ class ModelConfig(Section):
         depth = self.depth or backbone_depth(self.backbone)
         if depth is not None and any(i >= depth for i in locs):
             raise ValueError(f"model.reduction_locs {list(locs)} names a block outside the {depth}-block backbone")
-        if not spec.takes_reduction:
-            raise ValueError(f"method {self.method!r} needs the patch grid or per-block prompts, which a token reduction "
-                             "takes away; unset model.token_reduction or choose another method")
+        reason = spec.reduction_refusal(min(locs, default=depth or 1 << 30),
+                                        (*(self.ila_locs or ()), *(self.ila_ds_locs or ())))
+        if reason:
+            raise ValueError(reason)
         return self
 
 

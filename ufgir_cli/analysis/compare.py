@@ -40,6 +40,22 @@ def recipe_settings(recipe: Recipe) -> dict:
     return out
 
 
+def paper_row_of(recipe: Recipe) -> str:
+    """The paper row a run measures: of the packaged recipes with a paper row and the run's method, the one whose
+    model section differs from the run's in the fewest keys (``clca_keep07`` for a CLCA run at keep 0.7), the
+    method's own on a tie."""
+    method = recipe.model.method
+    own = all_methods()[method].recipe_name if method in all_methods() else method
+    run = recipe.model.model_dump(mode="json")
+
+    def distance(name: str) -> tuple[int, bool]:
+        model = load_recipe(name, env=False).model.model_dump(mode="json")
+        return sum(model.get(k) != v for k, v in run.items() if k not in ("num_classes", "image_size")), name != own
+
+    same = [r for r in PAPER_ROWS if r == own or load_recipe(r, env=False).model.method == method]
+    return min(same, key=distance, default=own)
+
+
 def compare_inputs(paths: Sequence[Path], split: str) -> tuple[list[Path], list[str]]:
     """The runs behind `compare`'s arguments: run folders and checkpoints as given; a sweep folder
     (``plan.json``) gives its run folders, a reproduction folder (``grid.json``) every sweep's, each with
@@ -93,7 +109,7 @@ def compare_rows(runs: Sequence[Path], split: str = "test") -> tuple[list[dict],
             "method_title": method_title(recipe.model.method), "family": method_family(recipe.model.method),
             "dataset_title": dataset_title(recipe.data.dataset),
             "image_size": recipe.model.image_size, "checkpoint": m.get("checkpoint"), "top1": m["top1"],
-            "paper_top1_448px": paper_top1(recipe.model.method, recipe.data.dataset),
+            "paper_top1_448px": paper_top1(paper_row_of(recipe), recipe.data.dataset),
             "macs": c["macs"], "gmacs": c["macs"] / 1e9, "trainable": c["params_trainable"], "total": c["params_total"],
             "seed": recipe.train.seed, "settings": recipe_settings(recipe),
         })
@@ -146,8 +162,9 @@ def compare_points(rows: Sequence[dict], with_dataset: bool) -> list[dict]:
 
 
 def paper_points(datasets: Sequence[str]) -> list[dict]:
-    """The paper's Table 1 cells for these datasets as compare points: its top-1 at the cost that we count
-    for the row's packaged recipe at the paper's image size (ViT-B/16, 448 px) and the dataset's classes."""
+    """The papers' cells for these datasets as compare points (the ILA paper's Table 1, CLCA's Table I): the
+    top-1 at the cost that we count for the row's packaged recipe at the paper's image size (448 px) and the
+    dataset's classes, with its ``source`` and short ``cite``; ``backbone`` None where the source does not say it."""
     points = []
     for dataset in dict.fromkeys(datasets):
         spec = CATALOG.get(dataset)
@@ -160,7 +177,10 @@ def paper_points(datasets: Sequence[str]) -> list[dict]:
             # a row that trains every weight is named as the paper stars it ("SIMT* (full fine-tuning)")
             starred = recipe.model.train_backbone or "all" in all_methods()[method].trains
             title = PAPER_ROWS[name].title if name != method or starred else method_title(method)
-            points.append({"method": name, "dataset": dataset, "backbone": recipe.model.backbone, "method_title": title,
+            row = PAPER_ROWS[name]
+            points.append({"method": name, "dataset": dataset, "method_title": title,
+                           "backbone": recipe.model.backbone if row.backbone_stated else None,
                            "dataset_title": dataset_title(dataset), "family": method_family(method), "top1": top1,
-                           "gmacs": c["macs"] / 1e9, "trainable": c["params_trainable"], "image_size": PAPER_IMAGE_SIZE})
+                           "gmacs": c["macs"] / 1e9, "trainable": c["params_trainable"], "image_size": PAPER_IMAGE_SIZE,
+                           "source": row.source, "cite": row.cite})
     return points

@@ -50,5 +50,7 @@ def compare(
                   top1 if p["n"] > 1 else f"{top1} (n=1)", fmt(p["paper_top1_448px"], ".2f"), f"{p['gmacs']:.2f}",
                   f"{p['trainable']:,}")
     console.print(t)
+    for source in dict.fromkeys(p["source"] for p in c.paper):
+        console.print(f"paper points: {source}", soft_wrap=True, markup=False)
     also = "".join(f" (+ .{f})" for f in formats)
     console.print(f"figure: {c.figure}{also}\ntable: {c.table}", soft_wrap=True, markup=False)

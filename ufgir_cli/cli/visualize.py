@@ -1,4 +1,4 @@
-"""`ufgir visualize rollout|attention|crops`: attention (or what a method selects) drawn over images, written under
+"""`ufgir visualize rollout|attention|crops|tokens`: attention (or what a method selects) drawn over images, written under
 ``<run>/analysis/visualize/<name>/`` (a grid and one figure per image; one image per class by default).
 
 The library calls in ``ufgir_cli.engine.analyze`` compute, draw and write; these commands parse options
@@ -167,3 +167,17 @@ def crops(
 
     shown = _shown(run, more, split, images, per_class, batch_size, cols, checkpoint, device, dpi, vector)
     _printed(write_crops(shown.pop("run"), **shown))
+
+
+@app.command("tokens", cls=PlainCommand)
+def tokens(
+    run: RunArg = None, more: MoreArg = None,
+    split: SplitOpt = "test", images: ImagesOpt = None, per_class: PerClassOpt = 1, batch_size: ShowCountOpt = 8,
+    cols: ColsOpt = None, checkpoint: CheckpointOpt = "auto", device: DeviceOpt = "auto",
+    dpi: DpiOpt = 200, vector: FormatOpt = None,
+) -> None:
+    """Which patches survive each token reduction (model.token_reduction), one panel per reduction after the image: EViT's dropped patches dimmed, ToMe's merged groups in colour; prints every file written."""
+    from ..engine.analyze import write_tokens
+
+    shown = _shown(run, more, split, images, per_class, batch_size, cols, checkpoint, device, dpi, vector)
+    _printed(write_tokens(shown.pop("run"), **shown))

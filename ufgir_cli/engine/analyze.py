@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..analysis import compare as ac
 from ..analysis import report as ar
+from ..analysis import tokens as at
 from ..io import atomic_write_json
 from ..paths import RunDir, runs_dir
 from ..viz import figures as vf
@@ -182,6 +183,18 @@ def write_crops(run: str | Path, *, split: str = "test", images: Sequence[Path] 
                  _class_note(sel.classes, per_class))
 
 
+def write_tokens(run: str | Path, *, split: str = "test", images: Sequence[Path] | None = None, per_class: int = 1,
+                 count: int = 8, cols: int | None = None, checkpoint: str = "auto", device: str = "auto",
+                 dpi: int = 200, formats: Sequence[str] = ()) -> Drawn:
+    """Which patches survive each token reduction (`analysis.tokens`) over the images, as one grid."""
+    sel = at.token_selections(Path(run), split=split, images=images, count=count, per_class=per_class,
+                              checkpoint=checkpoint, device=device)
+    fig = vf.draw_selection(sel.panels, sel.captions, title=f"{sel.what} · {sel.title}", cols=cols)
+    grid = vf.save(fig, visualize_folder(run, "tokens", split, images) / "grid.png", dpi, formats)
+    return Drawn(grid, [grid.with_suffix(f".{f}") for f in dict.fromkeys(("png", *formats))],
+                 _class_note(sel.classes, per_class))
+
+
 @dataclass
 class Comparison:
     """What `write_comparison` found and wrote: the runs' rows, the points drawn (runs that differ only
@@ -209,12 +222,15 @@ def write_comparison(runs: Sequence[str | Path], *, split: str = "test", out: Pa
     cited = ac.paper_points([r["dataset"] for r in rows]) if paper else []
     datasets = list(dict.fromkeys(r["dataset_title"] for r in rows + cited))
     points = ac.compare_points(rows, with_dataset=len(datasets) > 1)
-    for c in cited:
-        c["label"] = c["method_title"] if len(datasets) == 1 else f"{c['method_title']} · {c['dataset_title']}"
+    first_cite = cited[0]["cite"] if cited else None
+    for c in cited:  # a point from another source than the ILA paper's names it
+        c["label"] = (c["method_title"] if len(datasets) == 1 else f"{c['method_title']} · {c['dataset_title']}") + \
+            (f" [{c['cite']}]" if c["cite"] != first_cite else "")
 
     def point(r: dict, from_paper: bool) -> dict:
         return {"label": r["label"], "gmacs": r["gmacs"], "top1": r["top1"], "trainable": r["trainable"],
-                "family": r["family"], "paper": from_paper, "std": r.get("std"), "backbone": r.get("backbone")}
+                "family": r["family"], "paper": from_paper, "std": r.get("std"), "backbone": r.get("backbone"),
+                "cite": r.get("cite")}
 
     seen = f"{datasets[0]} · " if len(datasets) == 1 else ""
     fig = vf.draw_compare([point(r, False) for r in points] + [point(r, True) for r in cited],
@@ -226,4 +242,4 @@ def write_comparison(runs: Sequence[str | Path], *, split: str = "test", out: Pa
 
 
 __all__ = ["Comparison", "Drawn", "MetricsReport", "visualize_folder", "write_attention", "write_comparison", "write_crops",
-           "write_metrics", "write_rollout"]
+           "write_metrics", "write_rollout", "write_tokens"]

@@ -11,13 +11,13 @@ Both act inside a block, between the attention residual and the MLP, after each 
   positions, B = odd ones, each A token's most similar B token, the r best pairs merge), a size-weighted
   average; every later block adds log(size) of each key to its attention logits (proportional
   attention). r comes from the keep rate: target_j = ⌊N_p ρ^(j+1)⌋ patches after the j-th merge, capped at
-  half the unprotected tokens.
+  half the unprotected tokens; N_p counts the patches entering the first reduction (after any down-sampling ILA).
 
 The P prefix tokens (CLS, registers, shallow prompts) are protected: never scored, kept, fused or
 merged, and they stay in front. With P = 1 this is exactly CLCA's rule. Attention stays timm's fused
 path (SDPA, the size bias as an additive mask); the CLS row EViT scores with is computed beside it,
 from the same queries and keys. Past a reduction the tokens have no patch grid: `geometry` gives token
-counts only.
+counts only, so a method's ILAs (`ila_pp_evit`) all come before the first reduction.
 
 A :class:`TokenReduction` holds settings only; `TokenReduction.start` gives the per-pass state
 (:class:`ReducedPass`: the ToMe sizes, what was kept or merged) that `UfgirViT.encode` runs its blocks through.
@@ -196,22 +196,39 @@ class TokenReduction:
     def start(self, model: nn.Module) -> ReducedPass:
         return ReducedPass(self, model)
 
+    def grid_entering(self, model: nn.Module) -> tuple[int, int]:
+        """The patch grid that enters the first reduction: the backbone's, after the down-sampling ILAs before it.
+        ILAs run only before the first reduction (`MethodSpec.reduction_refusal`)."""
+        g = tuple(model.vit.patch_embed.grid_size)
+        first = min(self.locs, default=len(model.vit.blocks))
+        for i in range(first):
+            if str(i) in model.ila:
+                g = model.ila[str(i)].out_grid(g)
+        return g
+
+    def patches_entering(self, model: nn.Module) -> int:
+        """The patches that enter the first reduction (ToMe's N_p)."""
+        g = self.grid_entering(model)
+        return g[0] * g[1]
+
     def geometry(self, model: nn.Module, info: list[BlockInfo]) -> list[BlockInfo]:
         """``feature_info`` with the reductions and the method's appended tokens (`Method.suffix_count`,
-        `Method.tokens_added`): token counts per block; no grid from a reduction on."""
+        `Method.tokens_added`): token counts per block; no grid from a reduction on. The ILAs before the first
+        reduction change the count as ``info`` says."""
         P = model.num_prefix_tokens
-        g = info[0].grid
-        patches = g[0] * g[1]
+        patches = self.patches_entering(model)
         added = model.method.tokens_added(model)
         n = info[0].tokens_attended + model.method.suffix_count(model)
-        out, j, grid = [], 0, g
+        out, j, grid = [], 0, info[0].grid
         for b in info:
             attended = n
             if b.index in self.locs:
                 n = self.tokens_after(j, n, P, patches)
                 j += 1
+            elif b.ila is not None:  # before the first reduction: the grid it leaves
+                n += b.tokens_out - b.tokens_attended
             n += added.get(b.index, 0)
-            out_grid = grid if b.index not in self.locs and n == P + patches else None
+            out_grid = b.out_grid if grid is not None and b.index not in self.locs and n == b.tokens_out else None
             out.append(b._replace(grid=grid, tokens_attended=attended, out_grid=out_grid, tokens_out=n))
             grid = out_grid
         return out
@@ -284,8 +301,7 @@ class ReducedPass:
         if red.kind == "evit":
             x, did = evit_reduce(x, extras["cls"], P, red.keep_rate)
         else:
-            patches = math.prod(self.model.vit.patch_embed.grid_size)
-            asked = red.merges_requested(patches)[self.j]
+            asked = red.merges_requested(red.patches_entering(self.model))[self.j]
             x, self.sizes, did = tome_merge(x, self.sizes, extras["metric"], P, asked)
             did = {**did, "requested": asked}
         self.j += 1

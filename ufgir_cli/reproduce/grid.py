@@ -35,9 +35,11 @@ from ..sweep import DEFAULT_SEEDS, Sweep, check_models, make_sweep
 from ..sweep.plan import PHASE_SPLITS
 
 TABLE1_DATASETS = ("cotton80", "soyageing", "soygene", "soyglobal", "soylocal")
-#: Methods whose own recipe has a number in the paper's Table 1 (frozen backbone, and SimTrans's SIMT*,
-#: fully fine-tuned): the default rows.
-PAPER_METHODS = tuple(m.name for m in TABLE if m.recipe_name in PAPER_ROWS)
+#: The default rows: methods whose own recipe has a paper number (the ILA paper's Table 1: frozen backbone, and
+#: SimTrans's SIMT*, fully fine-tuned; CLCA's Table I), then the paper rows of other recipes marked to run too
+#: (``clca_keep07``).
+PAPER_METHODS = tuple(m.name for m in TABLE if m.recipe_name in PAPER_ROWS) + \
+    tuple(r.recipe for r in PAPER_ROWS.values() if r.extra_row)
 TRAIN_FRAC = 0.8  # the share of each class's train_val images in the train split (data/folder.py)
 
 

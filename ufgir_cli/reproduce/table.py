@@ -17,7 +17,7 @@ import re
 import statistics
 from pathlib import Path
 
-from ..analysis.paper import PAPER_IMAGE_SIZE, PAPER_ROWS, TABLE1, paper_top1
+from ..analysis.paper import PAPER_IMAGE_SIZE, PAPER_ROWS, TABLE1, paper_sources, paper_top1
 from ..data.catalog import get_spec
 from ..data.folder import dataset_counts
 from ..io import atomic_write_text, plural
@@ -173,6 +173,11 @@ def _backbones(rows: list[dict]) -> str:
     return names[0] if len(names) == 1 else f"per row ({', '.join(names)})"
 
 
+def cited(grid: Grid) -> str:
+    """The sources of the paper numbers in the grid's rows (the ILA paper's Table 1 where none has one)."""
+    return "; ".join(paper_sources(row_recipe(split_row(r)[0]) for r in grid.rows)) or TABLE1
+
+
 def markdown(grid: Grid, rows: list[dict]) -> str:
     cols = columns(grid)
     head = ["Method", "Backbone", *(t for _, t, _ in cols), f"TTP (M, {plural(len(grid.datasets), 'task')})",
@@ -180,7 +185,7 @@ def markdown(grid: Grid, rows: list[dict]) -> str:
     lines = [f"# Table 1: `{grid.name}`", "",
              f"Test top-1 % at the last epoch, {grid.image_size} px, backbone {_backbones(rows)}: mean ± sample std "
              f"over seeds {', '.join(map(str, grid.seeds))} (\"n=1\" where one seed has finished: one value has no "
-             f"spread), with (the paper's number, our difference); the paper's numbers: {TABLE1}. Each sweep picks "
+             f"spread), with (the paper's number, our difference); the paper's numbers: {cited(grid)}. Each sweep picks "
              "its learning rate on val first (listed below the table). \"-\" where there is no number yet.", "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for _, rs in _by_method(grid, rows):
@@ -288,7 +293,7 @@ def latex(grid: Grid, rows: list[dict]) -> str:
         out.append(f"{title} & {tex_escape(rs[0]['backbone'])} & " + " & ".join(cells) + f" & {rs[0]['ttp_m']:.3f} & {rs[0]['gmacs']:.3f} \\\\")
     apart = ([f"{grid.image_size}\\,px"] if grid.image_size != PAPER_IMAGE_SIZE else []) + \
         ([f"backbone {tex_escape(_backbones(rows))}"] if {r["backbone"] for r in rows} != {PAPER_BACKBONE} else [])
-    paper_note = f"the paper's numbers are {tex_escape(TABLE1)}" + (
+    paper_note = f"the paper's numbers are {tex_escape(cited(grid))}" + (
         f"; ours differ ({' and '.join(apart)}), so the difference is not like for like" if apart else "")
     out += [r"\bottomrule", r"\end{tabular}", r"\par\smallskip",
             rf"\parbox{{\linewidth}}{{\footnotesize Resolution {grid.image_size}\,px; backbone "

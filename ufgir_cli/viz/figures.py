@@ -510,7 +510,9 @@ def _compare_axes(points: Sequence[dict], title: str, scale: float):
     fam = [Line2D([], [], ls="", marker="o", markersize=7, color=FAMILY_COLOURS[f], label=f) for f in families]
     if any(p["paper"] for p in points):
         fam += [Line2D([], [], ls="", marker="o", markersize=7, color="0.4", label="ours")] * any(not p["paper"] for p in points)
-        fam.append(Line2D([], [], ls="", marker="o", markersize=7, mfc="none", color="0.4", label="paper (448 px)"))
+        cites = list(dict.fromkeys(p.get("cite") or "paper" for p in points if p["paper"]))
+        fam += [Line2D([], [], ls="", marker="o", markersize=7, mfc="none", color="0.4",
+                       label=f"{c} (448 px)" if len(c) < 8 else f"{c}\n(448 px)") for c in cites]
     if any(p.get("std") for p in points):
         fam.append(Line2D([], [], ls="", marker="|", markersize=10, markeredgewidth=1.2, color="0.4",
                           label="± std over seeds"))
@@ -540,8 +542,9 @@ def draw_compare(points: Sequence[dict], *, title: str = "") -> Figure:
     paper's numbers, error bars of ± one sample std where a point is the mean of several seeds.
 
     ``points``: dicts with ``label``, ``gmacs``, ``top1``, ``trainable``, ``family`` (a key of
-    ``FAMILY_COLOURS``), ``paper`` (True for the paper's numbers) and optionally ``std`` and ``backbone``
-    (where points name several, each backbone has its marker shape, `backbone_markers`).
+    ``FAMILY_COLOURS``), ``paper`` (True for the paper's numbers) and optionally ``std``, ``backbone``
+    (where points name several, each backbone has its marker shape, `backbone_markers`) and, for a paper's
+    number, ``cite`` (its source, short: one hollow-marker legend entry per source).
 
     Every label sits beside its marker (its box within ``LABEL_MAX_GAP_PT`` of the marker's edge, with a
     thin leader line when it does not touch it), never on another label (:func:`place_labels`); where the
