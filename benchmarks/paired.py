@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import statistics
 import time
 
-from benchmarks.run import CPU_TARGETS, RESULTS, _machine, _torch_version, bench_step
+from benchmarks.run import CPU_TARGETS, _machine, _torch_version, bench_step, write_results
 
 #: (model, mode, precision): the reference runs only in float32, as it does on a CPU.
 CONFIGS = [("reference", "train", "fp32"), ("reference", "infer", "fp32"),
@@ -110,10 +109,7 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="leave out bf16 inference through torch.compile")
     args = p.parse_args()
     doc = measure(args.size, args.batch, args.rounds, args.backbone, compile_=not args.no_compile)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(doc))
-    print(markdown(doc))
+    write_results(args.name, doc, markdown)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import json
 import statistics
 import time
 
-from benchmarks.run import RESULTS, _machine, _torch_version
+from benchmarks.run import RESULTS, _machine, _torch_version, write_results
 
 #: The issue's targets: ufgir's step at most 5 % slower than plain peft; merged inference as fast as timm.
 TRAIN_TARGET, INFER_TARGET = 1.05, 1.0
@@ -223,10 +223,7 @@ def main() -> None:
         doc = json.loads((RESULTS / f"{args.name}.json").read_text())
     else:
         doc = measure(args.backbone, args.size, args.batch, args.rounds, args.precisions.split(","))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(doc))
-    print(markdown(doc))
+    write_results(args.name, doc, markdown)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import json
 import statistics
 import time
 
-from benchmarks.run import RESULTS, _machine, _torch_version
+from benchmarks.run import RESULTS, _machine, _torch_version, write_results
 
 #: (row, packaged recipe): the plain ViT is the linear probe's model (nothing added).
 MODELS = (("ViT", "linear"), ("ILA++", "ila_pp"), ("CLCA keep 0.1", "clca"), ("ILA++ then EViT", "ila_pp_evit"))
@@ -95,10 +95,7 @@ def main() -> None:
         doc = json.loads((RESULTS / f"{args.name}.json").read_text())
     else:
         doc = measure(args.size, args.batch, args.rounds, args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(doc))
-    print(markdown(doc))
+    write_results(args.name, doc, markdown)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,14 @@ def _measure(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     return out
 
 
+def write_results(name: str, doc: dict, markdown) -> None:
+    """``results/<name>.json`` (the measurements) and ``results/<name>.md`` (``markdown(doc)``), and print the latter."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown(doc))
+    print(markdown(doc))
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
