@@ -102,7 +102,7 @@ def reproduce(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from ..reproduce import check_grid, make_grid
+    from ..reproduce import make_grid
 
     _check_launcher(launcher, dry_run)
     plain, per_row = _row_sets(sets)
@@ -110,10 +110,7 @@ def reproduce(
                      seeds=_numbers(seeds, int, "--seeds"), lrs=_numbers(lr, float, "--lr"),
                      overrides=plain, row_overrides=per_row, name=name, out=out, backbones=_names(backbones) or ())
     if dry_run:
-        built = check_grid(grid)
-        _print_plan(grid, step_seconds, bench)
-        console.print(f"checked: {built} distinct model(s) of {len(grid.rows) * len(grid.tasks)} sweeps built "
-                      "on the meta device", soft_wrap=True)
+        _dry_run(grid, step_seconds, bench)
         return
     axis = f" x {plural(len(grid.backbones), 'backbone')}" if grid.backbones else ""
     console.print(f"reproduce {grid.name}: {plural(len(grid.methods), 'method')}{axis} x {plural(len(grid.tasks), 'task')} x "
@@ -127,6 +124,16 @@ def reproduce(
         _slurm(grid, opts, no_wait, step_seconds, bench)
         return
     _local(grid, _names(gpus), gpus_per_run or 1, quiet)
+
+
+def _dry_run(grid, step_seconds: float | None, bench: Path) -> None:
+    """Build every distinct model of the grid on the meta device, then print the plan: runs and hours."""
+    from ..reproduce import check_grid
+
+    built = check_grid(grid)
+    _print_plan(grid, step_seconds, bench)
+    console.print(f"checked: {built} distinct model(s) of {len(grid.rows) * len(grid.tasks)} sweeps built "
+                  "on the meta device", soft_wrap=True)
 
 
 def _local(grid, gpu_ids: list[str] | None, gpus_per_run: int, quiet: bool) -> None:
