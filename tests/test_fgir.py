@@ -6,20 +6,15 @@ and MACs of FGIR.md §10 for ViT-B/16, and each head fed the very tensors the re
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import signal
 
 import pytest
 import torch
+from resume_check import trains_and_resumes_bit_exactly
 
 from ufgir_cli.analysis.cost import count_flops
-from ufgir_cli.engine.callbacks import Callback
 from ufgir_cli.engine.train import fit
-from ufgir_cli.errors import ExportError, TrainingError
+from ufgir_cli.errors import ExportError
 from ufgir_cli.model import build_model, load_upstream_checkpoint
-from ufgir_cli.model.checkpoint import read_checkpoint
 from ufgir_cli.model.methods.aggregator import maws_scores, psm_scores
 from ufgir_cli.model.methods.pooling import IFAHead, MPNCovHead, isqrt_newton_schulz, upper_triangle
 from ufgir_cli.model.methods.two_pass import crop_boxes, glsim_scores, rollout_scores
@@ -304,33 +299,9 @@ def _recipe(method: str, root, epochs: int):
 
 @pytest.mark.parametrize("method", sorted(B16))
 def test_trains_and_resumes_bit_exactly(method, small_synthetic, tmp_path, one_thread):
-    class StopAtStep4(Callback):
-        def on_step(self, step, logs):
-            if step == 4:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    recipe = _recipe(method, small_synthetic, epochs=3)
-    fit(recipe, tmp_path / "ref")
-    epochs = [r["train/loss_epoch"] for r in _records(tmp_path / "ref") if "train/loss_epoch" in r]
-    assert len(epochs) == 3 and all(math.isfinite(v) for v in epochs) and epochs[-1] < epochs[0]
-
-    with pytest.raises(TrainingError):
-        fit(recipe, tmp_path / "stopped", callbacks=[StopAtStep4()])
-    fit(recipe, tmp_path / "stopped", resume=True)
-    ref = read_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")["state_dict"]
-    resumed = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")["state_dict"]
-    assert ref.keys() == resumed.keys() and all(torch.equal(ref[k], resumed[k]) for k in ref)
+    ref = trains_and_resumes_bit_exactly(_recipe(method, small_synthetic, epochs=3), tmp_path)
     if method == "cal":  # its class feature centres are saved, and resume where they were
         assert ref["head.feature_center"].abs().sum() > 0
-    assert [_comparable(r) for r in _records(tmp_path / "ref")] == [_comparable(r) for r in _records(tmp_path / "stopped")]
-
-
-def _records(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _comparable(rec: dict) -> dict:
-    return {k: v for k, v in rec.items() if k not in ("time", "train/images_per_s")}
 
 
 # ---- the other tools: import-upstream, export with parity, the analysis pass ---------------------

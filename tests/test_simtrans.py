@@ -8,21 +8,17 @@ and the counts and MACs of both; training, resume, export, crops and the paper's
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import signal
 import warnings
 
 import pytest
 import torch
+from resume_check import trains_and_resumes_bit_exactly
 
 from ufgir_cli.analysis.cost import count_flops
-from ufgir_cli.engine.callbacks import Callback
 from ufgir_cli.engine.train import fit
-from ufgir_cli.errors import CheckpointError, RecipeError, RecipeNotice, TrainingError
+from ufgir_cli.errors import CheckpointError, RecipeError, RecipeNotice
 from ufgir_cli.model import build_model, load_upstream_checkpoint
-from ufgir_cli.model.checkpoint import read_checkpoint
 from ufgir_cli.model.methods.simtrans import UNUSED, part_structure
 from ufgir_cli.recipe import load_recipe
 
@@ -242,32 +238,8 @@ def test_a_training_batch_of_one_is_refused(small_synthetic, tmp_path, batch, ma
 
 
 def test_trains_and_resumes_bit_exactly(small_synthetic, tmp_path, one_thread):
-    class StopAtStep4(Callback):
-        def on_step(self, step, logs):
-            if step == 4:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    recipe = _recipe(small_synthetic, epochs=3)
-    fit(recipe, tmp_path / "ref")
-    epochs = [r["train/loss_epoch"] for r in _records(tmp_path / "ref") if "train/loss_epoch" in r]
-    assert len(epochs) == 3 and all(math.isfinite(v) for v in epochs) and epochs[-1] < epochs[0]
-
-    with pytest.raises(TrainingError):
-        fit(recipe, tmp_path / "stopped", callbacks=[StopAtStep4()])
-    fit(recipe, tmp_path / "stopped", resume=True)
-    ref = read_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")["state_dict"]
-    resumed = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")["state_dict"]
-    assert ref.keys() == resumed.keys() and all(torch.equal(ref[k], resumed[k]) for k in ref)
+    ref = trains_and_resumes_bit_exactly(_recipe(small_synthetic, epochs=3), tmp_path)
     assert ref["head.norm_in.num_batches_tracked"] == 9  # 3 epochs of 3 steps: the BatchNorm statistics resume too
-    assert [_comparable(r) for r in _records(tmp_path / "ref")] == [_comparable(r) for r in _records(tmp_path / "stopped")]
-
-
-def _records(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _comparable(rec: dict) -> dict:
-    return {k: v for k, v in rec.items() if k not in ("time", "train/images_per_s")}
 
 
 # ---- the other tools ---------------------------------------------------------------------------
