@@ -177,10 +177,7 @@ def write_crops(run: str | Path, *, split: str = "test", images: Sequence[Path] 
     """What the method selects or crops (`Method.select`) over the images, as one grid."""
     sel = ar.selections(Path(run), split=split, images=images, count=count, per_class=per_class,
                         checkpoint=checkpoint, device=device)
-    fig = vf.draw_selection(sel.panels, sel.captions, title=f"{sel.what} · {sel.title}", cols=cols)
-    grid = vf.save(fig, visualize_folder(run, "crops", split, images) / "grid.png", dpi, formats)
-    return Drawn(grid, [grid.with_suffix(f".{f}") for f in dict.fromkeys(("png", *formats))],
-                 _class_note(sel.classes, per_class))
+    return _write_selection(run, "crops", sel, split, images, per_class, cols, dpi, formats)
 
 
 def write_tokens(run: str | Path, *, split: str = "test", images: Sequence[Path] | None = None, per_class: int = 1,
@@ -189,8 +186,15 @@ def write_tokens(run: str | Path, *, split: str = "test", images: Sequence[Path]
     """Which patches survive each token reduction (`analysis.tokens`) over the images, as one grid."""
     sel = at.token_selections(Path(run), split=split, images=images, count=count, per_class=per_class,
                               checkpoint=checkpoint, device=device)
+    return _write_selection(run, "tokens", sel, split, images, per_class, cols, dpi, formats)
+
+
+def _write_selection(run: str | Path, kind: str, sel, split: str, images: Sequence[Path] | None, per_class: int,
+                     cols: int | None, dpi: int, formats: Sequence[str]) -> Drawn:
+    """Panels per image (a selection of `analysis.rollout` or `analysis.tokens`) as one grid in the run's
+    ``visualize/<kind>`` folder."""
     fig = vf.draw_selection(sel.panels, sel.captions, title=f"{sel.what} · {sel.title}", cols=cols)
-    grid = vf.save(fig, visualize_folder(run, "tokens", split, images) / "grid.png", dpi, formats)
+    grid = vf.save(fig, visualize_folder(run, kind, split, images) / "grid.png", dpi, formats)
     return Drawn(grid, [grid.with_suffix(f".{f}") for f in dict.fromkeys(("png", *formats))],
                  _class_note(sel.classes, per_class))
 
