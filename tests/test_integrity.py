@@ -26,9 +26,8 @@ from test_sources import (
     zip_bytes,
 )
 
-from ufgir_cli.data import content
 from ufgir_cli.data.catalog import CATALOG
-from ufgir_cli.data.content import Hasher, ImageHash, dct_hash, hash_bytes, hash_file, psnr
+from ufgir_cli.data.content import Hasher, ImageHash, dct_hash, hash_bytes, hash_file, hash_files, psnr
 from ufgir_cli.data.download import download_dataset
 from ufgir_cli.data.integrity import PSNR_DB, _close_pairs, check_recorded, dataset_notices
 from ufgir_cli.data.verify import verify_dataset
@@ -117,30 +116,41 @@ def test_jpeg_resave_is_near_in_hash_and_pixels_and_a_lossless_one_is_exact():
     assert hash_bytes(b"not an image").error and hash_bytes(b"not an image").pixels_sha256 is None
 
 
-def test_hasher_hashes_handed_bytes_and_reads_the_rest_from_disk_in_the_order_asked(tmp_path):
+def test_hasher_hashes_handed_files_and_the_rest_in_the_order_asked(tmp_path):
     files = {tmp_path / f"{k}.png": _png(k) for k in range(5)} | {tmp_path / "x.jpg": encode(smooth(3), "JPEG")}
+    files[tmp_path / "bad.png"] = b"\x89PNG not really"
     for path, data in files.items():
         path.write_bytes(data)
     handed = list(files)[::2]
-    with Hasher(threads=2) as hasher:
+    with Hasher(workers=2) as hasher:
         for path in handed:
-            hasher.add(path, files[path])
+            hasher.add(path)
         got = hasher.hashes(list(reversed(files)))
     assert got == [hash_file(p) for p in reversed(files)]
     assert [h.grey for h in got] == [hash_file(p).grey for p in reversed(files)]
+    assert got[0].error and got[0].pixels_sha256 is None  # bad.png, decoded in a worker, reported, not raised
+    assert hash_files([]) == []
 
 
 @pytest.mark.parametrize("source", ["zip", "parquet"])
-def test_unpacking_hands_every_image_to_the_hasher_none_is_read_back(tmp_path, hub, monkeypatch, source):
-    read_back = []
-    monkeypatch.setattr(content, "hash_file", lambda path: read_back.append(path) or hash_file(path))
+def test_unpacking_hands_every_image_to_the_hasher_as_it_is_written(tmp_path, hub, monkeypatch, source):
+    handed, asked, before = [], [], []  # paths handed over; asked for at the end; handed by then
+    add, hashes = Hasher.add, Hasher.hashes
+
+    def collect(self, paths, progress=None):
+        asked.extend(paths)
+        before.extend(handed)
+        return hashes(self, paths, progress)
+
+    monkeypatch.setattr(Hasher, "add", lambda self, path: handed.append(Path(path)) or add(self, path))
+    monkeypatch.setattr(Hasher, "hashes", collect)
     if source == "zip":
         hub.put(HUB_ZIPS, ZIP_PATH, anno_zip(leak=True))
     else:
         hub.put(HUB_PARQUET, PARQUET_PATH, parquet_bytes(leak_rows()))
     root = download_dataset("cotton80", tmp_path / "data", source="mirror", allow_overlap=True).path
 
-    assert read_back == []
+    assert len(asked) == 15 and sorted(map(Path, asked)) == sorted(before)  # every image, before any was asked for
     rows = [line.split(",") for line in (root / "hashes.csv").read_text().splitlines()[1:]]
     assert len(rows) == 15
     for path, _split, _cid, sha, pixels, phash in rows:

@@ -22,8 +22,8 @@ from .content import IMAGE_SUFFIXES
 
 #: ``progress(stage, done, total)`` as `download_dataset` takes it; here the stage is "extract".
 Progress = Callable[[str, int, int | None], None]
-#: ``on_image(path, data)``: an image file was just written with these bytes (a :class:`~.content.Hasher`'s add).
-OnImage = Callable[[Path, bytes], None]
+#: ``on_image(path)``: an image file was just written there (a :class:`~.content.Hasher`'s add).
+OnImage = Callable[[Path], None]
 _CHUNK = 1 << 20
 
 
@@ -120,15 +120,10 @@ def _unpack(
             target.mkdir(parents=True, exist_ok=True)
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
-            data = None
             with open_member() as src, open(target, "wb") as dst:
-                if on_image is not None and target.suffix.lower() in IMAGE_SUFFIXES:
-                    data = src.read()  # an image: held whole once, for the file and the hasher
-                    dst.write(data)
-                else:
-                    shutil.copyfileobj(src, dst, _CHUNK)
-            if data is not None:
-                on_image(target, data)
+                shutil.copyfileobj(src, dst, _CHUNK)
+            if on_image is not None and target.suffix.lower() in IMAGE_SUFFIXES:
+                on_image(target)
         tick()
 
 

@@ -7,7 +7,7 @@ and the next is tried, and when none is left the error says how to get the offic
 
 Every source ends the same way: the published files are found in a scratch folder inside the data
 dir (an archive unpacked, a parquet copy written out as image files), each image hashed by content
-as it is written (``content.Hasher``, on worker threads beside the unpacking), labels and splits
+as it is written (``content.Hasher``, in worker processes beside the unpacking), labels and splits
 are read by the layout the copy has, a split that copies another is dropped (``integrity.py``),
 counts are checked against the catalog and train_val / test overlap against the source's origin,
 the images are moved under ``images/``, the split files and ``hashes.csv`` written, and only then

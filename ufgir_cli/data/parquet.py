@@ -35,7 +35,7 @@ _BATCH = 64
 
 def read_parquet(
     files: list[tuple[str, Path]], spec: DatasetSpec, out: Path, progress: Progress,
-    on_image: Callable[[Path, bytes], None] | None = None,
+    on_image: Callable[[Path], None] | None = None,
 ) -> tuple[Groups, list[str]]:
     """The copy's splits (rows by its own ``split`` values) and class names, images written under ``out``.
 
@@ -69,7 +69,7 @@ def read_parquet(
                 except FileExistsError:
                     raise DatasetError(f"{spec.name}: two rows hold the image {rel}; the copy is damaged") from None
                 if on_image is not None:
-                    on_image(target, data)
+                    on_image(target)
                 name = None if names[j] is None else str(names[j])
                 labels.add(splits[j], int(values[j]), target, rel, f"{path.name} row {j}", name)
                 j, k = j + 1, k + 1
