@@ -180,11 +180,11 @@ def test_recipes_show_says_where_each_value_comes_from_and_loads_back(tmp_path):
 def test_numerics_a_name_does_not_tell_are_read_at_build_and_saved_with_the_run(tmp_path, small_synthetic, monkeypatch):
     """A backbone the tables do not know: the build reads its numerics from timm, and the run's recipe.toml
     holds them as values (the micro ViT's, here, with the tables' entries hidden)."""
-    import ufgir_cli.recipe as recipe_module
+    import ufgir_cli.recipe_sections as recipe_sections
     from ufgir_cli.engine.train import fit
     from ufgir_cli.recipe import load_saved_recipe, parse_overrides
 
-    monkeypatch.setattr(recipe_module, "backbone_numerics", lambda name, numerics="backbone": ({}, "hidden"))
+    monkeypatch.setattr(recipe_sections, "backbone_numerics", lambda name, numerics="backbone": ({}, "hidden"))
     deep = load_recipe("linear", {"model": {"backbone": "vit_medium_patch16_gap_256"}}, env=False)
     assert deep.model.mean is None and deep.data.resize_ratio is None
     built = meta_model(deep.model, 4)

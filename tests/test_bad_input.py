@@ -37,7 +37,8 @@ from ufgir_cli.model.checkpoint import (
     save_checkpoint,
 )
 from ufgir_cli.paths import NON_RECIPE_ENV
-from ufgir_cli.recipe import LORA_KEYS, Recipe, load_recipe, packaged_recipes_dir, parse_overrides
+from ufgir_cli.recipe import Recipe, load_recipe, packaged_recipes_dir, parse_overrides
+from ufgir_cli.recipe_sections import LORA_KEYS
 
 if sys.version_info >= (3, 11):
     import tomllib

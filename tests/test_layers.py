@@ -46,7 +46,7 @@ LEVELS: tuple[tuple[str, ...], ...] = (
     ("engine",),
     ("analysis", "viz"),
     ("model", "data"),
-    ("recipe", "recipe_docs", "methods", "geometry", "io", "errors", "paths", "cores", "root"),
+    ("recipe", "recipe_sections", "recipe_docs", "methods", "geometry", "io", "errors", "paths", "cores", "root"),
 )
 SIBLINGS_MAY_IMPORT = {len(LEVELS) - 1}  # only the bottom level's leaves
 LEVEL_OF = {layer: i for i, names in enumerate(LEVELS) for layer in names}

@@ -217,7 +217,7 @@ def test_eval_warns_on_a_split_it_trained_on_and_tensorboard_has_the_recipe(tiny
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    from ufgir_cli.recipe import splits_share_images
+    from ufgir_cli.recipe_sections import splits_share_images
 
     assert splits_share_images("train_val", "val") and splits_share_images("train", "train_val")
     assert not splits_share_images("train", "val") and not splits_share_images("train_val", "test")

@@ -16,7 +16,8 @@ from ufgir_cli.errors import RecipeError
 from ufgir_cli.methods import TABLE
 from ufgir_cli.model import build_model
 from ufgir_cli.model.reduction import TokenReduction, attend, evit_reduce, tome_merge, tome_requested
-from ufgir_cli.recipe import ModelConfig, default_reduction_locs, load_recipe
+from ufgir_cli.recipe import ModelConfig, load_recipe
+from ufgir_cli.recipe_sections import default_reduction_locs
 
 TINY = dict(backbone="vit_tiny_patch16_224", weights="none", num_classes=10, layer_norm_eps=1e-6, drop=0.0)
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from ..data.catalog import CATALOG
 from ..methods import all_methods
 from ..paths import RunDir
-from ..recipe import MACHINE_KEYS, Recipe, load_recipe
+from ..recipe import Recipe, load_recipe
 from ..recipe_docs import recipe_keys
+from ..recipe_sections import MACHINE_KEYS
 from .paper import PAPER_IMAGE_SIZE, PAPER_ROWS, PAPER_TOP1, paper_top1
 from .report import dataset_title, method_family, method_title, saved_recipe, static_cost
 

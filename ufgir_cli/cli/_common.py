@@ -186,7 +186,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help=DEVICE_HELP, callback=c
 
 def check_precision(value: str | None) -> str | None:
     """``--precision``: one of the recipe's ``train.precision`` values (pydantic only, no torch)."""
-    from ..recipe import PRECISIONS
+    from ..recipe_sections import PRECISIONS
 
     if value is not None and value not in PRECISIONS:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(PRECISIONS)}")

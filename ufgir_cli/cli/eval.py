@@ -41,7 +41,7 @@ def eval_cmd(
         raise OptionError(f"{run}: `ufgir eval` reads run folders, checkpoints (.pt) and .safetensors exports, not "
                           f"{run.suffix} graphs; run an exported graph on images with `ufgir predict {run} IMAGES`")
     from ..engine.report import eval_run
-    from ..recipe import splits_share_images
+    from ..recipe_sections import splits_share_images
 
     m, out, recipe = eval_run(run, split, checkpoint, batch_size, precision, device, compile_model=compile_)
     if splits_share_images(recipe.train.split, m["split"]):

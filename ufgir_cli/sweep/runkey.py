@@ -39,7 +39,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from ..io import to_toml
-from ..recipe import MACHINE_KEYS
+from ..recipe_sections import MACHINE_KEYS
 
 KEY_DIGITS = 12  # hex digits of a run key, legacy or canonical
 #: Keys left out of the run key: prose, the sweep's own settings, the machine's, and the choice of
