@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ufgir_cli.cli import app
-from ufgir_cli.viz import figures
+from ufgir_cli.viz import figures, style
 
 runner = CliRunner()
 
@@ -83,7 +83,7 @@ def test_metrics_with_vs_writes_json_and_figures(runs):
     assert doc["figures"] == {"cka": "cka_vs_lin.png", "features": "features_vs_lin.png"}
     for name in ("cka_vs_lin", "features_vs_lin"):
         w, h = _size(out / f"{name}.png")
-        assert w / h <= figures.MAX_ASPECT and 400 < w < 1500  # 100 dpi
+        assert w / h <= style.MAX_ASPECT and 400 < w < 1500  # 100 dpi
         assert (out / f"{name}.pdf").read_bytes().startswith(b"%PDF")
     assert "figure: " + str(out / "cka_vs_lin.png") + " (+ .pdf)" in res.output
 
@@ -102,12 +102,12 @@ def test_visualize_rollout_one_image_per_class(runs):
     assert res.stdout.splitlines() == [str(grid), *(str(p) for p in sorted(folder.glob("0*.png")))]
     assert "note" not in res.output
     w, h = _size(grid)
-    assert w / h <= figures.MAX_ASPECT
+    assert w / h <= style.MAX_ASPECT
     # one image of each of the 4 classes (not the first 4 images, which are all of class 0)
     singles = sorted(p.name for p in folder.glob("0*.png"))
     assert singles == ["000_c00_000_test.png", "001_c01_000_test.png", "002_c02_000_test.png", "003_c03_000_test.png"]
     w, h = _size(folder / singles[0])
-    assert w / h <= figures.MAX_ASPECT
+    assert w / h <= style.MAX_ASPECT
     # a smaller second call leaves no per-image file of the first behind, and nothing of the user's
     (folder / "my_notes.png").write_bytes(b"mine")
     res = runner.invoke(app, ["visualize", "rollout", str(runs["ila"]), "--batch-size", "2", "--device", "cpu"])
@@ -137,7 +137,7 @@ def test_visualize_rollout_across_and_attention_on_files(runs, small_synthetic):
     assert res.exit_code == 0, res.output
     folder = runs["ila"] / "analysis" / "visualize" / "attention_l2_mean_images"
     w, h = _size(folder / "grid.png")
-    assert w / h <= figures.MAX_ASPECT
+    assert w / h <= style.MAX_ASPECT
     assert (folder / f"000_{img.stem}.png").is_file()
 
 
@@ -230,7 +230,7 @@ def test_compare_table_plot_and_paper_number(runs, tmp_path):
                               "--out", str(out), "--paper"])
     assert res.exit_code == 0, res.output
     w, h = _size(out)
-    assert w / h <= figures.MAX_ASPECT
+    assert w / h <= style.MAX_ASPECT
     table = json.loads(out.with_suffix(".json").read_text())
     rows = {r["label"]: r for r in table["runs"]}
     assert set(rows) == {"ila", "lin", "soy"}

@@ -20,7 +20,7 @@ from ufgir_cli.reproduce import load_grid, make_grid, plan_rows, write_table
 from ufgir_cli.reproduce.grid import StepTime, write_grid
 from ufgir_cli.sweep import make_sweep
 from ufgir_cli.sweep.plan import phase1_runs
-from ufgir_cli.viz import figures
+from ufgir_cli.viz import compare
 
 runner = CliRunner()
 #: Five of today's backbones, one per family of `geometry.FAMILIES` that Table 1 might ask for.
@@ -101,10 +101,10 @@ def test_compare_gives_each_backbone_its_marker():
             "paper": False, "backbone": "vit_base_patch16_dinov3.lvd1689m"},
            {"label": "Linear probe", "gmacs": 17.6, "top1": 48.6, "trainable": 153_030, "family": "PETL",
             "paper": False, "backbone": "vit_base_patch16_dinov3.lvd1689m"}]
-    marks = figures.backbone_markers(pts)
+    marks = compare.backbone_markers(pts)
     assert marks == {"vit_base_patch16_224.orig_in21k": "o", "vit_base_patch16_dinov3.lvd1689m": "s"}
-    assert figures.backbone_markers(pts[1:]) == {}  # one backbone: circles, no legend entry
-    fig = figures.draw_compare(pts, title="t")
+    assert compare.backbone_markers(pts[1:]) == {}  # one backbone: circles, no legend entry
+    fig = compare.draw_compare(pts, title="t")
     ax = fig.axes[0]
     shapes = [c.get_paths()[0].vertices.shape[0] for c in ax.collections]
     assert shapes[0] != shapes[1] and shapes[1] == shapes[2]  # a circle's path has more vertices than a square's

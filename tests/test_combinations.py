@@ -171,7 +171,7 @@ def test_compare_paper_points_name_clcas_source_and_a_keep07_run_its_row():
 
 
 def test_the_compare_figure_has_a_legend_entry_per_source():
-    from ufgir_cli.viz.figures import draw_compare
+    from ufgir_cli.viz.compare import draw_compare
 
     pts = [{"label": "ILA++", "gmacs": 67.1, "top1": 75.0, "trainable": 354_800, "family": "ILA", "paper": True,
             "cite": "ILA paper, Table 1"},

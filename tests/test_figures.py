@@ -8,7 +8,7 @@ import pytest
 from matplotlib.text import Text
 from PIL import Image
 
-from ufgir_cli.viz import figures, labels
+from ufgir_cli.viz import compare, figures, labels, style
 
 GROUPS_ILA = [[0, 2], [2, 4], [4, 6]]          # DS-ILA after blocks 1 and 3 of a 6-block model
 GROUPS_VIT = [[0, 6]]
@@ -36,7 +36,7 @@ def _check_readable(fig) -> None:
     """No text under 8 pt at the saved size, nothing outside the figure, not wider than 3:1."""
     texts = _texts(fig)
     assert texts
-    small = [(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < figures.MIN_FONT_PT]
+    small = [(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < style.MIN_FONT_PT]
     assert not small, small
     r = fig.canvas.get_renderer()
     W, H = fig.bbox.width, fig.bbox.height
@@ -44,7 +44,7 @@ def _check_readable(fig) -> None:
         box = t.get_window_extent(r)
         assert box.x0 >= -1 and box.y0 >= -1 and box.x1 <= W + 1 and box.y1 <= H + 1, t.get_text()
     w, h = fig.get_size_inches()
-    assert w / h <= figures.MAX_ASPECT
+    assert w / h <= style.MAX_ASPECT
 
 
 def _strings(fig) -> set[str]:
@@ -117,7 +117,7 @@ def test_overlay_grids_wrap_into_rows(count, per_image):
     fig = figures.draw_overlays(images, maps, captions, title="Attention rollout · ILA++ · SoyAgeing ultra long name")
     _check_readable(fig)
     w, h = fig.get_size_inches()
-    assert w / h <= figures.MAX_ASPECT
+    assert w / h <= style.MAX_ASPECT
     assert _colorbar_label(fig) == "attention (min-max per map)"
     if count > 1:
         assert w / h >= 0.9  # wrapped towards 16:9, neither a strip nor a tower
@@ -148,7 +148,7 @@ def _points(paper: bool = True) -> list[dict]:
 
 
 def test_compare_log_axis_families_sizes_labels_inside():
-    fig = figures.draw_compare(_points(), title="Top-1 against cost · SoyAgeing · test")
+    fig = compare.draw_compare(_points(), title="Top-1 against cost · SoyAgeing · test")
     _check_readable(fig)
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and "multiply-adds" in ax.get_xlabel() and "top-1" in ax.get_ylabel()
@@ -162,7 +162,7 @@ def test_compare_log_axis_families_sizes_labels_inside():
     for t in ax.texts:  # every point's label stays inside the axes, even at the right edge and the top
         tb = t.get_window_extent(r)
         assert box.x0 <= tb.x0 and tb.x1 <= box.x1 and box.y0 <= tb.y0 and tb.y1 <= box.y1, t.get_text()
-    areas = {p["label"]: figures.marker_area(p["trainable"], 86_000_000) for p in _points()}
+    areas = {p["label"]: compare.marker_area(p["trainable"], 86_000_000) for p in _points()}
     assert areas["Linear probe"] < areas["ILA++"] < areas["Full fine-tuning"]
 
 
@@ -208,7 +208,7 @@ def test_compare_labels_never_overlap_and_sit_by_their_markers(suffix):
     from matplotlib.text import Annotation
 
     points = _crowd(suffix)
-    fig = figures.draw_compare(points, title="Top-1 against cost · SoyAgeing · test")
+    fig = compare.draw_compare(points, title="Top-1 against cost · SoyAgeing · test")
     _check_readable(fig)
     fig.set_dpi(200)
     fig.canvas.draw()
@@ -224,7 +224,7 @@ def test_compare_labels_never_overlap_and_sit_by_their_markers(suffix):
     frame = ax.get_window_extent(r)
     for t, box, p in zip(labels, boxes, points, strict=True):
         cx, cy = ax.transData.transform((p["gmacs"], p["top1"]))
-        radius = 0.5 * np.sqrt(figures.marker_area(p["trainable"], biggest)) * 200 / 72
+        radius = 0.5 * np.sqrt(compare.marker_area(p["trainable"], biggest)) * 200 / 72
         nx, ny = min(max(cx, box.x0), box.x1), min(max(cy, box.y0), box.y1)
         gap = np.hypot(nx - cx, ny - cy) - radius
         assert -1 <= gap <= 40, (t.get_text(), gap)
@@ -247,8 +247,8 @@ def test_place_labels_keeps_apart_or_says_none():
 
 
 def test_save_png_at_dpi_and_vector_files(tmp_path):
-    fig = figures.draw_compare(_points(paper=False), title="t")
-    png = figures.save(fig, tmp_path / "cmp.png", dpi=100, formats=("pdf", "svg"))
+    fig = compare.draw_compare(_points(paper=False), title="t")
+    png = style.save(fig, tmp_path / "cmp.png", dpi=100, formats=("pdf", "svg"))
     assert png == tmp_path / "cmp.png"
     w, h = fig.get_size_inches()
     with Image.open(png) as im:
@@ -257,13 +257,13 @@ def test_save_png_at_dpi_and_vector_files(tmp_path):
     assert b"<svg" in (tmp_path / "cmp.svg").read_bytes()
     # no time stamps: the same figure is the same file
     first = (tmp_path / "cmp.pdf").read_bytes(), (tmp_path / "cmp.svg").read_bytes()
-    figures.save(fig, tmp_path / "cmp.png", dpi=100, formats=("pdf", "svg"))
+    style.save(fig, tmp_path / "cmp.png", dpi=100, formats=("pdf", "svg"))
     assert ((tmp_path / "cmp.pdf").read_bytes(), (tmp_path / "cmp.svg").read_bytes()) == first
-    figures.save(fig, tmp_path / "hi.png")
+    style.save(fig, tmp_path / "hi.png")
     with Image.open(tmp_path / "hi.png") as im:
-        assert im.size == (round(w * figures.DPI), round(h * figures.DPI))
+        assert im.size == (round(w * style.DPI), round(h * style.DPI))
     with pytest.raises(ValueError, match="not one of png, pdf, svg"):
-        figures.save(fig, tmp_path / "x.png", formats=("jpg",))
+        style.save(fig, tmp_path / "x.png", formats=("jpg",))
 
 
 def test_overlay_folder_files_and_formats(tmp_path):

@@ -26,6 +26,8 @@ from ..analysis import tokens as at
 from ..io import atomic_write_json
 from ..paths import RunDir, runs_dir
 from ..viz import figures as vf
+from ..viz.compare import draw_compare
+from ..viz.style import save
 
 
 @dataclass
@@ -67,11 +69,11 @@ def write_metrics(run: str | Path, *, split: str = "test", batches: int | None =
     if cka:
         fig = vf.draw_cka([r["attention_cka"]["matrix"] for r in results], names, groups=groups,
                           title=f"Attention CKA between blocks · {seen}")
-        figures["cka"] = vf.save(fig, out / f"cka{suffix}.png", dpi, formats)
+        figures["cka"] = save(fig, out / f"cka{suffix}.png", dpi, formats)
     if features:
         fig = vf.draw_features([r["features"] for r in results], names, groups=groups,
                                title=f"Features per block · {seen}")
-        figures["features"] = vf.save(fig, out / f"features{suffix}.png", dpi, formats)
+        figures["features"] = save(fig, out / f"features{suffix}.png", dpi, formats)
     doc = {**res, "figures": {k: p.name for k, p in figures.items()}}
     if vs is not None:
         doc["vs"] = results[1]
@@ -194,7 +196,7 @@ def _write_selection(run: str | Path, kind: str, sel, split: str, images: Sequen
     """Panels per image (a selection of `analysis.rollout` or `analysis.tokens`) as one grid in the run's
     ``visualize/<kind>`` folder."""
     fig = vf.draw_selection(sel.panels, sel.captions, title=f"{sel.what} · {sel.title}", cols=cols)
-    grid = vf.save(fig, visualize_folder(run, kind, split, images) / "grid.png", dpi, formats)
+    grid = save(fig, visualize_folder(run, kind, split, images) / "grid.png", dpi, formats)
     return Drawn(grid, [grid.with_suffix(f".{f}") for f in dict.fromkeys(("png", *formats))],
                  _class_note(sel.classes, per_class))
 
@@ -237,9 +239,9 @@ def write_comparison(runs: Sequence[str | Path], *, split: str = "test", out: Pa
                 "cite": r.get("cite")}
 
     seen = f"{datasets[0]} · " if len(datasets) == 1 else ""
-    fig = vf.draw_compare([point(r, False) for r in points] + [point(r, True) for r in cited],
+    fig = draw_compare([point(r, False) for r in points] + [point(r, True) for r in cited],
                           title=f"Top-1 against cost · {seen}{split}")
-    figure = vf.save(fig, out, dpi, formats)
+    figure = save(fig, out, dpi, formats)
     atomic_write_json(out.with_suffix(".json"), {"split": split, "points": points, "runs": rows, "paper": cited,
                                                  "skipped": missing})
     return Comparison(rows, points, cited, missing, figure, out.with_suffix(".json"))
