@@ -54,7 +54,7 @@ def autocast_input(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _merge_heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def merge_heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     B, nh, N, hd = x.shape
     x = x.transpose(1, 2).reshape(B, N, nh * hd)                          # (B, N, D)
     x = getattr(attn, "norm", nn.Identity())(x)
@@ -79,13 +79,13 @@ def attend_heads(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     ``attn``'s norms, inner norm and output projection: `explicit_attention` once the projections are
     made (a backbone whose projections differ makes its own; see ``model/eva.py``)."""
     if not query_only:
-        return _merge_heads(attn, _attend(attn, q, k, v, probs, key0, rotate))
+        return merge_heads(attn, _attend(attn, q, k, v, probs, key0, rotate))
     k, v = k[:, :, query_only:], v[:, :, query_only:]                      # (B, heads, N - query_only, hd)
     maps: list[torch.Tensor] | None = [] if probs is not None else None
     out = _attend(attn, q, k, v, maps, rotate=rotate)
     if probs is not None:
         probs.append(maps[0][:, :, query_only:])                           # (B, heads, N - q, N - q)
-    return _merge_heads(attn, out)
+    return merge_heads(attn, out)
 
 
 def cls_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -103,13 +103,13 @@ def cls_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(attn.qkv) is not nn.Linear:
         qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
         q, k, v = qkv.unbind(0)
-        return _merge_heads(attn, _attend(attn, q[:, :, :1], k, v, None))
+        return merge_heads(attn, _attend(attn, q[:, :, :1], k, v, None))
     w, b = attn.qkv.weight, attn.qkv.bias
     q = F.linear(x[:, :1], w[:C], None if b is None else b[:C])           # (B, 1, D)
     kv = F.linear(x, w[C:], None if b is None else b[C:])                 # (B, N, 2D)
     q = q.reshape(B, 1, attn.num_heads, -1).transpose(1, 2)               # (B, heads, 1, hd)
     k, v = kv.reshape(B, N, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, N, hd)
-    return _merge_heads(attn, _attend(attn, q, k, v, None))
+    return merge_heads(attn, _attend(attn, q, k, v, None))
 
 
 __all__ = ["attend_heads", "autocast_input", "cls_attention", "explicit_attention"]

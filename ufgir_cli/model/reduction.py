@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import RecipeError
 from ..recipe import ModelConfig
-from .attention import _merge_heads, autocast_input
+from .attention import autocast_input, merge_heads
 from .feature_info import BlockInfo
 
 #: A block's post-softmax attention receiver, as `UfgirViT.encode` takes it.
@@ -77,7 +77,7 @@ def attend(attn: nn.Module, h: torch.Tensor, bias: torch.Tensor | None = None, *
         if want_cls:  # the CLS query's row beside SDPA, element-wise (one row: no matmul worth counting)
             a0 = ((q[:, :, :1] * attn.scale) * k).sum(dim=-1)               # (B, heads, N)
             extras["cls"] = (a0 if mask is None else a0 + mask[:, :, 0]).softmax(dim=-1)
-        return _merge_heads(attn, out), extras
+        return merge_heads(attn, out), extras
     a = (q * attn.scale) @ k.transpose(-2, -1)                              # (B, heads, N, N)
     if key0 is not None:
         key0.append(a[..., 0])
@@ -85,7 +85,7 @@ def attend(attn: nn.Module, h: torch.Tensor, bias: torch.Tensor | None = None, *
     if maps is not None:
         maps.append(a)
     extras["cls"] = a[:, :, 0]
-    return _merge_heads(attn, attn.attn_drop(a) @ v), extras
+    return merge_heads(attn, attn.attn_drop(a) @ v), extras
 
 
 def evit_reduce(x: torch.Tensor, cls_row: torch.Tensor, prefix: int, keep_rate: float
