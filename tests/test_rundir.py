@@ -20,7 +20,14 @@ from ufgir_cli.engine.state import TrainState
 from ufgir_cli.engine.train import fit, resume
 from ufgir_cli.errors import CheckpointError, RunFolderError, TrainingError
 from ufgir_cli.model.checkpoint import load_model, read_checkpoint
-from ufgir_cli.paths import HEARTBEAT_EVERY_S, HEARTBEAT_STALE_S, RunDir, RunStatus, this_host
+from ufgir_cli.paths import (
+    HEARTBEAT_EVERY_S,
+    HEARTBEAT_STALE_S,
+    RunDir,
+    RunStatus,
+    process_started,
+    this_host,
+)
 from ufgir_cli.recipe import load_recipe
 
 
@@ -43,10 +50,14 @@ def write_status(run: RunDir, **record) -> None:
     run.status_file.write_text(json.dumps(record))
 
 
-def owned(run: RunDir, pid: int, host: str, heartbeat: float, saved_step: int | None = 40) -> None:
-    """What a training owner leaves while it runs (and what SIGKILL leaves): state running."""
-    write_status(run, state="running", pid=pid, host=host, started=heartbeat - 100, heartbeat=heartbeat,
-                 step=42, epoch=3, saved_step=saved_step, saved_epoch=3)
+def owned(run: RunDir, pid: int, host: str, heartbeat: float, saved_step: int | None = 40,
+          started: float | None = None) -> None:
+    """What a training owner leaves while it runs (and what SIGKILL leaves): state running; by default
+    started when the process ``pid`` did (a dead one's: 100 s before its last heartbeat)."""
+    if started is None:
+        started = process_started(pid) if host == this_host() and process_started(pid) else heartbeat - 100
+    write_status(run, state="running", pid=pid, host=host, started=started,
+                 heartbeat=heartbeat, step=42, epoch=3, saved_step=saved_step, saved_epoch=3)
 
 
 def with_checkpoint(run: RunDir) -> RunDir:
@@ -122,6 +133,22 @@ def test_a_live_owner_on_this_host_is_running(tmp_path):
     s = run.status()  # the same record once its process has gone: SIGKILL leaves exactly this
     assert (s.kind, s.step, s.reason) == ("resumable", 40, "owner gone")
     assert str(s) == "resumable (step 40, owner gone)"
+
+
+@pytest.mark.skipif(process_started(os.getpid()) is None, reason="needs /proc for a process's start time")
+def test_a_pid_reused_by_a_later_process_is_not_the_owner(tmp_path):
+    """The owner died long ago and its pid now belongs to a process that started after it: not running."""
+    run = with_checkpoint(RunDir(tmp_path / "r"))
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        mine = process_started(sleeper.pid)
+        owned(run, sleeper.pid, this_host(), heartbeat=mine - 3600, started=mine - 7200)  # recorded two hours before
+        assert str(run.status()) == "resumable (step 40, owner gone)"
+        owned(run, sleeper.pid, this_host(), heartbeat=mine - 3600, started=mine - 1)  # its own record
+        assert run.status().kind == "running"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_a_dead_pid_on_this_host_is_resumable_or_pending(tmp_path):

@@ -135,12 +135,29 @@ HEARTBEAT_EVERY_S = 30.0
 #: node seen from the login node: they share only the file system). Generous, for clock skew between
 #: hosts and file systems that show a file's new content late. On the owner's own host its pid decides.
 HEARTBEAT_STALE_S = 300.0
+#: How much later than the start an owner recorded its pid's process may seem to have started and still be
+#: that owner: /proc gives the boot time in whole seconds, and a clock stepped by NTP moves it. A reused pid
+#: belongs to a process started long after (pids come round again only after hundreds of thousands).
+_CLOCK_SLACK_S = 60.0
 STATUS_FILE = "status.json"
 STATUS_KINDS = ("done", "running", "resumable", "failed", "pending")
 
 
 def this_host() -> str:
     return socket.gethostname()
+
+
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` of this host started (seconds since the epoch, to about a second), from
+    /proc; None where there is no /proc or no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of the whole line: starttime in ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def pid_alive(pid: int) -> bool:
@@ -372,9 +389,14 @@ class RunDir:
 
     @staticmethod
     def _owner_alive(rec: dict, age: float | None, host: str) -> bool:
-        if rec.get("host") == host:
-            return pid_alive(int(rec.get("pid", 0)))
-        return age is not None and age < HEARTBEAT_STALE_S
+        if rec.get("host") != host:
+            return age is not None and age < HEARTBEAT_STALE_S
+        pid = int(rec.get("pid", 0))
+        if not pid_alive(pid):
+            return False
+        # A process that started after the owner recorded its start is another one under a reused pid.
+        started = process_started(pid)
+        return started is None or "started" not in rec or started <= float(rec["started"]) + _CLOCK_SLACK_S
 
 
 CHECKPOINTS = "checkpoints"
