@@ -177,14 +177,14 @@ def test_a_module_the_forward_bypasses_is_refused_in_one_line():
 def test_a_last_block_that_reads_the_qkv_weight_is_refused(monkeypatch, fresh_checks):
     """The fast path as it was: the last block's qkv weight applied directly, so its LoRA never runs."""
     from ufgir_cli.model import runner as runner_module  # the plain ViT's block runner calls it
-    from ufgir_cli.model.attention import _attend, _merge_heads
+    from ufgir_cli.model.attention import _attend, merge_heads
 
     def weight_only(attn, x):
         B, N, C = x.shape
         w, b = attn.qkv.weight, attn.qkv.bias
         q = F.linear(x[:, :1], w[:C], b[:C]).reshape(B, 1, attn.num_heads, -1).transpose(1, 2)
         k, v = F.linear(x, w[C:], b[C:]).reshape(B, N, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        return _merge_heads(attn, _attend(attn, q, k, v, None))
+        return merge_heads(attn, _attend(attn, q, k, v, None))
 
     monkeypatch.setattr(runner_module, "cls_attention", weight_only)
     with pytest.raises(RecipeError) as e:
