@@ -227,7 +227,7 @@ def test_each_method_builds_on_each_family_or_is_refused_at_load(family):
     (B, C) logits; the others are refused when the recipe loads, in one line naming why."""
     name, allowed = FAMILY_OF[family], support_matrix()
     for spec in TABLE:
-        overrides = {"model": {"backbone": name, "weights": "none", **lora_targets(spec, family)}}
+        overrides = {"model": {"backbone": name, "weights": "none"}}  # EVA-02 B: LoRA's default targets are its q, v
         if allowed[spec.name][family] != "yes":
             with pytest.raises(RecipeError) as e:
                 load_recipe(spec.recipe_name, overrides, env=False)
@@ -239,11 +239,6 @@ def test_each_method_builds_on_each_family_or_is_refused_at_load(family):
         model = meta_model(r.model, 10)
         with torch.no_grad():
             assert model.eval()(torch.empty(2, 3, 224, 224, device="meta")).shape == (2, 10), spec.name
-
-
-def lora_targets(spec, family: str) -> dict:
-    """EVA-02 B/L project q, k and v apart: the LoRA family names them (the LoRA paper's W_q and W_v)."""
-    return {"lora_targets": r"blocks\.\d+\.attn\.(q|v)_proj"} if spec.lora_rank and family == "eva02" else {}
 
 
 def test_mpncov_and_cal_run_on_siglip(narrow):

@@ -78,7 +78,8 @@ def test_positions_resolved_at_build_are_saved_with_the_run(tmp_path, small_synt
 
 
 def test_the_depth_table_matches_timm():
-    """Every backbone of the table, built on the meta device: its blocks are the table's."""
+    """Every backbone of the table, built on the meta device: its blocks are the table's, and its attention
+    projects q, k and v apart exactly where `separate_qkv` says (where LoRA's default targets change)."""
     import timm
     import torch
 
@@ -86,7 +87,10 @@ def test_the_depth_table_matches_timm():
 
     for name, depth in geometry.BACKBONE_DEPTHS.items():
         with torch.device("meta"):
-            assert len(timm.create_model(name, pretrained=False).blocks) == depth, name
+            vit = timm.create_model(name, pretrained=False)
+        assert len(vit.blocks) == depth, name
+        assert geometry.separate_qkv(name) == (getattr(vit.blocks[0].attn, "q_proj", None) is not None), name
+    assert geometry.separate_qkv("eva02_large_patch14_448.mim_m38m_ft_in22k_in1k")
     assert geometry.backbone_depth(DEEP) is None and geometry.backbone_depth("vit_base_patch16_18x2_224") is None
     assert geometry.backbone_depth("vit_large_patch16_224.augreg_in21k") == 24
 

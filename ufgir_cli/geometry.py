@@ -41,6 +41,16 @@ _SIZE_DEPTH = {"tiny": 12, "small": 12, "base": 12, "large": 24, "huge": 32, "gi
 _PLAIN_VIT = re.compile(r"(?:vit|deit3?)_(tiny|small|base|large|huge|giant)_patch\d+_(?!\d+x\d)")
 
 
+#: Backbones whose attention timm builds with separate q, k and v projections (``attn.q_proj``, ...);
+#: every other one has a single fused ``attn.qkv`` (``tests/test_protocol.py`` builds each one and looks).
+_SEPARATE_QKV = re.compile(r"eva02_(?:base|large)_patch14_\d+")
+
+
+def separate_qkv(name: str) -> bool:
+    """Whether the backbone projects queries, keys and values apart (EVA-02 B and L), from its name."""
+    return _SEPARATE_QKV.fullmatch(name.split(".")[0]) is not None
+
+
 def backbone_patch(name: str) -> int | None:
     m = re.search(r"patch(\d+)", name)
     return int(m.group(1)) if m else None

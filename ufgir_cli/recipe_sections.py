@@ -15,7 +15,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError, RecipeNotice
-from .geometry import NUMERIC_KEYS, backbone_depth, backbone_numerics, backbone_patch, check_geometry
+from .geometry import (
+    NUMERIC_KEYS,
+    backbone_depth,
+    backbone_numerics,
+    backbone_patch,
+    check_geometry,
+    separate_qkv,
+)
 from .methods import MethodSpec, backbone_refusal, method_spec
 
 #: ``train.precision`` values (and `ufgir eval --precision`'s).
@@ -109,6 +116,10 @@ def default_reduction_locs(depth: int) -> tuple[int, ...]:
     return tuple(sorted({i * depth // 4 for i in (1, 2, 3)}))
 
 
+#: The modules a LoRA adapts unless ``model.lora_targets`` names others: attention's input projections, the
+#: one fused ``qkv`` of each block, or, where the backbone keeps them apart, the query and value ones (the
+#: LoRA paper's W_q and W_v).
+LORA_TARGETS = {"fused": r"blocks\.\d+\.attn\.qkv", "separate": r"blocks\.\d+\.attn\.(q|v)_proj"}
 #: The LoRA family's keys (methods whose row has a ``lora_rank``).
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_use_rslora", "lora_init_weights", "lora_targets")
 
@@ -188,8 +199,9 @@ class ModelConfig(Section):
         "default", description="default: peft's (A Kaiming-uniform, B zero: the update starts at zero); gaussian: "
         "A Gaussian / r; orthogonal; random: B random too (the update does not start at zero)")
     lora_targets: str = Field(
-        r"blocks\.\d+\.attn\.qkv", description="The modules that get a LoRA: a regular expression matched "
-        "whole against the timm backbone's module names (peft's rule); default: every block's fused qkv projection")
+        LORA_TARGETS["fused"], description="The modules that get a LoRA: a regular expression matched whole "
+        "against the timm backbone's module names (peft's rule); default: every block's fused qkv projection, or "
+        "its q and v projections on a backbone that keeps them apart (EVA-02 B and L)")
     options: dict[str, Any] = Field(
         default_factory=dict, description="A plugin method's own settings, validated by its settings model.")
     # Backbone numerics.
@@ -216,8 +228,8 @@ class ModelConfig(Section):
         blocks) where the backbone's name tells the depth; elsewhere they stay unset until the model
         is built (`for_backbone`). ILA positions given to a method without ILA are dropped, with a
         notice, so one grid or ``--set`` can hold ILA and other methods. A LoRA method's unset rank
-        is its row's (``MethodSpec.lora_rank``); LoRA keys given to another method are dropped the
-        same way. A method that works around a token reduction (CLCA) given none gets EViT at keep
+        is its row's (``MethodSpec.lora_rank``), its unset targets the backbone's (:data:`LORA_TARGETS`); LoRA
+        keys given to another method are dropped the same way. A method that works around a token reduction (CLCA) given none gets EViT at keep
         rate 1.0: its own modules at the default blocks, nothing reduced."""
         if not isinstance(data, dict):
             return data
@@ -226,9 +238,13 @@ class ModelConfig(Section):
             spec = method_spec(data.get("method", cls.model_fields["method"].default))
         except (ValueError, TypeError):  # an unknown method is reported by field validation
             return data
-        if spec.lora_rank is not None and data.get("lora_rank") is None:
-            data["lora_rank"] = spec.lora_rank
-        elif spec.lora_rank is None:  # like ILA positions: a grid's LoRA keys change no other row (nor its run key)
+        backbone = data.get("backbone", cls.model_fields["backbone"].default)
+        if spec.lora_rank is not None:
+            if data.get("lora_rank") is None:
+                data["lora_rank"] = spec.lora_rank
+            if "lora_targets" not in data and isinstance(backbone, str) and separate_qkv(backbone):
+                data["lora_targets"] = LORA_TARGETS["separate"]
+        else:  # like ILA positions: a grid's LoRA keys change no other row (nor its run key)
             given = [k for k in LORA_KEYS if k in data and data[k] != cls.model_fields[k].default]
             if given:
                 warnings.warn(RecipeNotice(f"{' and '.join(f'model.{k}' for k in given)} dropped: method "
@@ -237,7 +253,6 @@ class ModelConfig(Section):
                 del data[k]
         if spec.needs_reduction and data.get("token_reduction") is None and data.get("keep_rate") is None:
             data.update(token_reduction="evit", keep_rate=1.0)  # CLCA alone: its cache and head, nothing reduced
-        backbone = data.get("backbone", cls.model_fields["backbone"].default)
         if isinstance(backbone, str):
             fill_numerics(data, "model", backbone, data.get("numerics", cls.model_fields["numerics"].default))
         return _fill_layout(spec, data, backbone_depth(backbone) if isinstance(backbone, str) else None,

@@ -5,7 +5,8 @@ inject its layers into the timm backbone (``peft.inject_adapter_in_model``) on t
 names match ``model.lora_targets`` as a whole (peft's rule for a string), by default every block's
 fused ``qkv`` projection. The LoRA paper adapts attention's projections (W_q and W_v), and the ViT
 PETL benchmarks (NOAH, V-PETL) put LoRA on the query and value projections; timm fuses q, k and v
-into one Linear, so one LoRA per block covers all three.
+into one Linear, so one LoRA per block covers all three. On a backbone that keeps them apart (EVA-02
+B and L) the default is its q and v projections (``recipe_sections.LORA_TARGETS``).
 
 peft (and the transformers and accelerate it pulls in, seconds to import) is imported only here,
 and only when such a model is built: ``import ufgir_cli.model`` and ``ufgir --help`` never load it.
