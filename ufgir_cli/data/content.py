@@ -174,7 +174,7 @@ class Hasher:
     decoding runs beside unpacking rather than after it; a worker reads the file back from the page
     cache. Processes, not threads: decoding is mostly C that releases the GIL, yet on two cores the
     Python around it (Pillow's plugins, the unpacking loop) kept threads waiting on each other: 5,000
-    PNGs took 7.4 s on threads and 6.0 s on processes, back to back (benchmarks/integrity.py).
+    PNGs took 7.4 s on threads and 6.0 s on processes (benchmarks/integrity.py, minutes apart, idle machine).
     :meth:`hashes` collects them in any order asked, hashing any file not handed over. The workers
     start on the first image and stop when the ``with`` block ends.
 
