@@ -130,6 +130,28 @@ def test_the_size_bias_is_an_additive_mask_in_the_fused_attention():
     assert torch.allclose(ex["metric"], qkv[1].mean(1))                      # keys averaged over heads
 
 
+def test_cpu_bf16_training_takes_the_explicit_path_with_the_size_bias(monkeypatch):
+    """As elsewhere in the model, bf16 training on a CPU skips SDPA (its backward is the slower one there);
+    the output and the CLS row are SDPA's within bf16 rounding, and the gradient flows."""
+    torch.manual_seed(0)
+    attn = build_model(ModelConfig(**TINY, method="full"), 10).vit.blocks[0].attn.eval()
+    h = torch.randn(2, 9, 192)
+    bias = torch.rand(2, 9).mul(3).exp().log()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, ex = attend(attn, h, bias, want_cls=True)                    # no grad: SDPA
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("SDPA called in CPU bf16 training")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    hr = h.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explicit, ex2 = attend(attn, hr, bias, want_cls=True)
+    assert torch.allclose(fused.float(), explicit.float(), atol=3e-2)
+    assert torch.allclose(ex["cls"].float(), ex2["cls"].float(), atol=1e-2)
+    explicit.float().sum().backward()
+    assert hr.grad is not None and torch.isfinite(hr.grad).all()
+
+
 # ---- the model: counts, geometry, timm's numerics -----------------------------------------------
 
 

@@ -16,21 +16,26 @@ from torch import nn
 Rotate = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
+def explicit_is_faster(q: torch.Tensor) -> bool:
+    """Whether attention over queries ``q`` should take the explicit path although nothing asks for the
+    maps: bf16 training on a CPU, where the flash-attention backward is about 2.7x slower than two bf16
+    matmuls (ViT-B/16, batch 8, measured)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
+
+
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             probs: list[torch.Tensor] | None, key0: list[torch.Tensor] | None = None,
             rotate: Rotate | None = None) -> torch.Tensor:
     """Softmax attention over (B, heads, N, hd) tensors: fused SDPA, or the explicit path when
-    ``probs`` asks for the maps (the one place they are taken; see the ``tap`` of ``UfgirViT.encode``).
-    On a CPU, bf16 training also takes the explicit path: the CPU flash-attention backward is about
-    2.7x slower than two bf16 matmuls there (ViT-B/16, batch 8, measured); the forward and every
+    ``probs`` asks for the maps (the one place they are taken; see the ``tap`` of ``UfgirViT.encode``),
+    or when it is the faster one (:func:`explicit_is_faster`: CPU bf16 training); the forward and every
     other device/precision use SDPA. ``key0`` receives the pre-softmax logits of every query against
     the first key, (B, heads, Nq) (FFVT's selection needs them; the maps cannot give them back).
     ``rotate`` turns the normed queries and keys by their positions (rotary embeddings), as timm does."""
     q, k = attn.q_norm(q), attn.k_norm(k)
     if rotate is not None:
         q, k = rotate(q, k)
-    cpu_bf16_backward = q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
-    if probs is None and key0 is None and not cpu_bf16_backward:
+    if probs is None and key0 is None and not explicit_is_faster(q):
         drop = attn.attn_drop.p if attn.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
     a = (q * attn.scale) @ k.transpose(-2, -1)                            # (B, heads, Nq, N)
@@ -112,7 +117,7 @@ def cls_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return merge_heads(attn, _attend(attn, q, k, v, None))
 
 
-__all__ = ["attend_heads", "autocast_input", "cls_attention", "explicit_attention"]
+__all__ = ["attend_heads", "autocast_input", "cls_attention", "explicit_attention", "explicit_is_faster", "merge_heads"]
 
 
 def rollout_factor(attn: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import RecipeError
 from ..recipe import ModelConfig
-from .attention import autocast_input, merge_heads
+from .attention import autocast_input, explicit_is_faster, merge_heads
 from .feature_info import BlockInfo
 
 #: A block's post-softmax attention receiver, as `UfgirViT.encode` takes it.
@@ -60,7 +60,8 @@ def attend(attn: nn.Module, h: torch.Tensor, bias: torch.Tensor | None = None, *
            want_metric: bool = False, maps: list[torch.Tensor] | None = None,
            key0: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """timm ``Attention`` on (B, N, D) tokens with an additive per-key ``bias`` (B, N) (ToMe's log sizes),
-    fused (SDPA, the bias as its float mask) unless ``maps`` or ``key0`` ask for the explicit path.
+    fused (SDPA, the bias as its float mask) unless ``maps`` or ``key0`` ask for the explicit path, or it is
+    the faster one (CPU bf16 training, :func:`~.attention.explicit_is_faster`).
     Returns the output (B, N, D) and what was asked: ``cls`` (B, heads, N), the CLS query's post-softmax
     row; ``metric`` (B, N, head_dim), the keys averaged over heads."""
     B, N, C = h.shape
@@ -71,7 +72,7 @@ def attend(attn: nn.Module, h: torch.Tensor, bias: torch.Tensor | None = None, *
     extras: dict[str, torch.Tensor] = {}
     if want_metric:
         extras["metric"] = k.mean(dim=1)                                    # (B, N, hd)
-    if maps is None and key0 is None:
+    if maps is None and key0 is None and not explicit_is_faster(q):
         drop = attn.attn_drop.p if attn.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         if want_cls:  # the CLS query's row beside SDPA, element-wise (one row: no matmul worth counting)
