@@ -51,6 +51,7 @@ print(res.output)
     (["eval", "RUN", "--device", "gpu"], "'gpu' is not a device"),
     (["train", "-r", "quickstart", "--device", "cuda0"], "'cuda0' is not a device"),
     (["eval", "model.onnx"], "`ufgir eval` reads run folders, checkpoints (.pt) and .safetensors exports"),
+    (["export", "RUN", "--format", "banana"], "'banana' is not one of safetensors, onnx, pt2, peft"),
 ])
 def test_bad_arguments_are_refused_before_torch(tmp_path, args, says):
     (tmp_path / "RUN").mkdir()

@@ -329,6 +329,14 @@ class RunDir:
     def export(self, name: str) -> Path:
         return self.export_dir / name
 
+    def export_default(self, fmt: str, adapter_only: bool = False, merge: bool = False) -> Path:
+        """Where `ufgir export --format fmt` writes unless told: ``export/model.<fmt>``, ``adapter.safetensors``
+        for the PETL delta, ``model.merged.safetensors`` for the merged model, the folder ``peft`` for a peft
+        adapter folder (``fmt``: one of :data:`EXPORT_FORMATS`)."""
+        name = "adapter.safetensors" if adapter_only else "peft" if fmt == "peft" else \
+            "model.merged.safetensors" if merge and fmt == "safetensors" else f"model.{fmt}"
+        return self.export(name)
+
     def is_run(self) -> bool:
         """A folder that `ufgir train` (or `import-upstream`) made: it holds ``recipe.toml``."""
         return self.recipe_file.is_file()
@@ -401,3 +409,5 @@ class RunDir:
 
 CHECKPOINTS = "checkpoints"
 EXPORT = "export"
+#: What `ufgir export --format` writes (each to its own place: `RunDir.export_default`).
+EXPORT_FORMATS: tuple[str, ...] = ("safetensors", "onnx", "pt2", "peft")

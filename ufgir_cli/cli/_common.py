@@ -191,6 +191,15 @@ def check_precision(value: str | None) -> str | None:
     if value is not None and value not in PRECISIONS:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(PRECISIONS)}")
     return value
+def check_export_format(value: str) -> str:
+    """``ufgir export --format``: one of the formats a run folder has a place for (no torch there)."""
+    from ..paths import EXPORT_FORMATS
+
+    if value not in EXPORT_FORMATS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    return value
+
+
 DpiOpt = Annotated[int, typer.Option("--dpi", min=50, max=1200, help="Resolution of the PNG figures (dots per inch).")]
 FormatOpt = Annotated[
     list[str] | None,

@@ -11,7 +11,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..io import plural
-from ._common import BatchSizeOpt, CheckpointOpt, TopkOpt, console, err_console, resolve_run
+from ._common import (
+    BatchSizeOpt,
+    CheckpointOpt,
+    TopkOpt,
+    check_export_format,
+    console,
+    err_console,
+    resolve_run,
+)
 
 SourceArg = Annotated[Path | None, typer.Argument(
     help="A run folder, a checkpoint file, or a safetensors export (default: the most recent run under ./runs).",
@@ -20,8 +28,9 @@ SourceArg = Annotated[Path | None, typer.Argument(
 
 def export(
     source: SourceArg = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="safetensors, onnx, pt2, or peft (a peft adapter folder "
-                                     "for a plain timm ViT: LoRA, DoRA, GLoRA).")] = "safetensors",
+    fmt: Annotated[str, typer.Option("--format", "-f", callback=check_export_format, help="safetensors, onnx, pt2, "
+                                     "or peft (a peft adapter folder for a plain timm ViT: LoRA, DoRA, GLoRA).")
+                   ] = "safetensors",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="File to write (default: <run>/export/model.<ext>, "
                                              "<run>/export/adapter.safetensors with --adapter-only, "
                                              "model.merged.safetensors with --merge, the folder peft/).")] = None,

@@ -21,7 +21,7 @@ from ..errors import ExportError, RecipeError
 from ..io import atomic_write_text
 from ..model.checkpoint import load_model
 from ..model.delta import load_delta
-from ..paths import RunDir
+from ..paths import EXPORT_FORMATS, RunDir
 from .card import human_bytes, model_card
 from .graph import DEFAULT_OPSET, at_image_size, export_onnx, export_pt2, load_pt2
 from .merge import MERGE_TOLERANCE, merged_model
@@ -30,16 +30,6 @@ from .peft import PEFT_TOLERANCE, export_peft, import_peft
 from .predict import Prediction, Predictor, class_names, collect_images, load_predictor, predict_images
 from .safetensors import export_safetensors
 from .upstream import import_upstream
-
-FORMATS: tuple[str, ...] = ("safetensors", "onnx", "pt2", "peft")
-
-
-def default_export_path(source: Path, fmt: str, adapter_only: bool, merge: bool = False) -> Path:
-    """``<run>/export/model.<fmt>``, ``adapter.safetensors`` for the PETL delta, ``model.merged.safetensors``
-    for the merged model, the folder ``peft`` for a peft adapter folder."""
-    name = "adapter.safetensors" if adapter_only else "peft" if fmt == "peft" else \
-        "model.merged.safetensors" if merge and fmt == "safetensors" else f"model.{fmt}"
-    return RunDir.of(source).export(name)
 
 
 def export_model(source: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None, *,
@@ -50,15 +40,15 @@ def export_model(source: str | os.PathLike, fmt: str, out: str | os.PathLike | N
     into the backbone, checked against the unmerged model first); check it; write MODEL_CARD.md (a peft
     folder carries its own README.md instead). ``tolerance``: the format's default when None."""
     source = Path(source)
-    if fmt not in FORMATS:
-        raise ExportError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"--format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
     if adapter_only and fmt != "safetensors":
         raise ExportError("--adapter-only applies to --format safetensors (ONNX, pt2 and peft hold more)")
     if image_size is not None and fmt in ("safetensors", "peft"):
         raise ExportError(f"--image-size applies to onnx and pt2; {fmt} keeps the trained resolution")
     if merge and fmt == "peft":
         raise ExportError("--merge folds the adapter into the backbone, and --format peft keeps it apart; choose one")
-    out = Path(out) if out is not None else default_export_path(source, fmt, adapter_only, merge)
+    out = Path(out) if out is not None else RunDir.of(source).export_default(fmt, adapter_only, merge)
     if out.resolve() == source.resolve():
         raise ExportError(f"--out {out} is the source itself; choose another file")
     tolerance = tolerance if tolerance is not None else PEFT_TOLERANCE if fmt == "peft" else DEFAULT_TOLERANCE
@@ -85,7 +75,7 @@ def export_model(source: str | os.PathLike, fmt: str, out: str | os.PathLike | N
 
 
 __all__ = [
-    "FORMATS", "MERGE_TOLERANCE", "PEFT_TOLERANCE", "ExportResult", "Prediction", "Predictor", "at_image_size",
+    "MERGE_TOLERANCE", "PEFT_TOLERANCE", "ExportResult", "Prediction", "Predictor", "at_image_size",
     "class_names", "collect_images", "export_model", "export_onnx", "export_peft", "export_pt2", "export_safetensors",
     "human_bytes", "import_peft", "import_upstream", "load_delta", "load_predictor", "load_pt2", "merged_model",
     "parity_batch", "predict_images",
