@@ -88,9 +88,9 @@ def _close_pairs(hashes: list[ImageHash]) -> list[tuple[int, int]]:
     n, out = len(h), []
     step = max(1, (1 << 22) // max(n, 1))  # rows per block: a few million comparisons at a time
     for start in range(0, n, step):
-        block = h[start : start + step, None] ^ h[None, :]  # (rows, n)
+        block = h[start : start + step, None] ^ h[None, start:]  # (rows, n - start): each pair once
         a, b = np.nonzero(np.bitwise_count(block) <= PHASH_BITS)
-        a += start
+        a, b = a + start, b + start
         a, b = a[a < b], b[a < b]
         d = boxes[a] - boxes[b]  # (pairs, 64) int32
         close = np.einsum("ij,ij->i", d, d) <= max_box_ssd
