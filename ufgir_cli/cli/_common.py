@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -155,13 +155,20 @@ RunArg = Annotated[Path | None, typer.Argument(
 CheckpointOpt = Annotated[
     str, typer.Option("--checkpoint", help="Which checkpoint of a run folder: best, last or auto (best if present).")
 ]
+
+
+def one_of(value: str | None, choices: Sequence[str]) -> str | None:
+    """``value`` when it is one of ``choices`` (or unset), else the option's one-line refusal naming them."""
+    if value is not None and value not in choices:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 def check_split(value: str | None) -> str | None:
     """``--split``: a split of the dataset folder format, refused at parse time (before torch is imported)."""
     from ..data.folder import SPLITS  # no torch there
 
-    if value is not None and value not in SPLITS:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(SPLITS)}")
-    return value
+    return one_of(value, SPLITS)
 
 
 SplitOpt = Annotated[str | None, typer.Option("--split", callback=check_split,
@@ -188,16 +195,14 @@ def check_precision(value: str | None) -> str | None:
     """``--precision``: one of the recipe's ``train.precision`` values (pydantic only, no torch)."""
     from ..recipe_sections import PRECISIONS
 
-    if value is not None and value not in PRECISIONS:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(PRECISIONS)}")
-    return value
-def check_export_format(value: str) -> str:
+    return one_of(value, PRECISIONS)
+
+
+def check_export_format(value: str) -> str | None:
     """``ufgir export --format``: one of the formats a run folder has a place for (no torch there)."""
     from ..paths import EXPORT_FORMATS
 
-    if value not in EXPORT_FORMATS:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    return value
+    return one_of(value, EXPORT_FORMATS)
 
 
 DpiOpt = Annotated[int, typer.Option("--dpi", min=50, max=1200, help="Resolution of the PNG figures (dots per inch).")]

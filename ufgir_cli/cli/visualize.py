@@ -25,6 +25,7 @@ from ._common import (
     console,
     err_console,
     figure_formats,
+    one_of,
     resolve_run,
 )
 
@@ -34,9 +35,7 @@ app = typer.Typer(cls=PlainGroup, no_args_is_help=True, add_completion=False, ri
 def _check_fusion(value: str) -> str:
     from ..analysis.rollout import FUSIONS
 
-    if value not in FUSIONS:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(FUSIONS)}")
-    return value
+    return one_of(value, FUSIONS)
 
 
 ImagesOpt = Annotated[list[Path] | None, typer.Option(
