@@ -7,7 +7,6 @@ so that a cluster job can point every rank at shared storage without touching re
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import socket
@@ -18,6 +17,7 @@ from pathlib import Path
 from platformdirs import user_data_dir
 
 from .errors import OptionError
+from .io import read_json_object
 
 try:
     import tomllib
@@ -357,11 +357,7 @@ class RunDir:
     # ---- status ----------------------------------------------------------------------------
     def read_status(self) -> dict:
         """``status.json`` as written (empty for a run made before it existed or a torn read)."""
-        try:
-            record = json.loads(self.status_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return record if isinstance(record, dict) else {}
+        return read_json_object(self.status_file)
 
     def status(self, split: str | None = None, *, now: float | None = None, host: str | None = None) -> RunStatus:
         """Where the run stands (``split``: the final evaluation's, default the recipe's ``eval.split``):

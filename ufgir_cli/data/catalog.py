@@ -21,7 +21,6 @@ shrink entries with :func:`dataclasses.replace`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import DatasetError, did_you_mean
+from ..io import read_json_object
 from ..paths import data_dir as default_data_dir
 from ..paths import dataset_dir
 
@@ -264,7 +264,7 @@ def get_spec(name: str, data_dir: str | os.PathLike | None = None) -> DatasetSpe
     found = catalog_name(name)
     if found is not None:
         return CATALOG[found]
-    info = _read_json(dataset_dir(name, data_dir) / "dataset.json")
+    info = read_json_object(dataset_dir(name, data_dir) / "dataset.json")
     if info.get("kind") == USER_KIND:
         return user_spec(name, info)
     own = user_datasets(data_dir)
@@ -293,7 +293,7 @@ def user_datasets(data_dir: str | os.PathLike | None = None) -> dict[str, dict]:
         return {}
     found = {}
     for folder in sorted(base.iterdir()):
-        info = _read_json(folder / "dataset.json") if folder.is_dir() and folder.name not in CATALOG else {}
+        info = read_json_object(folder / "dataset.json") if folder.is_dir() and folder.name not in CATALOG else {}
         if info.get("kind") == USER_KIND:
             found[folder.name] = info
     return found
@@ -310,11 +310,3 @@ def rebuild_command(name: str, info: dict) -> str:
         flag = "--url" if "://" in src else "--from-folder" if Path(src).is_dir() else "--archive"
         return f"ufgir download {name} {flag} {src} --force"
     return f"ufgir download {name} --force"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}

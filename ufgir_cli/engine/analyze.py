@@ -14,7 +14,6 @@ the figures), which may not import each other.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,7 +22,7 @@ from pathlib import Path
 from ..analysis import compare as ac
 from ..analysis import report as ar
 from ..analysis import tokens as at
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_json_object
 from ..paths import RunDir, runs_dir
 from ..viz import figures as vf
 from ..viz.compare import draw_compare
@@ -77,7 +76,7 @@ def write_metrics(run: str | Path, *, split: str = "test", batches: int | None =
     doc = {**res, "figures": {k: p.name for k, p in figures.items()}}
     if vs is not None:
         doc["vs"] = results[1]
-    doc = merge_metrics(_read_json(out / "metrics.json"), doc)
+    doc = merge_metrics(read_json_object(out / "metrics.json"), doc)
     atomic_write_json(out / "metrics.json", doc)
     return MetricsReport(out / "metrics.json", doc, figures, results, labels)
 
@@ -106,14 +105,6 @@ def merge_metrics(old: dict, new: dict) -> dict:
     if isinstance(old.get("vs"), dict):
         out["vs"] = merge_metrics(old["vs"], new["vs"]) if isinstance(new.get("vs"), dict) else old["vs"]
     return out
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 def visualize_folder(run: str | Path, kind: str, split: str, images: Sequence[Path] | None) -> Path:
