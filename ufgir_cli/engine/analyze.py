@@ -164,28 +164,25 @@ def write_attention(run: str | Path, *, layer: int | None = None, fusion: str = 
     return _write_maps(run, kind, what, partial(ar.block_attention, layer=layer, fusion=fusion), **shown)
 
 
-def write_crops(run: str | Path, *, split: str = "test", images: Sequence[Path] | None = None, per_class: int = 1,
-                count: int = 8, cols: int | None = None, checkpoint: str = "auto", device: str = "auto",
-                dpi: int = 200, formats: Sequence[str] = ()) -> Drawn:
-    """What the method selects or crops (`Method.select`) over the images, as one grid."""
-    sel = ar.selections(Path(run), split=split, images=images, count=count, per_class=per_class,
-                        checkpoint=checkpoint, device=device)
-    return _write_selection(run, "crops", sel, split, images, per_class, cols, dpi, formats)
+def write_crops(run: str | Path, **shown) -> Drawn:
+    """What the method selects or crops (`Method.select`) over the images, as one grid. ``shown``: the
+    image and figure options of `_write_selection`."""
+    return _write_selection(run, "crops", ar.selections, **shown)
 
 
-def write_tokens(run: str | Path, *, split: str = "test", images: Sequence[Path] | None = None, per_class: int = 1,
-                 count: int = 8, cols: int | None = None, checkpoint: str = "auto", device: str = "auto",
-                 dpi: int = 200, formats: Sequence[str] = ()) -> Drawn:
+def write_tokens(run: str | Path, **shown) -> Drawn:
     """Which patches survive each token reduction (`analysis.tokens`) over the images, as one grid."""
-    sel = at.token_selections(Path(run), split=split, images=images, count=count, per_class=per_class,
-                              checkpoint=checkpoint, device=device)
-    return _write_selection(run, "tokens", sel, split, images, per_class, cols, dpi, formats)
+    return _write_selection(run, "tokens", at.token_selections, **shown)
 
 
-def _write_selection(run: str | Path, kind: str, sel, split: str, images: Sequence[Path] | None, per_class: int,
-                     cols: int | None, dpi: int, formats: Sequence[str]) -> Drawn:
-    """Panels per image (a selection of `analysis.rollout` or `analysis.tokens`) as one grid in the run's
-    ``visualize/<kind>`` folder."""
+def _write_selection(run: str | Path, kind: str, select: Callable, *, split: str = "test",
+                     images: Sequence[Path] | None = None, per_class: int = 1, count: int = 8, cols: int | None = None,
+                     checkpoint: str = "auto", device: str = "auto", dpi: int = 200,
+                     formats: Sequence[str] = ()) -> Drawn:
+    """Panels per image, made by ``select`` (`analysis.report.selections` or `analysis.tokens.token_selections`),
+    as one grid in the run's ``visualize/<kind>`` folder."""
+    sel = select(Path(run), split=split, images=images, count=count, per_class=per_class, checkpoint=checkpoint,
+                 device=device)
     fig = vf.draw_selection(sel.panels, sel.captions, title=f"{sel.what} · {sel.title}", cols=cols)
     grid = save(fig, visualize_folder(run, kind, split, images) / "grid.png", dpi, formats)
     return Drawn(grid, [grid.with_suffix(f".{f}") for f in dict.fromkeys(("png", *formats))],
