@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import resource
 import shutil
@@ -33,7 +32,7 @@ import zipfile
 from dataclasses import replace
 from pathlib import Path
 
-from .run import RESULTS, _machine
+from .run import _machine, write_results
 
 FORMATS = {"png": ("PNG", {}), "jpeg": ("JPEG", {"quality": 90})}
 TARGET_FORMAT = "png"
@@ -142,9 +141,7 @@ def main() -> None:
     out = {"machine": _machine(), "images": n, "size": args.size, "threads": os.cpu_count(), "target_pct": 30,
            "target_format": TARGET_FORMAT, "summary": summaries.get(TARGET_FORMAT), "formats": summaries,
            "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(out))
+    write_results(args.name, out, markdown)
     for fmt, s in summaries.items():
         print(f"{fmt}: median overhead {s['overhead_pct']:+.0f} % (target <= +30 % on {TARGET_FORMAT})")
 

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 
-from benchmarks.run import RESULTS, _machine, _torch_version, write_results
+from benchmarks.run import _machine, _torch_version, measured, output_options, write_results
 
 #: The issue's targets: ufgir's step at most 5 % slower than plain peft; merged inference as fast as timm.
 TRAIN_TARGET, INFER_TARGET = 1.05, 1.0
@@ -216,14 +215,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=14)
     p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--name", default="peft")
-    p.add_argument("--markdown-only", action="store_true", help="rewrite <name>.md from <name>.json, measuring nothing")
+    output_options(p, "peft")
     args = p.parse_args()
-    if args.markdown_only:
-        doc = json.loads((RESULTS / f"{args.name}.json").read_text())
-    else:
-        doc = measure(args.backbone, args.size, args.batch, args.rounds, args.precisions.split(","))
-    write_results(args.name, doc, markdown)
+    write_results(args.name, measured(args, lambda: measure(args.backbone, args.size, args.batch, args.rounds, args.precisions.split(","))), markdown)
 
 
 if __name__ == "__main__":

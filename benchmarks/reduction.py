@@ -13,11 +13,10 @@ all so that only the method differs), fp32, eval mode, ``torch.no_grad``. Result
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
-from benchmarks.run import RESULTS, _machine, _torch_version, write_results
+from benchmarks.run import _machine, _torch_version, measured, output_options, write_results
 
 #: (row, packaged recipe): the plain ViT is the linear probe's model (nothing added).
 MODELS = (("ViT", "linear"), ("ILA++", "ila_pp"), ("CLCA keep 0.1", "clca"), ("ILA++ then EViT", "ila_pp_evit"))
@@ -88,14 +87,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--name", default="reduction")
-    p.add_argument("--markdown-only", action="store_true", help="rewrite <name>.md from <name>.json, measuring nothing")
+    output_options(p, "reduction")
     args = p.parse_args()
-    if args.markdown_only:
-        doc = json.loads((RESULTS / f"{args.name}.json").read_text())
-    else:
-        doc = measure(args.size, args.batch, args.rounds, args.threads)
-    write_results(args.name, doc, markdown)
+    write_results(args.name, measured(args, lambda: measure(args.size, args.batch, args.rounds, args.threads)), markdown)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,17 @@ def _measure(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     return out
 
 
+def output_options(p, name: str) -> None:
+    """``--name`` (of the results files) and ``--markdown-only`` (rewrite the .md from the .json)."""
+    p.add_argument("--name", default=name)
+    p.add_argument("--markdown-only", action="store_true", help="rewrite <name>.md from <name>.json, measuring nothing")
+
+
+def measured(args, measure) -> dict:
+    """The results: ``measure()``, or the saved ``<name>.json`` with ``--markdown-only``."""
+    return json.loads((RESULTS / f"{args.name}.json").read_text()) if args.markdown_only else measure()
+
+
 def write_results(name: str, doc: dict, markdown) -> None:
     """``results/<name>.json`` (the measurements) and ``results/<name>.md`` (``markdown(doc)``), and print the latter."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -196,12 +207,9 @@ def main() -> None:
                     rows.append(row)
                     print(f"{method:8s} {size} {precision} {mode:5s} {row['s_per_batch']:.3f} s/batch "
                           f"{row['images_per_s']:.1f} img/s peak {row['peak_memory_mb']:.0f} MiB", flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {"machine": _machine(), "torch": _torch_version(), "reference_cpu_fp32_vit_b16_ila_pp": REFERENCE_CPU,
            "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(_markdown(doc))
-    print(f"wrote {RESULTS / (args.name + '.json')} and .md")
+    write_results(args.name, doc, _markdown)
 
 
 def _torch_version() -> str:
