@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 from resume_check import trains_and_resumes_bit_exactly
+from upstream_check import load_with_notices, max_abs_diff
 
 from ufgir_cli.analysis.cost import count_flops
 from ufgir_cli.engine.optim import lr_at, param_groups
@@ -24,10 +25,6 @@ from ufgir_cli.recipe import load_recipe
 NAME = "clca_t16_224"
 
 
-def _diff(a, b) -> float:
-    return float((a.float() - b.float()).abs().max())
-
-
 def _checkpoint(fixture_dir) -> dict:
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(fixture_dir / f"{NAME}.upstream.pth", weights_only=True)
@@ -35,10 +32,7 @@ def _checkpoint(fixture_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def upstream(fixture_dir):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model, recipe = load_upstream_checkpoint(fixture_dir / f"{NAME}.upstream.pth")
-    notices = [str(w.message) for w in caught if issubclass(w.category, RecipeNotice)]
+    model, recipe, notices = load_with_notices(fixture_dir / f"{NAME}.upstream.pth")
     ex = torch.load(fixture_dir / f"{NAME}.expected.pt", weights_only=True)
     x = ex["input"]
     with torch.no_grad(), model.reduction.recording() as reductions, model.method.recording() as cache:
@@ -106,8 +100,8 @@ def test_token_counts_pool_lengths_and_selections_exactly(upstream):
     for j, r in enumerate(red):
         assert torch.equal(r["kept"], ex["kept_indices"][j])                # descending score order
         assert torch.equal(r["dropped"], ex["dropped_indices"][j])          # ascending
-        assert _diff(r["scores"], ex["cls_attn"][j]) <= 1e-5
-        assert _diff(r["fused"], ex["fused_tokens"][j]) <= 1e-5
+        assert max_abs_diff(r["scores"], ex["cls_attn"][j]) <= 1e-5
+        assert max_abs_diff(r["fused"], ex["fused_tokens"][j]) <= 1e-5
     cache = [c for c in got["cache"] if c["pool_len"] is not None]
     assert [c["pool_len"] for c in cache] == ex["cache_gap_pool_len"]
     assert [c["block"] for c in got["cache"] if c["recovered"]] == ex["recovery_blocks"]
@@ -115,23 +109,23 @@ def test_token_counts_pool_lengths_and_selections_exactly(upstream):
 
 def test_every_value_within_1e5(upstream):
     model, _, _, ex, got = upstream
-    assert _diff(got["logits"], ex["logits"]) <= 1e-5
+    assert max_abs_diff(got["logits"], ex["logits"]) <= 1e-5
     for i in range(11):
-        assert _diff(got["outputs"][i], ex["block_inputs"][i + 1]) <= 1e-5, i
-    assert _diff(got["outputs"][11], ex["final_tokens"]) <= 1e-5
+        assert max_abs_diff(got["outputs"][i], ex["block_inputs"][i + 1]) <= 1e-5, i
+    assert max_abs_diff(got["outputs"][11], ex["final_tokens"]) <= 1e-5
     for i, a in enumerate(got["maps"]):
-        assert _diff(a, ex["attention"][i]) <= 1e-5 and _diff(a[:, :, 0], ex["attention_cls_rows"][i]) <= 1e-5, i
+        assert max_abs_diff(a, ex["attention"][i]) <= 1e-5 and max_abs_diff(a[:, :, 0], ex["attention_cls_rows"][i]) <= 1e-5, i
     cache = [c for c in got["cache"] if c["pool_len"] is not None]
     for i, c in enumerate(cache):
-        assert _diff(c["gap"], ex["cache_gap"][i][:, 0]) <= 1e-5 and _diff(c["carrier"], ex["cache_carrier"][i][:, 0]) <= 1e-5
+        assert max_abs_diff(c["gap"], ex["cache_gap"][i][:, 0]) <= 1e-5 and max_abs_diff(c["carrier"], ex["cache_carrier"][i][:, 0]) <= 1e-5
     head_input = torch.stack([got["outputs"][i][:, 0] for i in model.method.head_blocks(12)], dim=-1)  # (B, D, 4)
-    assert _diff(head_input, ex["head_input"]) <= 1e-5
+    assert max_abs_diff(head_input, ex["head_input"]) <= 1e-5
     with torch.no_grad():
         stages = model.head.stages(ex["head_input"])
         pw = model.head.fc(stages[-1])
     for got_t, key in zip(stages + [pw], ("head_bn1_output", "head_dwconv_output", "head_bn2_output",
                                           "head_gelu_output", "head_pwconv_output"), strict=True):
-        assert _diff(got_t, ex[key]) <= 1e-5, key
+        assert max_abs_diff(got_t, ex[key]) <= 1e-5, key
 
 
 def test_a_wiring_change_is_far_outside_the_tolerance(upstream):
@@ -140,7 +134,7 @@ def test_a_wiring_change_is_far_outside_the_tolerance(upstream):
     model.reduction.keep_rate = 0.11
     try:
         with torch.no_grad():
-            assert _diff(model(ex["input"]), ex["logits"]) > 1e-2
+            assert max_abs_diff(model(ex["input"]), ex["logits"]) > 1e-2
     finally:
         model.reduction.keep_rate = 0.1
 
@@ -280,5 +274,5 @@ def test_import_upstream_makes_a_run_that_exports_and_evaluates_the_same(fixture
     assert load_saved_recipe(run / "recipe.toml") == recipe
     ex = torch.load(fixture_dir / f"{NAME}.expected.pt", weights_only=True)
     with torch.no_grad():
-        assert _diff(model(ex["input"]), ex["logits"]) <= 1e-5
+        assert max_abs_diff(model(ex["input"]), ex["logits"]) <= 1e-5
     assert export_model(run, "onnx").max_abs_diff <= 1e-4

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 from resume_check import trains_and_resumes_bit_exactly
+from upstream_check import load_with_notices, max_abs_diff
 
 from ufgir_cli.analysis.cost import count_flops
 from ufgir_cli.engine.train import fit
@@ -25,20 +26,13 @@ from ufgir_cli.recipe import load_recipe
 NAME = "simtrans_t16_112"
 
 
-def _diff(a, b) -> float:
-    return float((a.float() - b.float()).abs().max())
-
-
 def _counts(model) -> tuple[int, int]:
     return (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
 
 
 @pytest.fixture(scope="module")
 def upstream(fixture_dir):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model, recipe = load_upstream_checkpoint(fixture_dir / f"{NAME}.upstream.pth")
-    notices = [str(w.message) for w in caught if issubclass(w.category, RecipeNotice)]
+    model, recipe, notices = load_with_notices(fixture_dir / f"{NAME}.upstream.pth")
     expected = torch.load(fixture_dir / f"{NAME}.expected.pt", weights_only=True)
     with torch.no_grad():
         traced = model.method.trace(model, expected["input"])
@@ -77,7 +71,7 @@ def test_deterministic_path_reproduces_every_stored_value(upstream):
     model, _, ex, tr, _ = upstream
     with torch.no_grad():
         logits = model(ex["input"])
-    assert _diff(logits, ex["logits"]) <= 1e-4 and _diff(tr["logits"], logits) <= 1e-6
+    assert max_abs_diff(logits, ex["logits"]) <= 1e-4 and max_abs_diff(tr["logits"], logits) <= 1e-6
     assert [torch.equal(tr[k], ex[e]) for k, e in (("mask", "part_mask"), ("anchor", "anchor_index"))] == [True, True]
     assert torch.equal(tr["anchor_rc"], ex["anchor_rc"])
     for ours, theirs, tol in (("cls_rows", "part_select_maps", 1e-6), ("head_sum", "head_sum", 1e-6),
@@ -87,18 +81,18 @@ def test_deterministic_path_reproduces_every_stored_value(upstream):
                               ("gcn_output", "gcn_output", 1e-4), ("structure_feature", "structure_feature", 1e-4),
                               ("cls_before", "cls_before_injection", 1e-4), ("cls_after", "cls_after_injection", 1e-4),
                               ("part_norm_cls", "part_norm_cls", 1e-4), ("head_input", "head_input", 1e-4)):
-        assert _diff(tr[ours], ex[theirs]) <= tol, ours
+        assert max_abs_diff(tr[ours], ex[theirs]) <= tol, ours
     for ours, theirs in zip(tr["head_stages"], ex["head_stages"], strict=True):
-        assert _diff(ours, theirs) <= 1e-4
+        assert max_abs_diff(ours, theirs) <= 1e-4
     rows = torch.stack([a[:, :, 0] for a in tr["attention"]])                 # (12, B, heads, T)
-    assert _diff(rows, ex["attention_cls_rows"]) <= 1e-6
+    assert max_abs_diff(rows, ex["attention_cls_rows"]) <= 1e-6
     out = tr["outputs"]
     for i, theirs in enumerate(ex["block_outputs"]):  # stored before any injection: the patch tokens are unchanged
-        assert _diff(out[i][:, 1:], theirs[:, 1:]) <= 1e-4
+        assert max_abs_diff(out[i][:, 1:], theirs[:, 1:]) <= 1e-4
         if i not in (9, 10):
-            assert _diff(out[i][:, 0], theirs[:, 0]) <= 1e-4
-    assert _diff(out[10][:, 0], ex["part_layer_input"][:, 0]) <= 1e-4
-    assert _diff(out[11][:, 1:], ex["part_layer_output"][:, 1:]) <= 1e-4
+            assert max_abs_diff(out[i][:, 0], theirs[:, 0]) <= 1e-4
+    assert max_abs_diff(out[10][:, 0], ex["part_layer_input"][:, 0]) <= 1e-4
+    assert max_abs_diff(out[11][:, 1:], ex["part_layer_output"][:, 1:]) <= 1e-4
     assert model.tokens_per_block == list(ex["tokens_per_block"]) and list(ex["injection_after_blocks"]) == [9, 10, 11]
     assert sorted(model.method.stream_edits(model)) == [9, 10, 11]
 
@@ -128,8 +122,8 @@ def test_part_structure_from_the_stored_maps(upstream):
     for j in range(3):
         got = part_structure(ex["part_select_maps"][j], (7, 7))
         assert torch.equal(got["mask"], ex["part_mask"][j]) and torch.equal(got["anchor"], ex["anchor_index"][j])
-        assert _diff(got["coords"], ex["relative_coords"][j]) <= 1e-6
-        assert _diff(got["adjacency"], ex["adjacency"][j]) <= 1e-8
+        assert max_abs_diff(got["coords"], ex["relative_coords"][j]) <= 1e-6
+        assert max_abs_diff(got["adjacency"], ex["adjacency"][j]) <= 1e-8
 
 
 def test_eval_dropout_path_with_the_stored_masks(upstream):
@@ -137,12 +131,12 @@ def test_eval_dropout_path_with_the_stored_masks(upstream):
     noise = ex["dropout_keep_mask"].float() * ex["dropout_scale"]            # (3, B, N, 512)
     with torch.no_grad():
         tr = model.method.trace(model, ex["input"], noise=noise)
-    assert _diff(tr["logits"], ex["logits_dropout_active"]) <= 1e-4
+    assert max_abs_diff(tr["logits"], ex["logits_dropout_active"]) <= 1e-4
     assert torch.equal(tr["anchor"], ex["anchor_index_dropout_active"]) and torch.equal(tr["mask"], ex["part_mask_dropout_active"])
     for ours, theirs in (("gcn_output", "gcn_output_dropout_active"), ("cls_after", "cls_after_injection_dropout_active"),
                          ("head_input", "head_input_dropout_active")):
-        assert _diff(tr[ours], ex[theirs]) <= 1e-4, ours
-    assert _diff(tr["logits"], ex["logits"]) > 1e-3  # the dropout does move them (1.6e-2)
+        assert max_abs_diff(tr[ours], ex[theirs]) <= 1e-4, ours
+    assert max_abs_diff(tr["logits"], ex["logits"]) > 1e-3  # the dropout does move them (1.6e-2)
 
 
 def test_evaluation_is_deterministic_unless_the_recipe_asks(upstream):
@@ -168,7 +162,7 @@ def test_layer_norm_eps_matters(upstream):
         for m in norms:
             m.eps = 1e-12
         with torch.no_grad():
-            assert _diff(model(ex["input"]), ex["logits"]) > 1e-4
+            assert max_abs_diff(model(ex["input"]), ex["logits"]) > 1e-4
     finally:
         for m in norms:
             m.eps = 1e-6
@@ -258,7 +252,7 @@ def test_import_export_and_analysis(fixture_dir, tmp_path):
     ex = torch.load(fixture_dir / f"{NAME}.expected.pt", weights_only=True)
     with torch.no_grad():
         got = forward_collect(model, ex["input"])
-    assert _diff(got.logits, ex["logits"]) <= 1e-4  # forward_head over the intermediates: the injected stream
+    assert max_abs_diff(got.logits, ex["logits"]) <= 1e-4  # forward_head over the intermediates: the injected stream
     assert [t.shape[1] for t in got.tokens] == model.tokens_per_block
     assert [a.shape[-1] for a in got.attention] == [b.tokens_attended for b in model.feature_info]
 
