@@ -55,7 +55,7 @@ def owned(run: RunDir, pid: int, host: str, heartbeat: float, saved_step: int | 
     """What a training owner leaves while it runs (and what SIGKILL leaves): state running; by default
     started when the process ``pid`` did (a dead one's: 100 s before its last heartbeat)."""
     if started is None:
-        started = process_started(pid) if host == this_host() and process_started(pid) else heartbeat - 100
+        started = (process_started(pid) if host == this_host() else None) or heartbeat - 100
     write_status(run, state="running", pid=pid, host=host, started=started,
                  heartbeat=heartbeat, step=42, epoch=3, saved_step=saved_step, saved_epoch=3)
 

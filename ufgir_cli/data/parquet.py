@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from ..errors import DatasetError
-from .archive import unsafe_name
+from .archive import OnImage, unsafe_name
 from .catalog import DatasetSpec
 from .layouts import Groups, Labels
 
@@ -35,7 +35,7 @@ _BATCH = 64
 
 def read_parquet(
     files: list[tuple[str, Path]], spec: DatasetSpec, out: Path, progress: Progress,
-    on_image: Callable[[Path], None] | None = None,
+    on_image: OnImage | None = None,
 ) -> tuple[Groups, list[str]]:
     """The copy's splits (rows by its own ``split`` values) and class names, images written under ``out``.
 
