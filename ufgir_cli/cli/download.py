@@ -117,8 +117,6 @@ def _print_result(name: str, result) -> None:
     counts = result.info.get("counts", {})
     if result.status == "present":
         console.print(f"{name} is already complete at {result.path}; --force rebuilds it", soft_wrap=True)
-        if result.info.get("split_rule"):
-            console.print(f"test split by the rule: {result.info['split_rule']}", soft_wrap=True, highlight=False)
     else:
         console.print(
             f"{name}: {result.info.get('num_classes')} classes, "
@@ -127,22 +125,24 @@ def _print_result(name: str, result) -> None:
             soft_wrap=True,
         )
         console.print(f"from {result.info.get('source')}", soft_wrap=True, highlight=False)
-        if result.info.get("split_rule"):
-            console.print(f"test split by the rule: {result.info['split_rule']}", soft_wrap=True, highlight=False)
-        integ = result.info.get("integrity")
-        if integ:
-            dups = sum(d["images"] for d in integ["duplicates"].values())
-            console.print(
-                f"content: {integ['images']} images hashed ({integ['hashes']}); {dups} repeated within a split; "
-                f"{integ['overlap']['test_images']} test images also in train_val", soft_wrap=True, highlight=False)
-        sha = result.info.get("archive_sha256")
-        if isinstance(sha, str) and not result.info.get("archive_sha256_verified"):
-            console.print(
-                f"archive sha256 {sha} (no published hash to check against; recorded in dataset.json)",
-                soft_wrap=True,
-            )
-        if result.archive:
-            console.print(
-                f"archive kept at {result.archive} for entries that share it; delete it to free space",
-                soft_wrap=True,
-            )
+    if result.info.get("split_rule"):
+        console.print(f"test split by the rule: {result.info['split_rule']}", soft_wrap=True, highlight=False)
+    if result.status == "present":
+        return
+    integ = result.info.get("integrity")
+    if integ:
+        dups = sum(d["images"] for d in integ["duplicates"].values())
+        console.print(
+            f"content: {integ['images']} images hashed ({integ['hashes']}); {dups} repeated within a split; "
+            f"{integ['overlap']['test_images']} test images also in train_val", soft_wrap=True, highlight=False)
+    sha = result.info.get("archive_sha256")
+    if isinstance(sha, str) and not result.info.get("archive_sha256_verified"):
+        console.print(
+            f"archive sha256 {sha} (no published hash to check against; recorded in dataset.json)",
+            soft_wrap=True,
+        )
+    if result.archive:
+        console.print(
+            f"archive kept at {result.archive} for entries that share it; delete it to free space",
+            soft_wrap=True,
+        )
